@@ -1,0 +1,230 @@
+"""The ``bioscanfs`` command: one click group, one function per command.
+
+Owns user-facing messages and exit codes; every BioscanError becomes one line on
+stderr and a non-zero exit, never a traceback.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import select
+import subprocess
+import sys
+import time
+from typing import Callable, List, Optional, TypeVar
+
+import click
+
+from .collection import Collection
+from .errors import BioscanError
+from .index import default_index_dir
+
+log = logging.getLogger("bioscanfs")
+F = TypeVar("F", bound=Callable)
+READY_TIMEOUT = 120.0
+
+
+def _size(text: str) -> int:
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = text.strip().upper().rstrip("B").rstrip("I")
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "")
+    try:
+        return int(float(number) * units[unit])
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a size such as 512M or 2G") from None
+
+
+def _user_errors(func: F) -> F:
+    """Turn the project's errors into one clear line and exit code 1."""
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except BioscanError as err:
+            raise click.ClickException(str(err)) from None
+    return wrapper  # type: ignore[return-value]
+
+
+def _setup_logging(verbose: int, log_file: Optional[str]) -> None:
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
+    handler: logging.Handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s bioscanfs[%(process)d] %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    logging.getLogger("mfusepy").setLevel(max(level, logging.INFO))
+
+
+def _open(sources, index_dir, cache_size=256 << 20, skip_bad=False, allow_incomplete=False) -> Collection:
+    return Collection(*sources, index_dir=index_dir or default_index_dir(), cache_size=cache_size,
+                      skip_bad=skip_bad, allow_incomplete=allow_incomplete)
+
+
+index_dir_option = click.option(
+    "--index-dir", type=click.Path(file_okay=False), default=None,
+    help="Where the persistent indexes live [default: $XDG_CACHE_HOME/bioscanfs].")
+common_source_options = [
+    index_dir_option,
+    click.option("--skip-bad", is_flag=True, help="Leave out archives that cannot be read, with a warning."),
+    click.option("--allow-incomplete", is_flag=True, help="Leave out split archives with a missing piece."),
+]
+
+
+def _source_options(func: F) -> F:
+    for option in reversed(common_source_options):
+        func = option(func)
+    return func
+
+
+@click.group()
+@click.version_option(package_name="bioscanfs")
+def main() -> None:
+    """Mount BIOSCAN-5M zip packages read-only as the exact bioscan5m/ tree."""
+
+
+@main.command()
+@click.argument("sources", nargs=-1, required=True, type=click.Path(exists=True))
+@click.argument("mountpoint", type=click.Path(exists=True, file_okay=False))
+@click.option("-f", "--foreground", is_flag=True, help="Stay attached; log to stderr.")
+@click.option("-o", "options", multiple=True, metavar="OPT[,OPT...]",
+              help="FUSE mount options, e.g. allow_other (others cannot see the mount without it).")
+@click.option("--cache-size", default="256M", show_default=True,
+              help="Bound on decompressed members kept in memory.")
+@click.option("--log", "log_file", type=click.Path(dir_okay=False),
+              help="Log file [default in daemon mode: INDEX_DIR/bioscanfs.log].")
+@click.option("-v", "--verbose", count=True, help="More log detail (-vv for debug).")
+@_source_options
+@_user_errors
+def mount(sources, mountpoint, foreground, options, cache_size, log_file, verbose, index_dir,
+          skip_bad, allow_incomplete) -> None:
+    """Mount the archives in SOURCES (folders or zip files) at MOUNTPOINT.
+
+    Returns once the tree can be read; the filesystem keeps running in the background
+    until `bioscanfs umount MOUNTPOINT`.
+    """
+    from .fs import mount_options, serve
+
+    mountpoint = os.path.abspath(mountpoint)
+    if _is_mounted(mountpoint):
+        raise click.ClickException(f"{mountpoint}: already a mount point (bioscanfs umount {mountpoint})")
+    _setup_logging(verbose, None)
+    collection = _open(sources, index_dir, _size(cache_size), skip_bad, allow_incomplete)
+    for line in collection.warnings[:20]:
+        click.echo(f"warning: {line}", err=True)
+    conflicts = collection.tree.conflicts
+    if conflicts:
+        examples = "; ".join(c.path for c in conflicts[:3])
+        click.echo(f"warning: {len(conflicts)} paths differ between archives (first archive wins), e.g. {examples}; "
+                   "see `bioscanfs info`", err=True)
+    fuse_options = mount_options(list(options))
+    if foreground:
+        _setup_logging(verbose, log_file)
+        serve(collection, mountpoint, fuse_options,
+              on_ready=lambda: log.info("mounted %d files at %s", len(collection.tree.files), mountpoint))
+        return
+    log_file = log_file or os.path.join(collection.index_dir or default_index_dir(), "bioscanfs.log")
+    os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
+    _daemonize(lambda ready: serve(collection, mountpoint, fuse_options, on_ready=ready),
+               verbose, log_file)
+    click.echo(f"mounted {len(collection.tree.files)} files from {len(collection.sources)} archives at {mountpoint}")
+    click.echo(f"log: {log_file}; unmount with: bioscanfs umount {mountpoint}")
+
+
+def _daemonize(run: Callable[[Callable[[], None]], None], verbose: int, log_file: str) -> None:
+    """Fork a detached server; return in the parent once it reports the mount ready."""
+    read_end, write_end = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        os.setsid()
+        _setup_logging(verbose, log_file)
+        with open(os.devnull, "rb") as null_in, open(log_file, "ab") as log_out:
+            os.dup2(null_in.fileno(), 0)
+            os.dup2(log_out.fileno(), 1)
+            os.dup2(log_out.fileno(), 2)
+
+        def ready() -> None:
+            os.write(write_end, b"ok")
+            os.close(write_end)
+
+        code = 0
+        try:
+            run(ready)
+        except BaseException as err:  # reported to the parent, which shows it to the user
+            log.error("mount failed: %s", err)
+            try:
+                os.write(write_end, f"mount failed: {err}; see {log_file}".encode())
+            except OSError:
+                pass
+            code = 1
+        os._exit(code)
+    os.close(write_end)
+    readable, _, _ = select.select([read_end], [], [], READY_TIMEOUT)
+    message = os.read(read_end, 4096).decode(errors="replace") if readable else ""
+    os.close(read_end)
+    if message != "ok":
+        raise click.ClickException(message or f"the filesystem did not become ready; see {log_file}")
+
+
+def _is_mounted(mountpoint: str) -> bool:
+    """True for live and dead (ENOTCONN) mounts alike, unlike os.path.ismount."""
+    target = os.path.abspath(mountpoint)
+    with open("/proc/self/mounts") as mounts:
+        for line in mounts:
+            fields = line.split()
+            if len(fields) > 1 and fields[1].replace("\\040", " ").replace("\\011", "\t") == target:
+                return True
+    return False
+
+
+@main.command()
+@click.argument("mountpoint", type=click.Path())
+def umount(mountpoint) -> None:
+    """Unmount MOUNTPOINT, including a stale mount whose process has died."""
+    mountpoint = os.path.abspath(mountpoint)
+    if not _is_mounted(mountpoint):
+        raise click.ClickException(f"{mountpoint}: not mounted")
+    attempts: List[List[str]] = [["fusermount3", "-u", mountpoint], ["fusermount", "-u", mountpoint],
+                                 ["umount", mountpoint], ["fusermount3", "-uz", mountpoint],
+                                 ["umount", "-l", mountpoint]]
+    errors = []
+    for command in attempts:
+        try:
+            done = subprocess.run(command, capture_output=True, text=True)
+        except FileNotFoundError:
+            continue
+        if done.returncode == 0:
+            break
+        errors.append(done.stderr.strip())
+    deadline = time.monotonic() + 10
+    while _is_mounted(mountpoint) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _is_mounted(mountpoint):
+        raise click.ClickException(f"{mountpoint}: cannot unmount: {errors[-1] if errors else 'still busy'}")
+    click.echo(f"unmounted {mountpoint}")
+
+
+@main.command()
+@click.argument("sources", nargs=-1, required=True, type=click.Path(exists=True))
+@_source_options
+@_user_errors
+def index(sources, index_dir, skip_bad, allow_incomplete) -> None:
+    """Build the persistent indexes of SOURCES ahead of the first mount."""
+    from .discover import find_archives
+    from .index import load_tree, open_sources
+
+    _setup_logging(0, None)
+    specs, warnings = find_archives(sources, allow_incomplete)
+    for line in warnings:
+        click.echo(f"warning: {line}", err=True)
+    started = time.monotonic()
+    with click.progressbar(length=len(specs), label="indexing", file=sys.stderr,
+                           item_show_func=lambda name: os.path.basename(name) if name else None) as bar:
+        tree, kept = load_tree(open_sources([(s.paths, s.spanned) for s in specs]),
+                               index_dir or default_index_dir(), on_archive=lambda name: bar.update(1, name),
+                               skip_bad=skip_bad)
+    click.echo(f"indexed {len(tree.files)} files in {len(tree.dir_paths)} folders from {len(kept)} archives "
+               f"in {time.monotonic() - started:.1f} s -> {index_dir or default_index_dir()}")

@@ -1,0 +1,155 @@
+"""The public core: a set of archives seen as one read-only tree, with no mount needed.
+
+Owns the wiring of discover -> sources -> index -> reader; the FUSE layer and the CLI
+are thin users of it. Thread-safe: the tree is read-only and the reader locks its caches.
+Paths are '/'-separated and relative to the mount root (a leading '/' is ignored).
+"""
+from __future__ import annotations
+
+import io
+import logging
+import stat as stat_mod
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Union
+
+from .discover import ArchiveSpec, find_archives
+from .errors import NotFound
+from .index import Tree, default_index_dir, load_tree, open_sources
+from .reader import Reader
+
+log = logging.getLogger(__name__)
+
+FILE_MODE = stat_mod.S_IFREG | 0o444
+DIR_MODE = stat_mod.S_IFDIR | 0o555
+
+
+class Stat(NamedTuple):
+    mode: int
+    size: int
+    mtime: int
+    nlink: int
+
+
+def _key(path: Union[str, bytes]) -> bytes:
+    if isinstance(path, str):
+        path = path.encode("utf-8", "surrogateescape")
+    return path.strip(b"/")
+
+
+class Collection:
+    """BIOSCAN-5M zips (folders, zip files or split pieces) as one tree.
+
+    >>> c = Collection("/data/bioscan")                 # doctest: +SKIP
+    >>> c.listdir("bioscan5m/images/cropped_256")       # doctest: +SKIP
+    ['pretrain', 'test', ...]
+    """
+
+    def __init__(self, *inputs: str, index_dir: Optional[str] = "default", cache_size: int = 256 << 20,
+                 skip_bad: bool = False, allow_incomplete: bool = False) -> None:
+        specs, warnings = find_archives(inputs, allow_incomplete)
+        for line in warnings:
+            log.warning("%s", line)
+        self.specs: List[ArchiveSpec] = specs
+        self.index_dir = default_index_dir() if index_dir == "default" else index_dir
+        sources = open_sources([(spec.paths, spec.spanned) for spec in specs])
+        try:
+            self.tree, self.sources = load_tree(sources, self.index_dir, skip_bad=skip_bad)
+        except BaseException:
+            for src in sources:
+                src.close()
+            raise
+        kept = {src.name for src in self.sources}
+        self.specs = [spec for spec in specs if spec.name in kept]
+        self.warnings = warnings + self.tree.warnings
+        self.reader = Reader(self.sources, cache_size)
+
+    # -- lookups -----------------------------------------------------------------------
+    def node(self, path: Union[str, bytes]) -> int:
+        """File row (>= 0) or directory (-1 - id) at ``path``; raises NotFound."""
+        return self.tree.lookup(_key(path))
+
+    def stat_node(self, node: int) -> Stat:
+        tree = self.tree
+        if node >= 0:
+            row = tree.files[node]
+            return Stat(FILE_MODE, int(row["size"]), int(row["mtime"]), 1)
+        dir_id = -1 - node
+        return Stat(DIR_MODE, 0, int(tree.dir_mtime[dir_id]), 2 + len(tree.subdirs[dir_id]))
+
+    def stat(self, path: Union[str, bytes]) -> Stat:
+        return self.stat_node(self.node(path))
+
+    def listdir(self, path: Union[str, bytes] = "") -> List[str]:
+        """Names in a directory: subdirectories first, then files, each sorted."""
+        node = self.node(path)
+        if node >= 0:
+            raise NotFound(_key(path).decode("utf-8", "surrogateescape"), "not a directory")
+        dirs, files = self.tree.listdir(-1 - node)
+        return [name.decode("utf-8", "surrogateescape") for name in (*dirs, *files)]
+
+    def paths(self, prefix: Union[str, bytes] = "") -> Iterator[str]:
+        """Every file path under a directory, in tree order."""
+        for path, _ in self.tree.file_rows(_key(prefix)):
+            yield path.decode("utf-8", "surrogateescape")
+
+    # -- bytes ---------------------------------------------------------------------------
+    def read_node(self, node: int, size: int, offset: int, label: str) -> bytes:
+        return self.reader.read(self.tree.files[node], label, size, offset)
+
+    def _file(self, path: Union[str, bytes]) -> int:
+        node = self.node(path)
+        if node < 0:
+            raise NotFound(_key(path).decode("utf-8", "surrogateescape"), "is a directory")
+        return node
+
+    def read(self, path: Union[str, bytes], size: int = -1, offset: int = 0) -> bytes:
+        """A member's bytes (all of them by default); MemberError when it is corrupt."""
+        node = self._file(path)
+        total = int(self.tree.files[node]["size"])
+        return self.read_node(node, total if size < 0 else size, offset, _key(path).decode("utf-8", "surrogateescape"))
+
+    def open(self, path: Union[str, bytes]) -> io.BufferedReader:
+        """A seekable binary file object over one member."""
+        node = self._file(path)
+        return io.BufferedReader(_MemberIO(self, node, _key(path).decode("utf-8", "surrogateescape")), 1 << 16)
+
+    def archive_of(self, node: int) -> str:
+        return self.sources[int(self.tree.files[node]["archive"])].name
+
+    def close(self) -> None:
+        for src in self.sources:
+            src.close()
+
+    def __enter__(self) -> "Collection":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _MemberIO(io.RawIOBase):
+    def __init__(self, collection: Collection, node: int, label: str) -> None:
+        self._c, self._node, self._label = collection, node, label
+        self._size = int(collection.tree.files[node]["size"])
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        data = self._c.read_node(self._node, len(buffer), self._pos, self._label)
+        buffer[:len(data)] = data
+        self._pos += len(data)
+        return len(data)

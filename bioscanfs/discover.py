@@ -1,0 +1,113 @@
+"""Turning folders and files into archives: standalone zips, raw byte splits, spanned sets.
+
+Owns file-name conventions of split archives; knows nothing of member contents.
+
+- ``NAME.zip`` and standalone parts ``NAME.01.zip``: one archive each.
+- Raw byte splits ``NAME.zip.001``, ``.002``, ...: one archive, the pieces concatenated.
+- Spanned sets ``NAME.z01``, ``.z02``, ..., ``NAME.zip``: one archive, one disk per piece.
+
+Every zip in a folder is mounted, not only the BIOSCAN-5M package names, so re-packed
+archives work too; ``info`` says which names it recognises. Folders are not searched
+recursively.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+from .errors import SourceError
+from .layout import PackageName, parse_package_name
+
+_RAW_PIECE = re.compile(r"^(?P<stem>.+\.zip)\.(?P<n>\d{3})$", re.IGNORECASE)
+_SPAN_PIECE = re.compile(r"^(?P<stem>.+)\.z(?P<n>\d{2,3})$", re.IGNORECASE)
+_PART = re.compile(r"^(?P<stem>.+)\.(?P<n>\d{2,3})\.zip$", re.IGNORECASE)
+
+
+class ArchiveSpec(NamedTuple):
+    paths: List[str]                 #: pieces in order; one for a plain zip
+    spanned: bool                    #: one disk per piece (else pieces are concatenated)
+    package: Optional[PackageName]   #: what the name says, when it is a BIOSCAN-5M name
+
+    @property
+    def name(self) -> str:
+        return self.paths[0] if len(self.paths) == 1 else f"{self.paths[0]} (+{len(self.paths) - 1} pieces)"
+
+
+def find_archives(inputs: Sequence[str], allow_incomplete: bool = False) -> Tuple[List[ArchiveSpec], List[str]]:
+    """All archives in the given folders and files, ordered by path, and warnings.
+
+    A missing piece of a split or spanned archive raises SourceError naming the piece,
+    unless ``allow_incomplete``, which skips that archive with a warning.
+    """
+    files: List[str] = []
+    for item in inputs:
+        if os.path.isdir(item):
+            files.extend(os.path.join(item, name) for name in sorted(os.listdir(item))
+                         if os.path.isfile(os.path.join(item, name)))
+        elif os.path.isfile(item):
+            files.append(item)
+        else:
+            raise SourceError(f"{item}: no such file or folder")
+    files = [os.path.abspath(f) for f in files]
+    raw: Dict[str, Dict[int, str]] = {}
+    spans: Dict[str, Dict[int, str]] = {}
+    plain: List[str] = []
+    for path in files:
+        base = os.path.basename(path)
+        if m := _RAW_PIECE.match(base):
+            raw.setdefault(os.path.join(os.path.dirname(path), m["stem"]), {})[int(m["n"])] = path
+        elif (m := _SPAN_PIECE.match(base)) and not base.lower().endswith(".zip"):
+            spans.setdefault(os.path.join(os.path.dirname(path), m["stem"]), {})[int(m["n"])] = path
+        elif base.lower().endswith(".zip"):
+            plain.append(path)
+    warnings: List[str] = []
+    specs: List[ArchiveSpec] = []
+
+    def complete(stem: str, pieces: Dict[int, str], name_of) -> Optional[List[str]]:
+        missing = [name_of(n) for n in range(1, max(pieces) + 1) if n not in pieces]
+        if not missing:
+            return [pieces[n] for n in sorted(pieces)]
+        message = f"{os.path.basename(stem)}: missing piece {', '.join(missing)}"
+        if not allow_incomplete:
+            raise SourceError(message + " (use --allow-incomplete to mount the rest)")
+        warnings.append(message + "; skipping this archive")
+        return None
+
+    for stem, pieces in sorted(raw.items()):
+        got = complete(stem, pieces, lambda n, s=stem: os.path.basename(s) + f".{n:03d}")
+        if got:
+            specs.append(ArchiveSpec(got, False, parse_package_name(os.path.basename(stem))))
+    for stem, pieces in sorted(spans.items()):
+        last = stem + ".zip"
+        got = complete(stem, pieces, lambda n, s=stem: os.path.basename(s) + f".z{n:02d}")
+        if got and last in plain:
+            plain.remove(last)
+            specs.append(ArchiveSpec(got + [last], True, parse_package_name(os.path.basename(last))))
+        elif got:
+            message = f"{os.path.basename(last)}: missing the last piece of a spanned set"
+            if not allow_incomplete:
+                raise SourceError(message + " (use --allow-incomplete to mount the rest)")
+            warnings.append(message + "; skipping this archive")
+    for path in plain:
+        specs.append(ArchiveSpec([path], False, parse_package_name(os.path.basename(path))))
+    warnings.extend(_part_gaps(plain))
+    specs.sort(key=lambda spec: spec.paths[0])
+    if not specs:
+        raise SourceError(f"{', '.join(inputs)}: no zip archives found")
+    return specs, warnings
+
+
+def _part_gaps(paths: Sequence[str]) -> List[str]:
+    """Warn when standalone parts skip a number (.01 and .03 present, .02 absent)."""
+    parts: Dict[str, List[int]] = {}
+    for path in paths:
+        if m := _PART.match(os.path.basename(path)):
+            parts.setdefault(m["stem"], []).append(int(m["n"]))
+    warnings = []
+    for stem, numbers in sorted(parts.items()):
+        width = 2
+        missing = [f"{stem}.{n:0{width}d}.zip" for n in range(1, max(numbers) + 1) if n not in numbers]
+        if missing:
+            warnings.append(f"{stem}: standalone part {', '.join(missing)} is absent; its members are not mounted")
+    return warnings

@@ -1,0 +1,56 @@
+"""The project's error types; every message reads ``archive: member: what failed``.
+
+    BioscanError                 anything a user can act on
+    ├── ArchiveError             an archive cannot be opened or indexed
+    ├── MemberError              one member cannot be read (the mount answers EIO)
+    │   └── UnsupportedError     a compression method or encryption we cannot decode
+    ├── NotFound                 a path that is not in the tree (ENOENT)
+    └── SourceError              discovery: missing pieces, no packages found
+"""
+from __future__ import annotations
+
+import errno
+from typing import Optional
+
+
+class BioscanError(Exception):
+    """Base class: ``str(err)`` is the one line shown to the user."""
+
+    errno = errno.EIO
+
+
+class ArchiveError(BioscanError):
+    """An archive is not a usable zip (bad end record, directory out of bounds, ...)."""
+
+    def __init__(self, archive: str, what: str) -> None:
+        super().__init__(f"{archive}: {what}")
+        self.archive = archive
+
+
+class MemberError(BioscanError):
+    """One member cannot be served; its neighbours still can."""
+
+    def __init__(self, archive: str, member: str, what: str) -> None:
+        super().__init__(f"{archive}: {member}: {what}")
+        self.archive = archive
+        self.member = member
+
+
+class UnsupportedError(MemberError):
+    """The member uses a method or encryption this build cannot decode."""
+
+    errno = errno.ENOTSUP
+
+
+class NotFound(BioscanError):
+    """A path is not in the mounted tree."""
+
+    errno = errno.ENOENT
+
+    def __init__(self, path: str, what: Optional[str] = None) -> None:
+        super().__init__(f"{path}: {what or 'no such file or directory'}")
+        self.path = path
+
+
+class SourceError(BioscanError):
+    """The set of archives is unusable as given (missing piece, nothing found)."""

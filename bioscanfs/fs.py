@@ -1,0 +1,112 @@
+"""FUSE operations as a thin adapter over Collection; the only module that imports mfusepy.
+
+Owns the translation of errors to errno and the mount options; knows nothing of ZIP.
+Only what a read-only filesystem answers is overridden: mfusepy's base class answers
+every write-type call with EROFS. ``open``/``release`` are deliberately not implemented,
+so libfuse answers them in C without entering Python; reads find their member by path.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from typing import Any, Callable, Dict, Iterator, List, Optional, Union
+
+import mfusepy
+
+from .collection import Collection
+from .errors import BioscanError, NotFound
+
+log = logging.getLogger(__name__)
+
+#: Archive content never changes while mounted, so the kernel may cache names,
+#: attributes, misses and pages for as long as it likes (see README, "Design").
+CACHE_OPTIONS: Dict[str, Union[bool, int]] = {
+    "ro": True,
+    "kernel_cache": True,
+    "entry_timeout": 86400,
+    "attr_timeout": 86400,
+    "negative_timeout": 86400,
+}
+
+
+class BioscanFS(mfusepy.Operations):
+    use_ns = True
+
+    def __init__(self, collection: Collection, on_ready: Optional[Callable[[], None]] = None) -> None:
+        self.c = collection
+        self._on_ready = on_ready
+        self._uid, self._gid = os.getuid(), os.getgid()
+
+    def init(self, path: str) -> None:
+        if self._on_ready:
+            self._on_ready()
+
+    def _node(self, path: str) -> int:
+        try:
+            return self.c.node(path)
+        except NotFound:
+            raise mfusepy.FuseOSError(errno.ENOENT) from None
+
+    def getattr(self, path: str, fh: Any = None) -> Dict[str, int]:
+        st = self.c.stat_node(self._node(path))
+        ns = st.mtime * 1_000_000_000
+        return {
+            "st_mode": st.mode, "st_size": st.size, "st_nlink": st.nlink,
+            "st_uid": self._uid, "st_gid": self._gid,
+            "st_mtime": ns, "st_atime": ns, "st_ctime": ns,
+            "st_blocks": -(-st.size // 512), "st_blksize": 65536,
+        }
+
+    def readdir(self, path: str, fh: Any) -> Iterator[str]:
+        node = self._node(path)
+        if node >= 0:
+            raise mfusepy.FuseOSError(errno.ENOTDIR)
+        yield "."
+        yield ".."
+        dirs, files = self.c.tree.listdir(-1 - node)
+        for name in dirs:
+            yield name.decode("utf-8", "surrogateescape")
+        for name in files:
+            yield name.decode("utf-8", "surrogateescape")
+
+    def read(self, path: str, size: int, offset: int, fh: Any) -> bytes:
+        node = self._node(path)
+        if node < 0:
+            raise mfusepy.FuseOSError(errno.EISDIR)
+        try:
+            return self.c.read_node(node, size, offset, path.lstrip("/"))
+        except BioscanError as err:
+            log.error("cannot read %s: %s", path, err)
+            raise mfusepy.FuseOSError(err.errno) from None
+        except OSError as err:
+            log.error("cannot read %s in %s: %s", path, self.c.archive_of(node), err)
+            raise mfusepy.FuseOSError(errno.EIO) from None
+
+    def statfs(self, path: str) -> Dict[str, int]:
+        tree = self.c.tree
+        total = tree.total_bytes
+        return {
+            "f_bsize": 65536, "f_frsize": 65536, "f_blocks": -(-total // 65536),
+            "f_bfree": 0, "f_bavail": 0, "f_files": len(tree.files) + len(tree.dir_paths),
+            "f_ffree": 0, "f_favail": 0, "f_namemax": 255,
+        }
+
+
+def mount_options(user_options: List[str]) -> Dict[str, Union[bool, str, int]]:
+    """The fixed options, overridden by ``-o`` options the user gives (``a,b=c``)."""
+    options: Dict[str, Union[bool, str, int]] = dict(CACHE_OPTIONS, fsname="bioscanfs")
+    for group in user_options:
+        for item in filter(None, group.split(",")):
+            key, sep, value = item.partition("=")
+            options[key] = value if sep else True
+    options["ro"] = True
+    options.pop("rw", None)
+    return options
+
+
+def serve(collection: Collection, mountpoint: str, options: Dict[str, Union[bool, str, int]],
+          on_ready: Optional[Callable[[], None]] = None, threads: bool = True) -> None:
+    """Mount and serve until unmounted or signalled (blocks; stays in the foreground)."""
+    mfusepy.FUSE(BioscanFS(collection, on_ready), mountpoint, foreground=True, nothreads=not threads,
+                 **options)

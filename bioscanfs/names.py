@@ -1,0 +1,54 @@
+"""Turning an untrusted member name into a safe relative path, or refusing it.
+
+Owns the naming policy; knows nothing of zip records or FUSE. Paths are kept as bytes
+(UTF-8, or the raw bytes when they are not valid UTF-8), so every name round-trips
+through the kernel exactly; Python strings carry them with ``surrogateescape``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+NAME_MAX = 255
+
+
+def clean_name(raw: bytes, utf8_flag: bool) -> Tuple[Optional[bytes], Optional[str]]:
+    """Map a raw central-directory name to a path inside the mount, or None to skip it.
+
+    Returns ``(path, note)``; ``note`` says why a name was changed or skipped.
+
+    ============================  ==========================  =====================
+    raw name                      path                        note
+    ============================  ==========================  =====================
+    ``a/b.jpg``                   ``a/b.jpg``                 -
+    ``/abs/x.jpg``                ``abs/x.jpg``               absolute path made relative
+    ``./a//b/./c``                ``a/b/c``                   -
+    ``a\\b.jpg``                  ``a/b.jpg``                 -
+    ``dir/``                      ``dir``                     - (a directory entry)
+    ``../x``, ``a/../../x``       None                        '..' component: skipped
+    ``a\\x00b``                   None                        NUL in name: skipped
+    ``x`` * 300                   None                        component over NAME_MAX
+    ``/``, ``.``, empty           None                        empty name: skipped
+    ``caf\\x82`` (no UTF-8 flag)  ``café`` (CP437 decoded)    -
+    ``\\xff`` (flag set, bad)     ``\\xff`` kept as raw bytes -
+    ============================  ==========================  =====================
+
+    Without the UTF-8 flag, names that are valid UTF-8 are taken as UTF-8 (many tools
+    write it without setting the flag); other bytes are read as CP437 (APPNOTE D.1).
+    """
+    if b"\x00" in raw:
+        return None, "NUL in name: skipped"
+    if not utf8_flag and any(byte > 0x7F for byte in raw):
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raw = raw.decode("cp437").encode("utf-8")
+    parts = raw.replace(b"\\", b"/").split(b"/")
+    kept = [part for part in parts if part not in (b"", b".")]
+    if b".." in kept:
+        return None, "'..' component: skipped"
+    if not kept:
+        return None, "empty name: skipped"
+    if any(len(part) > NAME_MAX for part in kept):
+        return None, f"a component is longer than {NAME_MAX} bytes: skipped"
+    note = "absolute path made relative" if raw.startswith((b"/", b"\\")) else None
+    return b"/".join(kept), note

@@ -1,0 +1,280 @@
+"""Bytes of one member: stored passthrough, deflate (cached whole or streamed), CRC checks.
+
+Owns decoding and the caches of decoded bytes; knows nothing of paths beyond the label
+it puts in error messages, and nothing of FUSE.
+
+Contract of ``Reader.read(member, label, size, offset)``: returns exactly
+``min(size, member size - offset)`` bytes (empty at or past the end), or raises
+MemberError. It never returns a byte past the declared size, and never a byte of a
+member whose CRC-32 was found wrong: every member decoded whole is checked before any
+of it is returned, and a stored member read whole in one call is checked too. Large
+deflated members are streamed; their CRC is checked when a reader reaches the end in
+order, and a corrupt stream fails as soon as zlib sees it.
+
+Not supported yet: methods other than stored (0) and deflate (8), and encryption; both
+raise UnsupportedError.
+"""
+from __future__ import annotations
+
+import bisect
+import threading
+import zlib
+from typing import List, NamedTuple, Optional, Sequence
+
+import cachetools
+import numpy as np
+
+from .errors import MemberError, UnsupportedError
+from .zipdir import FLAG_ENCRYPTED, LOCAL, LocalHeader, Source, parse_local_header, read_local_header
+
+try:  # zlib-ng inflates about twice as fast as zlib and offers the same API (with copy()).
+    from zlib_ng import zlib_ng as inflate_impl
+except ImportError:  # pragma: no cover - the dependency is declared; this keeps the API usable
+    inflate_impl = zlib
+
+STORED, DEFLATED = 0, 8
+#: Stored members up to this size are read whole, header included, in one pread and CRC-checked.
+WHOLE_READ_MAX = 1 << 20
+#: Deflated members up to this size are decoded whole into the LRU; larger ones stream.
+STREAM_MIN = 32 << 20
+#: Slack read past a local header's name for its extra field, to save a second pread.
+EXTRA_SLACK = 128
+
+
+class Reader:
+    """Decodes members of a fixed list of sources; safe to call from many threads."""
+
+    def __init__(self, sources: Sequence[Source], cache_bytes: int = 256 << 20) -> None:
+        self._sources = list(sources)
+        self._lock = threading.Lock()
+        self._decoded: cachetools.LRUCache = cachetools.LRUCache(maxsize=max(cache_bytes, 1), getsizeof=len)
+        self._headers: cachetools.LRUCache = cachetools.LRUCache(maxsize=1 << 16)
+        self._streams: cachetools.LRUCache = cachetools.LRUCache(maxsize=8)
+
+    def read(self, member: np.void, label: str, size: int, offset: int) -> bytes:
+        total = int(member["size"])
+        size = min(size, total - offset)
+        if size <= 0:
+            return b""
+        src = self._sources[int(member["archive"])]
+        method = int(member["method"])
+        if int(member["flags"]) & FLAG_ENCRYPTED:
+            raise UnsupportedError(src.name, label, "member is encrypted")
+        if method == STORED:
+            if offset == 0 and size == total and total <= WHOLE_READ_MAX:
+                return self._read_whole_stored(src, member, label)
+            return self._read_range(src, member, label, size, offset)
+        if method == DEFLATED:
+            if total < STREAM_MIN:
+                return self._decoded_whole(src, member, label)[offset:offset + size]
+            return self._stream(src, member, label).read(size, offset)
+        raise UnsupportedError(src.name, label, f"compression method {method} is not supported")
+
+    def _key(self, member: np.void) -> tuple:
+        return int(member["archive"]), int(member["header_offset"])
+
+    def _header(self, src: Source, member: np.void, label: str) -> LocalHeader:
+        key = self._key(member)
+        with self._lock:
+            header = self._headers.get(key)
+        if header is None:
+            header = read_local_header(src, member, label)
+            with self._lock:
+                self._headers[key] = header
+        return header
+
+    def _read_with_header(self, src: Source, member: np.void, label: str) -> bytes:
+        """The member's raw data, read together with its local header in one pread."""
+        at = int(member["header_offset"])
+        want = LOCAL.size + int(member["name_length"]) + EXTRA_SLACK + int(member["compressed_size"])
+        raw = src.pread(want, at)
+        header = parse_local_header(src, member, label, raw)
+        start = header.data_offset - at
+        data = raw[start:start + int(member["compressed_size"])]
+        if len(data) < int(member["compressed_size"]):
+            data += src.pread(int(member["compressed_size"]) - len(data), header.data_offset + len(data))
+        if len(data) != int(member["compressed_size"]):
+            raise MemberError(src.name, label, "member data is cut short (archive truncated?)")
+        return data
+
+    def _read_whole_stored(self, src: Source, member: np.void, label: str) -> bytes:
+        data = self._read_with_header(src, member, label)
+        check_crc(src, member, label, data)
+        return data
+
+    def _read_range(self, src: Source, member: np.void, label: str, size: int, offset: int) -> bytes:
+        header = self._header(src, member, label)
+        data = src.pread(size, header.data_offset + offset)
+        if len(data) != size:
+            raise MemberError(src.name, label, "member data is cut short (archive truncated?)")
+        return data
+
+    def _decoded_whole(self, src: Source, member: np.void, label: str) -> bytes:
+        key = self._key(member)
+        with self._lock:
+            data = self._decoded.get(key)
+        if data is not None:
+            return data
+        data = inflate_whole(src, member, label, self._read_with_header(src, member, label))
+        if len(data) <= self._decoded.maxsize:
+            with self._lock:
+                self._decoded[key] = data
+        return data
+
+    def _stream(self, src: Source, member: np.void, label: str) -> "DeflateStream":
+        key = self._key(member)
+        with self._lock:
+            stream = self._streams.get(key)
+        if stream is None:
+            fresh = DeflateStream(src, member, label, self._header(src, member, label))
+            with self._lock:
+                stream = self._streams.setdefault(key, fresh)
+        return stream
+
+
+def check_crc(src: Source, member: np.void, label: str, data: bytes) -> None:
+    if zlib.crc32(data) != int(member["crc32"]):
+        raise MemberError(src.name, label, "CRC-32 mismatch: the archive is corrupt")
+
+
+def inflate_whole(src: Source, member: np.void, label: str, compressed: bytes) -> bytes:
+    """Inflate a raw deflate stream to exactly the declared size, or fail."""
+    size = int(member["size"])
+    inflater = inflate_impl.decompressobj(-15)
+    try:
+        data = inflater.decompress(compressed, size + 1)
+    except inflate_impl.error as err:
+        raise MemberError(src.name, label, f"deflate stream is corrupt ({err})") from None
+    if len(data) > size or (inflater.unconsumed_tail and not inflater.eof):
+        raise MemberError(src.name, label, "deflate stream inflates past its declared size")
+    if len(data) < size or not inflater.eof:
+        raise MemberError(src.name, label, "deflate stream ends early")
+    check_crc(src, member, label, data)
+    return data
+
+
+class _Point(NamedTuple):
+    out_pos: int      #: uncompressed offset
+    in_pos: int       #: compressed offset, relative to the member's data
+    state: object     #: a decompressor positioned there (only ever copied)
+
+
+class _Cursor:
+    """One sequential decoder; used by one thread at a time."""
+
+    def __init__(self, point: _Point, crc: Optional[int]) -> None:
+        self.inflater = point.state.copy()  # type: ignore[attr-defined]
+        self.out_pos = point.out_pos
+        self.in_pos = point.in_pos
+        self.pending = b""    #: decoded bytes starting at out_pos
+        self.crc = crc        #: running CRC while decoding from 0 in order, else None
+
+
+class DeflateStream:
+    """A large deflated member read through cursors and seek points.
+
+    Seek points are decompressor snapshots taken every ``interval`` output bytes, kept
+    for the member across opens, so a jump anywhere costs at most one interval of
+    decoding. At most 256 points (interval grows with the member) and ``MAX_CURSORS``
+    idle cursors are kept, so memory is bounded whatever the member's size. A read
+    takes the idle cursor closest below its offset, or starts one from a seek point.
+    """
+
+    INPUT_CHUNK = 64 << 10
+    OUTPUT_CAP = 1 << 20
+    MAX_CURSORS = 4
+    MAX_POINTS = 256
+
+    def __init__(self, src: Source, member: np.void, label: str, header: LocalHeader) -> None:
+        self.src, self.label = src, label
+        self.size = int(member["size"])
+        self.csize = int(member["compressed_size"])
+        self.crc = int(member["crc32"])
+        self.data_offset = header.data_offset
+        self.interval = max(4 << 20, -(-self.size // self.MAX_POINTS))
+        self._points: List[_Point] = [_Point(0, 0, inflate_impl.decompressobj(-15))]
+        self._idle: List[_Cursor] = []
+        self._lock = threading.Lock()
+
+    def read(self, size: int, offset: int) -> bytes:
+        cursor = self._take(offset)
+        try:
+            out = self._advance(cursor, offset, size)
+        except BaseException:
+            cursor = None
+            raise
+        finally:
+            if cursor is not None:
+                self._give(cursor)
+        return out
+
+    def _take(self, offset: int) -> _Cursor:
+        with self._lock:
+            best = None
+            for cursor in self._idle:
+                if cursor.out_pos <= offset < cursor.out_pos + len(cursor.pending) + self.interval:
+                    if best is None or cursor.out_pos > best.out_pos:
+                        best = cursor
+            if best is not None:
+                self._idle.remove(best)
+                return best
+            keys = [p.out_pos for p in self._points]
+            point = self._points[bisect.bisect_right(keys, offset) - 1]
+        return _Cursor(point, 0 if point.out_pos == 0 else None)
+
+    def _give(self, cursor: _Cursor) -> None:
+        with self._lock:
+            self._idle.append(cursor)
+            if len(self._idle) > self.MAX_CURSORS:
+                self._idle.pop(0)
+
+    def _advance(self, cursor: _Cursor, offset: int, size: int) -> bytes:
+        """Decode until [offset, offset+size) is in cursor.pending, then slice it."""
+        want_end = min(offset + size, self.size)
+        while cursor.out_pos + len(cursor.pending) < want_end:
+            self._decode_some(cursor)
+            # Drop what lies before the offset, keeping memory bounded by one output cap.
+            drop = min(len(cursor.pending), offset - cursor.out_pos)
+            if drop > 0:
+                cursor.pending = cursor.pending[drop:]
+                cursor.out_pos += drop
+        start = offset - cursor.out_pos
+        out = cursor.pending[start:start + (want_end - offset)]
+        # Keep only what follows this read: the next sequential read starts there.
+        cursor.pending = cursor.pending[start + len(out):]
+        cursor.out_pos = offset + len(out)
+        return out
+
+    def _decode_some(self, cursor: _Cursor) -> None:
+        inflater = cursor.inflater
+        produced_at = cursor.out_pos + len(cursor.pending)
+        try:
+            if inflater.unconsumed_tail:
+                data = inflater.decompress(inflater.unconsumed_tail, self.OUTPUT_CAP)
+            else:
+                if inflater.eof or cursor.in_pos >= self.csize:
+                    raise MemberError(self.src.name, self.label, "deflate stream ends early")
+                chunk = self.src.pread(min(self.INPUT_CHUNK, self.csize - cursor.in_pos),
+                                       self.data_offset + cursor.in_pos)
+                if not chunk:
+                    raise MemberError(self.src.name, self.label, "member data is cut short (archive truncated?)")
+                cursor.in_pos += len(chunk)
+                data = inflater.decompress(chunk, self.OUTPUT_CAP)
+        except inflate_impl.error as err:
+            raise MemberError(self.src.name, self.label, f"deflate stream is corrupt ({err})") from None
+        end = produced_at + len(data)
+        if end > self.size:
+            raise MemberError(self.src.name, self.label, "deflate stream inflates past its declared size")
+        if cursor.crc is not None:
+            cursor.crc = zlib.crc32(data, cursor.crc)
+            if end == self.size and cursor.crc != self.crc:
+                raise MemberError(self.src.name, self.label, "CRC-32 mismatch: the archive is corrupt")
+        cursor.pending += data
+        if not inflater.unconsumed_tail:
+            self._maybe_add_point(end, cursor.in_pos, inflater)
+
+    def _maybe_add_point(self, out_pos: int, in_pos: int, inflater: object) -> None:
+        with self._lock:
+            last = self._points[-1].out_pos
+            if out_pos >= last + self.interval:
+                self._points.append(_Point(out_pos, in_pos, inflater.copy()))  # type: ignore[attr-defined]

@@ -1,0 +1,96 @@
+"""Persisting named numpy arrays to one file and mapping them back without copying.
+
+Owns the on-disk container of the index; knows nothing of what the arrays mean.
+A file is only used when its magic, header and key match and every array lies inside
+it; anything else (truncated, foreign, older version, another archive) reads as absent,
+so the caller rebuilds. Files are written to a temporary name and renamed, so two
+mounts that build the same index at once never see half a file.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import tempfile
+from typing import Any, Dict, Optional
+
+import numpy as np
+
+MAGIC = b"BSFSIDX\x02"
+_ALIGN = 64
+_MAX_HEADER = 1 << 24
+
+
+def _dtype_to_json(dtype: np.dtype) -> Any:
+    return dtype.descr if dtype.names else dtype.str
+
+
+def _dtype_from_json(spec: Any) -> np.dtype:
+    if isinstance(spec, str):
+        return np.dtype(spec)
+    return np.dtype([tuple(field) for field in spec])
+
+
+def save(path: str, key: Any, arrays: Dict[str, np.ndarray], extra: Any = None) -> None:
+    """Write ``arrays`` under ``key``; raises OSError when the folder is not writable."""
+    layout: Dict[str, Any] = {}
+    offset = 0
+    for name, array in arrays.items():
+        array = np.ascontiguousarray(array)
+        arrays[name] = array
+        offset = -(-offset // _ALIGN) * _ALIGN
+        layout[name] = [_dtype_to_json(array.dtype), list(array.shape), offset]
+        offset += array.nbytes
+    header = json.dumps({"key": key, "arrays": layout, "extra": extra}).encode()
+    base = -(-(len(MAGIC) + 8 + len(header)) // _ALIGN) * _ALIGN
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(MAGIC + len(header).to_bytes(8, "little") + header)
+            for name, array in arrays.items():
+                out.seek(base + layout[name][2])
+                out.write(memoryview(array).cast("B"))
+            out.truncate(base + offset)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load(path: str, key: Any) -> Optional[Dict[str, Any]]:
+    """Map a saved file; None unless it is whole and was saved under exactly ``key``.
+
+    Returns the arrays (read-only views of the mapping) and ``"__extra__"``.
+    """
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < len(MAGIC) + 8:
+                return None
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError):
+        return None
+    try:
+        if mapped[:len(MAGIC)] != MAGIC:
+            return None
+        header_len = int.from_bytes(mapped[len(MAGIC):len(MAGIC) + 8], "little")
+        if header_len > min(_MAX_HEADER, size):
+            return None
+        header = json.loads(mapped[len(MAGIC) + 8:len(MAGIC) + 8 + header_len])
+        if header.get("key") != json.loads(json.dumps(key)):
+            return None
+        base = -(-(len(MAGIC) + 8 + header_len) // _ALIGN) * _ALIGN
+        out: Dict[str, Any] = {"__extra__": header.get("extra")}
+        for name, (spec, shape, offset) in header["arrays"].items():
+            dtype = _dtype_from_json(spec)
+            count = int(np.prod(shape)) if shape else 1
+            start = base + int(offset)
+            if offset < 0 or start + count * dtype.itemsize > size:
+                return None
+            out[name] = np.frombuffer(mapped, dtype=dtype, count=count, offset=start).reshape(shape)
+        return out
+    except (ValueError, TypeError, KeyError, json.JSONDecodeError, UnicodeDecodeError):
+        return None

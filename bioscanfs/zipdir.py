@@ -1,0 +1,422 @@
+"""The ZIP format: end records, ZIP64, the central directory as columns, local headers.
+
+Owns every byte layout of APPNOTE.TXT (6.3.x); knows nothing of FUSE, caching or the
+merged tree. Section numbers below refer to APPNOTE.TXT.
+
+The central directory of a 5 M-member archive is parsed with numpy over its raw bytes:
+record starts come from a vectorised signature scan checked as one chain, and every
+fixed field is gathered in bulk. Python touches single entries only for names that need
+cleaning (rare) and for archives where the scan finds a false signature (hostile names).
+
+Not supported here: encryption of the central directory (4.4.4 bit 13), and archives
+whose records need more than 64 extra-field blocks per entry.
+"""
+from __future__ import annotations
+
+import struct
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .errors import ArchiveError, MemberError
+from .names import clean_name
+
+# 4.3.16 End of central directory record
+EOCD = struct.Struct("<4sHHHHIIH")
+EOCD_SIG = b"PK\x05\x06"
+# 4.3.15 Zip64 end of central directory locator
+EOCD64_LOCATOR = struct.Struct("<4sIQI")
+EOCD64_LOCATOR_SIG = b"PK\x06\x07"
+# 4.3.14 Zip64 end of central directory record
+EOCD64 = struct.Struct("<4sQHHIIQQQQ")
+EOCD64_SIG = b"PK\x06\x06"
+# 4.3.12 Central directory file header, as a packed numpy record (46 bytes)
+CENTRAL_SIG = 0x02014B50
+CENTRAL_DTYPE = np.dtype([
+    ("signature", "<u4"), ("version_made_by", "<u2"), ("version_needed", "<u2"),
+    ("flags", "<u2"), ("method", "<u2"), ("mod_time", "<u2"), ("mod_date", "<u2"),
+    ("crc32", "<u4"), ("compressed_size", "<u4"), ("uncompressed_size", "<u4"),
+    ("name_length", "<u2"), ("extra_length", "<u2"), ("comment_length", "<u2"),
+    ("disk_start", "<u2"), ("internal_attr", "<u2"), ("external_attr", "<u4"),
+    ("local_header_offset", "<u4"),
+])
+assert CENTRAL_DTYPE.itemsize == 46
+# 4.3.7 Local file header
+LOCAL = struct.Struct("<4sHHHHHIIIHH")
+LOCAL_SIG = b"PK\x03\x04"
+# 4.5.3 Zip64 extended information extra field
+ZIP64_EXTRA_ID = 0x0001
+MAX_EXTRA_BLOCKS = 64
+
+FLAG_ENCRYPTED = 0x0001
+FLAG_DATA_DESCRIPTOR = 0x0008
+FLAG_UTF8 = 0x0800
+MADE_BY_UNIX = 3
+
+#: One member, as the index stores it; offsets are global offsets in the archive's source.
+MEMBER_DTYPE = np.dtype([
+    ("header_offset", "<u8"), ("compressed_size", "<u8"), ("size", "<u8"),
+    ("crc32", "<u4"), ("mtime", "<i8"), ("method", "<u2"), ("flags", "<u2"),
+    ("mode", "<u4"), ("name_length", "<u2"),
+])
+
+#: How much of the file tail may hold the end record (22 bytes + a 64 KiB comment).
+_TAIL = EOCD.size + 0xFFFF + EOCD64_LOCATOR.size + EOCD64.size
+
+
+class Source:
+    """What zipdir needs of an archive: a name, a size and positional reads.
+
+    ``disk_bases[d]`` is where disk ``d`` of a spanned set starts in the source; a single
+    file has one disk at 0.
+    """
+
+    name: str
+    size: int
+    disk_bases: Sequence[int]
+
+    def pread(self, size: int, offset: int) -> bytes:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class EndRecord(NamedTuple):
+    entries: int
+    cd_size: int
+    cd_offset: int       #: as recorded, relative to the disk the directory starts on
+    cd_disk: int
+    cd_start: int        #: where the directory really is in the source
+    prefix: int          #: bytes prepended to the archive (self-extractor stub, ...)
+
+
+class Members(NamedTuple):
+    """An archive's member table: one MEMBER_DTYPE row and one clean path per member."""
+
+    table: np.ndarray        #: MEMBER_DTYPE, central-directory order
+    names: np.ndarray        #: uint8 blob of clean UTF-8 paths
+    name_ends: np.ndarray    #: uint64, name i is names[name_ends[i-1]:name_ends[i]]
+    is_dir: np.ndarray       #: bool, explicit directory entries
+    warnings: List[str]      #: one line per member that was skipped or renamed
+
+
+def read_end_record(src: Source) -> EndRecord:
+    """Find the end records (4.3.14-4.3.16) and where the directory really is."""
+    if src.size < EOCD.size:
+        raise ArchiveError(src.name, "not a zip file (too small for an end record)")
+    tail_start = max(0, src.size - _TAIL)
+    tail = src.pread(src.size - tail_start, tail_start)
+    pos = tail.rfind(EOCD_SIG, 0, len(tail) - EOCD.size + len(EOCD_SIG))
+    while pos >= 0:
+        (_, disk, cd_disk, n_disk, entries, cd_size, cd_offset, comment_len) = EOCD.unpack_from(tail, pos)
+        if pos + EOCD.size + comment_len == len(tail):
+            break
+        pos = tail.rfind(EOCD_SIG, 0, pos)
+    else:
+        raise ArchiveError(src.name, "not a zip file (no end of central directory record; truncated?)")
+    eocd_at = tail_start + pos
+    loc_at = pos - EOCD64_LOCATOR.size
+    if loc_at >= 0 and tail[loc_at:loc_at + 4] == EOCD64_LOCATOR_SIG:
+        _, _, eocd64_offset, _ = EOCD64_LOCATOR.unpack_from(tail, loc_at)
+        rec_at = loc_at - EOCD64.size
+        if rec_at < 0 or tail[rec_at:rec_at + 4] != EOCD64_SIG:
+            raise ArchiveError(src.name, "ZIP64 locator found but no ZIP64 end record before it")
+        (_, _, _, _, disk, cd_disk, n_disk, entries, cd_size, cd_offset) = EOCD64.unpack_from(tail, rec_at)
+        directory_end = tail_start + rec_at
+        recorded_end = eocd64_offset
+    else:
+        directory_end = eocd_at
+        recorded_end = cd_offset + cd_size
+    if len(src.disk_bases) > 1:
+        cd_start = _global(src, cd_disk, cd_offset)
+        prefix = 0
+    else:
+        prefix = directory_end - recorded_end
+        cd_start = cd_offset + prefix
+    if prefix < 0 or cd_start < 0 or cd_start + cd_size > directory_end:
+        raise ArchiveError(src.name, f"central directory ({cd_size} bytes at {cd_offset}) lies outside the file; truncated?")
+    if entries and cd_size < entries * CENTRAL_DTYPE.itemsize:
+        raise ArchiveError(src.name, f"end record claims {entries} members in a {cd_size}-byte directory")
+    return EndRecord(entries, cd_size, cd_offset, cd_disk, cd_start, prefix)
+
+
+def _global(src: Source, disk: int, offset: int) -> int:
+    if disk >= len(src.disk_bases):
+        raise ArchiveError(src.name, f"refers to disk {disk + 1} of a set of {len(src.disk_bases)}")
+    return src.disk_bases[disk] + offset
+
+
+def read_members(src: Source, warn: Optional[Callable[[str], None]] = None) -> Members:
+    """Parse the whole central directory into a member table (no local header is read)."""
+    end = read_end_record(src)
+    buf = np.frombuffer(src.pread(end.cd_size, end.cd_start), dtype=np.uint8)
+    if len(buf) != end.cd_size:
+        raise ArchiveError(src.name, "central directory is truncated")
+    starts = _record_starts(src.name, buf)
+    if len(starts) != end.entries:
+        raise ArchiveError(src.name, f"end record counts {end.entries} members, the directory holds {len(starts)}")
+    head = _gather(buf, starts, CENTRAL_DTYPE)
+    n = len(starts)
+
+    sizes = head["uncompressed_size"].astype(np.uint64)
+    csizes = head["compressed_size"].astype(np.uint64)
+    offsets = head["local_header_offset"].astype(np.uint64)
+    disks = head["disk_start"].astype(np.uint64)
+    _apply_zip64(src.name, buf, starts, head, sizes, csizes, offsets, disks)
+
+    bases = np.asarray(src.disk_bases, dtype=np.uint64)
+    if int(disks.max(initial=0)) >= len(bases):
+        raise ArchiveError(src.name, f"a member starts on disk {int(disks.max()) + 1} of a set of {len(bases)}")
+    if len(bases) > 1:
+        header_offsets = bases[disks.astype(np.intp)] + offsets
+    else:
+        header_offsets = offsets + np.uint64(end.prefix)
+    past = np.flatnonzero(header_offsets + np.uint64(LOCAL.size) > np.uint64(end.cd_start))
+    if len(past):
+        i = int(past[0])
+        raise ArchiveError(src.name, f"member #{i} has its local header at {int(header_offsets[i])}, past the data area")
+
+    table = np.empty(n, dtype=MEMBER_DTYPE)
+    table["header_offset"] = header_offsets
+    table["compressed_size"] = csizes
+    table["size"] = sizes
+    table["crc32"] = head["crc32"]
+    table["mtime"] = dos_to_unix(head["mod_date"], head["mod_time"])
+    table["method"] = head["method"]
+    table["flags"] = head["flags"]
+    unix = (head["version_made_by"] >> 8) == MADE_BY_UNIX
+    table["mode"] = np.where(unix, head["external_attr"] >> 16, 0)
+    table["name_length"] = head["name_length"]
+
+    raw, raw_ends = _gather_names(buf, starts, head["name_length"])
+    names, ends, keep, is_dir, warnings = _clean_names(src.name, raw, raw_ends, head["flags"])
+    for line in warnings:
+        if warn:
+            warn(line)
+    return Members(table[keep], names, ends, is_dir, warnings)
+
+
+def _record_starts(archive: str, buf: np.ndarray) -> np.ndarray:
+    """Offsets of every central header, found by a bulk signature scan.
+
+    The candidates are accepted only when they form one unbroken chain from offset 0 to
+    the end; otherwise (a name that contains the signature) the records are walked one
+    by one.
+    """
+    size = len(buf)
+    if size == 0:
+        return np.zeros(0, dtype=np.int64)
+    hits = []
+    for align in range(4):
+        words = np.frombuffer(buf, dtype="<u4", count=(size - align) // 4, offset=align)
+        hits.append(np.flatnonzero(words == CENTRAL_SIG) * 4 + align)
+    starts = np.sort(np.concatenate(hits)).astype(np.int64)
+    if len(starts) and starts[0] == 0 and np.all(starts + CENTRAL_DTYPE.itemsize <= size):
+        nxt = starts + _record_lengths(buf, starts)
+        if np.array_equal(nxt[:-1], starts[1:]) and nxt[-1] == size:
+            return starts
+    return _walk_records(archive, buf)
+
+
+def _record_lengths(buf: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    lengths = np.full(len(starts), CENTRAL_DTYPE.itemsize, dtype=np.int64)
+    for field_at in (28, 30, 32):  # name, extra and comment lengths
+        lengths += _u16(buf, starts + field_at)
+    return lengths
+
+
+def _walk_records(archive: str, buf: np.ndarray) -> np.ndarray:
+    """The slow, sure way: follow the records one at a time."""
+    data = buf.tobytes()
+    size, pos, starts = len(data), 0, []
+    head = struct.Struct("<I24xHHH")
+    while pos < size:
+        if pos + CENTRAL_DTYPE.itemsize > size:
+            raise ArchiveError(archive, f"central directory entry #{len(starts)} is cut short")
+        sig, n, m, k = head.unpack_from(data, pos)
+        if sig != CENTRAL_SIG:
+            raise ArchiveError(archive, f"central directory entry #{len(starts)} has a bad signature")
+        starts.append(pos)
+        pos += CENTRAL_DTYPE.itemsize + n + m + k
+    if pos != size:
+        raise ArchiveError(archive, f"central directory entry #{len(starts) - 1} runs past the directory")
+    return np.asarray(starts, dtype=np.int64)
+
+
+def _gather(buf: np.ndarray, starts: np.ndarray, dtype: np.dtype, chunk: int = 1 << 18) -> np.ndarray:
+    """Copy ``dtype.itemsize`` bytes at each start into a packed record array."""
+    out = np.empty(len(starts), dtype=dtype)
+    raw = out.view(np.uint8).reshape(len(starts), dtype.itemsize)
+    span = np.arange(dtype.itemsize, dtype=np.int64)
+    for lo in range(0, len(starts), chunk):
+        raw[lo:lo + chunk] = buf[starts[lo:lo + chunk, None] + span]
+    return out
+
+
+def _u16(buf: np.ndarray, at: np.ndarray) -> np.ndarray:
+    return buf[at].astype(np.int64) | (buf[at + 1].astype(np.int64) << 8)
+
+
+def _u64(buf: np.ndarray, at: np.ndarray) -> np.ndarray:
+    return _gather(buf, at, np.dtype("<u8"))
+
+
+def _apply_zip64(archive: str, buf: np.ndarray, starts: np.ndarray, head: np.ndarray,
+                 sizes: np.ndarray, csizes: np.ndarray, offsets: np.ndarray, disks: np.ndarray) -> None:
+    """Replace saturated fields by the ZIP64 extra field's 8-byte values (4.5.3), in place."""
+    fields = [(head["uncompressed_size"] == 0xFFFFFFFF, sizes, 8),
+              (head["compressed_size"] == 0xFFFFFFFF, csizes, 8),
+              (head["local_header_offset"] == 0xFFFFFFFF, offsets, 8),
+              (head["disk_start"] == 0xFFFF, disks, 4)]
+    needs = np.flatnonzero(fields[0][0] | fields[1][0] | fields[2][0] | fields[3][0])
+    if len(needs) == 0:
+        return
+    extra_at = starts[needs] + CENTRAL_DTYPE.itemsize + head["name_length"][needs]
+    extra_end = extra_at + head["extra_length"][needs]
+    block = extra_at.copy()
+    found = np.full(len(needs), -1, dtype=np.int64)
+    for _ in range(MAX_EXTRA_BLOCKS):
+        live = np.flatnonzero((found < 0) & (block + 4 <= extra_end))
+        if len(live) == 0:
+            break
+        ids = _u16(buf, block[live])
+        hit = live[ids == ZIP64_EXTRA_ID]
+        found[hit] = block[hit]
+        block[live] += 4 + _u16(buf, block[live] + 2)
+    missing = np.flatnonzero(found < 0)
+    if len(missing):
+        raise ArchiveError(archive, f"member #{int(needs[missing[0]])} needs a ZIP64 extra field and has none")
+    cursor = found + 4
+    block_end = cursor + _u16(buf, found + 2)
+    for saturated, column, width in fields:
+        rows = np.flatnonzero(saturated[needs])
+        if len(rows) == 0:
+            continue
+        if np.any(cursor[rows] + width > block_end[rows]):
+            bad = rows[cursor[rows] + width > block_end[rows]][0]
+            raise ArchiveError(archive, f"member #{int(needs[bad])} has a ZIP64 extra field that is too short")
+        at = cursor[rows]
+        values = _u64(buf, at) if width == 8 else _gather(buf, at, np.dtype("<u4")).astype(np.uint64)
+        column[needs[rows]] = values
+        cursor[rows] += width
+
+
+def _gather_names(buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """All raw names as one byte blob plus end offsets."""
+    lengths = lengths.astype(np.int64)
+    ends = np.cumsum(lengths)
+    blob = np.empty(int(ends[-1]) if len(ends) else 0, dtype=np.uint8)
+    chunk = 1 << 18
+    for lo in range(0, len(starts), chunk):
+        hi = min(lo + chunk, len(starts))
+        first = int(ends[lo - 1]) if lo else 0
+        lens = lengths[lo:hi]
+        total = int(ends[hi - 1]) - first
+        # Position of byte j of the chunk's blob: its record's name start plus j minus the
+        # blob position where that record's name begins.
+        name_starts = starts[lo:hi] + CENTRAL_DTYPE.itemsize
+        blob_starts = ends[lo:hi] - lens - first
+        src = np.repeat(name_starts - blob_starts, lens) + np.arange(total, dtype=np.int64)
+        blob[first:first + total] = buf[src]
+    return blob, ends.astype(np.uint64)
+
+
+def _clean_names(archive: str, raw: np.ndarray, ends: np.ndarray, flags: np.ndarray
+                 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, List[str]]:
+    """Keep plain names as they are and send the rest through names.clean_name.
+
+    A name is plain when it is printable ASCII without a backslash, does not start with
+    '/' or '.', and has no '/' followed by '/' or '.'. Everything else is rare.
+    """
+    n = len(ends)
+    ends = ends.astype(np.int64)
+    begins = np.concatenate(([0], ends[:-1])).astype(np.int64)
+    odd = np.zeros(len(raw) + 1, dtype=bool)
+    odd[:-1] = (raw < 0x20) | (raw > 0x7E) | (raw == ord("\\"))
+    slash = raw == ord("/")
+    odd[:-2] |= slash[:-1] & ((raw[1:] == ord("/")) | (raw[1:] == ord(".")))
+    bad_at = np.flatnonzero(odd[:-1])
+    suspect = np.zeros(n, dtype=bool)
+    if len(bad_at):
+        suspect[np.searchsorted(ends, bad_at, side="right")] = True
+    nonempty = ends > begins
+    first = raw[np.minimum(begins, max(len(raw) - 1, 0))] if len(raw) else np.zeros(n, np.uint8)
+    last = raw[np.maximum(ends - 1, 0)] if len(raw) else np.zeros(n, np.uint8)
+    suspect |= ~nonempty | (first == ord("/")) | (first == ord(".")) | (last == ord("/"))
+    is_dir = np.zeros(n, dtype=bool)
+    if not suspect.any():
+        return raw, ends.astype(np.uint64), np.ones(n, dtype=bool), is_dir, []
+
+    keep = np.ones(n, dtype=bool)
+    lengths = ends - begins
+    warnings: List[str] = []
+    pieces: List[bytes] = []
+    data = raw.tobytes()
+    cursor = 0
+    for i in np.flatnonzero(suspect).tolist():
+        pieces.append(data[cursor:begins[i]])
+        cursor = int(ends[i])
+        original = data[begins[i]:cursor]
+        clean, note = clean_name(original, bool(flags[i] & FLAG_UTF8))
+        if note:
+            warnings.append(f"{archive}: {original.decode('utf-8', 'backslashreplace')}: {note}")
+        if clean is None:
+            keep[i] = False
+            continue
+        is_dir[i] = original.endswith((b"/", b"\\"))
+        pieces.append(clean)
+        lengths[i] = len(clean)
+    pieces.append(data[cursor:])
+    blob = np.frombuffer(b"".join(pieces), dtype=np.uint8)
+    return blob, np.cumsum(lengths[keep]).astype(np.uint64), keep, is_dir[keep], warnings
+
+
+def dos_to_unix(dates: np.ndarray, times: np.ndarray) -> np.ndarray:
+    """MS-DOS date and time fields (4.4.6) to Unix seconds, read as UTC.
+
+    Out-of-range fields (month 0, day 0) are clamped, as unzip does, instead of failing.
+    """
+    dates = dates.astype(np.int64)
+    times = times.astype(np.int64)
+    year = 1980 + (dates >> 9)
+    month = np.clip((dates >> 5) & 0xF, 1, 12)
+    day = np.clip(dates & 0x1F, 1, 31)
+    months = ((year - 1970) * 12 + month - 1).astype("datetime64[M]")
+    days = months.astype("datetime64[D]").astype(np.int64) + day - 1
+    seconds = (times >> 11) * 3600 + ((times >> 5) & 0x3F) * 60 + (times & 0x1F) * 2
+    return days * 86400 + seconds
+
+
+class LocalHeader(NamedTuple):
+    data_offset: int
+    method: int
+    flags: int
+
+
+def read_local_header(src: Source, member: np.void, path: str) -> LocalHeader:
+    """Read and check one member's local header just before its data is needed."""
+    return parse_local_header(src, member, path, src.pread(LOCAL.size, int(member["header_offset"])))
+
+
+def parse_local_header(src: Source, member: np.void, path: str, raw: bytes) -> LocalHeader:
+    """Check the local header (4.3.7) at the start of ``raw`` against the central entry.
+
+    They must agree on method and name length and, without a data descriptor, on CRC
+    and on the sizes that are not ZIP64-saturated; otherwise the index or the archive is
+    not to be trusted for this member.
+    """
+    at = int(member["header_offset"])
+    if len(raw) < LOCAL.size:
+        raise MemberError(src.name, path, "local header is past the end of the archive (truncated?)")
+    (sig, _, flags, method, _, _, crc, csize, usize, name_len, extra_len) = LOCAL.unpack_from(raw)
+    if sig != LOCAL_SIG:
+        raise MemberError(src.name, path, f"no local header at offset {at}")
+    if method != int(member["method"]) or name_len != int(member["name_length"]):
+        raise MemberError(src.name, path, "local header disagrees with the central directory")
+    if not flags & FLAG_DATA_DESCRIPTOR:
+        checks = ((crc, member["crc32"]), (csize, member["compressed_size"]), (usize, member["size"]))
+        for local_value, central_value in checks:
+            if local_value not in (0xFFFFFFFF, int(central_value) & 0xFFFFFFFF):
+                raise MemberError(src.name, path, "local header disagrees with the central directory")
+    data_offset = at + LOCAL.size + name_len + extra_len
+    if data_offset + int(member["compressed_size"]) > src.size:
+        raise MemberError(src.name, path, "member data runs past the end of the archive (truncated?)")
+    return LocalHeader(data_offset, method, flags)
