@@ -53,11 +53,12 @@ FLAG_DATA_DESCRIPTOR = 0x0008
 FLAG_UTF8 = 0x0800
 MADE_BY_UNIX = 3
 
-#: One member, as the index stores it; offsets are global offsets in the archive's source.
+#: One member, as the index stores it; offsets are global offsets in the archive's source;
+#: ``archive`` is filled in by the index when several archives are merged.
 MEMBER_DTYPE = np.dtype([
     ("header_offset", "<u8"), ("compressed_size", "<u8"), ("size", "<u8"),
     ("crc32", "<u4"), ("mtime", "<i8"), ("method", "<u2"), ("flags", "<u2"),
-    ("mode", "<u4"), ("name_length", "<u2"),
+    ("mode", "<u4"), ("name_length", "<u2"), ("archive", "<u2"),
 ])
 
 #: How much of the file tail may hold the end record (22 bytes + a 64 KiB comment).
@@ -174,7 +175,7 @@ def read_members(src: Source, warn: Optional[Callable[[str], None]] = None) -> M
         i = int(past[0])
         raise ArchiveError(src.name, f"member #{i} has its local header at {int(header_offsets[i])}, past the data area")
 
-    table = np.empty(n, dtype=MEMBER_DTYPE)
+    table = np.zeros(n, dtype=MEMBER_DTYPE)
     table["header_offset"] = header_offsets
     table["compressed_size"] = csizes
     table["size"] = sizes
