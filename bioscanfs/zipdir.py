@@ -126,6 +126,11 @@ def read_end_record(src: Source) -> EndRecord:
     else:
         directory_end = eocd_at
         recorded_end = cd_offset + cd_size
+    if disk + 1 != len(src.disk_bases):
+        if len(src.disk_bases) == 1:
+            raise ArchiveError(src.name, f"is the last piece ({disk + 1}) of a spanned set whose other pieces "
+                                         f"(.z01 ...) are missing")
+        raise ArchiveError(src.name, f"spanned set has {len(src.disk_bases)} pieces, its end record says {disk + 1}")
     if len(src.disk_bases) > 1:
         cd_start = _global(src, cd_disk, cd_offset)
         prefix = 0
