@@ -6,6 +6,7 @@ stderr and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import select
@@ -19,6 +20,7 @@ import click
 from .collection import Collection
 from .errors import BioscanError
 from .index import default_index_dir
+from .layout import IMGTYPES, SPLITS
 
 log = logging.getLogger("bioscanfs")
 F = TypeVar("F", bound=Callable)
@@ -228,3 +230,113 @@ def index(sources, index_dir, skip_bad, allow_incomplete) -> None:
                                skip_bad=skip_bad)
     click.echo(f"indexed {len(tree.files)} files in {len(tree.dir_paths)} folders from {len(kept)} archives "
                f"in {time.monotonic() - started:.1f} s -> {index_dir or default_index_dir()}")
+
+
+@main.command()
+@click.argument("sources", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_source_options
+@_user_errors
+def info(sources, as_json, index_dir, skip_bad, allow_incomplete) -> None:
+    """Show each package in SOURCES: splits with member counts and bytes, archives,
+    compression methods, duplicates and conflicts."""
+    from .report import describe, render
+
+    with _open(sources, index_dir, skip_bad=skip_bad, allow_incomplete=allow_incomplete) as collection:
+        report = describe(collection)
+    click.echo(json.dumps(report, indent=2) if as_json else render(report))
+
+
+@main.command(name="ls")
+@click.argument("zipdir", type=click.Path(exists=True))
+@click.argument("path", default="")
+@click.option("-l", "long", is_flag=True, help="Show size and mtime.")
+@index_dir_option
+@_user_errors
+def ls_(zipdir, path, long, index_dir) -> None:
+    """List PATH (default: the root) of the tree in ZIPDIR, without mounting."""
+    with _open([zipdir], index_dir) as collection:
+        node = collection.node(path)
+        names = collection.listdir(path) if node < 0 else [path.rstrip("/").rpartition("/")[2]]
+        for name in names:
+            if not long:
+                click.echo(name)
+                continue
+            st = collection.stat(f"{path}/{name}" if node < 0 else path)
+            kind = "d" if st.mode & 0o040000 else "-"
+            stamp = time.strftime("%Y-%m-%d %H:%M", time.gmtime(st.mtime))
+            click.echo(f"{kind} {st.size:>12} {stamp} {name}")
+
+
+@main.command()
+@click.argument("zipdir", type=click.Path(exists=True))
+@click.argument("path")
+@index_dir_option
+@_user_errors
+def cat(zipdir, path, index_dir) -> None:
+    """Write the member at PATH in ZIPDIR to stdout, without mounting."""
+    out = click.get_binary_stream("stdout")
+    with _open([zipdir], index_dir) as collection, collection.open(path) as member:
+        while chunk := member.read(1 << 20):
+            out.write(chunk)
+
+
+@main.command()
+@click.argument("sources", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--sample", type=click.IntRange(min=1), help="Check only N members picked at random.")
+@click.option("-j", "--jobs", type=click.IntRange(min=1), default=os.cpu_count() or 1, show_default=True,
+              help="Members checked in parallel.")
+@_source_options
+@_user_errors
+def verify(sources, sample, jobs, index_dir, skip_bad, allow_incomplete) -> None:
+    """Check the CRC-32 of every member in SOURCES; list the bad ones and exit 1 if any."""
+    from .report import verify_members
+
+    with _open(sources, index_dir, skip_bad=skip_bad, allow_incomplete=allow_incomplete) as collection:
+        total = len(collection.tree.files)
+        with click.progressbar(length=min(sample or total, total), label="verifying", file=sys.stderr,
+                               show_eta=True, show_percent=True, show_pos=True) as bar:
+            bad, checked = verify_members(collection, sample, jobs, on_done=bar.update)
+    for line in bad:
+        click.echo(f"BAD {line}")
+    click.echo(f"{checked} members checked, {len(bad)} bad")
+    if bad:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("processids", nargs=-1)
+@click.option("--split", type=click.Choice(SPLITS), help="Split of the processids (or a 'split' CSV column).")
+@click.option("--imgtype", type=click.Choice(IMGTYPES), default="cropped_256", show_default=True)
+@click.option("--zips", type=click.Path(exists=True), help="Also check that each member exists in these zips.")
+@click.option("--csv", "from_csv", is_flag=True,
+              help="Read processids from stdin: a CSV with a 'processid' (and optional 'split') column, "
+                   "or one processid per line.")
+@index_dir_option
+@_user_errors
+def path(processids, split, imgtype, zips, from_csv, index_dir) -> None:
+    """Print the member path of each PROCESSID by the md5 chunk rule."""
+    from .layout import image_path
+    from .report import read_processids
+
+    pairs = [(pid, split) for pid in processids]
+    if from_csv:
+        pairs += read_processids(sys.stdin, split)
+    if not pairs:
+        raise click.UsageError("give PROCESSIDs or --csv")
+    collection = _open([zips], index_dir) if zips else None
+    missing = 0
+    for pid, pid_split in pairs:
+        if not pid_split:
+            raise click.UsageError(f"{pid}: no split; give --split or a 'split' CSV column")
+        member = image_path(pid, pid_split, imgtype)
+        if collection is not None:
+            try:
+                collection.node(member)
+            except BioscanError:
+                click.echo(f"missing: {member}", err=True)
+                missing += 1
+                continue
+        click.echo(member)
+    if missing:
+        sys.exit(1)

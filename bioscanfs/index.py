@@ -65,6 +65,7 @@ class Tree:
         self.conflicts = [Conflict(c[0], c[1]) for c in extra.get("conflicts", [])]
         self.warnings: List[str] = list(extra.get("warnings", []))
         self.total_bytes: int = int(extra.get("total_bytes", 0))
+        self.duplicates: int = int(extra.get("duplicates", 0))  #: same path in several archives
         names = arrays["dir_names"].tobytes()
         ends = arrays["dir_ends"].tolist()
         self.dir_paths = [names[a:b] for a, b in zip([0] + ends[:-1], ends)]
@@ -270,7 +271,9 @@ def build_tree(members: Sequence[zipdir.Members], archives: Sequence[str]) -> Tu
         "dir_names": np.frombuffer(dir_blob, dtype=np.uint8),
         "dir_ends": np.cumsum([len(p) for p in dir_paths]).astype(np.uint64),
     }
-    return arrays, {"conflicts": conflicts, "warnings": warnings, "total_bytes": int(files["size"].sum())}
+    extra = {"conflicts": conflicts, "warnings": warnings, "total_bytes": int(files["size"].sum()),
+             "duplicates": int(same.sum())}
+    return arrays, extra
 
 
 def _fixed_width(blob: np.ndarray, begins: np.ndarray, ends: np.ndarray, align: int = 1) -> np.ndarray:

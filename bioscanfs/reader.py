@@ -34,6 +34,8 @@ STORED, DEFLATED = 0, 8
 WHOLE_READ_MAX = 1 << 20
 #: Deflated members up to this size are decoded whole into the LRU; larger ones stream.
 STREAM_MIN = 32 << 20
+#: Piece size when a whole member is checked.
+CHECK_CHUNK = 4 << 20
 #: Slack read past a local header's name for its extra field, to save a second pread.
 EXTRA_SLACK = 128
 
@@ -66,6 +68,15 @@ class Reader:
                 return self._decoded_whole(src, member, label)[offset:offset + size]
             return self._stream(src, member, label).read(size, offset)
         raise UnsupportedError(src.name, label, f"compression method {method} is not supported")
+
+    def check(self, member: np.void, label: str) -> None:
+        """Decode a whole member and check its CRC-32, whatever its method and size."""
+        size, crc = int(member["size"]), 0
+        for offset in range(0, size, CHECK_CHUNK):
+            crc = inflate_impl.crc32(self.read(member, label, CHECK_CHUNK, offset), crc)
+        if crc != int(member["crc32"]):
+            src = self._sources[int(member["archive"])]
+            raise MemberError(src.name, label, "CRC-32 mismatch: the archive is corrupt")
 
     def _key(self, member: np.void) -> tuple:
         return int(member["archive"]), int(member["header_offset"])
