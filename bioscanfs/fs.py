@@ -42,6 +42,11 @@ class BioscanFS(mfusepy.Operations):
         if self._on_ready:
             self._on_ready()
 
+    def open(self, path: str, flags: int) -> int:
+        """Answer ENOSYS once: the kernel then opens files without asking (no OPEN or
+        RELEASE round trip per file) and keeps their page cache (FOPEN_KEEP_CACHE)."""
+        raise mfusepy.FuseOSError(errno.ENOSYS)
+
     def _node(self, path: str) -> int:
         try:
             return self.c.node(path)

@@ -22,7 +22,8 @@ import hashlib
 import json
 import logging
 import os
-from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -134,20 +135,28 @@ def load_tree(sources: Sequence[FileSource], index_dir: Optional[str],
         if cached is not None:
             kept = set(cached["__extra__"]["kept"])
             return Tree(cached, [s.name for s in sources if s.name in kept]), [s for s in sources if s.name in kept]
+    def parse(job: Tuple[FileSource, Any]) -> Union[zipdir.Members, ArchiveError]:
+        try:
+            return _archive_members(job[0], job[1], index_dir)
+        except ArchiveError as err:
+            return err
+        finally:
+            if on_archive:
+                on_archive(job[0].name)
+
     members: List[zipdir.Members] = []
     kept_sources: List[FileSource] = []
-    for src, key in zip(sources, keys):
-        if on_archive:
-            on_archive(src.name)
-        try:
-            members.append(_archive_members(src, key, index_dir))
-        except ArchiveError as err:
-            if not skip_bad:
-                raise
-            log.warning("skipping %s", err)
-            src.close()
-            continue
-        kept_sources.append(src)
+    # numpy releases the GIL in the bulk steps, so archives parse in parallel.
+    with ThreadPoolExecutor(max_workers=min(len(sources), os.cpu_count() or 1) or 1) as pool:
+        for src, result in zip(sources, pool.map(parse, zip(sources, keys))):
+            if isinstance(result, ArchiveError):
+                if not skip_bad:
+                    raise result
+                log.warning("skipping %s", result)
+                src.close()
+                continue
+            members.append(result)
+            kept_sources.append(src)
     arrays, extra = build_tree(members, [s.name for s in kept_sources])
     extra["kept"] = [s.name for s in kept_sources]
     if index_dir:

@@ -6,11 +6,17 @@ built here in bulk with numpy (stored members of a few bytes each); the whole se
 written in well under two minutes and about 1.1 GB.
 
     python scripts/bench_scale.py write OUTDIR [--total N] [--seed S]
+    python scripts/bench_scale.py run OUTDIR [--total N] [--no-ratarmount] [--json]
 """
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
+import os
+import shutil
+import subprocess
+import tempfile
 import struct
 import sys
 import time
@@ -212,6 +218,120 @@ def _cmd_write(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_timed(command: list[str]) -> tuple[float, int]:
+    """(wall seconds, peak RSS in bytes) of a command run to completion; fails loudly."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(command)
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"failed: {' '.join(command)}")
+    return elapsed, usage.ru_maxrss * 1024
+
+
+def _server_pid(mountpoint: Path, name: str) -> int:
+    """The process that serves a mount point: the newest whose command line names both."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            args = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(name.encode() in a for a in args) and str(mountpoint).encode() in args:
+            found.append(int(entry))
+    if not found:
+        raise SystemExit(f"no {name} process serves {mountpoint}")
+    return max(found)
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _list_chunk(mountpoint: Path) -> tuple[float, int]:
+    """(seconds, entries) to list and stat one 18,000-entry pretrain chunk folder."""
+    folder = mountpoint / "bioscan5m/images" / IMGTYPE / "pretrain/00"
+    started = time.perf_counter()
+    names = os.listdir(folder)
+    for name in names:
+        os.stat(folder / name)
+    return time.perf_counter() - started, len(names)
+
+
+def _unmount(mountpoint: Path) -> None:
+    for command in (["fusermount3", "-u", str(mountpoint)], ["fusermount", "-u", str(mountpoint)],
+                    ["umount", str(mountpoint)]):
+        if subprocess.run(command, capture_output=True).returncode == 0:
+            break
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and str(mountpoint) in Path("/proc/self/mounts").read_text():
+        time.sleep(0.1)
+
+
+def _measure_mounts(label: str, command: list[str], mountpoint: Path, server: str) -> list[dict]:
+    """Cold mount (index built), then a warm remount; each with RSS after listing a chunk."""
+    rows = []
+    for phase in ("cold mount", "warm remount"):
+        seconds, peak = _run_timed(command)
+        listing, entries = _list_chunk(mountpoint)
+        rss = _rss(_server_pid(mountpoint, server))
+        rows.append({"tool": label, "phase": phase, "seconds": seconds, "mount_command_peak_rss": peak,
+                     "server_rss_after_listing": rss, "chunk_listing_seconds": listing,
+                     "chunk_entries": entries})
+        _unmount(mountpoint)
+    return rows
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    """``run``: zipfile open vs bioscanfs cold mount, warm remount and RSS (vs ratarmount)."""
+    outdir = args.outdir
+    zips = sorted(outdir.glob("BIOSCAN_5M_*.zip"))
+    if len(zips) != 4:
+        print(f"writing the scale set ({args.total:,} members) into {outdir}", flush=True)
+        zips = write_scale_set(outdir, total=args.total)
+    work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    mountpoint = work / "mnt"
+    mountpoint.mkdir()
+    for path in zips:  # the same warm page cache for every tool
+        with open(path, "rb") as f:
+            while f.read(1 << 24):
+                pass
+    results = []
+    seconds, peak = _run_timed([sys.executable, "-c",
+                                "import sys, zipfile\nfor p in sys.argv[1:]: zipfile.ZipFile(p)",
+                                *map(str, zips)])
+    results.append({"tool": "python zipfile", "phase": "open all archives", "seconds": seconds,
+                    "mount_command_peak_rss": peak})
+    results += _measure_mounts("bioscanfs", [sys.executable, "-m", "bioscanfs", "mount", str(outdir),
+                                             str(mountpoint), "--index-dir", str(work / "index")],
+                               mountpoint, "bioscanfs")
+    if not args.no_ratarmount and shutil.which("ratarmount"):
+        results += _measure_mounts("ratarmount", ["ratarmount", "--index-folders", str(work / "rindex"),
+                                                  *map(str, zips), str(mountpoint)],
+                                   mountpoint, "ratarmount")
+    shutil.rmtree(work, ignore_errors=True)
+    base = results[0]["seconds"]
+    if args.json:
+        print(json.dumps({"members": sum(split_counts(args.total).values()), "results": results}, indent=2))
+        return 0
+    print(f"\n{'tool':<15} {'phase':<18} {'seconds':>8} {'vs zipfile':>10} {'peak RSS':>9} "
+          f"{'server RSS':>10} {'ls+stat chunk':>14}")
+    for row in results:
+        server = row.get("server_rss_after_listing")
+        listing = row.get("chunk_listing_seconds")
+        print(f"{row['tool']:<15} {row['phase']:<18} {row['seconds']:>8.2f} {base / row['seconds']:>9.1f}x "
+              f"{row['mount_command_peak_rss'] / 2**20:>7.0f}MB "
+              f"{server / 2**20 if server else 0:>8.0f}MB "
+              f"{(str(round(listing, 2)) + ' s / ' + str(row['chunk_entries'])) if listing else '-':>14}")
+    print("\ncommand: python scripts/bench_scale.py run " + " ".join(sys.argv[2:]))
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Command line: one subcommand per stage of the scale benchmark."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -222,6 +342,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                        help=f"members in all (default {FULL_TOTAL:,}, the real dataset)")
     write.add_argument("--seed", type=int, default=0)
     write.set_defaults(handler=_cmd_write)
+    run = commands.add_parser("run", help="measure mount and remount against zipfile and ratarmount")
+    run.add_argument("outdir", type=Path, help="folder of the scale set (written if absent)")
+    run.add_argument("--total", type=int, default=FULL_TOTAL)
+    run.add_argument("--no-ratarmount", action="store_true")
+    run.add_argument("--json", action="store_true")
+    run.set_defaults(handler=_cmd_run)
     args = parser.parse_args(argv)
     return args.handler(args)
 

@@ -1,0 +1,598 @@
+#!/usr/bin/env python3
+"""Read through the mount at the speed of extracted files: bioscanfs (and ratarmount) vs an extracted copy.
+
+One run builds or reuses a synthetic cropped_256 package set (members of ~8 KB random bytes,
+the size of the real JPEGs, at the real paths, split over the four real zip names), extracts
+a copy to local disk, mounts the zips, and times on every target, row by row:
+
+- walk + stat of the whole tree (os.walk, os.stat of every file);
+- whole-file reads (open/read/close) of one fixed, shuffled sample of files, with 1, 4 and 8
+  threads and with 4 processes;
+
+each as a cold pass (caches dropped; FUSE targets unmounted and mounted afresh, since a FUSE
+mount's dentries survive drop_caches only partly) followed by a warm pass over the same files.
+Rows interleave the targets, so the noise of a shared machine hits them alike.
+
+    python scripts/bench.py [--set DIR] [--images N] [--files N] [--deflate-fraction F]
+        [--threads 1,4,8] [--processes 4] [--extra-mount-args "..."] [--no-ratarmount] [--json]
+
+Exit status: 0 when bioscanfs meets every target, 1 when it misses one, 2 on error.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+_HERE = Path(__file__).resolve().parent
+for _path in (str(_HERE.parent), str(_HERE)):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+from _fakeids import ProcessIds  # noqa: E402
+from bench_scale import _dos_stamp, write_stored_zip  # noqa: E402
+from bioscanfs.cli import _is_mounted  # noqa: E402
+from bioscanfs.layout import image_path  # noqa: E402
+from make_fake_bioscan import _packages, _write_image_zip, split_counts  # noqa: E402
+
+IMGTYPE = "cropped_256"
+DEFAULT_IMAGES = 91_000
+#: Member sizes are uniform in this range (bytes): a mean of 8 KiB, like cropped_256 JPEGs.
+PAYLOAD_SIZES = (4 << 10, 12 << 10)
+MARKER = "bench-set.json"
+EXTRACTED = "extracted"
+#: Files of the sample compared byte for byte with the extracted copy on every mount.
+BYTE_CHECK_FILES = 200
+MOUNT_TIMEOUT = 600.0
+#: (name, pass, threshold): bioscanfs files/s over extracted files/s, same run.
+TARGETS = (("random whole-file reads", "cold", 0.9),
+           ("random whole-file reads", "warm", 0.8),
+           ("walk+stat", "cold", 0.25))
+MB = 1e6
+
+
+class BenchError(Exception):
+    """Something that makes the run's figures meaningless: reported in one line, exit status 2."""
+
+
+def log(message: str) -> None:
+    """Progress goes to stderr so that stdout holds only the table or the JSON."""
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- the package set
+
+@dataclass
+class PackageSet:
+    """The zips of a benchmark set and what they hold (member path -> size)."""
+
+    folder: Path
+    zips: List[Path]
+    sizes: Dict[str, int]
+    deflate_fraction: float
+
+    @property
+    def extracted(self) -> Path:
+        return self.folder / EXTRACTED
+
+
+def _build_set(folder: Path, images: int, deflate_fraction: float, seed: int = 0) -> None:
+    """Write the cropped_256 zips as the real package splits them, members in random order.
+
+    Stored-only sets use bench_scale's bulk writer (seconds for ~100,000 members); sets with
+    deflated members go through make_fake_bioscan's zipfile writer, which can deflate.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    pids = ProcessIds(seed).take(images)
+    order = np.random.default_rng([seed, 1]).permutation(images).tolist()
+    by_split: Dict[str, List[str]] = {}
+    start = 0
+    for split, count in split_counts(images).items():
+        by_split[split] = [pids[i] for i in order[start:start + count]]
+        start += count
+    rng = np.random.default_rng([seed, 2])
+    dos_time, dos_date = _dos_stamp(2024, 5, 14, 9, 30)
+    names = []
+    for filename, group in _packages(IMGTYPE, by_split, rng).items():
+        group = [group[i] for i in rng.permutation(len(group)).tolist()]
+        sizes = rng.integers(PAYLOAD_SIZES[0], PAYLOAD_SIZES[1] + 1, len(group))
+        blob = rng.bytes(int(sizes.sum()))
+        ends = np.cumsum(sizes).tolist()
+        payloads = [blob[end - size:end] for end, size in zip(ends, sizes.tolist())]
+        members = [image_path(pid, split, IMGTYPE) for split, pid in group]
+        log(f"writing {filename}: {len(members):,} members")
+        if deflate_fraction > 0:
+            _write_image_zip(folder / filename, list(zip(members, payloads)), rng, deflate_fraction)
+        else:
+            write_stored_zip(folder / filename, [m.encode() for m in members], payloads, dos_time, dos_date)
+        names.append(filename)
+    # Written last: a folder with the marker holds a complete set.
+    (folder / MARKER).write_text(json.dumps(
+        {"images": images, "deflate_fraction": deflate_fraction, "seed": seed, "zips": names}, indent=1))
+
+
+def open_set(folder: Path, images: Optional[int], deflate_fraction: Optional[float]) -> PackageSet:
+    """Reuse the set in ``folder`` or build it there; refuse a folder holding something else."""
+    marker = folder / MARKER
+    if not marker.exists():
+        if folder.exists() and any(folder.iterdir()):
+            raise BenchError(f"{folder}: not empty and not a benchmark set (no {MARKER}); "
+                             "give --set a new or empty folder")
+        _build_set(folder, images or DEFAULT_IMAGES, deflate_fraction or 0.0)
+    meta = json.loads(marker.read_text())
+    for name, wanted in (("images", images), ("deflate_fraction", deflate_fraction)):
+        if wanted is not None and meta[name] != wanted:
+            raise BenchError(f"{folder} holds a set with {name}={meta[name]}, not {wanted}; "
+                             "give another --set folder")
+    zips = [folder / name for name in meta["zips"]]
+    sizes: Dict[str, int] = {}
+    for path in zips:
+        with zipfile.ZipFile(path) as zf:
+            sizes.update((info.filename, info.file_size) for info in zf.infolist())
+    return PackageSet(folder, zips, sizes, meta["deflate_fraction"])
+
+
+def extract(pset: PackageSet) -> None:
+    """Extract every zip into ``extracted/`` once; a half-done extraction is started again."""
+    if pset.extracted.exists():
+        return
+    partial = pset.folder / (EXTRACTED + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    for path in pset.zips:
+        log(f"extracting {path.name}")
+        with zipfile.ZipFile(path) as zf:
+            zf.extractall(partial)
+    partial.rename(pset.extracted)
+
+
+def filesystem_type(path: Path) -> str:
+    """The type of the filesystem holding ``path`` (tmpfs would make "cold" reads come from RAM)."""
+    best, kind = "", "?"
+    resolved = str(path.resolve())
+    with open("/proc/self/mounts") as mounts:
+        for line in mounts:
+            fields = line.split()
+            target = fields[1].replace("\\040", " ")
+            inside = resolved == target or resolved.startswith(target.rstrip("/") + "/")
+            if inside and len(target) >= len(best):
+                best, kind = target, fields[2]
+    return kind
+
+
+# ---------------------------------------------------------------- caches and targets
+
+def can_drop_caches() -> bool:
+    """Only root may write drop_caches, and some containers refuse even root."""
+    return os.geteuid() == 0 and os.access("/proc/sys/vm/drop_caches", os.W_OK)
+
+
+def drop_caches() -> None:
+    """Write dirty pages out, then drop the page cache, dentries and inodes."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as fh:
+        fh.write("3\n")
+
+
+class Target:
+    """A tree to measure: the extracted copy, or a FUSE mount that is remounted for each cold pass."""
+
+    def __init__(self, name: str, root: Path) -> None:
+        self.name = name
+        self.root = root
+
+    def make_cold(self, drop: bool) -> None:
+        """Drop the caches (when allowed) so that the next pass reads from disk."""
+        if drop:
+            drop_caches()
+
+    def close(self) -> None:
+        """Nothing to release for a plain folder."""
+
+
+class MountTarget(Target):
+    """A FUSE filesystem started by ``mount_command`` at ``root``."""
+
+    def __init__(self, name: str, root: Path, mount_command: List[str], unmount_commands: List[List[str]]) -> None:
+        super().__init__(name, root)
+        self.mount_command = mount_command
+        self.unmount_commands = unmount_commands
+
+    def mount(self) -> float:
+        """Mount and wait until the tree is served; returns the seconds it took."""
+        started = time.perf_counter()
+        done = subprocess.run(self.mount_command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise BenchError(f"{self.name}: mount failed ({shlex.join(self.mount_command)}):\n"
+                             f"{done.stdout}{done.stderr}")
+        deadline = time.monotonic() + MOUNT_TIMEOUT
+        while not (_is_mounted(str(self.root)) and os.listdir(self.root)):
+            if time.monotonic() > deadline:
+                raise BenchError(f"{self.name}: {self.root} not live {MOUNT_TIMEOUT:.0f} s after mounting")
+            time.sleep(0.05)
+        return time.perf_counter() - started
+
+    def unmount(self) -> None:
+        """Try each unmount command until the mount point is gone."""
+        for command in self.unmount_commands:
+            if not _is_mounted(str(self.root)):
+                return
+            subprocess.run(command, capture_output=True)
+        deadline = time.monotonic() + 30
+        while _is_mounted(str(self.root)):
+            if time.monotonic() > deadline:
+                raise BenchError(f"{self.name}: cannot unmount {self.root}")
+            time.sleep(0.05)
+
+    def make_cold(self, drop: bool) -> None:
+        """A fresh mount, then dropped caches: nothing read while mounting stays cached either."""
+        self.unmount()
+        self.mount()
+        super().make_cold(drop)
+
+    def close(self) -> None:
+        self.unmount()
+
+
+def _fusermount(root: Path) -> List[List[str]]:
+    return [[tool, "-u", str(root)] for tool in ("fusermount3", "fusermount") if shutil.which(tool)]
+
+
+def bioscanfs_target(pset: PackageSet, work: Path, extra_args: List[str]) -> MountTarget:
+    """bioscanfs on the set folder, run by this interpreter so that it follows the venv."""
+    root = work / "mnt-bioscanfs"
+    root.mkdir()
+    command = [sys.executable, "-m", "bioscanfs", "mount", str(pset.folder), str(root),
+               "--index-dir", str(work / "index-bioscanfs"), *extra_args]
+    return MountTarget("bioscanfs", root, command,
+                       [[sys.executable, "-m", "bioscanfs", "umount", str(root)], *_fusermount(root)])
+
+
+def find_ratarmount() -> Optional[str]:
+    """ratarmount next to this interpreter or on PATH, if ``ratarmount --help`` works."""
+    beside = Path(sys.executable).parent / "ratarmount"
+    program = str(beside) if beside.exists() else shutil.which("ratarmount")
+    if program is None:
+        return None
+    try:
+        works = subprocess.run([program, "--help"], capture_output=True, timeout=120).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        works = False
+    return program if works else None
+
+
+def ratarmount_target(program: str, pset: PackageSet, work: Path) -> MountTarget:
+    """ratarmount merging all zips into one tree, its indexes kept in the run's folder."""
+    root = work / "mnt-ratarmount"
+    root.mkdir()
+    index = work / "index-ratarmount"
+    index.mkdir()
+    command = [program, "--index-folders", str(index), *map(str, pset.zips), str(root)]
+    return MountTarget("ratarmount", root, command, _fusermount(root))
+
+
+# ---------------------------------------------------------------- workloads
+
+Measured = Tuple[int, Optional[int], float]  #: files, bytes read (None: none read), seconds
+
+
+def walk_stat(root: Path) -> Measured:
+    """os.walk the tree and stat every file; no bytes are read."""
+    started = time.perf_counter()
+    files = 0
+    for folder, _, names in os.walk(root):
+        for name in names:
+            os.stat(os.path.join(folder, name))
+            files += 1
+    return files, None, time.perf_counter() - started
+
+
+def read_files(paths: Sequence[str]) -> int:
+    """Open, read whole and close each file; returns the bytes read."""
+    total = 0
+    for path in paths:
+        with open(path, "rb") as fh:
+            total += len(fh.read())
+    return total
+
+
+def read_threads(paths: Sequence[str], threads: int) -> Tuple[int, float]:
+    """Each thread reads an interleaved share of the (shuffled) list; returns (bytes, seconds)."""
+    started = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        total = sum(pool.map(read_files, [paths[i::threads] for i in range(threads)]))
+    return total, time.perf_counter() - started
+
+
+def _process_worker(paths: Sequence[str], barrier, results) -> None:
+    """Forked reader: starts with the others, reports bytes read or the error."""
+    barrier.wait()
+    try:
+        results.put(read_files(paths))
+    except Exception as err:  # reported to the parent, which stops the run
+        results.put(f"{type(err).__name__}: {err}")
+
+
+def read_processes(paths: Sequence[str], processes: int) -> Tuple[int, float]:
+    """Each forked process reads an interleaved share; returns (bytes, seconds).
+
+    The clock starts when all children are forked and waiting, so forking is not timed.
+    """
+    ctx = mp.get_context("fork")
+    barrier = ctx.Barrier(processes + 1)
+    results = ctx.Queue()
+    workers = [ctx.Process(target=_process_worker, args=(paths[i::processes], barrier, results))
+               for i in range(processes)]
+    for worker in workers:
+        worker.start()
+    barrier.wait()
+    started = time.perf_counter()
+    got = [results.get() for _ in workers]
+    seconds = time.perf_counter() - started
+    for worker in workers:
+        worker.join()
+    errors = [item for item in got if isinstance(item, str)]
+    if errors:
+        raise BenchError(f"a reader process failed: {errors[0]}")
+    return sum(got), seconds
+
+
+# ---------------------------------------------------------------- running
+
+@dataclass
+class Row:
+    """One measurement: a label and what it runs on a target's root."""
+
+    label: str
+    kind: str  #: "walk+stat" or "random whole-file reads" (the target it counts toward)
+    run: Callable[[Path], Measured]
+
+
+@dataclass
+class Result:
+    row: str
+    pass_: str
+    target: str
+    files: int
+    bytes: Optional[int]
+    seconds: float
+    ratio: Optional[float] = None
+
+    @property
+    def files_per_s(self) -> float:
+        return self.files / self.seconds
+
+    @property
+    def mb_per_s(self) -> Optional[float]:
+        return None if self.bytes is None else self.bytes / MB / self.seconds
+
+    def as_dict(self) -> dict:
+        return {"measurement": self.row, "pass": self.pass_, "target": self.target, "files": self.files,
+                "bytes": self.bytes, "seconds": round(self.seconds, 4),
+                "files_per_s": round(self.files_per_s, 1),
+                "mb_per_s": None if self.mb_per_s is None else round(self.mb_per_s, 2),
+                "ratio": None if self.ratio is None else round(self.ratio, 3)}
+
+
+def make_rows(sample: List[str], sample_bytes: int, threads: List[int], processes: List[int]) -> List[Row]:
+    """The measurements; every read row reads the same sample and checks the byte total."""
+    def reader(count: int, use_processes: bool) -> Callable[[Path], Measured]:
+        def run(root: Path) -> Measured:
+            paths = [os.path.join(root, rel) for rel in sample]
+            got, seconds = read_processes(paths, count) if use_processes else read_threads(paths, count)
+            if got != sample_bytes:
+                raise BenchError(f"{root}: read {got:,} bytes, expected {sample_bytes:,}")
+            return len(paths), got, seconds
+        return run
+
+    rows = [Row("walk+stat", "walk+stat", walk_stat)]
+    rows += [Row(f"read {n} thread{'s' * (n > 1)}", "random whole-file reads", reader(n, False)) for n in threads]
+    rows += [Row(f"read {n} process{'es' * (n > 1)}", "random whole-file reads", reader(n, True)) for n in processes]
+    return rows
+
+
+def run_all(rows: List[Row], targets: List[Target], drop: bool) -> List[Result]:
+    """For each row and target: make cold, cold pass, warm pass, unmount; ratios against extracted files."""
+    results: List[Result] = []
+    for row in rows:
+        reference: Dict[str, float] = {}
+        for target in targets:
+            target.make_cold(drop)
+            for pass_ in ("cold", "warm"):
+                files, nbytes, seconds = row.run(target.root)
+                result = Result(row.label, pass_, target.name, files, nbytes, seconds)
+                if target.name == "extracted":
+                    reference[pass_] = result.files_per_s
+                result.ratio = result.files_per_s / reference[pass_]
+                results.append(result)
+                log(f"  {row.label:<18} {pass_}  {target.name:<10} {result.files_per_s:>10,.0f} files/s"
+                    + (f"  ratio {result.ratio:.2f}" if target.name != "extracted" else ""))
+            # One mount live at a time: an idle server keeps its memory and threads out of the others' way.
+            target.close()
+    return results
+
+
+def check_bytes(target: Target, extracted: Path, sample: List[str]) -> None:
+    """A benchmark reading wrong bytes is worthless: compare part of the sample with the extracted copy."""
+    for rel in sample[:BYTE_CHECK_FILES]:
+        if (target.root / rel).read_bytes() != (extracted / rel).read_bytes():
+            raise BenchError(f"{target.name}: {rel} differs from the extracted copy")
+
+
+def check_targets(results: List[Result], kinds: Dict[str, str]) -> List[dict]:
+    """Each target: the worst bioscanfs ratio among the rows it covers."""
+    checks = []
+    for kind, pass_, threshold in TARGETS:
+        covered = [r for r in results if r.target == "bioscanfs" and r.pass_ == pass_ and kinds[r.row] == kind]
+        if not covered:
+            continue
+        worst = min(covered, key=lambda r: r.ratio)
+        checks.append({"target": f"{kind}, {pass_}", "threshold": threshold, "worst_ratio": round(worst.ratio, 3),
+                       "worst_row": f"{worst.row} {pass_}", "passed": worst.ratio >= threshold})
+    return checks
+
+
+# ---------------------------------------------------------------- report
+
+def table(results: List[Result], names: List[str]) -> str:
+    """Rows = measurement and pass; per target files/s and MB/s, and the ratio for the mounts."""
+    def num(value: Optional[float], fmt: str) -> str:
+        return "-" if value is None else format(value, fmt)
+
+    widths = {name: 24 if name == "extracted" else 32 for name in names}
+    head1 = f"{'measurement':<24}" + "".join(f"{name:<{widths[name]}}" for name in names)
+    head2 = f"{'':<24}" + "".join(
+        f"{'files/s':>10}{'MB/s':>9}" + ("" if name == "extracted" else f"{'ratio':>8}") + " " * 5
+        for name in names)
+    lines = [head1.rstrip(), head2.rstrip()]
+    by_key = {(r.row, r.pass_, r.target): r for r in results}
+    for row, pass_ in dict.fromkeys((r.row, r.pass_) for r in results):
+        cells = []
+        for name in names:
+            r = by_key[(row, pass_, name)]
+            cell = f"{r.files_per_s:>10,.0f}{num(r.mb_per_s, ',.1f'):>9}"
+            cells.append(cell + ("" if name == "extracted" else f"{num(r.ratio, '.2f'):>8}") + " " * 5)
+        lines.append((f"{row + ' ' + pass_:<24}" + "".join(cells)).rstrip())
+    return "\n".join(lines)
+
+
+def parse_counts(text: str) -> List[int]:
+    """'1,4,8' -> [1, 4, 8]; '' or '0' -> [] (the rows are left out)."""
+    try:
+        counts = [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected numbers such as 1,4,8") from None
+    if any(n < 0 for n in counts):
+        raise argparse.ArgumentTypeError(f"{text!r}: counts cannot be negative")
+    return [n for n in counts if n]
+
+
+def default_set_folder(images: Optional[int], deflate_fraction: Optional[float]) -> Path:
+    """A cache folder per set shape, so later runs reuse the set and its extracted copy."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    name = f"set-{images or DEFAULT_IMAGES}"
+    if deflate_fraction:
+        name += f"-deflate{deflate_fraction:g}"
+    return cache / "bioscanfs-bench" / name
+
+
+def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--set", type=Path, dest="set_dir",
+                        help="folder of the set, built there when absent "
+                             "[default: ~/.cache/bioscanfs-bench/set-IMAGES]")
+    parser.add_argument("--images", type=int, help=f"members in the set when building it (default {DEFAULT_IMAGES:,})")
+    parser.add_argument("--deflate-fraction", type=float,
+                        help="share of members deflated rather than stored when building the set (default 0)")
+    parser.add_argument("--files", type=int, default=20_000, help="files in the read sample (default 20,000)")
+    parser.add_argument("--threads", type=parse_counts, default=[1, 4, 8], help="thread counts (default 1,4,8)")
+    parser.add_argument("--processes", type=parse_counts, default=[4], help="process counts (default 4)")
+    parser.add_argument("--extra-mount-args", default="", help="more arguments for `bioscanfs mount`, e.g. \"-o allow_other\"")
+    parser.add_argument("--no-ratarmount", action="store_true", help="leave ratarmount out")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the read sample (default 0)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    command = shlex.join([sys.executable, sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
+    folder = (args.set_dir or default_set_folder(args.images, args.deflate_fraction)).absolute()
+    pset = open_set(folder, args.images, args.deflate_fraction)
+    extract(pset)
+    names = sorted(pset.sizes)
+    picks = np.random.default_rng(args.seed).permutation(len(names))[:min(args.files, len(names))]
+    sample = [names[i] for i in picks.tolist()]
+    sample_bytes = sum(pset.sizes[rel] for rel in sample)
+    drop = can_drop_caches()
+    ratarmount = None if args.no_ratarmount else find_ratarmount()
+
+    rows = make_rows(sample, sample_bytes, args.threads, args.processes)
+    targets: List[Target] = [Target("extracted", pset.extracted)]
+    setup: Dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix=".run-", dir=folder) as tmp:
+        # On the set's own disk: an index in a tmpfs would dodge drop_caches.
+        work = Path(tmp)
+        mounts = [bioscanfs_target(pset, work, shlex.split(args.extra_mount_args))]
+        if ratarmount:
+            mounts.append(ratarmount_target(ratarmount, pset, work))
+        try:
+            for target in mounts:
+                log(f"first mount of {target.name} (builds its index)")
+                setup[target.name] = target.mount()
+                check_bytes(target, pset.extracted, sample)
+                target.unmount()
+                targets.append(target)
+            log(f"measuring {len(rows)} rows x {len(targets)} targets x cold+warm")
+            results = run_all(rows, targets, drop)
+        finally:
+            for target in mounts:
+                target.close()
+
+    walk_files = {r.target: r.files for r in results if r.row == "walk+stat"}
+    notes = [f"{name}: walk found {count:,} files, the set holds {len(names):,}"
+             for name, count in walk_files.items() if count != len(names)]
+    if not drop:
+        notes.append("caches NOT dropped (needs root): cold passes only follow a fresh mount")
+    fstype = filesystem_type(pset.extracted)
+    if fstype == "tmpfs":
+        notes.append("the extracted copy is on tmpfs: its cold passes read from RAM")
+    if not ratarmount and not args.no_ratarmount:
+        notes.append("ratarmount not installed (ratarmount --help failed): its columns are left out")
+    checks = check_targets(results, {row.label: row.kind for row in rows})
+    passed = all(c["passed"] for c in checks)
+    summary = {
+        "command": command,
+        "set": {"folder": str(folder), "zips": [p.name for p in pset.zips], "files": len(names),
+                "bytes": sum(pset.sizes.values()), "deflate_fraction": pset.deflate_fraction,
+                "extracted": str(pset.extracted), "extracted_filesystem": fstype},
+        "sample": {"files": len(sample), "bytes": sample_bytes, "seed": args.seed},
+        "cpus": os.cpu_count(), "caches_dropped": drop,
+        "first_mount_seconds": {name: round(s, 2) for name, s in setup.items()},
+        "results": [r.as_dict() for r in results], "checks": checks, "passed": passed, "notes": notes,
+    }
+    if args.json:
+        print(json.dumps(summary, indent=1))
+        return 0 if passed else 1
+
+    total_mb = summary["set"]["bytes"] / MB
+    print(f"set: {folder}: {len(names):,} files, {total_mb:,.0f} MB in {len(pset.zips)} zips "
+          f"(deflated share {pset.deflate_fraction:g}); extracted copy on {fstype}; {os.cpu_count()} CPUs")
+    print(f"sample: {len(sample):,} files, {sample_bytes / MB:,.1f} MB, the same shuffled list for every target")
+    print("cold = " + ("caches dropped" if drop else "caches NOT dropped")
+          + ", mounts remounted; warm = the same pass again. MB = 10^6 bytes; ratio = files/s vs extracted")
+    print("first mount (index build): " + ", ".join(f"{n} {s:.1f} s" for n, s in setup.items()))
+    print()
+    print(table(results, [t.name for t in targets]))
+    print()
+    print("targets (bioscanfs vs extracted files, same run):")
+    for c in checks:
+        print(f"  {c['target']:<32} >= {c['threshold']:.2f}: {'PASS' if c['passed'] else 'FAIL'}"
+              f"  (worst {c['worst_ratio']:.2f}, {c['worst_row']})")
+    print(f"byte check: first {min(BYTE_CHECK_FILES, len(sample))} sample files identical on every mount; "
+          "every read pass returned the sample's exact byte total")
+    for note in notes:
+        print(f"note: {note}")
+    print(f"command: {command}")
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BenchError as err:
+        print(f"bench: {err}", file=sys.stderr)
+        sys.exit(2)
