@@ -185,7 +185,8 @@ class DeflateStream:
     for the member across opens, so a jump anywhere costs at most one interval of
     decoding. At most 256 points (interval grows with the member) and ``MAX_CURSORS``
     idle cursors are kept, so memory is bounded whatever the member's size. A read
-    takes the idle cursor closest below its offset, or starts one from a seek point.
+    takes the idle cursor closest below its offset, waits for a busy one there, or
+    starts one from the nearest seek point.
     """
 
     INPUT_CHUNK = 64 << 10
@@ -202,39 +203,55 @@ class DeflateStream:
         self.interval = max(4 << 20, -(-self.size // self.MAX_POINTS))
         self._points: List[_Point] = [_Point(0, 0, inflate_impl.decompressobj(-15))]
         self._idle: List[_Cursor] = []
-        self._lock = threading.Lock()
+        self._busy: List[_Cursor] = []
+        self._lock = threading.Lock()  #: guards the seek points
+        self._changed = threading.Condition()  #: guards the cursor lists
 
     def read(self, size: int, offset: int) -> bytes:
         cursor = self._take(offset)
         try:
             out = self._advance(cursor, offset, size)
         except BaseException:
-            cursor = None
+            self._give(cursor, keep=False)  # its state is unknown now
             raise
-        finally:
-            if cursor is not None:
-                self._give(cursor)
+        self._give(cursor, keep=True)
         return out
 
-    def _take(self, offset: int) -> _Cursor:
-        with self._lock:
-            best = None
-            for cursor in self._idle:
-                if cursor.out_pos <= offset < cursor.out_pos + len(cursor.pending) + self.interval:
-                    if best is None or cursor.out_pos > best.out_pos:
-                        best = cursor
-            if best is not None:
-                self._idle.remove(best)
-                return best
-            keys = [p.out_pos for p in self._points]
-            point = self._points[bisect.bisect_right(keys, offset) - 1]
-        return _Cursor(point, 0 if point.out_pos == 0 else None)
+    def _nearest(self, cursors: List[_Cursor], offset: int) -> Optional[_Cursor]:
+        """The cursor closest below ``offset`` and less than one interval before it."""
+        best = None
+        for cursor in cursors:
+            if cursor.out_pos <= offset < cursor.out_pos + len(cursor.pending) + self.interval:
+                if best is None or cursor.out_pos > best.out_pos:
+                    best = cursor
+        return best
 
-    def _give(self, cursor: _Cursor) -> None:
-        with self._lock:
-            self._idle.append(cursor)
-            if len(self._idle) > self.MAX_CURSORS:
-                self._idle.pop(0)
+    def _take(self, offset: int) -> _Cursor:
+        with self._changed:
+            while True:
+                cursor = self._nearest(self._idle, offset)
+                if cursor is not None:
+                    self._idle.remove(cursor)
+                    break
+                # The kernel's readahead sends one reader's requests out of order on
+                # several threads: wait for the busy cursor just below rather than
+                # decoding the same stretch again from a seek point.
+                if self._nearest(self._busy, offset) is None or not self._changed.wait(timeout=1.0):
+                    keys = [p.out_pos for p in self._points]
+                    point = self._points[bisect.bisect_right(keys, offset) - 1]
+                    cursor = _Cursor(point, 0 if point.out_pos == 0 else None)
+                    break
+            self._busy.append(cursor)
+            return cursor
+
+    def _give(self, cursor: _Cursor, keep: bool) -> None:
+        with self._changed:
+            self._busy.remove(cursor)
+            if keep:
+                self._idle.append(cursor)
+                if len(self._idle) > self.MAX_CURSORS:
+                    self._idle.pop(0)
+            self._changed.notify_all()
 
     def _advance(self, cursor: _Cursor, offset: int, size: int) -> bytes:
         """Decode until [offset, offset+size) is in cursor.pending, then slice it."""

@@ -229,7 +229,7 @@ def _run_timed(command: list[str]) -> tuple[float, int]:
     return elapsed, usage.ru_maxrss * 1024
 
 
-def _server_pid(mountpoint: Path, name: str) -> int:
+def server_pid(mountpoint: Path, name: str) -> int:
     """The process that serves a mount point: the newest whose command line names both."""
     found = []
     for entry in os.listdir("/proc"):
@@ -246,7 +246,7 @@ def _server_pid(mountpoint: Path, name: str) -> int:
     return max(found)
 
 
-def _rss(pid: int) -> int:
+def rss(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
@@ -279,9 +279,9 @@ def _measure_mounts(label: str, command: list[str], mountpoint: Path, server: st
     for phase in ("cold mount", "warm remount"):
         seconds, peak = _run_timed(command)
         listing, entries = _list_chunk(mountpoint)
-        rss = _rss(_server_pid(mountpoint, server))
+        resident = rss(server_pid(mountpoint, server))
         rows.append({"tool": label, "phase": phase, "seconds": seconds, "mount_command_peak_rss": peak,
-                     "server_rss_after_listing": rss, "chunk_listing_seconds": listing,
+                     "server_rss_after_listing": resident, "chunk_listing_seconds": listing,
                      "chunk_entries": entries})
         _unmount(mountpoint)
     return rows

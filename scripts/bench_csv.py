@@ -1,0 +1,164 @@
+#!/usr/bin/env python3
+"""The multi-GB metadata CSV through the mount vs CPython's zipfile, in one run.
+
+Builds (or reuses) a metadata zip whose CSV member is deflated and about 1.5 GB, mounts
+it, and measures:
+
+- a sequential read with md5 of the whole member, as the bioscan-dataset loader does on
+  every dataset creation: in-process through ``zipfile`` (same zlib family, no FUSE), then
+  through the mount;
+- random 4 KiB reads at random offsets through the mount (page cache dropped first, when
+  root), on a fresh mount and again after the sequential pass built the seek points;
+- the daemon's RSS, sampled every 20 ms throughout, and its high-water mark.
+
+    python scripts/bench_csv.py [--dir DIR] [--csv-bytes N] [--reads N] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+from pathlib import Path
+from typing import Dict, List, Optional
+
+_HERE = Path(__file__).resolve().parent
+for _path in (str(_HERE.parent), str(_HERE)):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+from bench import MountTarget, _fusermount, can_drop_caches, drop_caches  # noqa: E402
+from bench_scale import rss, server_pid  # noqa: E402
+from bioscanfs.layout import METADATA_CSV, METADATA_ZIP  # noqa: E402
+from make_fake_bioscan import make_set  # noqa: E402
+
+CHUNK = 1 << 20
+
+
+class RssSampler(threading.Thread):
+    """Samples a process's VmRSS until stopped; keeps the maximum."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.peak = pid, 0
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.wait(0.02):
+            try:
+                self.peak = max(self.peak, rss(self.pid))
+            except OSError:
+                return
+
+    def stop(self) -> int:
+        self._halt.set()
+        self.join()
+        return self.peak
+
+
+def md5_stream(stream) -> str:
+    digest = hashlib.md5()
+    while block := stream.read(CHUNK):
+        digest.update(block)
+    return digest.hexdigest()
+
+
+def random_reads(path: Path, size: int, count: int, seed: int) -> List[float]:
+    """Latencies of 4 KiB preads at random offsets, in seconds."""
+    rng = random.Random(seed)
+    latencies = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for _ in range(count):
+            offset = rng.randrange(0, size - 4096)
+            started = time.perf_counter()
+            if len(os.pread(fd, 4096, offset)) != 4096:
+                raise SystemExit(f"short read at {offset}")
+            latencies.append(time.perf_counter() - started)
+    finally:
+        os.close(fd)
+    return latencies
+
+
+def percentiles(latencies: List[float]) -> Dict[str, float]:
+    ordered = sorted(latencies)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000  # noqa: E731
+    return {"p50_ms": pick(0.5), "p95_ms": pick(0.95), "max_ms": ordered[-1] * 1000}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", type=Path, default=Path.home() / ".cache/bioscanfs-bench/csv")
+    parser.add_argument("--csv-bytes", type=int, default=1_500_000_000)
+    parser.add_argument("--reads", type=int, default=300, help="random 4 KiB reads per pass")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+
+    archive = args.dir / METADATA_ZIP
+    if not archive.exists():
+        print(f"writing a {args.csv_bytes:,}-byte CSV into {archive}", file=sys.stderr, flush=True)
+        make_set(args.dir, images=16, imgtypes=(), csv_bytes=args.csv_bytes)
+    with zipfile.ZipFile(archive) as zf:
+        info = zf.getinfo(METADATA_CSV)
+        size = info.file_size
+        started = time.perf_counter()
+        with zf.open(info) as member:
+            expected = md5_stream(member)
+        zipfile_seconds = time.perf_counter() - started
+
+    work = Path(tempfile.mkdtemp(prefix="bench-csv-"))
+    root = work / "mnt"
+    root.mkdir()
+    target = MountTarget("bioscanfs", root, [sys.executable, "-m", "bioscanfs", "mount", str(args.dir), str(root),
+                                             "--index-dir", str(work / "index")], _fusermount(root))
+    drop = can_drop_caches()
+    results: Dict[str, object] = {"csv_bytes": size, "compressed_bytes": info.compress_size,
+                                  "caches_dropped": drop}
+    try:
+        target.mount()
+        sampler = RssSampler(server_pid(root, "bioscanfs"))
+        sampler.start()
+        path = root / METADATA_CSV
+        if drop:
+            drop_caches()
+        results["random_fresh_mount"] = percentiles(random_reads(path, size, args.reads, seed=1))
+        started = time.perf_counter()
+        with open(path, "rb") as member:
+            got = md5_stream(member)
+        mount_seconds = time.perf_counter() - started
+        if got != expected:
+            raise SystemExit(f"md5 through the mount {got} != zipfile {expected}")
+        if drop:
+            drop_caches()
+        results["random_after_sequential"] = percentiles(random_reads(path, size, args.reads, seed=2))
+        results["daemon_rss_peak_mb"] = sampler.stop() / 2**20
+    finally:
+        target.close()
+    results["sequential_md5"] = {
+        "zipfile_mb_s": size / zipfile_seconds / 1e6, "mount_mb_s": size / mount_seconds / 1e6,
+        "ratio": zipfile_seconds / mount_seconds,
+    }
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    seq = results["sequential_md5"]
+    print(f"CSV member: {size:,} bytes ({info.compress_size:,} deflated); caches dropped: {drop}")
+    print(f"sequential read + md5: zipfile in-process {seq['zipfile_mb_s']:.0f} MB/s, "
+          f"through the mount {seq['mount_mb_s']:.0f} MB/s, ratio {seq['ratio']:.2f} (target >= 0.7)")
+    for key in ("random_fresh_mount", "random_after_sequential"):
+        r = results[key]
+        print(f"random 4 KiB reads ({key.replace('_', ' ')}, {args.reads}): p50 {r['p50_ms']:.1f} ms, "
+              f"p95 {r['p95_ms']:.1f} ms (target <= 100), max {r['max_ms']:.1f} ms")
+    print(f"daemon RSS peak (sampled every 20 ms): {results['daemon_rss_peak_mb']:.0f} MB (target <= 400)")
+    print("command: python scripts/bench_csv.py " + " ".join(sys.argv[1:]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
