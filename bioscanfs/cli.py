@@ -20,6 +20,7 @@ import click
 from .collection import Collection
 from .errors import BioscanError
 from .index import default_index_dir
+from .reader import Reader
 from .layout import IMGTYPES, SPLITS
 
 log = logging.getLogger("bioscanfs")
@@ -58,9 +59,18 @@ def _setup_logging(verbose: int, log_file: Optional[str]) -> None:
     logging.getLogger("mfusepy").setLevel(max(level, logging.INFO))
 
 
-def _open(sources, index_dir, cache_size=256 << 20, skip_bad=False, allow_incomplete=False) -> Collection:
+def _open(sources, index_dir, cache_size=256 << 20, skip_bad=False, allow_incomplete=False,
+          password=None) -> Collection:
     return Collection(*sources, index_dir=index_dir or default_index_dir(), cache_size=cache_size,
-                      skip_bad=skip_bad, allow_incomplete=allow_incomplete)
+                      skip_bad=skip_bad, allow_incomplete=allow_incomplete, password=password)
+
+
+def _read_password(path: Optional[str]) -> Optional[bytes]:
+    """The first line of a password file, without its line ending."""
+    if not path:
+        return None
+    with open(path, "rb") as f:
+        return f.readline().rstrip(b"\r\n")
 
 
 index_dir_option = click.option(
@@ -96,10 +106,12 @@ def main() -> None:
 @click.option("--log", "log_file", type=click.Path(dir_okay=False),
               help="Log file [default in daemon mode: INDEX_DIR/bioscanfs.log].")
 @click.option("-v", "--verbose", count=True, help="More log detail (-vv for debug).")
+@click.option("--password-file", type=click.Path(exists=True, dir_okay=False),
+              help="Password for encrypted members (first line). In -f mode without it, you are asked.")
 @_source_options
 @_user_errors
 def mount(sources, mountpoint, foreground, options, cache_size, log_file, verbose, index_dir,
-          skip_bad, allow_incomplete) -> None:
+          skip_bad, allow_incomplete, password_file) -> None:
     """Mount the archives in SOURCES (folders or zip files) at MOUNTPOINT.
 
     Returns once the tree can be read; the filesystem keeps running in the background
@@ -111,7 +123,12 @@ def mount(sources, mountpoint, foreground, options, cache_size, log_file, verbos
     if _is_mounted(mountpoint):
         raise click.ClickException(f"{mountpoint}: already a mount point (bioscanfs umount {mountpoint})")
     _setup_logging(verbose, None)
-    collection = _open(sources, index_dir, _size(cache_size), skip_bad, allow_incomplete)
+    password = _read_password(password_file)
+    collection = _open(sources, index_dir, _size(cache_size), skip_bad, allow_incomplete, password)
+    if password is None and foreground and sys.stdin.isatty() and collection.encrypted_members():
+        collection.reader = Reader(collection.sources, _size(cache_size), click.prompt(
+            f"{collection.encrypted_members()} members are encrypted; password", hide_input=True,
+            default="", show_default=False).encode() or None)
     for line in collection.warnings[:20]:
         click.echo(f"warning: {line}", err=True)
     conflicts = collection.tree.conflicts

@@ -9,16 +9,21 @@ from __future__ import annotations
 import io
 import logging
 import stat as stat_mod
-from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Union
+from typing import Dict, Iterator, List, NamedTuple, Optional, Union
+
+import numpy as np
 
 from .discover import ArchiveSpec, find_archives
-from .errors import NotFound
+from .errors import BioscanError, NotFound
+from .names import link_stays_inside
 from .index import Tree, default_index_dir, load_tree, open_sources
 from .reader import Reader
+from .zipdir import FLAG_ENCRYPTED
 
 log = logging.getLogger(__name__)
 
 FILE_MODE = stat_mod.S_IFREG | 0o444
+LINK_MODE = stat_mod.S_IFLNK | 0o444
 DIR_MODE = stat_mod.S_IFDIR | 0o555
 
 
@@ -44,7 +49,8 @@ class Collection:
     """
 
     def __init__(self, *inputs: str, index_dir: Optional[str] = "default", cache_size: int = 256 << 20,
-                 skip_bad: bool = False, allow_incomplete: bool = False) -> None:
+                 skip_bad: bool = False, allow_incomplete: bool = False,
+                 password: Optional[bytes] = None) -> None:
         specs, warnings = find_archives(inputs, allow_incomplete)
         for line in warnings:
             log.warning("%s", line)
@@ -60,7 +66,11 @@ class Collection:
         kept = {src.name for src in self.sources}
         self.specs = [spec for spec in specs if spec.name in kept]
         self.warnings = warnings + self.tree.warnings
-        self.reader = Reader(self.sources, cache_size)
+        self.reader = Reader(self.sources, cache_size, password)
+        self._links: Dict[int, Optional[bytes]] = {}
+
+    def encrypted_members(self) -> int:
+        return int(np.count_nonzero(self.tree.files["flags"] & FLAG_ENCRYPTED))
 
     # -- lookups -----------------------------------------------------------------------
     def node(self, path: Union[str, bytes]) -> int:
@@ -71,6 +81,9 @@ class Collection:
         tree = self.tree
         if node >= 0:
             row = tree.files[node]
+            target = self.link_target(node) if stat_mod.S_ISLNK(int(row["mode"])) else None
+            if target is not None:
+                return Stat(LINK_MODE, len(target), int(row["mtime"]), 1)
             return Stat(FILE_MODE, int(row["size"]), int(row["mtime"]), 1)
         dir_id = -1 - node
         return Stat(DIR_MODE, 0, int(tree.dir_mtime[dir_id]), 2 + len(tree.subdirs[dir_id]))
@@ -90,6 +103,28 @@ class Collection:
         """Every file path under a directory, in tree order."""
         for path, _ in self.tree.file_rows(_key(prefix)):
             yield path.decode("utf-8", "surrogateescape")
+
+    def link_target(self, node: int) -> Optional[bytes]:
+        """The target of a symlink member that resolves inside the tree, else None.
+
+        Links that would leave the tree (absolute, or climbing above the root) and links
+        whose member cannot be read are served as regular files holding the target text.
+        """
+        if node in self._links:
+            return self._links[node]
+        path = self.tree.path_of(node)
+        label = path.decode("utf-8", "surrogateescape")
+        try:
+            target: Optional[bytes] = self.read_node(node, int(self.tree.files[node]["size"]), 0, label)
+        except BioscanError as err:
+            log.warning("%s", err)
+            target = None
+        if target is not None and not link_stays_inside(path, target):
+            log.warning("%s: symlink to %r leaves the tree; served as a regular file",
+                        label, target.decode("utf-8", "surrogateescape"))
+            target = None
+        self._links[node] = target
+        return target
 
     # -- bytes ---------------------------------------------------------------------------
     def read_node(self, node: int, size: int, offset: int, label: str) -> bytes:

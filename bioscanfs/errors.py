@@ -3,7 +3,8 @@
     BioscanError                 anything a user can act on
     ├── ArchiveError             an archive cannot be opened or indexed
     ├── MemberError              one member cannot be read (the mount answers EIO)
-    │   └── UnsupportedError     a compression method or encryption we cannot decode
+    │   ├── UnsupportedError     a compression method we cannot decode (ENOTSUP)
+    │   └── EncryptedError       encrypted, and no password or a wrong one (EACCES)
     ├── NotFound                 a path that is not in the tree (ENOENT)
     └── SourceError              discovery: missing pieces, no packages found
 """
@@ -40,6 +41,12 @@ class UnsupportedError(MemberError):
     """The member uses a method or encryption this build cannot decode."""
 
     errno = errno.ENOTSUP
+
+
+class EncryptedError(MemberError):
+    """The member is encrypted and no (right) password was given."""
+
+    errno = errno.EACCES
 
 
 class NotFound(BioscanError):

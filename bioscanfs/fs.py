@@ -88,6 +88,13 @@ class BioscanFS(mfusepy.Operations):
             log.error("cannot read %s in %s: %s", path, self.c.archive_of(node), err)
             raise mfusepy.FuseOSError(errno.EIO) from None
 
+    def readlink(self, path: str) -> str:
+        node = self._node(path)
+        target = self.c.link_target(node) if node >= 0 else None
+        if target is None:
+            raise mfusepy.FuseOSError(errno.EINVAL)
+        return target.decode("utf-8", "surrogateescape")
+
     def statfs(self, path: str) -> Dict[str, int]:
         tree = self.c.tree
         total = tree.total_bytes

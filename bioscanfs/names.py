@@ -52,3 +52,23 @@ def clean_name(raw: bytes, utf8_flag: bool) -> Tuple[Optional[bytes], Optional[s
         return None, f"a component is longer than {NAME_MAX} bytes: skipped"
     note = "absolute path made relative" if raw.startswith((b"/", b"\\")) else None
     return b"/".join(kept), note
+
+
+def link_stays_inside(link_path: bytes, target: bytes) -> bool:
+    """Whether a symlink at ``link_path`` (relative to the root) pointing to ``target``
+    resolves inside the tree; absolute targets and any climb above the root do not.
+
+    >>> link_stays_inside(b"a/b/link", b"../c.jpg"), link_stays_inside(b"a/link", b"../../etc/passwd")
+    (True, False)
+    """
+    if not target or target.startswith(b"/") or b"\x00" in target:
+        return False
+    parts = link_path.split(b"/")[:-1]
+    for part in target.split(b"/"):
+        if part == b"..":
+            if not parts:
+                return False
+            parts.pop()
+        elif part not in (b"", b"."):
+            parts.append(part)
+    return True

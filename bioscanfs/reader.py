@@ -1,4 +1,4 @@
-"""Bytes of one member: stored passthrough, deflate (cached whole or streamed), CRC checks.
+"""Bytes of one member: one factory decides how each member is read, CRCs are checked.
 
 Owns decoding and the caches of decoded bytes; knows nothing of paths beyond the label
 it puts in error messages, and nothing of FUSE.
@@ -11,28 +11,42 @@ of it is returned, and a stored member read whole in one call is checked too. La
 deflated members are streamed; their CRC is checked when a reader reaches the end in
 order, and a corrupt stream fails as soon as zlib sees it.
 
-Not supported yet: methods other than stored (0) and deflate (8), and encryption; both
-raise UnsupportedError.
+How a member is read (``Reader.read``):
+
+- stored: ``os.pread`` of the asked range; a whole small member with its header in one call;
+- deflate, Deflate64, bzip2, and through libarchive lzma, xz, zstd, PPMd and encrypted
+  members (ZipCrypto, WinZip AES): decoded whole, once, into a byte-bounded LRU;
+- deflate over 32 MiB: streamed (``DeflateStream``). Other methods over 32 MiB are not
+  supported (ENOTSUP).
 """
 from __future__ import annotations
 
 import bisect
+import bz2
+import struct
 import threading
-from typing import List, NamedTuple, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import cachetools
+import inflate64
 import numpy as np
-
-from .errors import MemberError, UnsupportedError
-from .zipdir import FLAG_ENCRYPTED, LOCAL, LocalHeader, Source, parse_local_header, read_local_header
 
 # zlib-ng inflates 1.7x and checksums 4x faster than zlib here, with zlib's API (copy() too).
 from zlib_ng import zlib_ng as inflate_impl
 
-STORED, DEFLATED = 0, 8
+from .errors import EncryptedError, MemberError, UnsupportedError
+from .zipdir import (FLAG_DATA_DESCRIPTOR, FLAG_ENCRYPTED, LOCAL, LocalHeader, Source, parse_local_header,
+                     read_local_header)
+
+STORED, DEFLATED, DEFLATE64, BZIP2, AES_METHOD = 0, 8, 9, 12, 99
+METHOD_NAMES = {0: "stored", 8: "deflate", 9: "deflate64", 12: "bzip2", 14: "lzma",
+                93: "zstd", 95: "xz", 98: "ppmd", 99: "aes"}
+# 4.3.9 Data descriptor, with its optional signature
+DATA_DESCRIPTOR = struct.Struct("<4sIII")
+DATA_DESCRIPTOR_SIG = b"PK\x07\x08"
 #: Stored members up to this size are read whole, header included, in one pread and CRC-checked.
 WHOLE_READ_MAX = 1 << 20
-#: Deflated members up to this size are decoded whole into the LRU; larger ones stream.
+#: Compressed members up to this size are decoded whole into the LRU; larger deflate streams.
 STREAM_MIN = 32 << 20
 #: Piece size when a whole member is checked.
 CHECK_CHUNK = 4 << 20
@@ -43,8 +57,10 @@ EXTRA_SLACK = 128
 class Reader:
     """Decodes members of a fixed list of sources; safe to call from many threads."""
 
-    def __init__(self, sources: Sequence[Source], cache_bytes: int = 256 << 20) -> None:
+    def __init__(self, sources: Sequence[Source], cache_bytes: int = 256 << 20,
+                 password: Optional[bytes] = None) -> None:
         self._sources = list(sources)
+        self._password = password
         self._lock = threading.Lock()
         self._decoded: cachetools.LRUCache = cachetools.LRUCache(maxsize=max(cache_bytes, 1), getsizeof=len)
         self._headers: cachetools.LRUCache = cachetools.LRUCache(maxsize=1 << 16)
@@ -57,24 +73,24 @@ class Reader:
             return b""
         src = self._sources[int(member["archive"])]
         method = int(member["method"])
-        if int(member["flags"]) & FLAG_ENCRYPTED:
-            raise UnsupportedError(src.name, label, "member is encrypted")
-        if method == STORED:
+        plain = not int(member["flags"]) & FLAG_ENCRYPTED
+        if method == STORED and plain:
             if offset == 0 and size == total and total <= WHOLE_READ_MAX:
                 return self._read_whole_stored(src, member, label)
             return self._read_range(src, member, label, size, offset)
-        if method == DEFLATED:
-            if total < STREAM_MIN:
-                return self._decoded_whole(src, member, label)[offset:offset + size]
+        if total < STREAM_MIN:
+            return self._decoded_whole(src, member, label)[offset:offset + size]
+        if method == DEFLATED and plain:
             return self._stream(src, member, label).read(size, offset)
-        raise UnsupportedError(src.name, label, f"compression method {method} is not supported")
+        raise UnsupportedError(src.name, label, f"{method_name(method)} members over {STREAM_MIN >> 20} MiB "
+                                                "are not supported (only deflate streams)")
 
     def check(self, member: np.void, label: str) -> None:
         """Decode a whole member and check its CRC-32, whatever its method and size."""
         size, crc = int(member["size"]), 0
         for offset in range(0, size, CHECK_CHUNK):
             crc = inflate_impl.crc32(self.read(member, label, CHECK_CHUNK, offset), crc)
-        if crc != int(member["crc32"]):
+        if crc != int(member["crc32"]) and not _unchecked_aes(member):
             src = self._sources[int(member["archive"])]
             raise MemberError(src.name, label, "CRC-32 mismatch: the archive is corrupt")
 
@@ -91,22 +107,22 @@ class Reader:
                 self._headers[key] = header
         return header
 
-    def _read_with_header(self, src: Source, member: np.void, label: str) -> bytes:
-        """The member's raw data, read together with its local header in one pread."""
+    def _read_with_header(self, src: Source, member: np.void, label: str) -> Tuple[bytes, bytes]:
+        """(local header with name and extra field, raw data) of a member, in one pread."""
         at = int(member["header_offset"])
-        want = LOCAL.size + int(member["name_length"]) + EXTRA_SLACK + int(member["compressed_size"])
-        raw = src.pread(want, at)
+        csize = int(member["compressed_size"])
+        raw = src.pread(LOCAL.size + int(member["name_length"]) + EXTRA_SLACK + csize, at)
         header = parse_local_header(src, member, label, raw)
         start = header.data_offset - at
-        data = raw[start:start + int(member["compressed_size"])]
-        if len(data) < int(member["compressed_size"]):
-            data += src.pread(int(member["compressed_size"]) - len(data), header.data_offset + len(data))
-        if len(data) != int(member["compressed_size"]):
+        data = raw[start:start + csize]
+        if len(data) < csize:
+            data += src.pread(csize - len(data), header.data_offset + len(data))
+        if len(data) != csize:
             raise MemberError(src.name, label, "member data is cut short (archive truncated?)")
-        return data
+        return raw[:start], data
 
     def _read_whole_stored(self, src: Source, member: np.void, label: str) -> bytes:
-        data = self._read_with_header(src, member, label)
+        data = self._read_with_header(src, member, label)[1]
         check_crc(src, member, label, data)
         return data
 
@@ -123,7 +139,7 @@ class Reader:
             data = self._decoded.get(key)
         if data is not None:
             return data
-        data = inflate_whole(src, member, label, self._read_with_header(src, member, label))
+        data = decode_whole(src, member, label, *self._read_with_header(src, member, label), self._password)
         if len(data) <= self._decoded.maxsize:
             with self._lock:
                 self._decoded[key] = data
@@ -140,13 +156,43 @@ class Reader:
         return stream
 
 
+def method_name(method: int) -> str:
+    return METHOD_NAMES.get(method, f"compression method {method}")
+
+
+def _unchecked_aes(member: np.void) -> bool:
+    """WinZip AE-2 stores no CRC (0); libarchive checks its authentication code instead."""
+    return int(member["method"]) == AES_METHOD and int(member["crc32"]) == 0
+
+
 def check_crc(src: Source, member: np.void, label: str, data: bytes) -> None:
-    if inflate_impl.crc32(data) != int(member["crc32"]):
+    if inflate_impl.crc32(data) != int(member["crc32"]) and not _unchecked_aes(member):
         raise MemberError(src.name, label, "CRC-32 mismatch: the archive is corrupt")
 
 
-def inflate_whole(src: Source, member: np.void, label: str, compressed: bytes) -> bytes:
-    """Inflate a raw deflate stream to exactly the declared size, or fail."""
+def decode_whole(src: Source, member: np.void, label: str, header: bytes, data: bytes,
+                 password: Optional[bytes]) -> bytes:
+    """Decode a whole member by its method: exactly the declared size, CRC checked.
+
+    Deflate uses zlib-ng, Deflate64 inflate64, bzip2 the standard library (faster than
+    libarchive, see scripts/bench_methods.py); every other method, and every encrypted
+    member, goes through libarchive, fed the member's own local header and data.
+    """
+    method = int(member["method"])
+    if int(member["flags"]) & FLAG_ENCRYPTED or method not in (DEFLATED, DEFLATE64, BZIP2):
+        out = _libarchive_decode(src, member, label, header, data, password)
+    elif method == DEFLATED:
+        out = _inflate(src, member, label, data)
+    else:
+        out = _one_shot(src, member, label, data)
+    if len(out) != int(member["size"]):
+        raise MemberError(src.name, label, f"decodes to {len(out)} bytes, not the declared {int(member['size'])}")
+    check_crc(src, member, label, out)
+    return out
+
+
+def _inflate(src: Source, member: np.void, label: str, compressed: bytes) -> bytes:
+    """Inflate to exactly the declared size: never more (zip bombs), never less."""
     size = int(member["size"])
     inflater = inflate_impl.decompressobj(-15)
     try:
@@ -157,8 +203,61 @@ def inflate_whole(src: Source, member: np.void, label: str, compressed: bytes) -
         raise MemberError(src.name, label, "deflate stream inflates past its declared size")
     if len(data) < size or not inflater.eof:
         raise MemberError(src.name, label, "deflate stream ends early")
-    check_crc(src, member, label, data)
     return data
+
+
+def _one_shot(src: Source, member: np.void, label: str, compressed: bytes) -> bytes:
+    """Deflate64 and bzip2 (bzip2 bounded by the declared size plus one byte)."""
+    method = int(member["method"])
+    size = int(member["size"])
+    try:
+        if method != DEFLATE64:
+            return bz2.BZ2Decompressor().decompress(compressed, size + 1)
+        inflater, out = inflate64.Inflater(), []
+        for at in range(0, len(compressed), 1 << 16):  # bounded steps: a bomb stops early
+            out.append(inflater.inflate(compressed[at:at + (1 << 16)]))
+            size -= len(out[-1])
+            if size < 0:
+                break
+        return b"".join(out)
+    except (OSError, ValueError, EOFError) as err:
+        raise MemberError(src.name, label, f"{method_name(method)} stream is corrupt ({err})") from None
+
+
+def _libarchive_decode(src: Source, member: np.void, label: str, header: bytes, data: bytes,
+                       password: Optional[bytes]) -> bytes:
+    """Decode one member with libarchive from a one-member archive: the member's own local
+    header (name, extra field such as the AES one) with the central CRC and sizes, its
+    data, and a data descriptor when its flags announce one."""
+    import libarchive  # only members with rare methods or encryption pay for the import
+
+    encrypted = bool(int(member["flags"]) & FLAG_ENCRYPTED)
+    if encrypted and password is None:
+        raise EncryptedError(src.name, label, "member is encrypted; mount with --password-file (or -f for a prompt)")
+    fields = list(LOCAL.unpack_from(header))
+    fields[6:9] = [int(member["crc32"]), len(data), int(member["size"])]
+    blob = LOCAL.pack(*fields) + header[LOCAL.size:] + data
+    if fields[2] & FLAG_DATA_DESCRIPTOR:
+        blob += DATA_DESCRIPTOR.pack(DATA_DESCRIPTOR_SIG, *fields[6:9])
+    budget = int(member["size"]) + 1
+    chunks: List[bytes] = []
+    try:
+        with libarchive.memory_reader(blob, format_name="zip", passphrase=password) as archive:
+            for entry in archive:
+                for block in entry.get_blocks():
+                    chunks.append(block)
+                    budget -= len(block)
+                    if budget <= 0:
+                        raise MemberError(src.name, label, "stream decodes past its declared size")
+                break
+    except libarchive.ArchiveError as err:
+        message = str(err).split(" (errno=")[0]
+        if encrypted and any(word in message.lower() for word in ("passphrase", "password", "decrypt")):
+            raise EncryptedError(src.name, label, f"cannot decrypt: {message}") from None
+        if "Unsupported" in message:
+            raise UnsupportedError(src.name, label, message) from None
+        raise MemberError(src.name, label, f"{method_name(int(member['method']))} stream is corrupt ({message})") from None
+    return b"".join(chunks)
 
 
 class _Point(NamedTuple):

@@ -68,3 +68,13 @@ class FileSource(Source):
         for fd in self._fds:
             os.close(fd)
         self._fds = []
+
+
+class BytesSource(Source):
+    """An archive held in memory (tests, benchmarks, archives fetched whole)."""
+
+    def __init__(self, data: bytes, name: str = "<memory>") -> None:
+        self.data, self.size, self.name, self.disk_bases = data, len(data), name, [0]
+
+    def pread(self, size: int, offset: int) -> bytes:
+        return self.data[offset:offset + size]

@@ -175,10 +175,7 @@ def read_members(src: Source, warn: Optional[Callable[[str], None]] = None) -> M
         header_offsets = bases[disks.astype(np.intp)] + offsets
     else:
         header_offsets = offsets + np.uint64(end.prefix)
-    past = np.flatnonzero(header_offsets + np.uint64(LOCAL.size) > np.uint64(end.cd_start))
-    if len(past):
-        i = int(past[0])
-        raise ArchiveError(src.name, f"member #{i} has its local header at {int(header_offsets[i])}, past the data area")
+    _check_extents(src.name, header_offsets, csizes, head["name_length"], end.cd_start)
 
     table = np.zeros(n, dtype=MEMBER_DTYPE)
     table["header_offset"] = header_offsets
@@ -198,6 +195,28 @@ def read_members(src: Source, warn: Optional[Callable[[str], None]] = None) -> M
         if warn:
             warn(line)
     return Members(table[keep], names, ends, is_dir, warnings)
+
+
+def _check_extents(archive: str, offsets: np.ndarray, csizes: np.ndarray, name_lengths: np.ndarray,
+                   data_end: int) -> None:
+    """Every member's local header, name and data lie before the directory, and no two
+    members overlap (the trick of overlapping zip bombs). Extra fields are not counted,
+    so this is a lower bound on each member's extent."""
+    limit = np.uint64(data_end)
+    ends = offsets + np.uint64(LOCAL.size) + name_lengths.astype(np.uint64) + csizes
+    past = np.flatnonzero((offsets > limit) | (csizes > limit) | (ends > limit))
+    if len(past):
+        i = int(past[0])
+        raise ArchiveError(archive, f"member #{i} (local header at {int(offsets[i])}, {int(csizes[i])} bytes) "
+                                    f"lies past the data area; truncated or corrupt directory")
+    order = None if np.all(offsets[1:] >= offsets[:-1]) else np.argsort(offsets, kind="stable")
+    starts, stops = (offsets, ends) if order is None else (offsets[order], ends[order])
+    overlap = np.flatnonzero(stops[:-1] > starts[1:])
+    if len(overlap):
+        first, second = int(overlap[0]), int(overlap[0]) + 1
+        if order is not None:
+            first, second = int(order[first]), int(order[second])
+        raise ArchiveError(archive, f"members #{first} and #{second} overlap in the archive")
 
 
 def _record_starts(archive: str, buf: np.ndarray) -> np.ndarray:
@@ -292,6 +311,9 @@ def _apply_zip64(archive: str, buf: np.ndarray, starts: np.ndarray, head: np.nda
         raise ArchiveError(archive, f"member #{int(needs[missing[0]])} needs a ZIP64 extra field and has none")
     cursor = found + 4
     block_end = cursor + _u16(buf, found + 2)
+    overrun = np.flatnonzero(block_end > extra_end)
+    if len(overrun):
+        raise ArchiveError(archive, f"member #{int(needs[overrun[0]])} has a ZIP64 extra field that runs past its entry")
     for saturated, column, width in fields:
         rows = np.flatnonzero(saturated[needs])
         if len(rows) == 0:

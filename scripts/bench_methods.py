@@ -1,0 +1,76 @@
+#!/usr/bin/env python3
+"""Decoding members of other methods: the standard library vs libarchive, in one run.
+
+For bzip2 and lzma members written by CPython's zipfile (small ~8 KB and large ~4 MB),
+times bioscanfs's libarchive path (a one-member archive from the member's own local
+header) against the standard library's decompressor on the same bytes. bioscanfs uses
+the faster one per method.
+
+    python scripts/bench_methods.py [--repeat N]
+"""
+from __future__ import annotations
+
+import argparse
+import bz2
+import io
+import lzma
+import os
+import sys
+import time
+import zipfile
+from pathlib import Path
+from typing import Callable, Optional
+
+_HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(_HERE.parent))
+
+from bioscanfs.reader import _libarchive_decode  # noqa: E402
+from bioscanfs.sources import BytesSource  # noqa: E402
+from bioscanfs.zipdir import read_members  # noqa: E402
+
+
+def _stdlib(method: int) -> Callable[[bytes], bytes]:
+    if method == zipfile.ZIP_BZIP2:
+        return bz2.decompress
+
+    def lzma_zip(data: bytes) -> bytes:
+        # APPNOTE 5.8.8: 2-byte version, 2-byte properties size, then the LZMA1 properties.
+        props_size = int.from_bytes(data[2:4], "little")
+        filters = [lzma._decode_filter_properties(lzma.FILTER_LZMA1, data[4:4 + props_size])]
+        return lzma.LZMADecompressor(lzma.FORMAT_RAW, filters=filters).decompress(data[4 + props_size:])
+    return lzma_zip
+
+
+def main(argv: Optional[list] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=200)
+    args = parser.parse_args(argv)
+    payloads = {"8 KB": os.urandom(4096) + b"jpeg-like tail " * 270, "4 MB": b"processid,split,chunk\n" * 190_000}
+    print(f"{'method':<7} {'member':<6} {'stdlib ms':>10} {'libarchive ms':>14} {'libarchive/stdlib':>18}")
+    for method in (zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA):
+        for label, payload in payloads.items():
+            buf = io.BytesIO()
+            with zipfile.ZipFile(buf, "w", compression=method) as zf:
+                zf.writestr("m", payload)
+            src = BytesSource(buf.getvalue())
+            member = read_members(src).table[0]
+            at = int(member["header_offset"])
+            name_len, extra_len = int.from_bytes(src.data[at + 26:at + 28], "little"), int.from_bytes(src.data[at + 28:at + 30], "little")
+            header, data = src.data[at:at + 30 + name_len + extra_len], src.data[at + 30 + name_len + extra_len:][:int(member["compressed_size"])]
+            repeat = args.repeat if label == "8 KB" else max(3, args.repeat // 50)
+            timings = {}
+            for name, decode in (("stdlib", _stdlib(method)),
+                                 ("libarchive", lambda d: _libarchive_decode(src, member, "m", header, d, None))):
+                assert decode(data) == payload, name
+                started = time.perf_counter()
+                for _ in range(repeat):
+                    decode(data)
+                timings[name] = (time.perf_counter() - started) / repeat * 1000
+            print(f"{zipfile.compressor_names[method]:<7} {label:<6} {timings['stdlib']:>10.3f} "
+                  f"{timings['libarchive']:>14.3f} {timings['libarchive'] / timings['stdlib']:>17.2f}x")
+    print("command: python scripts/bench_methods.py " + " ".join(sys.argv[1:]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
