@@ -123,6 +123,13 @@ def mount(sources, mountpoint, foreground, options, cache_size, log_file, verbos
     if _is_mounted(mountpoint):
         raise click.ClickException(f"{mountpoint}: already a mount point (bioscanfs umount {mountpoint})")
     _setup_logging(verbose, None)
+    if not foreground:
+        log_file = log_file or os.path.join(index_dir or default_index_dir(), "bioscanfs.log")
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
+            open(log_file, "ab").close()
+        except OSError as err:
+            raise click.ClickException(f"{log_file}: cannot write the log ({err.strerror}); choose one with --log FILE")
     password = _read_password(password_file)
     collection = _open(sources, index_dir, _size(cache_size), skip_bad, allow_incomplete, password)
     if password is None and foreground and sys.stdin.isatty() and collection.encrypted_members():
@@ -142,8 +149,6 @@ def mount(sources, mountpoint, foreground, options, cache_size, log_file, verbos
         serve(collection, mountpoint, fuse_options,
               on_ready=lambda: log.info("mounted %d files at %s", len(collection.tree.files), mountpoint))
         return
-    log_file = log_file or os.path.join(collection.index_dir or default_index_dir(), "bioscanfs.log")
-    os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
     _daemonize(lambda ready: serve(collection, mountpoint, fuse_options, on_ready=ready),
                verbose, log_file)
     click.echo(f"mounted {len(collection.tree.files)} files from {len(collection.sources)} archives at {mountpoint}")
@@ -245,6 +250,8 @@ def index(sources, index_dir, skip_bad, allow_incomplete) -> None:
         tree, kept = load_tree(open_sources([(s.paths, s.spanned) for s in specs]),
                                index_dir or default_index_dir(), on_archive=lambda name: bar.update(1, name),
                                skip_bad=skip_bad)
+    if not tree.persisted:
+        raise click.ClickException(f"cannot write the index to {index_dir or default_index_dir()}; see the warning above")
     click.echo(f"indexed {len(tree.files)} files in {len(tree.dir_paths)} folders from {len(kept)} archives "
                f"in {time.monotonic() - started:.1f} s -> {index_dir or default_index_dir()}")
 

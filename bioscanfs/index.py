@@ -55,8 +55,9 @@ class Conflict(NamedTuple):
 class Tree:
     """Lookups and listings over the merged arrays; no Python object per member."""
 
-    def __init__(self, arrays: Dict[str, Any], archives: List[str]) -> None:
+    def __init__(self, arrays: Dict[str, Any], archives: List[str], persisted: bool = False) -> None:
         self.archives = archives
+        self.persisted = persisted  #: mapped from the index folder (else held in memory)
         self.files: np.ndarray = arrays["files"]
         self.basenames: np.ndarray = arrays["basenames"]
         self.dir_lo: np.ndarray = arrays["dir_lo"]
@@ -125,16 +126,46 @@ def load_tree(sources: Sequence[FileSource], index_dir: Optional[str],
               skip_bad: bool = False) -> Tuple[Tree, List[FileSource]]:
     """Map the persisted tree of these archives, building what is missing or stale.
 
-    Returns the tree and the sources it covers (a bad archive is dropped when
-    ``skip_bad``, else its ArchiveError propagates). ``index_dir=None`` keeps all in memory.
+    Returns the tree and the sources it covers (a bad archive is dropped and closed when
+    ``skip_bad``, else its ArchiveError propagates). ``index_dir=None`` keeps all in
+    memory, as does an index folder that cannot be written (``Tree.persisted`` says which).
     """
     keys = [[INDEX_VERSION, src.identity] for src in sources]
     tree_key = ["tree", INDEX_VERSION, keys, skip_bad]
-    if index_dir:
-        cached = store.load(_cache_path(index_dir, tree_key, ".tree"), tree_key)
-        if cached is not None:
-            kept = set(cached["__extra__"]["kept"])
-            return Tree(cached, [s.name for s in sources if s.name in kept]), [s for s in sources if s.name in kept]
+    path = _cache_path(index_dir, tree_key, ".tree") if index_dir else None
+    cached = store.load(path, tree_key) if path else None
+    if cached is not None:
+        try:
+            kept = [s for s in sources if s.name in set(cached["__extra__"]["kept"])]
+            tree = Tree(cached, [s.name for s in kept], persisted=True)
+        except (KeyError, ValueError, IndexError, TypeError):
+            log.warning("index %s is inconsistent; rebuilding it", path)
+        else:
+            for src in sources:
+                if src not in kept:
+                    src.close()
+            return tree, kept
+    members, kept = _parse_all(sources, keys, index_dir, on_archive, skip_bad)
+    arrays, extra = build_tree(members, [s.name for s in kept])
+    extra["kept"] = [s.name for s in kept]
+    del members
+    if path:
+        try:
+            store.save(path, tree_key, arrays, extra)
+        except OSError as err:
+            log.warning("cannot write the index to %s (%s); keeping it in memory", index_dir, err.strerror or err)
+        else:
+            mapped = store.load(path, tree_key)
+            if mapped is not None:
+                return Tree(mapped, extra["kept"], persisted=True), kept
+    arrays["__extra__"] = extra
+    return Tree(arrays, extra["kept"]), kept
+
+
+def _parse_all(sources: Sequence[FileSource], keys: List[Any], index_dir: Optional[str],
+               on_archive: Optional[Callable[[str], None]], skip_bad: bool
+               ) -> Tuple[List[zipdir.Members], List[FileSource]]:
+    """Every archive's member table; numpy releases the GIL, so archives parse in parallel."""
     def parse(job: Tuple[FileSource, Any]) -> Union[zipdir.Members, ArchiveError]:
         try:
             return _archive_members(job[0], job[1], index_dir)
@@ -145,8 +176,7 @@ def load_tree(sources: Sequence[FileSource], index_dir: Optional[str],
                 on_archive(job[0].name)
 
     members: List[zipdir.Members] = []
-    kept_sources: List[FileSource] = []
-    # numpy releases the GIL in the bulk steps, so archives parse in parallel.
+    kept: List[FileSource] = []
     with ThreadPoolExecutor(max_workers=min(len(sources), os.cpu_count() or 1) or 1) as pool:
         for src, result in zip(sources, pool.map(parse, zip(sources, keys))):
             if isinstance(result, ArchiveError):
@@ -156,21 +186,8 @@ def load_tree(sources: Sequence[FileSource], index_dir: Optional[str],
                 src.close()
                 continue
             members.append(result)
-            kept_sources.append(src)
-    arrays, extra = build_tree(members, [s.name for s in kept_sources])
-    extra["kept"] = [s.name for s in kept_sources]
-    if index_dir:
-        path = _cache_path(index_dir, tree_key, ".tree")
-        try:
-            store.save(path, tree_key, arrays, extra)
-        except OSError as err:
-            log.warning("cannot write the index to %s (%s); keeping it in memory", index_dir, err.strerror or err)
-        else:
-            mapped = store.load(path, tree_key)
-            if mapped is not None:
-                return Tree(mapped, extra["kept"]), kept_sources
-    arrays["__extra__"] = extra
-    return Tree(arrays, extra["kept"]), kept_sources
+            kept.append(src)
+    return members, kept
 
 
 def _archive_members(src: FileSource, key: Any, index_dir: Optional[str]) -> zipdir.Members:

@@ -7,13 +7,15 @@ Contract of ``Reader.read(member, label, size, offset)``: returns exactly
 ``min(size, member size - offset)`` bytes (empty at or past the end), or raises
 MemberError. It never returns a byte past the declared size, and never a byte of a
 member whose CRC-32 was found wrong: every member decoded whole is checked before any
-of it is returned, and a stored member read whole in one call is checked too. Large
-deflated members are streamed; their CRC is checked when a reader reaches the end in
-order, and a corrupt stream fails as soon as zlib sees it.
+of it is returned. Members over 32 MiB (the metadata CSV) are streamed: their CRC is
+checked when a reader reaches the end in order (that last read fails), and a corrupt
+deflate stream fails as soon as zlib sees it.
 
 How a member is read (``Reader.read``):
 
-- stored: ``os.pread`` of the asked range; a whole small member with its header in one call;
+- stored: a whole member up to 1 MiB read in one ``os.pread`` with its header; any part of
+  a stored member under 32 MiB comes from the member read whole once (CRC checked) into the
+  LRU; larger stored members are served by ranges, CRC checked when read in order to the end;
 - deflate, Deflate64, bzip2, and through libarchive lzma, xz, zstd, PPMd and encrypted
   members (ZipCrypto, WinZip AES): decoded whole, once, into a byte-bounded LRU;
 - deflate over 32 MiB: streamed (``DeflateStream``). Other methods over 32 MiB are not
@@ -65,6 +67,8 @@ class Reader:
         self._decoded: cachetools.LRUCache = cachetools.LRUCache(maxsize=max(cache_bytes, 1), getsizeof=len)
         self._headers: cachetools.LRUCache = cachetools.LRUCache(maxsize=1 << 16)
         self._streams: cachetools.LRUCache = cachetools.LRUCache(maxsize=8)
+        #: large stored members read in order: (next offset, CRC so far)
+        self._stored_crcs: cachetools.LRUCache = cachetools.LRUCache(maxsize=64)
 
     def read(self, member: np.void, label: str, size: int, offset: int) -> bytes:
         total = int(member["size"])
@@ -77,7 +81,8 @@ class Reader:
         if method == STORED and plain:
             if offset == 0 and size == total and total <= WHOLE_READ_MAX:
                 return self._read_whole_stored(src, member, label)
-            return self._read_range(src, member, label, size, offset)
+            if total >= STREAM_MIN:
+                return self._read_range(src, member, label, size, offset)
         if total < STREAM_MIN:
             return self._decoded_whole(src, member, label)[offset:offset + size]
         if method == DEFLATED and plain:
@@ -127,10 +132,21 @@ class Reader:
         return data
 
     def _read_range(self, src: Source, member: np.void, label: str, size: int, offset: int) -> bytes:
+        """A range of a large stored member. Its CRC is followed while it is read in order
+        (the kernel's usual pattern) and checked at the end: the last read then fails."""
         header = self._header(src, member, label)
         data = src.pread(size, header.data_offset + offset)
         if len(data) != size:
             raise MemberError(src.name, label, "member data is cut short (archive truncated?)")
+        key = self._key(member)
+        with self._lock:
+            next_offset, crc = self._stored_crcs.get(key, (0, 0))
+            in_order = offset == next_offset
+            if in_order:
+                crc = inflate_impl.crc32(data, crc)
+                self._stored_crcs[key] = (offset + size, crc)
+        if in_order and offset + size == int(member["size"]):
+            check_crc(src, member, label, b"", crc)
         return data
 
     def _decoded_whole(self, src: Source, member: np.void, label: str) -> bytes:
@@ -165,8 +181,9 @@ def _unchecked_aes(member: np.void) -> bool:
     return int(member["method"]) == AES_METHOD and int(member["crc32"]) == 0
 
 
-def check_crc(src: Source, member: np.void, label: str, data: bytes) -> None:
-    if inflate_impl.crc32(data) != int(member["crc32"]) and not _unchecked_aes(member):
+def check_crc(src: Source, member: np.void, label: str, data: bytes, crc: int = 0) -> None:
+    """Raise unless the CRC of ``data`` (continuing from ``crc``) is the member's."""
+    if inflate_impl.crc32(data, crc) != int(member["crc32"]) and not _unchecked_aes(member):
         raise MemberError(src.name, label, "CRC-32 mismatch: the archive is corrupt")
 
 
@@ -179,8 +196,10 @@ def decode_whole(src: Source, member: np.void, label: str, header: bytes, data: 
     member, goes through libarchive, fed the member's own local header and data.
     """
     method = int(member["method"])
-    if int(member["flags"]) & FLAG_ENCRYPTED or method not in (DEFLATED, DEFLATE64, BZIP2):
+    if int(member["flags"]) & FLAG_ENCRYPTED or method not in (STORED, DEFLATED, DEFLATE64, BZIP2):
         out = _libarchive_decode(src, member, label, header, data, password)
+    elif method == STORED:
+        out = data
     elif method == DEFLATED:
         out = _inflate(src, member, label, data)
     else:

@@ -1,9 +1,9 @@
 """Persisting named numpy arrays to one file and mapping them back without copying.
 
 Owns the on-disk container of the index; knows nothing of what the arrays mean.
-A file is only used when its magic, header and key match and every array lies inside
-it; anything else (truncated, foreign, older version, another archive) reads as absent,
-so the caller rebuilds. Files are written to a temporary name and renamed, so two
+A file is only used when its magic, header and key match, every array lies inside it and
+the CRC-32 of all array bytes is the one saved; anything else (truncated, flipped bits,
+foreign, older version, another archive) reads as absent, so the caller rebuilds. Files are written to a temporary name and renamed, so two
 mounts that build the same index at once never see half a file.
 """
 from __future__ import annotations
@@ -15,10 +15,12 @@ import tempfile
 from typing import Any, Dict, Optional
 
 import numpy as np
+from zlib_ng.zlib_ng import crc32
 
-MAGIC = b"BSFSIDX\x02"
+MAGIC = b"BSFSIDX\x03"
 _ALIGN = 64
 _MAX_HEADER = 1 << 24
+_CHECK_BLOCK = 8 << 20
 
 
 def _dtype_to_json(dtype: np.dtype) -> Any:
@@ -41,7 +43,10 @@ def save(path: str, key: Any, arrays: Dict[str, np.ndarray], extra: Any = None) 
         offset = -(-offset // _ALIGN) * _ALIGN
         layout[name] = [_dtype_to_json(array.dtype), list(array.shape), offset]
         offset += array.nbytes
-    header = json.dumps({"key": key, "arrays": layout, "extra": extra}).encode()
+    checksum = 0
+    for array in arrays.values():
+        checksum = crc32(memoryview(array).cast("B"), checksum)
+    header = json.dumps({"key": key, "arrays": layout, "extra": extra, "crc32": checksum}).encode()
     base = -(-(len(MAGIC) + 8 + len(header)) // _ALIGN) * _ALIGN
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
@@ -60,20 +65,33 @@ def save(path: str, key: Any, arrays: Dict[str, np.ndarray], extra: Any = None) 
         raise
 
 
+def _file_crc(fd: int, start: int, length: int, checksum: int) -> int:
+    """CRC-32 of a file range read with pread: the pages go through the page cache, not
+    through this process's mapping, so checking does not count in the daemon's RSS."""
+    end = start + length
+    while start < end:
+        block = os.pread(fd, min(_CHECK_BLOCK, end - start), start)
+        if not block:
+            break
+        checksum = crc32(block, checksum)
+        start += len(block)
+    return checksum
+
+
 def load(path: str, key: Any) -> Optional[Dict[str, Any]]:
     """Map a saved file; None unless it is whole and was saved under exactly ``key``.
 
     Returns the arrays (read-only views of the mapping) and ``"__extra__"``.
     """
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size < len(MAGIC) + 8:
-                return None
-            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    except (OSError, ValueError):
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
         return None
     try:
+        size = os.fstat(fd).st_size
+        if size < len(MAGIC) + 8:
+            return None
+        mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
         if mapped[:len(MAGIC)] != MAGIC:
             return None
         header_len = int.from_bytes(mapped[len(MAGIC):len(MAGIC) + 8], "little")
@@ -84,13 +102,17 @@ def load(path: str, key: Any) -> Optional[Dict[str, Any]]:
             return None
         base = -(-(len(MAGIC) + 8 + header_len) // _ALIGN) * _ALIGN
         out: Dict[str, Any] = {"__extra__": header.get("extra")}
+        checksum = 0
         for name, (spec, shape, offset) in header["arrays"].items():
             dtype = _dtype_from_json(spec)
             count = int(np.prod(shape)) if shape else 1
             start = base + int(offset)
             if offset < 0 or start + count * dtype.itemsize > size:
                 return None
+            checksum = _file_crc(fd, start, count * dtype.itemsize, checksum)
             out[name] = np.frombuffer(mapped, dtype=dtype, count=count, offset=start).reshape(shape)
-        return out
-    except (ValueError, TypeError, KeyError, json.JSONDecodeError, UnicodeDecodeError):
+        return out if checksum == header.get("crc32") else None
+    except (OSError, ValueError, TypeError, KeyError, json.JSONDecodeError, UnicodeDecodeError):
         return None
+    finally:
+        os.close(fd)

@@ -19,7 +19,7 @@ from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 
 from .errors import ArchiveError, MemberError
-from .names import clean_name
+from .names import NAME_MAX, clean_name
 
 # 4.3.16 End of central directory record
 EOCD = struct.Struct("<4sHHHHIIH")
@@ -352,7 +352,8 @@ def _clean_names(archive: str, raw: np.ndarray, ends: np.ndarray, flags: np.ndar
     """Keep plain names as they are and send the rest through names.clean_name.
 
     A name is plain when it is printable ASCII without a backslash, does not start with
-    '/' or '.', and has no '/' followed by '/' or '.'. Everything else is rare.
+    '/' or '.', has no '/' followed by '/' or '.', and is at most NAME_MAX bytes long.
+    Everything else is rare.
     """
     n = len(ends)
     ends = ends.astype(np.int64)
@@ -366,6 +367,7 @@ def _clean_names(archive: str, raw: np.ndarray, ends: np.ndarray, flags: np.ndar
     first = raw[np.minimum(begins, max(len(raw) - 1, 0))] if len(raw) else np.zeros(n, np.uint8)
     last = raw[np.maximum(ends - 1, 0)] if len(raw) else np.zeros(n, np.uint8)
     suspect |= ~nonempty | (first == ord("/")) | (first == ord(".")) | (last == ord("/"))
+    suspect |= (ends - begins) > NAME_MAX  # a component may be too long
     is_dir = np.zeros(n, dtype=bool)
     if not suspect.any():
         return raw, ends.astype(np.uint64), np.ones(n, dtype=bool), is_dir, []

@@ -1,0 +1,441 @@
+"""Shared test machinery: generated archive sets, the one mount helper, zipfile references.
+
+Every expected value comes from CPython's zipfile (an independent reader); every
+archive comes from the generators in scripts/ or from zipfile itself, and corrupt
+cases edit bytes of such an archive. Mounts are real FUSE mounts of the CLI.
+"""
+from __future__ import annotations
+
+import calendar
+import contextlib
+import importlib.util
+import os
+import re
+import shutil
+import stat
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Pattern, Sequence, Set
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+#: Liveness bounds only (a hung mount must not hang the suite); never speed checks.
+MOUNT_TIMEOUT = 60.0
+EXIT_TIMEOUT = 10.0
+
+#: Log lines that fail a mount test unless the test declared them with Mount.expect_log.
+_PROBLEM_LINE = re.compile(r"\b(WARNING|ERROR|CRITICAL)\b|^warning:|^Error|\w+Warning:|Exception")
+_LOCAL_HEADER = struct.Struct("<4s22xHH")  # APPNOTE 4.3.7: signature ... name and extra lengths
+
+# Hypothesis caches in ./.hypothesis unless told otherwise: keep the repository clean.
+os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tempfile.gettempdir(), "bioscanfs-tests-hypothesis"))
+
+
+# -- scripts/ generators -----------------------------------------------------------------
+def load_script(name: str) -> ModuleType:
+    """Import scripts/NAME.py by path: the fixture writers are scripts, not a package."""
+    spec = importlib.util.spec_from_file_location(f"bioscan_scripts_{name}", REPO / "scripts" / f"{name}.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def make_fake() -> ModuleType:
+    """scripts/make_fake_bioscan.py, the writer of small realistic package sets."""
+    return load_script("make_fake_bioscan")
+
+
+@pytest.fixture(scope="session")
+def bench_scale() -> ModuleType:
+    """scripts/bench_scale.py, the fast bulk (ZIP64) stored-zip writer."""
+    return load_script("bench_scale")
+
+
+@pytest.fixture(scope="session")
+def fake_set(tmp_path_factory: pytest.TempPathFactory, make_fake: ModuleType) -> Path:
+    """A folder of every package form (all four imgtypes + metadata), 40% deflated members.
+
+    Shared by the whole session: tests must copy archives before editing them.
+    """
+    out = tmp_path_factory.mktemp("fake_set")
+    make_fake.make_set(out, images=300, deflate_fraction=0.4, seed=0)
+    return out
+
+
+# -- zipfile as the reference --------------------------------------------------------------
+@dataclass(frozen=True)
+class Member:
+    """One member as zipfile sees it."""
+
+    archive: Path
+    info: zipfile.ZipInfo
+
+    @property
+    def mtime(self) -> int:
+        """The entry's DOS date and time read as UTC, as the mount must report it."""
+        return calendar.timegm(self.info.date_time + (0, 0, 0))
+
+    @property
+    def deflated(self) -> bool:
+        return self.info.compress_type == zipfile.ZIP_DEFLATED
+
+    def read(self) -> bytes:
+        with zipfile.ZipFile(self.archive) as zf:
+            return zf.read(self.info)
+
+
+def zip_paths(folder: Path) -> List[Path]:
+    """The .zip files of a folder in name order (the order bioscanfs gives precedence)."""
+    return sorted(p for p in folder.iterdir() if p.suffix == ".zip" and p.is_file())
+
+
+def zip_members(folder: Path) -> Dict[str, Member]:
+    """Every file member of every zip in ``folder``, by path; the first archive wins."""
+    members: Dict[str, Member] = {}
+    for archive in zip_paths(folder):
+        with zipfile.ZipFile(archive) as zf:
+            for info in zf.infolist():
+                if not info.is_dir():
+                    members.setdefault(info.filename, Member(archive, info))
+    return members
+
+
+def zip_contents(members: Dict[str, Member]) -> Dict[str, bytes]:
+    """The bytes of every member, opening each archive once."""
+    out: Dict[str, bytes] = {}
+    by_archive: Dict[Path, List[str]] = {}
+    for path, member in members.items():
+        by_archive.setdefault(member.archive, []).append(path)
+    for archive, paths in by_archive.items():
+        with zipfile.ZipFile(archive) as zf:
+            for path in paths:
+                out[path] = zf.read(members[path].info)
+    return out
+
+
+def expected_tree(paths: Iterable[str]) -> Dict[str, Set[str]]:
+    """Directory -> the names it holds, derived from member paths (no directory entries)."""
+    tree: Dict[str, Set[str]] = {"": set()}
+    for path in paths:
+        parts = path.split("/")
+        for depth in range(1, len(parts) + 1):
+            parent = "/".join(parts[:depth - 1])
+            tree.setdefault(parent, set()).add(parts[depth - 1])
+            if depth < len(parts):
+                tree.setdefault("/".join(parts[:depth]), set())
+    return tree
+
+
+def walk_mount(root: Path) -> Dict[str, Set[str]]:
+    """Directory -> names, as the kernel lists them (os.listdir, os.lstat)."""
+    tree: Dict[str, Set[str]] = {}
+    pending = [""]
+    while pending:
+        rel = pending.pop()
+        names = set(os.listdir(root / rel if rel else root))
+        tree[rel] = names
+        for name in names:
+            child = f"{rel}/{name}" if rel else name
+            if stat.S_ISDIR(os.lstat(root / child).st_mode):
+                pending.append(child)
+    return tree
+
+
+def data_offset(archive: Path, info: zipfile.ZipInfo) -> int:
+    """Where a member's data starts: after its local header, name and local extra field."""
+    with open(archive, "rb") as f:
+        f.seek(info.header_offset)
+        signature, name_len, extra_len = _LOCAL_HEADER.unpack(f.read(_LOCAL_HEADER.size))
+    assert signature == b"PK\x03\x04", f"{archive}: no local header at {info.header_offset}"
+    return info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+
+
+def flip_byte(path: Path, offset: int, mask: int = 0xFF) -> None:
+    """Corrupt one byte of a file in place."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ mask]))
+
+
+def replace_name_bytes(archive: Path, old: bytes, new: bytes) -> None:
+    """Rewrite a member name in place in its local and central headers (same length).
+
+    zipfile cannot write some names (CP437 bytes, invalid UTF-8 with the UTF-8 flag,
+    NUL): write a placeholder, then edit the archive's bytes.
+    """
+    assert len(old) == len(new)
+    data = archive.read_bytes()
+    assert data.count(old) == 2, f"{old!r} must occur once per header, found {data.count(old)}"
+    archive.write_bytes(data.replace(old, new))
+
+
+def copy_archives(src: Path, dst: Path, names: Optional[Sequence[str]] = None) -> Path:
+    """Copy some (default: all) zips of ``src`` into a new folder ``dst``, which it returns."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for path in zip_paths(src):
+        if names is None or path.name in names:
+            shutil.copy2(path, dst / path.name)
+    return dst
+
+
+# -- the CLI and the mount table -----------------------------------------------------------
+def run_cli(*args: object, timeout: float = MOUNT_TIMEOUT) -> subprocess.CompletedProcess:
+    """Run ``python -m bioscanfs ARGS`` and capture its output."""
+    return subprocess.run([PYTHON, "-m", "bioscanfs", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def _unescape(field_text: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field_text)
+
+
+def mount_table() -> str:
+    with open("/proc/self/mounts") as f:
+        return f.read()
+
+
+def is_mounted(point: Path) -> bool:
+    """True for live and dead (ENOTCONN) mounts alike, unlike os.path.ismount."""
+    target = str(point)
+    return any(len(fields) > 1 and _unescape(fields[1]) == target
+               for fields in (line.split() for line in mount_table().splitlines()))
+
+
+def force_unmount(point: Path) -> None:
+    """Last-resort cleanup: whatever state the mount is in, it is gone afterwards."""
+    for command in (["fusermount3", "-u", str(point)], ["fusermount", "-u", str(point)],
+                    ["umount", "-l", str(point)]):
+        if not is_mounted(point):
+            return
+        subprocess.run(command, capture_output=True)
+
+
+def _alive(pid: int) -> bool:
+    """Running (not a zombie waiting for a reaper)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def server_pids(point: Path) -> List[int]:
+    """Live processes whose command line is a bioscanfs mount at ``point``."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"bioscanfs" in argv and b"mount" in argv and str(point).encode() in argv and _alive(int(entry)):
+            pids.append(int(entry))
+    return pids
+
+
+def assert_one_error_line(done: subprocess.CompletedProcess, mentions: str) -> None:
+    """A user error: non-zero exit, no traceback, one 'Error:' line that names the problem.
+
+    click's usage lines ('Usage: ...', 'Try ...') around a usage error are not counted.
+    """
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output
+    assert "Traceback" not in output, output
+    lines = [line for line in done.stderr.splitlines()
+             if line.strip() and not line.startswith(("Usage:", "Try '"))]
+    assert len(lines) == 1, output
+    assert lines[0].startswith("Error:") and mentions in lines[0], output
+
+
+# -- the one mount helper -------------------------------------------------------------------
+@dataclass
+class Mount:
+    """A live bioscanfs mount and what its teardown checks."""
+
+    point: Path
+    log: Path
+    index_dir: Path
+    proc: Optional[subprocess.Popen]   #: the foreground server; None in daemon mode
+    pid: int
+    expected_exit: int = 0             #: the foreground server's exit code at teardown
+    allowed: List[Pattern[str]] = field(default_factory=list)
+
+    def expect_log(self, pattern: str) -> None:
+        """Declare log lines this test provokes on purpose (a regex searched in each line)."""
+        self.allowed.append(re.compile(pattern))
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def unexpected_log_lines(self) -> List[str]:
+        return [line for line in self.log_text().splitlines()
+                if "Traceback" in line
+                or (_PROBLEM_LINE.search(line) and not any(p.search(line) for p in self.allowed))]
+
+    def path(self, member: str) -> Path:
+        return self.point / member
+
+
+def _start(sources: Sequence[Path], workdir: Path, args: Sequence[str], index_dir: Optional[Path],
+           daemon: bool) -> Mount:
+    point = workdir / "mnt"
+    point.mkdir(parents=True)
+    index_dir = index_dir or workdir / "index"
+    command = [PYTHON, "-m", "bioscanfs", "mount", *map(str, sources), str(point),
+               "--index-dir", str(index_dir), *args]
+    if daemon:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=MOUNT_TIMEOUT,
+                              stdin=subprocess.DEVNULL)
+        mount = Mount(point, index_dir / "bioscanfs.log", index_dir, None, 0)
+        # The contract: the command returns 0 only once the tree is there.
+        if done.returncode != 0 or not is_mounted(point):
+            _cleanup(mount)
+            pytest.fail(f"daemon mount returned {done.returncode}, mounted={is_mounted(point)}\n"
+                        f"stdout: {done.stdout}\nstderr: {done.stderr}\nlog: {mount.log_text()}")
+        pids = server_pids(point)
+        if len(pids) != 1:
+            _cleanup(mount)
+            pytest.fail(f"expected one server process for {point}, found {pids}")
+        mount.pid = pids[0]
+        return mount
+    log = workdir / "mount.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(command + ["-f"], stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+    mount = Mount(point, log, index_dir, proc, proc.pid)
+    deadline = time.monotonic() + MOUNT_TIMEOUT
+    while not is_mounted(point):
+        if proc.poll() is not None:
+            _cleanup(mount)
+            pytest.fail(f"mount exited with {proc.returncode} before mounting:\n{mount.log_text()}")
+        if time.monotonic() > deadline:
+            _cleanup(mount)
+            pytest.fail(f"{point} not mounted after {MOUNT_TIMEOUT} s\n--- log:\n{mount.log_text()}"
+                        f"\n--- mount table:\n{mount_table()}")
+        time.sleep(0.02)
+    return mount
+
+
+def _cleanup(mount: Mount) -> None:
+    """Unmount and stop the server whatever happened; checks nothing."""
+    force_unmount(mount.point)
+    if mount.proc is not None and mount.proc.poll() is None:
+        mount.proc.kill()
+        mount.proc.wait()
+    elif mount.proc is None and mount.pid and _alive(mount.pid):
+        os.kill(mount.pid, 9)
+
+
+def _wait_gone(pid: int) -> bool:
+    deadline = time.monotonic() + EXIT_TIMEOUT
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def _stop(mount: Mount) -> List[str]:
+    """Unmount through the CLI; the problems found (bad exit, leftover mount, bad log lines)."""
+    problems: List[str] = []
+    try:
+        if is_mounted(mount.point):
+            done = run_cli("umount", mount.point)
+            if done.returncode != 0 or is_mounted(mount.point):
+                problems.append(f"bioscanfs umount returned {done.returncode}: {done.stderr.strip()}")
+        if mount.proc is not None:
+            try:
+                code = mount.proc.wait(timeout=EXIT_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                problems.append(f"server did not exit within {EXIT_TIMEOUT} s of the unmount")
+            else:
+                if code != mount.expected_exit:
+                    problems.append(f"server exited with {code}, expected {mount.expected_exit}")
+        elif not _wait_gone(mount.pid):
+            problems.append(f"daemon {mount.pid} did not exit within {EXIT_TIMEOUT} s of the unmount")
+    finally:
+        _cleanup(mount)
+    problems += [f"unexpected log line: {line}" for line in mount.unexpected_log_lines()]
+    return problems
+
+
+@contextlib.contextmanager
+def mounted(sources: Sequence[Path], workdir: Path, args: Sequence[str] = (),
+            index_dir: Optional[Path] = None, daemon: bool = False) -> Iterator[Mount]:
+    """Mount ``sources`` with the CLI, yield the live mount, then unmount and check.
+
+    Foreground by default (the server's output goes to a log file); ``daemon=True``
+    uses the CLI's own background mode. On leaving, ``bioscanfs umount`` must succeed,
+    the server must exit cleanly and the log must hold no traceback and no warning or
+    error the test did not declare with ``Mount.expect_log``. The mount is removed even
+    when the test fails.
+    """
+    mount = _start(sources, workdir, args, index_dir, daemon)
+    try:
+        yield mount
+    except BaseException:
+        _cleanup(mount)
+        raise
+    problems = _stop(mount)
+    if problems:
+        pytest.fail("\n".join(problems) + f"\n--- log:\n{mount.log_text()}")
+
+
+MountFactory = Callable[..., Mount]
+
+
+@pytest.fixture
+def mount(tmp_path: Path) -> Iterator[MountFactory]:
+    """``mount(*sources, args=(...), index_dir=None, daemon=False)`` -> a live Mount.
+
+    Every mount started through it is unmounted and checked when the test ends.
+    """
+    with contextlib.ExitStack() as stack:
+        count = iter(range(1000))
+
+        def start(*sources: Path, args: Sequence[str] = (), index_dir: Optional[Path] = None,
+                  daemon: bool = False) -> Mount:
+            workdir = tmp_path / f"mount{next(count)}"
+            return stack.enter_context(mounted(sources, workdir, args, index_dir, daemon))
+
+        yield start
+
+
+@pytest.fixture(scope="module")
+def fake_mount(tmp_path_factory: pytest.TempPathFactory, fake_set: Path) -> Iterator[Mount]:
+    """The shared fake set, mounted once per module for the read-only checks."""
+    with mounted([fake_set], tmp_path_factory.mktemp("fake_mount")) as live:
+        yield live
+
+
+@pytest.fixture(scope="session")
+def fake_members(fake_set: Path) -> Dict[str, Member]:
+    """zipfile's view of the shared fake set."""
+    return zip_members(fake_set)
+
+
+@pytest.fixture
+def mountpoint(tmp_path: Path) -> Iterator[Path]:
+    """An empty folder for CLI runs expected to fail; fails the test if left mounted."""
+    point = tmp_path / "mnt"
+    point.mkdir()
+    yield point
+    if is_mounted(point):
+        run_cli("umount", point)
+        force_unmount(point)
+        pytest.fail(f"{point} was left mounted")

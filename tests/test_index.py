@@ -1,0 +1,378 @@
+"""The persisted index: round trip, staleness, corrupt index files, scale, lookups, the index command.
+
+Trees come from ``bioscanfs.index.load_tree`` (and ``Collection``) and are compared
+with a fresh in-memory parse and with zipfile; scale and lookups are also checked
+through a real mount.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import zipfile
+from pathlib import Path
+from types import ModuleType
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import pytest
+
+from bioscanfs import ArchiveError, Collection, NotFound
+from bioscanfs.index import Tree, load_tree, open_sources
+from conftest import (
+    Member, Mount, MountFactory, copy_archives, expected_tree, is_mounted, replace_name_bytes, run_cli,
+    walk_mount, zip_members, zip_paths,
+)
+
+SMALL_ZIPS = ["BIOSCAN_5M_cropped_256_eval.zip", "BIOSCAN_5M_cropped_256_train.zip"]
+
+
+def load(zips: Sequence[Path], index_dir: Optional[Path]) -> Tree:
+    """The merged tree of ``zips`` through the public index entry point; files closed after."""
+    sources = open_sources([([str(path)], False) for path in zips])
+    try:
+        tree, _ = load_tree(sources, str(index_dir) if index_dir else None)
+    finally:
+        for src in sources:
+            src.close()
+    return tree
+
+
+def index_files(index_dir: Path) -> Dict[str, Tuple[int, int]]:
+    """Index file name -> (inode, mtime): any rewrite or new file shows up as a change."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in index_dir.iterdir()
+            if p.suffix in (".tree", ".members")}
+
+
+def assert_same_tree(got: Tree, want: Tree) -> None:
+    """Every array and every piece of metadata of two trees is equal."""
+    for name in ("files", "basenames", "dir_lo", "dir_hi", "dir_mtime"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.dtype == b.dtype and np.array_equal(a, b), name
+    assert got.dir_paths == want.dir_paths
+    assert got.subdirs == want.subdirs
+    assert got.archives == want.archives
+    assert (got.conflicts, got.warnings, got.total_bytes) == (want.conflicts, want.warnings, want.total_bytes)
+
+
+def assert_tree_matches_zipfile(tree: Tree, folder: Path) -> None:
+    """Paths, sizes, CRCs, methods, times and archives as zipfile reads them."""
+    members = zip_members(folder)
+    rows = {path.decode(): row for path, row in tree.file_rows()}
+    assert set(rows) == set(members)
+    for path, row in rows.items():
+        entry, member = tree.files[row], members[path]
+        assert tree.archives[int(entry["archive"])] == str(member.archive), path
+        assert int(entry["size"]) == member.info.file_size, path
+        assert int(entry["compressed_size"]) == member.info.compress_size, path
+        assert int(entry["crc32"]) == member.info.CRC, path
+        assert int(entry["method"]) == member.info.compress_type, path
+        assert int(entry["mtime"]) == member.mtime, path
+
+
+@pytest.fixture
+def small_set(fake_set: Path, tmp_path: Path) -> Path:
+    """A private copy of two small generated zips, free to be edited."""
+    return copy_archives(fake_set, tmp_path / "set", SMALL_ZIPS)
+
+
+# -- round trip and staleness -------------------------------------------------------------------
+def test_index_round_trip_equals_fresh_parse(fake_set: Path, tmp_path: Path) -> None:
+    """Built, persisted, then mapped back unchanged: equal to an in-memory parse and to zipfile."""
+    zips, index_dir = zip_paths(fake_set), tmp_path / "index"
+    fresh = load(zips, None)
+    built = load(zips, index_dir)
+    persisted = index_files(index_dir)
+    assert sum(name.endswith(".tree") for name in persisted) == 1
+    assert sum(name.endswith(".members") for name in persisted) == len(zips)
+    reloaded = load(zips, index_dir)
+    assert index_files(index_dir) == persisted, "the second load rebuilt instead of mapping"
+    assert_same_tree(built, fresh)
+    assert_same_tree(reloaded, fresh)
+    assert_tree_matches_zipfile(reloaded, fake_set)
+
+
+def _touch(archive: Path) -> None:
+    st = archive.stat()
+    os.utime(archive, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+
+
+def _replace_same_size(archive: Path) -> None:
+    """A new file with the same size and mtime but a renamed member moved over the archive."""
+    st = archive.stat()
+    copy = archive.with_suffix(".new")
+    shutil.copy2(archive, copy)
+    with zipfile.ZipFile(copy) as zf:
+        old = zf.infolist()[0].filename.encode()
+    replace_name_bytes(copy, old, old[:-5] + b"Q.jpg")
+    os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(copy, archive)
+    assert (archive.stat().st_size, archive.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+
+
+@pytest.mark.parametrize("change", [_touch, _replace_same_size], ids=["touched", "replaced-same-size"])
+def test_stale_index_is_rebuilt(small_set: Path, tmp_path: Path, change: Callable[[Path], None]) -> None:
+    """A changed archive gets a new index that describes its new content."""
+    zips, index_dir = zip_paths(small_set), tmp_path / "index"
+    load(zips, index_dir)
+    before = index_files(index_dir)
+    change(zips[0])
+    tree = load(zips, index_dir)
+    assert set(index_files(index_dir)) - set(before), "no new index was written"
+    assert_same_tree(tree, load(zips, None))
+    assert_tree_matches_zipfile(tree, small_set)
+
+
+def test_truncated_archive_is_not_served_from_its_index(small_set: Path, tmp_path: Path) -> None:
+    """A truncated archive is re-read, and its missing end record is an ArchiveError."""
+    zips, index_dir = zip_paths(small_set), tmp_path / "index"
+    load(zips, index_dir)
+    os.truncate(zips[0], zips[0].stat().st_size // 2)
+    with pytest.raises(ArchiveError) as err:
+        load(zips, index_dir)
+    assert str(zips[0]) in str(err.value)
+
+
+# -- corrupt index files --------------------------------------------------------------------------
+def _array_offset(path: Path, array: str) -> int:
+    """Where a named array's bytes start in an index file (the store's JSON header says)."""
+    data = path.read_bytes()
+    header_len = int.from_bytes(data[8:16], "little")
+    header = json.loads(data[16:16 + header_len])
+    base = -(-(16 + header_len) // 64) * 64
+    return base + int(header["arrays"][array][2])
+
+
+def _flip(path: Path, at: int, mask: int = 0x40) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= mask
+    path.write_bytes(bytes(data))
+
+
+Corruption = Callable[[Path, Path], None]  # (index file, a valid index file of other archives)
+_CORRUPTIONS: Dict[str, Corruption] = {
+    "flip-magic": lambda p, other: _flip(p, 0),
+    "flip-header-length": lambda p, other: _flip(p, 9, 0x01),
+    "flip-header-json": lambda p, other: _flip(p, 40),
+    "truncate-half": lambda p, other: os.truncate(p, p.stat().st_size // 2),
+    "truncate-to-10": lambda p, other: os.truncate(p, 10),
+    "empty": lambda p, other: os.truncate(p, 0),
+    "garbage": lambda p, other: p.write_bytes(np.random.default_rng(1).bytes(p.stat().st_size)),
+    "foreign": lambda p, other: shutil.copyfile(other, p),
+    # A flipped bit in the row data: the size of the first member.
+    "flip-row-data": lambda p, other: _flip(p, _array_offset(p, "files" if p.suffix == ".tree" else "table") + 16),
+    # A flipped bit in the first directory name ('bioscan5m' -> 'bioscan5m' with one letter changed).
+    "flip-dir-names": lambda p, other: _flip(p, _array_offset(p, "dir_names"), 0x01),
+}
+_CASES = [pytest.param(".tree", name, id=f"tree-{name}") for name in _CORRUPTIONS] + \
+         [pytest.param(".members", name, id=f"members-{name}") for name in _CORRUPTIONS if name != "flip-dir-names"]
+
+
+@pytest.mark.parametrize("suffix, corruption", _CASES)
+def test_corrupt_index_file_is_rebuilt(small_set: Path, fake_set: Path, tmp_path: Path,
+                                       suffix: str, corruption: str) -> None:
+    """A damaged index file (tree, or per-archive members with the tree gone) is never trusted."""
+    zips, index_dir = zip_paths(small_set), tmp_path / "index"
+    load(zips, index_dir)
+    other_dir = tmp_path / "other-index"
+    load(zip_paths(fake_set)[:1], other_dir)
+    other = next(p for p in other_dir.iterdir() if p.suffix == suffix)
+    targets = [p for p in index_dir.iterdir() if p.suffix == suffix]
+    if suffix == ".members":
+        for tree_file in index_dir.glob("*.tree"):
+            tree_file.unlink()
+    for target in targets:
+        _CORRUPTIONS[corruption](target, other)
+    tree = load(zips, index_dir)
+    assert_same_tree(tree, load(zips, None))
+    assert_tree_matches_zipfile(tree, small_set)
+    # And the rebuilt index is itself good on the next load.
+    assert_same_tree(load(zips, index_dir), load(zips, None))
+
+
+# -- scale: ZIP64 end records and > 65,535 members ---------------------------------------------
+@pytest.fixture(scope="module")
+def scale_set(tmp_path_factory: pytest.TempPathFactory, bench_scale: ModuleType) -> Path:
+    """~300,000 stored members in the four cropped_256 per-split zips (pretrain halves > 65,535)."""
+    out = tmp_path_factory.mktemp("scale")
+    bench_scale.write_scale_set(out, total=300_000, seed=0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def scale_members(scale_set: Path) -> Dict[str, Member]:
+    return zip_members(scale_set)
+
+
+def test_zip64_scale_set_through_mount(mount: MountFactory, scale_set: Path,
+                                       scale_members: Dict[str, Member]) -> None:
+    """Counts, listings and sampled bytes of a > 65,535-member ZIP64 set, vs zipfile."""
+    biggest = max(zip_paths(scale_set), key=lambda p: p.stat().st_size)
+    with zipfile.ZipFile(biggest) as zf:
+        assert len(zf.infolist()) > 0xFFFF
+    assert b"PK\x06\x06" in biggest.read_bytes()[-200:], "the fixture has no ZIP64 end record"
+    live = mount(scale_set)
+    tree = expected_tree(scale_members)
+    assert os.statvfs(live.point).f_files == len(scale_members) + len(tree)
+    images = "bioscan5m/images/cropped_256"
+    folders = [f"{images}/{split}" for split in ("val", "test", "val_unseen", "test_unseen", "key_unseen")]
+    folders += [images, f"{images}/pretrain", f"{images}/train", f"{images}/other_heldout",
+                f"{images}/pretrain/00", f"{images}/pretrain/7f", f"{images}/pretrain/ff", f"{images}/train/a"]
+    for folder in folders:
+        assert set(os.listdir(live.path(folder))) == tree[folder], folder
+    sample = np.random.default_rng(3).choice(sorted(scale_members), 300, replace=False).tolist()
+    by_archive: Dict[Path, List[str]] = {}
+    for path in sample:
+        by_archive.setdefault(scale_members[path].archive, []).append(path)
+    for archive, paths in by_archive.items():
+        with zipfile.ZipFile(archive) as zf:
+            for path in paths:
+                assert live.path(path).read_bytes() == zf.read(scale_members[path].info), path
+
+
+def test_zip64_scale_set_index_matches_zipfile(scale_set: Path, tmp_path: Path) -> None:
+    """The persisted tree of the scale set equals zipfile's member table, row by row."""
+    load(zip_paths(scale_set), tmp_path / "index")
+    assert_tree_matches_zipfile(load(zip_paths(scale_set), tmp_path / "index"), scale_set)
+
+
+# -- lookups of missing paths ---------------------------------------------------------------
+def _missing_paths(members: Dict[str, Member]) -> List[str]:
+    """Paths near real ones: a prefix, a suffix, other case, between and after names, long names."""
+    files = sorted(p for p in members if p.endswith(".jpg"))
+    existing, folder = files[0], files[0].rpartition("/")[0]
+    names = sorted(os.path.basename(p) for p in files if p.rpartition("/")[0] == folder)
+    between = names[0][:-4] + "0.jpg"
+    assert between not in names
+    return ["nope", "bioscan5m/nope", "bioscan5m/images/nope/x.jpg", f"{folder}/nope.jpg",
+            existing[:-1], existing + "x", f"{folder}/{names[0][:-4]}.JPG", f"{folder}/{between}",
+            f"{folder}/zzzzzzzz.jpg", f"{folder}/{'A' * 200}.jpg", folder + "0"]
+
+
+def test_missing_paths_are_enoent_through_the_mount(fake_mount: Mount, fake_members: Dict[str, Member]) -> None:
+    """os.stat and open of absent paths give ENOENT (a file used as a folder: ENOTDIR)."""
+    for path in _missing_paths(fake_members):
+        for attempt in (os.stat, open):
+            with pytest.raises(OSError) as err:
+                attempt(fake_mount.path(path))
+            assert err.value.errno == errno.ENOENT, (path, attempt)
+    with pytest.raises(OSError) as err:
+        os.stat(fake_mount.path(next(iter(fake_members)) + "/child"))
+    assert err.value.errno == errno.ENOTDIR
+
+
+def test_missing_paths_are_notfound_from_the_api(fake_set: Path, fake_members: Dict[str, Member],
+                                                 tmp_path: Path) -> None:
+    """The Python API raises NotFound (errno ENOENT) for the same paths, and for a file as a folder."""
+    with Collection(str(fake_set), index_dir=str(tmp_path / "index")) as collection:
+        for path in _missing_paths(fake_members) + [next(iter(fake_members)) + "/child"]:
+            for attempt in (collection.stat, collection.read, collection.listdir):
+                with pytest.raises(NotFound) as err:
+                    attempt(path)
+                assert err.value.errno == errno.ENOENT, (path, attempt)
+
+
+# -- an index folder that cannot be written --------------------------------------------------
+@pytest.fixture
+def blocked_index_dir(tmp_path: Path) -> Path:
+    """An index folder whose parent is a regular file: no user, not even root, can create it."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("in the way\n")
+    return blocker / "index"
+
+
+def test_unwritable_index_dir_falls_back_to_memory_in_the_api(small_set: Path, blocked_index_dir: Path) -> None:
+    """The API keeps the index in memory: same tree as a fresh parse, and bytes still read."""
+    zips = zip_paths(small_set)
+    assert_same_tree(load(zips, blocked_index_dir), load(zips, None))
+    members = zip_members(small_set)
+    with Collection(str(small_set), index_dir=str(blocked_index_dir)) as collection:
+        for path, member in members.items():
+            assert collection.read(path) == member.read(), path
+    assert blocked_index_dir.parent.is_file()
+
+
+def test_unwritable_index_dir_foreground_mount(mount: MountFactory, small_set: Path,
+                                               blocked_index_dir: Path) -> None:
+    """A foreground mount warns once and serves the tree from memory."""
+    live = mount(small_set, index_dir=blocked_index_dir)
+    live.expect_log("cannot write the index")
+    assert "cannot write the index" in live.log_text()
+    members = zip_members(small_set)
+    assert walk_mount(live.point) == expected_tree(members)
+    for path, member in members.items():
+        assert live.path(path).read_bytes() == member.read(), path
+
+
+def test_unwritable_index_dir_daemon_mount(small_set: Path, blocked_index_dir: Path, mountpoint: Path) -> None:
+    """Daemon mode: either a working mount, or one clear error line; never a traceback."""
+    done = run_cli("mount", small_set, mountpoint, "--index-dir", blocked_index_dir)
+    assert "Traceback" not in done.stdout + done.stderr, done.stderr
+    if done.returncode == 0:
+        members = zip_members(small_set)
+        path = next(iter(members))
+        assert (mountpoint / path).read_bytes() == members[path].read()
+        assert run_cli("umount", mountpoint).returncode == 0
+    else:
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not is_mounted(mountpoint)
+
+
+def test_unwritable_index_dir_index_command(small_set: Path, blocked_index_dir: Path) -> None:
+    """`bioscanfs index` says it cannot write the index folder, without a traceback."""
+    done = run_cli("index", small_set, "--index-dir", blocked_index_dir)
+    output = done.stdout + done.stderr
+    assert "Traceback" not in output, output
+    assert "cannot write the index" in output and str(blocked_index_dir) in output, output
+
+
+# -- the index command -------------------------------------------------------------------------
+def test_index_command_then_mount_uses_it(mount: MountFactory, fake_set: Path, tmp_path: Path,
+                                          fake_members: Dict[str, Member]) -> None:
+    """`bioscanfs index` builds what the next mount maps: no index file is rewritten or added."""
+    index_dir = tmp_path / "index"
+    done = run_cli("index", fake_set, "--index-dir", index_dir)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    built = index_files(index_dir)
+    assert sum(name.endswith(".tree") for name in built) == 1
+    live = mount(fake_set, index_dir=index_dir)
+    path = sorted(fake_members)[0]
+    assert live.path(path).read_bytes() == fake_members[path].read()
+    assert index_files(index_dir) == built
+
+
+# -- the same member in several archives ---------------------------------------------------------
+def _all_in_one(per_split: Path, out: Path, changed: Optional[str] = None) -> None:
+    """The all-in-one package rebuilt from the per-split zips (optionally one member altered)."""
+    with zipfile.ZipFile(out, "w") as dst:
+        for archive in zip_paths(per_split):
+            with zipfile.ZipFile(archive) as src:
+                for info in src.infolist():
+                    data = src.read(info)
+                    dst.writestr(info, data + b"altered" if info.filename == changed else data)
+
+
+def test_duplicates_across_packages_are_one_file(fake_set: Path, tmp_path: Path) -> None:
+    """All-in-one next to per-split zips: one file per path, no conflict when bytes agree."""
+    folder = copy_archives(fake_set, tmp_path / "set", SMALL_ZIPS)
+    _all_in_one(folder, tmp_path / "BIOSCAN_5M_cropped_256.zip")
+    shutil.move(str(tmp_path / "BIOSCAN_5M_cropped_256.zip"), folder)
+    tree = load(zip_paths(folder), None)
+    assert tree.conflicts == []
+    assert_tree_matches_zipfile(tree, folder)
+
+
+def test_conflicting_duplicate_first_archive_wins(fake_set: Path, tmp_path: Path) -> None:
+    """Different bytes under one path: the first archive by name serves it, and it is recorded."""
+    folder = copy_archives(fake_set, tmp_path / "set", SMALL_ZIPS)
+    changed = sorted(zip_members(folder))[0]
+    first = folder / "BIOSCAN_5M_cropped_256.zip"  # '.' sorts before '_': listed before the per-split zips
+    _all_in_one(folder, tmp_path / first.name, changed)
+    shutil.move(str(tmp_path / first.name), folder)
+    members = zip_members(folder)
+    assert members[changed].archive == first
+    with Collection(str(folder), index_dir=None) as collection:
+        assert [(c.path, c.archives[0]) for c in collection.tree.conflicts] == [(changed, str(first))]
+        assert collection.read(changed) == members[changed].read()
