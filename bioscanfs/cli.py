@@ -129,7 +129,8 @@ def mount(sources, mountpoint, foreground, options, cache_size, log_file, verbos
             os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
             open(log_file, "ab").close()
         except OSError as err:
-            raise click.ClickException(f"{log_file}: cannot write the log ({err.strerror}); choose one with --log FILE")
+            raise click.ClickException(
+                f"{log_file}: cannot write the log ({err.strerror}); choose one with --log FILE") from None
     password = _read_password(password_file)
     collection = _open(sources, index_dir, _size(cache_size), skip_bad, allow_incomplete, password)
     if password is None and foreground and sys.stdin.isatty() and collection.encrypted_members():

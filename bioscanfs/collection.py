@@ -16,7 +16,7 @@ import numpy as np
 from .discover import ArchiveSpec, find_archives
 from .errors import BioscanError, NotFound
 from .names import link_stays_inside
-from .index import Tree, default_index_dir, load_tree, open_sources
+from .index import default_index_dir, load_tree, open_sources
 from .reader import Reader
 from .zipdir import FLAG_ENCRYPTED
 

@@ -214,7 +214,7 @@ def build_tree(members: Sequence[zipdir.Members], archives: Sequence[str]) -> Tu
     warnings: List[str] = [w for m in members for w in m.warnings]
     tables, blobs, ends, dirs_given = [], [], [], set()
     shift = 0
-    for archive_id, m in enumerate(members):
+    for m in members:
         is_dir = np.asarray(m.is_dir, dtype=bool)
         name_ends = np.asarray(m.name_ends, dtype=np.int64)
         begins = np.concatenate(([0], name_ends[:-1]))

@@ -101,19 +101,19 @@ def verify_members(collection: Collection, sample: Optional[int], jobs: int,
         rows = sorted(random.sample(rows, sample))
     bad: List[str] = []
 
-    def check(row: int) -> Tuple[int, Optional[str]]:
+    def check(row: int) -> Optional[str]:
         label = tree.path_of(row).decode("utf-8", "surrogateescape")
         try:
             collection.reader.check(tree.files[row], label)
         except BioscanError as err:
-            return row, str(err)
+            return str(err)
         except OSError as err:
-            return row, f"{collection.archive_of(row)}: {label}: {err}"
-        return row, None
+            return f"{collection.archive_of(row)}: {label}: {err}"
+        return None
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         for start in range(0, len(rows), 4096):
-            for row, problem in pool.map(check, rows[start:start + 4096]):
+            for problem in pool.map(check, rows[start:start + 4096]):
                 if problem:
                     bad.append(problem)
                 on_done(1)
