@@ -80,11 +80,11 @@ class Collection:
     def stat_node(self, node: int) -> Stat:
         tree = self.tree
         if node >= 0:
-            row = tree.files[node]
-            target = self.link_target(node) if stat_mod.S_ISLNK(int(row["mode"])) else None
+            member = tree.member(node)
+            target = self.link_target(node) if stat_mod.S_ISLNK(member.mode) else None
             if target is not None:
-                return Stat(LINK_MODE, len(target), int(row["mtime"]), 1)
-            return Stat(FILE_MODE, int(row["size"]), int(row["mtime"]), 1)
+                return Stat(LINK_MODE, len(target), member.mtime, 1)
+            return Stat(FILE_MODE, member.size, member.mtime, 1)
         dir_id = -1 - node
         return Stat(DIR_MODE, 0, int(tree.dir_mtime[dir_id]), 2 + len(tree.subdirs[dir_id]))
 
@@ -115,7 +115,7 @@ class Collection:
         path = self.tree.path_of(node)
         label = path.decode("utf-8", "surrogateescape")
         try:
-            target: Optional[bytes] = self.read_node(node, int(self.tree.files[node]["size"]), 0, label)
+            target: Optional[bytes] = self.read_node(node, self.tree.member(node).size, 0, label)
         except BioscanError as err:
             log.warning("%s", err)
             target = None
@@ -128,7 +128,7 @@ class Collection:
 
     # -- bytes ---------------------------------------------------------------------------
     def read_node(self, node: int, size: int, offset: int, label: str) -> bytes:
-        return self.reader.read(self.tree.files[node], label, size, offset)
+        return self.reader.read(self.tree.member(node), label, size, offset)
 
     def _file(self, path: Union[str, bytes]) -> int:
         node = self.node(path)
@@ -139,7 +139,7 @@ class Collection:
     def read(self, path: Union[str, bytes], size: int = -1, offset: int = 0) -> bytes:
         """A member's bytes (all of them by default); MemberError when it is corrupt."""
         node = self._file(path)
-        total = int(self.tree.files[node]["size"])
+        total = self.tree.member(node).size
         return self.read_node(node, total if size < 0 else size, offset, _key(path).decode("utf-8", "surrogateescape"))
 
     def open(self, path: Union[str, bytes]) -> io.BufferedReader:
@@ -148,7 +148,7 @@ class Collection:
         return io.BufferedReader(_MemberIO(self, node, _key(path).decode("utf-8", "surrogateescape")), 1 << 16)
 
     def archive_of(self, node: int) -> str:
-        return self.sources[int(self.tree.files[node]["archive"])].name
+        return self.sources[self.tree.member(node).archive].name
 
     def close(self) -> None:
         for src in self.sources:
@@ -164,7 +164,7 @@ class Collection:
 class _MemberIO(io.RawIOBase):
     def __init__(self, collection: Collection, node: int, label: str) -> None:
         self._c, self._node, self._label = collection, node, label
-        self._size = int(collection.tree.files[node]["size"])
+        self._size = collection.tree.member(node).size
         self._pos = 0
 
     def readable(self) -> bool:

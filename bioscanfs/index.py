@@ -109,6 +109,10 @@ class Tree:
             for offset, base in enumerate(self.basenames[lo:hi].tolist()):
                 yield head + base, lo + offset
 
+    def member(self, row: int) -> zipdir.Member:
+        """A file row as Python ints (one conversion instead of one per field)."""
+        return zipdir.Member._make(self.files[row].item())
+
     def path_of(self, row: int) -> bytes:
         dir_id = int(np.searchsorted(self.dir_hi, row, side="right"))
         head = self.dir_paths[dir_id]

@@ -31,13 +31,12 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import cachetools
 import inflate64
-import numpy as np
 
 # zlib-ng inflates 1.7x and checksums 4x faster than zlib here, with zlib's API (copy() too).
 from zlib_ng import zlib_ng as inflate_impl
 
 from .errors import EncryptedError, MemberError, UnsupportedError
-from .zipdir import (FLAG_DATA_DESCRIPTOR, FLAG_ENCRYPTED, LOCAL, LocalHeader, Source, parse_local_header,
+from .zipdir import (FLAG_DATA_DESCRIPTOR, FLAG_ENCRYPTED, LOCAL, LocalHeader, Member, Source, parse_local_header,
                      read_local_header)
 
 STORED, DEFLATED, DEFLATE64, BZIP2, AES_METHOD = 0, 8, 9, 12, 99
@@ -70,14 +69,14 @@ class Reader:
         #: large stored members read in order: (next offset, CRC so far)
         self._stored_crcs: cachetools.LRUCache = cachetools.LRUCache(maxsize=64)
 
-    def read(self, member: np.void, label: str, size: int, offset: int) -> bytes:
-        total = int(member["size"])
+    def read(self, member: Member, label: str, size: int, offset: int) -> bytes:
+        total = member.size
         size = min(size, total - offset)
         if size <= 0:
             return b""
-        src = self._sources[int(member["archive"])]
-        method = int(member["method"])
-        plain = not int(member["flags"]) & FLAG_ENCRYPTED
+        src = self._sources[member.archive]
+        method = member.method
+        plain = not member.flags & FLAG_ENCRYPTED
         if method == STORED and plain:
             if offset == 0 and size == total and total <= WHOLE_READ_MAX:
                 return self._read_whole_stored(src, member, label)
@@ -90,19 +89,19 @@ class Reader:
         raise UnsupportedError(src.name, label, f"{method_name(method)} members over {STREAM_MIN >> 20} MiB "
                                                 "are not supported (only deflate streams)")
 
-    def check(self, member: np.void, label: str) -> None:
+    def check(self, member: Member, label: str) -> None:
         """Decode a whole member and check its CRC-32, whatever its method and size."""
-        size, crc = int(member["size"]), 0
+        size, crc = member.size, 0
         for offset in range(0, size, CHECK_CHUNK):
             crc = inflate_impl.crc32(self.read(member, label, CHECK_CHUNK, offset), crc)
-        if crc != int(member["crc32"]) and not _unchecked_aes(member):
-            src = self._sources[int(member["archive"])]
+        if crc != member.crc32 and not _unchecked_aes(member):
+            src = self._sources[member.archive]
             raise MemberError(src.name, label, "CRC-32 mismatch: the archive is corrupt")
 
-    def _key(self, member: np.void) -> tuple:
-        return int(member["archive"]), int(member["header_offset"])
+    def _key(self, member: Member) -> tuple:
+        return member.archive, member.header_offset
 
-    def _header(self, src: Source, member: np.void, label: str) -> LocalHeader:
+    def _header(self, src: Source, member: Member, label: str) -> LocalHeader:
         key = self._key(member)
         with self._lock:
             header = self._headers.get(key)
@@ -112,11 +111,11 @@ class Reader:
                 self._headers[key] = header
         return header
 
-    def _read_with_header(self, src: Source, member: np.void, label: str) -> Tuple[bytes, bytes]:
+    def _read_with_header(self, src: Source, member: Member, label: str) -> Tuple[bytes, bytes]:
         """(local header with name and extra field, raw data) of a member, in one pread."""
-        at = int(member["header_offset"])
-        csize = int(member["compressed_size"])
-        raw = src.pread(LOCAL.size + int(member["name_length"]) + EXTRA_SLACK + csize, at)
+        at = member.header_offset
+        csize = member.compressed_size
+        raw = src.pread(LOCAL.size + member.name_length + EXTRA_SLACK + csize, at)
         header = parse_local_header(src, member, label, raw)
         start = header.data_offset - at
         data = raw[start:start + csize]
@@ -126,12 +125,12 @@ class Reader:
             raise MemberError(src.name, label, "member data is cut short (archive truncated?)")
         return raw[:start], data
 
-    def _read_whole_stored(self, src: Source, member: np.void, label: str) -> bytes:
+    def _read_whole_stored(self, src: Source, member: Member, label: str) -> bytes:
         data = self._read_with_header(src, member, label)[1]
         check_crc(src, member, label, data)
         return data
 
-    def _read_range(self, src: Source, member: np.void, label: str, size: int, offset: int) -> bytes:
+    def _read_range(self, src: Source, member: Member, label: str, size: int, offset: int) -> bytes:
         """A range of a large stored member. Its CRC is followed while it is read in order
         (the kernel's usual pattern) and checked at the end: the last read then fails."""
         header = self._header(src, member, label)
@@ -145,11 +144,11 @@ class Reader:
             if in_order:
                 crc = inflate_impl.crc32(data, crc)
                 self._stored_crcs[key] = (offset + size, crc)
-        if in_order and offset + size == int(member["size"]):
+        if in_order and offset + size == member.size:
             check_crc(src, member, label, b"", crc)
         return data
 
-    def _decoded_whole(self, src: Source, member: np.void, label: str) -> bytes:
+    def _decoded_whole(self, src: Source, member: Member, label: str) -> bytes:
         key = self._key(member)
         with self._lock:
             data = self._decoded.get(key)
@@ -161,7 +160,7 @@ class Reader:
                 self._decoded[key] = data
         return data
 
-    def _stream(self, src: Source, member: np.void, label: str) -> "DeflateStream":
+    def _stream(self, src: Source, member: Member, label: str) -> "DeflateStream":
         key = self._key(member)
         with self._lock:
             stream = self._streams.get(key)
@@ -176,18 +175,18 @@ def method_name(method: int) -> str:
     return METHOD_NAMES.get(method, f"compression method {method}")
 
 
-def _unchecked_aes(member: np.void) -> bool:
+def _unchecked_aes(member: Member) -> bool:
     """WinZip AE-2 stores no CRC (0); libarchive checks its authentication code instead."""
-    return int(member["method"]) == AES_METHOD and int(member["crc32"]) == 0
+    return member.method == AES_METHOD and member.crc32 == 0
 
 
-def check_crc(src: Source, member: np.void, label: str, data: bytes, crc: int = 0) -> None:
+def check_crc(src: Source, member: Member, label: str, data: bytes, crc: int = 0) -> None:
     """Raise unless the CRC of ``data`` (continuing from ``crc``) is the member's."""
-    if inflate_impl.crc32(data, crc) != int(member["crc32"]) and not _unchecked_aes(member):
+    if inflate_impl.crc32(data, crc) != member.crc32 and not _unchecked_aes(member):
         raise MemberError(src.name, label, "CRC-32 mismatch: the archive is corrupt")
 
 
-def decode_whole(src: Source, member: np.void, label: str, header: bytes, data: bytes,
+def decode_whole(src: Source, member: Member, label: str, header: bytes, data: bytes,
                  password: Optional[bytes]) -> bytes:
     """Decode a whole member by its method: exactly the declared size, CRC checked.
 
@@ -195,8 +194,8 @@ def decode_whole(src: Source, member: np.void, label: str, header: bytes, data: 
     libarchive, see scripts/bench_methods.py); every other method, and every encrypted
     member, goes through libarchive, fed the member's own local header and data.
     """
-    method = int(member["method"])
-    if int(member["flags"]) & FLAG_ENCRYPTED or method not in (STORED, DEFLATED, DEFLATE64, BZIP2):
+    method = member.method
+    if member.flags & FLAG_ENCRYPTED or method not in (STORED, DEFLATED, DEFLATE64, BZIP2):
         out = _libarchive_decode(src, member, label, header, data, password)
     elif method == STORED:
         out = data
@@ -204,15 +203,15 @@ def decode_whole(src: Source, member: np.void, label: str, header: bytes, data: 
         out = _inflate(src, member, label, data)
     else:
         out = _one_shot(src, member, label, data)
-    if len(out) != int(member["size"]):
-        raise MemberError(src.name, label, f"decodes to {len(out)} bytes, not the declared {int(member['size'])}")
+    if len(out) != member.size:
+        raise MemberError(src.name, label, f"decodes to {len(out)} bytes, not the declared {member.size}")
     check_crc(src, member, label, out)
     return out
 
 
-def _inflate(src: Source, member: np.void, label: str, compressed: bytes) -> bytes:
+def _inflate(src: Source, member: Member, label: str, compressed: bytes) -> bytes:
     """Inflate to exactly the declared size: never more (zip bombs), never less."""
-    size = int(member["size"])
+    size = member.size
     inflater = inflate_impl.decompressobj(-15)
     try:
         data = inflater.decompress(compressed, size + 1)
@@ -225,10 +224,10 @@ def _inflate(src: Source, member: np.void, label: str, compressed: bytes) -> byt
     return data
 
 
-def _one_shot(src: Source, member: np.void, label: str, compressed: bytes) -> bytes:
+def _one_shot(src: Source, member: Member, label: str, compressed: bytes) -> bytes:
     """Deflate64 and bzip2 (bzip2 bounded by the declared size plus one byte)."""
-    method = int(member["method"])
-    size = int(member["size"])
+    method = member.method
+    size = member.size
     try:
         if method != DEFLATE64:
             return bz2.BZ2Decompressor().decompress(compressed, size + 1)
@@ -243,22 +242,22 @@ def _one_shot(src: Source, member: np.void, label: str, compressed: bytes) -> by
         raise MemberError(src.name, label, f"{method_name(method)} stream is corrupt ({err})") from None
 
 
-def _libarchive_decode(src: Source, member: np.void, label: str, header: bytes, data: bytes,
+def _libarchive_decode(src: Source, member: Member, label: str, header: bytes, data: bytes,
                        password: Optional[bytes]) -> bytes:
     """Decode one member with libarchive from a one-member archive: the member's own local
     header (name, extra field such as the AES one) with the central CRC and sizes, its
     data, and a data descriptor when its flags announce one."""
     import libarchive  # only members with rare methods or encryption pay for the import
 
-    encrypted = bool(int(member["flags"]) & FLAG_ENCRYPTED)
+    encrypted = bool(member.flags & FLAG_ENCRYPTED)
     if encrypted and password is None:
         raise EncryptedError(src.name, label, "member is encrypted; mount with --password-file (or -f for a prompt)")
     fields = list(LOCAL.unpack_from(header))
-    fields[6:9] = [int(member["crc32"]), len(data), int(member["size"])]
+    fields[6:9] = [member.crc32, len(data), member.size]
     blob = LOCAL.pack(*fields) + header[LOCAL.size:] + data
     if fields[2] & FLAG_DATA_DESCRIPTOR:
         blob += DATA_DESCRIPTOR.pack(DATA_DESCRIPTOR_SIG, *fields[6:9])
-    budget = int(member["size"]) + 1
+    budget = member.size + 1
     chunks: List[bytes] = []
     try:
         with libarchive.memory_reader(blob, format_name="zip", passphrase=password) as archive:
@@ -275,7 +274,7 @@ def _libarchive_decode(src: Source, member: np.void, label: str, header: bytes, 
             raise EncryptedError(src.name, label, f"cannot decrypt: {message}") from None
         if "Unsupported" in message:
             raise UnsupportedError(src.name, label, message) from None
-        raise MemberError(src.name, label, f"{method_name(int(member['method']))} stream is corrupt ({message})") from None
+        raise MemberError(src.name, label, f"{method_name(member.method)} stream is corrupt ({message})") from None
     return b"".join(chunks)
 
 
@@ -312,11 +311,11 @@ class DeflateStream:
     MAX_CURSORS = 4
     MAX_POINTS = 256
 
-    def __init__(self, src: Source, member: np.void, label: str, header: LocalHeader) -> None:
+    def __init__(self, src: Source, member: Member, label: str, header: LocalHeader) -> None:
         self.src, self.label = src, label
-        self.size = int(member["size"])
-        self.csize = int(member["compressed_size"])
-        self.crc = int(member["crc32"])
+        self.size = member.size
+        self.csize = member.compressed_size
+        self.crc = member.crc32
         self.data_offset = header.data_offset
         self.interval = max(4 << 20, -(-self.size // self.MAX_POINTS))
         self._points: List[_Point] = [_Point(0, 0, inflate_impl.decompressobj(-15))]

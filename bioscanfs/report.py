@@ -104,7 +104,7 @@ def verify_members(collection: Collection, sample: Optional[int], jobs: int,
     def check(row: int) -> Optional[str]:
         label = tree.path_of(row).decode("utf-8", "surrogateescape")
         try:
-            collection.reader.check(tree.files[row], label)
+            collection.reader.check(tree.member(row), label)
         except BioscanError as err:
             return str(err)
         except OSError as err:

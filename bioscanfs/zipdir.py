@@ -61,6 +61,25 @@ MEMBER_DTYPE = np.dtype([
     ("mode", "<u4"), ("name_length", "<u2"), ("archive", "<u2"),
 ])
 
+
+
+class Member(NamedTuple):
+    """One row of MEMBER_DTYPE as Python ints: what the reader needs of a member."""
+
+    header_offset: int
+    compressed_size: int
+    size: int
+    crc32: int
+    mtime: int
+    method: int
+    flags: int
+    mode: int
+    name_length: int
+    archive: int
+
+
+assert Member._fields == MEMBER_DTYPE.names
+
 #: How much of the file tail may hold the end record (22 bytes + a 64 KiB comment).
 _TAIL = EOCD.size + 0xFFFF + EOCD64_LOCATOR.size + EOCD64.size
 
@@ -436,32 +455,32 @@ class LocalHeader(NamedTuple):
     flags: int
 
 
-def read_local_header(src: Source, member: np.void, path: str) -> LocalHeader:
+def read_local_header(src: Source, member: Member, path: str) -> LocalHeader:
     """Read and check one member's local header just before its data is needed."""
-    return parse_local_header(src, member, path, src.pread(LOCAL.size, int(member["header_offset"])))
+    return parse_local_header(src, member, path, src.pread(LOCAL.size, member.header_offset))
 
 
-def parse_local_header(src: Source, member: np.void, path: str, raw: bytes) -> LocalHeader:
+def parse_local_header(src: Source, member: Member, path: str, raw: bytes) -> LocalHeader:
     """Check the local header (4.3.7) at the start of ``raw`` against the central entry.
 
     They must agree on method and name length and, without a data descriptor, on CRC
     and on the sizes that are not ZIP64-saturated; otherwise the index or the archive is
     not to be trusted for this member.
     """
-    at = int(member["header_offset"])
+    at = member.header_offset
     if len(raw) < LOCAL.size:
         raise MemberError(src.name, path, "local header is past the end of the archive (truncated?)")
     (sig, _, flags, method, _, _, crc, csize, usize, name_len, extra_len) = LOCAL.unpack_from(raw)
     if sig != LOCAL_SIG:
         raise MemberError(src.name, path, f"no local header at offset {at}")
-    if method != int(member["method"]) or name_len != int(member["name_length"]):
+    if method != member.method or name_len != member.name_length:
         raise MemberError(src.name, path, "local header disagrees with the central directory")
     if not flags & FLAG_DATA_DESCRIPTOR:
-        checks = ((crc, member["crc32"]), (csize, member["compressed_size"]), (usize, member["size"]))
+        checks = ((crc, member.crc32), (csize, member.compressed_size), (usize, member.size))
         for local_value, central_value in checks:
             if local_value not in (0xFFFFFFFF, int(central_value) & 0xFFFFFFFF):
                 raise MemberError(src.name, path, "local header disagrees with the central directory")
     data_offset = at + LOCAL.size + name_len + extra_len
-    if data_offset + int(member["compressed_size"]) > src.size:
+    if data_offset + member.compressed_size > src.size:
         raise MemberError(src.name, path, "member data runs past the end of the archive (truncated?)")
     return LocalHeader(data_offset, method, flags)

@@ -26,7 +26,7 @@ sys.path.insert(0, str(_HERE.parent))
 
 from bioscanfs.reader import _libarchive_decode  # noqa: E402
 from bioscanfs.sources import BytesSource  # noqa: E402
-from bioscanfs.zipdir import read_members  # noqa: E402
+from bioscanfs.zipdir import Member, read_local_header, read_members  # noqa: E402
 
 
 def _stdlib(method: int) -> Callable[[bytes], bytes]:
@@ -53,10 +53,10 @@ def main(argv: Optional[list] = None) -> int:
             with zipfile.ZipFile(buf, "w", compression=method) as zf:
                 zf.writestr("m", payload)
             src = BytesSource(buf.getvalue())
-            member = read_members(src).table[0]
-            at = int(member["header_offset"])
-            name_len, extra_len = int.from_bytes(src.data[at + 26:at + 28], "little"), int.from_bytes(src.data[at + 28:at + 30], "little")
-            header, data = src.data[at:at + 30 + name_len + extra_len], src.data[at + 30 + name_len + extra_len:][:int(member["compressed_size"])]
+            member = Member._make(read_members(src).table[0].item())
+            start = read_local_header(src, member, "m").data_offset
+            header = src.data[member.header_offset:start]
+            data = src.data[start:start + member.compressed_size]
             repeat = args.repeat if label == "8 KB" else max(3, args.repeat // 50)
             timings = {}
             for name, decode in (("stdlib", _stdlib(method)),

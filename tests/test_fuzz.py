@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from bioscanfs.errors import ArchiveError, BioscanError
 from bioscanfs.reader import Reader
 from bioscanfs.sources import BytesSource
-from bioscanfs.zipdir import Members, Source, read_members
+from bioscanfs.zipdir import Member, Members, Source, read_members
 
 
 def _seed_archive() -> bytes:
@@ -56,8 +56,9 @@ def _read_all(members: Members, src: Source) -> List[bytes]:
     reader = Reader([src], cache_bytes=1 << 20)
     out = []
     for row in members.table:
+        member = Member._make(row.item())
         try:
-            out.append(reader.read(row, "member", int(row["size"]) + 10, 0))
+            out.append(reader.read(member, "member", member.size + 10, 0))
         except BioscanError:
             out.append(b"")
     return out
