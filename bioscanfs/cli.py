@@ -5,6 +5,7 @@ stderr and a non-zero exit, never a traceback.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import json
 import logging
@@ -21,6 +22,7 @@ from .collection import Collection
 from .errors import BioscanError
 from .index import default_index_dir
 from .reader import Reader
+from .remote import is_url
 from .layout import IMGTYPES, SPLITS
 
 log = logging.getLogger("bioscanfs")
@@ -73,6 +75,17 @@ def _read_password(path: Optional[str]) -> Optional[bytes]:
         return f.readline().rstrip(b"\r\n")
 
 
+class _SourceType(click.ParamType):
+    """A local folder or file, which must exist, or a URL (checked when it is opened)."""
+
+    name = "source"
+    _local = click.Path(exists=True)
+
+    def convert(self, value, param, ctx):
+        return value if is_url(value) else self._local.convert(value, param, ctx)
+
+
+SOURCE = _SourceType()
 index_dir_option = click.option(
     "--index-dir", type=click.Path(file_okay=False), default=None,
     help="Where the persistent indexes live [default: $XDG_CACHE_HOME/bioscanfs].")
@@ -96,7 +109,7 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("sources", nargs=-1, required=True, type=click.Path(exists=True))
+@click.argument("sources", nargs=-1, required=True, type=SOURCE)
 @click.argument("mountpoint", type=click.Path(exists=True, file_okay=False))
 @click.option("-f", "--foreground", is_flag=True, help="Stay attached; log to stderr.")
 @click.option("-o", "options", multiple=True, metavar="OPT[,OPT...]",
@@ -158,6 +171,7 @@ def mount(sources, mountpoint, foreground, options, cache_size, log_file, verbos
 
 def _daemonize(run: Callable[[Callable[[], None]], None], verbose: int, log_file: str) -> None:
     """Fork a detached server; return in the parent once it reports the mount ready."""
+    _return_freed_memory()
     read_end, write_end = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -192,6 +206,15 @@ def _daemonize(run: Callable[[Callable[[], None]], None], verbose: int, log_file
     os.close(read_end)
     if message != "ok":
         raise click.ClickException(message or f"the filesystem did not become ready; see {log_file}")
+
+
+def _return_freed_memory() -> None:
+    """Give the heap freed after a cold index build back to the system (glibc), so the
+    daemon does not start with the builder's high-water mark."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _is_mounted(mountpoint: str) -> bool:
@@ -233,7 +256,7 @@ def umount(mountpoint) -> None:
 
 
 @main.command()
-@click.argument("sources", nargs=-1, required=True, type=click.Path(exists=True))
+@click.argument("sources", nargs=-1, required=True, type=SOURCE)
 @_source_options
 @_user_errors
 def index(sources, index_dir, skip_bad, allow_incomplete) -> None:
@@ -258,7 +281,7 @@ def index(sources, index_dir, skip_bad, allow_incomplete) -> None:
 
 
 @main.command()
-@click.argument("sources", nargs=-1, required=True, type=click.Path(exists=True))
+@click.argument("sources", nargs=-1, required=True, type=SOURCE)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @_source_options
 @_user_errors
@@ -273,7 +296,7 @@ def info(sources, as_json, index_dir, skip_bad, allow_incomplete) -> None:
 
 
 @main.command(name="ls")
-@click.argument("zipdir", type=click.Path(exists=True))
+@click.argument("zipdir", type=SOURCE)
 @click.argument("path", default="")
 @click.option("-l", "long", is_flag=True, help="Show size and mtime.")
 @index_dir_option
@@ -294,7 +317,7 @@ def ls_(zipdir, path, long, index_dir) -> None:
 
 
 @main.command()
-@click.argument("zipdir", type=click.Path(exists=True))
+@click.argument("zipdir", type=SOURCE)
 @click.argument("path")
 @index_dir_option
 @_user_errors
@@ -307,7 +330,7 @@ def cat(zipdir, path, index_dir) -> None:
 
 
 @main.command()
-@click.argument("sources", nargs=-1, required=True, type=click.Path(exists=True))
+@click.argument("sources", nargs=-1, required=True, type=SOURCE)
 @click.option("--sample", type=click.IntRange(min=1), help="Check only N members picked at random.")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=os.cpu_count() or 1, show_default=True,
               help="Members checked in parallel.")

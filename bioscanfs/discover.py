@@ -8,7 +8,8 @@ Owns file-name conventions of split archives; knows nothing of member contents.
 
 Every zip in a folder is mounted, not only the BIOSCAN-5M package names, so re-packed
 archives work too; ``info`` says which names it recognises. Folders are not searched
-recursively.
+recursively. A URL names one archive or a remote folder (see remote.py); its file
+names follow the same conventions.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from .errors import SourceError
 from .layout import PackageName, parse_package_name
+from .remote import is_url, list_remote
 
 _RAW_PIECE = re.compile(r"^(?P<stem>.+\.zip)\.(?P<n>\d{3})$", re.IGNORECASE)
 _SPAN_PIECE = re.compile(r"^(?P<stem>.+)\.z(?P<n>\d{2,3})$", re.IGNORECASE)
@@ -42,14 +44,16 @@ def find_archives(inputs: Sequence[str], allow_incomplete: bool = False) -> Tupl
     """
     files: List[str] = []
     for item in inputs:
-        if os.path.isdir(item):
+        if is_url(item):
+            files.extend(list_remote(item))
+        elif os.path.isdir(item):
             files.extend(os.path.join(item, name) for name in sorted(os.listdir(item))
                          if os.path.isfile(os.path.join(item, name)))
         elif os.path.isfile(item):
             files.append(item)
         else:
             raise SourceError(f"{item}: no such file or folder")
-    files = [os.path.abspath(f) for f in files]
+    files = [f if is_url(f) else os.path.abspath(f) for f in files]
     raw: Dict[str, Dict[int, str]] = {}
     spans: Dict[str, Dict[int, str]] = {}
     plain: List[str] = []

@@ -29,6 +29,7 @@ import numpy as np
 
 from . import store, zipdir
 from .errors import ArchiveError, NotFound
+from .remote import RemoteSource, is_url
 from .sources import FileSource
 
 log = logging.getLogger(__name__)
@@ -121,8 +122,18 @@ class Tree:
 
 
 def open_sources(groups: Sequence[Tuple[Sequence[str], bool]]) -> List[FileSource]:
-    """One FileSource per archive: (piece paths, spanned?) in a stable order."""
-    return [FileSource(paths, spanned) for paths, spanned in groups]
+    """One FileSource (or RemoteSource, for a URL) per archive: (piece paths, spanned?)
+    in a stable order."""
+    return [_open_source(paths, spanned) for paths, spanned in groups]
+
+
+def _open_source(paths: Sequence[str], spanned: bool) -> FileSource:
+    if not is_url(paths[0]):
+        return FileSource(paths, spanned)
+    if len(paths) > 1:
+        raise ArchiveError(paths[0], f"remote archives split in {len(paths)} pieces are not supported; "
+                                     "mount a local copy")
+    return RemoteSource(paths[0])  # type: ignore[return-value]  # the same Source interface
 
 
 def load_tree(sources: Sequence[FileSource], index_dir: Optional[str],
@@ -237,18 +248,14 @@ def build_tree(members: Sequence[zipdir.Members], archives: Sequence[str]) -> Tu
     longest = int((name_ends - begins).max(initial=0))
     blob = np.concatenate(blobs + [np.zeros(longest + 8, np.uint8)])
 
-    # Split each path at its last '/'.
-    slashes = np.flatnonzero(blob == ord("/"))
-    last = np.searchsorted(slashes, name_ends, side="left") - 1
-    has_dir = (last >= 0) & (slashes[np.maximum(last, 0)] >= begins) if len(slashes) else np.zeros(len(files), bool)
-    cut = np.where(has_dir, slashes[np.maximum(last, 0)] if len(slashes) else 0, begins)
+    cut = _last_slash(blob, begins, name_ends)
+    has_dir = cut >= 0
+    cut = np.where(has_dir, cut, begins)
     base_begin = np.where(has_dir, cut + 1, begins)
-    dir_matrix = _fixed_width(blob, begins, cut, align=8)
     base_matrix = _fixed_width(blob, base_begin, name_ends)
 
-    # Group files by directory: hash the directory rows, then check the grouping exactly.
-    group_first, group_of = _group_rows(dir_matrix)
-    group_paths = [dir_matrix[i].tobytes().rstrip(b"\x00") for i in group_first.tolist()]
+    group_first, group_of = _group_dirs(blob, begins, cut - begins)
+    group_paths = [bytes(blob[begins[i]:cut[i]]) for i in group_first.tolist()]
     all_dirs = {b""} | dirs_given
     for path in group_paths + list(dirs_given):
         while path:
@@ -259,12 +266,7 @@ def build_tree(members: Sequence[zipdir.Members], archives: Sequence[str]) -> Tu
     file_dir = np.asarray([dir_ids[p] for p in group_paths], dtype=np.int64)[group_of] if len(files) else np.empty(0, np.int64)
 
     basenames = base_matrix.view(f"S{base_matrix.shape[1]}").ravel() if base_matrix.shape[1] else np.zeros(len(files), "S1")
-    # One stable sort on (directory id big-endian, name) keeps archive order among equals.
-    keyed = np.empty((len(files), 4 + basenames.itemsize), dtype=np.uint8)
-    keyed[:, :4] = file_dir.astype(">u4").view(np.uint8).reshape(-1, 4)
-    keyed[:, 4:] = base_matrix
-    order = np.argsort(keyed.view(f"S{keyed.shape[1]}").ravel(), kind="stable")
-    del keyed
+    order = _order_by_dir_and_name(file_dir, basenames, len(dir_paths))
     files, basenames, file_dir = _take(files, order), basenames[order], file_dir[order]
 
     # Duplicates: equal (dir, name) neighbours; the first (lowest archive) is kept.
@@ -313,11 +315,14 @@ def _fixed_width(blob: np.ndarray, begins: np.ndarray, ends: np.ndarray, align: 
     """
     lengths = (ends - begins).astype(np.int64)
     width = -(-int(lengths.max(initial=0)) // align) * align
+    out = np.empty((len(lengths), width), dtype=np.uint8)
     if width == 0:
-        return np.zeros((len(lengths), 0), dtype=np.uint8)
-    rows = np.lib.stride_tricks.sliding_window_view(blob, width)[begins]
-    rows *= np.arange(width) < lengths[:, None]
-    return rows
+        return out
+    view = np.lib.stride_tricks.sliding_window_view(blob, width)
+    column = np.arange(width)
+    for rows in _chunks(len(lengths)):
+        out[rows] = view[begins[rows]] * (column < lengths[rows, None])
+    return out
 
 
 def _take(table: np.ndarray, order: np.ndarray) -> np.ndarray:
@@ -326,28 +331,118 @@ def _take(table: np.ndarray, order: np.ndarray) -> np.ndarray:
     return raw[order].view(table.dtype)
 
 
-def _group_rows(matrix: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """(first row of each group, group of each row) for equal rows of a byte matrix.
+_WORD_MASKS = np.array([(1 << (8 * n)) - 1 for n in range(8)] + [(1 << 64) - 1], dtype=np.uint64)
 
-    Rows are hashed to 64 bits column by column (C speed), grouped by hash, and the
-    grouping is then checked exactly; on a collision the rows are grouped by sorting.
+
+def _unaligned_words(blob: np.ndarray) -> np.ndarray:
+    """A view of blob with one little-endian u64 starting at every byte (stride 1), so a
+    word at any offset is one element gather."""
+    return np.ndarray(shape=(max(len(blob) - 7, 0),), dtype="<u8", buffer=blob, strides=(1,))
+
+
+def _word(words: np.ndarray, begins: np.ndarray, lengths: np.ndarray, j: int) -> np.ndarray:
+    """Word ``j`` (bytes 8j..8j+7) of every segment, zero past its end."""
+    return words[begins + 8 * j] & _WORD_MASKS[np.clip(lengths - 8 * j, 0, 8)]
+
+
+def _group_dirs(blob: np.ndarray, begins: np.ndarray, lengths: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(first row of each group, group of each row) for equal segments blob[begin:begin+length].
+
+    Segments are hashed word by word (C speed, no dense matrix), grouped by hash, and the
+    grouping is then checked word by word, exactly; a hash collision falls back to
+    grouping by sorting the segments themselves.
     """
-    if len(matrix) == 0:
+    if len(begins) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    words = matrix.view("<u8")
-    h = np.zeros(len(matrix), dtype=np.uint64)
-    prime = np.uint64(1099511628211)
+    words = -(-int(lengths.max()) // 8)
+    view = _unaligned_words(blob)
+    h = lengths.astype(np.uint64)
+    prime = np.uint64(0x100000001B3)
     with np.errstate(over="ignore"):
-        for column in range(words.shape[1]):
-            h = (h ^ words[:, column]) * prime
-    _, first, group = np.unique(h, return_index=True, return_inverse=True)
-    group = group.ravel()
-    for lo in range(0, len(matrix), 1 << 18):
-        if not np.array_equal(matrix[lo:lo + (1 << 18)], matrix[first[group[lo:lo + (1 << 18)]]]):
-            rows = matrix.view(f"V{matrix.shape[1]}").ravel() if matrix.shape[1] else np.zeros(len(matrix), "V1")
-            _, first, group = np.unique(rows, return_index=True, return_inverse=True)
+        for rows in _chunks(len(begins)):
+            for j in range(words):
+                h[rows] = (h[rows] ^ _word(view, begins[rows], lengths[rows], j)) * prime
+                h[rows] ^= h[rows] >> np.uint64(29)
+    first, group = _group_keys(h)
+    heads = [_word(view, begins[first], lengths[first], j) for j in range(words)]
+    for rows in _chunks(len(begins)):
+        same = lengths[rows] == lengths[first[group[rows]]]
+        for j, head_word in enumerate(heads):
+            same &= _word(view, begins[rows], lengths[rows], j) == head_word[group[rows]]
+        if not same.all():
+            matrix = _fixed_width(blob, begins, begins + lengths)
+            matrix = matrix.view(f"V{matrix.shape[1]}").ravel()
+            _, first, group = np.unique(matrix, return_index=True, return_inverse=True)
             return first, group.ravel()
     return first, group
+
+
+def _group_keys(keys: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(a row of each distinct key, group of each row), fast when keys are few.
+
+    The distinct keys are found in a sample, then every row is placed with a binary
+    search; keys the sample missed are added and the search repeated.
+    """
+    distinct = np.unique(keys[::64])
+    while True:
+        group = np.minimum(np.searchsorted(distinct, keys), len(distinct) - 1)
+        missed = distinct[group] != keys
+        if not missed.any():
+            break
+        distinct = np.union1d(distinct, np.unique(keys[missed]))
+    first = np.empty(len(distinct), dtype=np.int64)
+    first[group] = np.arange(len(keys))
+    return first, group
+
+
+def _chunks(n: int, size: int = 1 << 16) -> Iterator[slice]:
+    """Row slices small enough that temporaries stay in cache and are reused, not faulted in."""
+    return (slice(lo, min(lo + size, n)) for lo in range(0, n, size))
+
+
+def _last_slash(blob: np.ndarray, begins: np.ndarray, ends: np.ndarray, window: int = 32) -> np.ndarray:
+    """Blob position of each name's last '/', or -1 when it has none.
+
+    Looks at the last ``window`` bytes of every name at once; names whose slash lies
+    further back (a basename longer than the window) are searched one by one.
+    """
+    last = np.empty(len(begins), dtype=np.int64)
+    view = np.lib.stride_tricks.sliding_window_view(blob, window)
+    column = np.arange(window, dtype=np.int8)
+    for rows in _chunks(len(begins)):
+        b, e = begins[rows], ends[rows]
+        starts = np.maximum(e - window, 0)
+        # Window columns that belong to the name: [begin - start, end - start), in int8.
+        first = np.clip(b - starts, -1, window).astype(np.int8)
+        stop = (e - starts).astype(np.int8)
+        hit = (view[starts] == ord("/")) & (column >= first[:, None]) & (column < stop[:, None])
+        found = hit.any(axis=1)
+        last[rows] = np.where(found, starts + window - 1 - np.argmax(hit[:, ::-1], axis=1), -1)
+        for i in np.flatnonzero(~found & (e - b > window)).tolist():
+            at = bytes(blob[b[i]:e[i]]).rfind(b"/")
+            last[rows.start + i] = b[i] + at if at >= 0 else -1
+    return last
+
+
+def _order_by_dir_and_name(file_dir: np.ndarray, basenames: np.ndarray, n_dirs: int) -> np.ndarray:
+    """Order of the files by (directory, name); stable, so archive order stays among equals.
+
+    Files are first grouped by directory (a stable integer sort, radix for few folders),
+    then each folder's names are sorted on their own: smaller sorts, and numpy releases
+    the GIL, so two threads share them.
+    """
+    by_dir = np.argsort(file_dir.astype(np.uint16 if n_dirs <= 1 << 16 else np.int64), kind="stable")
+    bounds = np.searchsorted(file_dir[by_dir], np.arange(n_dirs + 1))
+    names = basenames[by_dir]
+
+    def sort_one(d: int) -> None:
+        lo, hi = bounds[d], bounds[d + 1]
+        if hi - lo > 1:
+            by_dir[lo:hi] = by_dir[lo:hi][np.argsort(names[lo:hi], kind="stable")]
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        list(pool.map(sort_one, range(n_dirs)))
+    return by_dir
 
 
 def _conflicts(files: np.ndarray, basenames: np.ndarray, file_dir: np.ndarray, same: np.ndarray,
