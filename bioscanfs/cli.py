@@ -273,7 +273,7 @@ def index(sources, index_dir, skip_bad, allow_incomplete) -> None:
                            item_show_func=lambda name: os.path.basename(name) if name else None) as bar:
         tree, kept = load_tree(open_sources([(s.paths, s.spanned) for s in specs]),
                                index_dir or default_index_dir(), on_archive=lambda name: bar.update(1, name),
-                               skip_bad=skip_bad)
+                               skip_bad=skip_bad, allow_incomplete=allow_incomplete)
     if not tree.persisted:
         raise click.ClickException(f"cannot write the index to {index_dir or default_index_dir()}; see the warning above")
     click.echo(f"indexed {len(tree.files)} files in {len(tree.dir_paths)} folders from {len(kept)} archives "

@@ -58,7 +58,8 @@ class Collection:
         self.index_dir = default_index_dir() if index_dir == "default" else index_dir
         sources = open_sources([(spec.paths, spec.spanned) for spec in specs])
         try:
-            self.tree, self.sources = load_tree(sources, self.index_dir, skip_bad=skip_bad)
+            self.tree, self.sources = load_tree(sources, self.index_dir, skip_bad=skip_bad,
+                                                allow_incomplete=allow_incomplete)
         except BaseException:
             for src in sources:
                 src.close()

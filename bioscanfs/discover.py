@@ -85,7 +85,9 @@ def find_archives(inputs: Sequence[str], allow_incomplete: bool = False) -> Tupl
     for stem, pieces in sorted(spans.items()):
         last = stem + ".zip"
         got = complete(stem, pieces, lambda n, s=stem: os.path.basename(s) + f".z{n:02d}")
-        if got and last in plain:
+        if not got and last in plain:
+            plain.remove(last)  # the set is left out whole, its last piece too
+        elif got and last in plain:
             plain.remove(last)
             specs.append(ArchiveSpec(got + [last], True, parse_package_name(os.path.basename(last))))
         elif got:
@@ -104,13 +106,12 @@ def find_archives(inputs: Sequence[str], allow_incomplete: bool = False) -> Tupl
 
 def _part_gaps(paths: Sequence[str]) -> List[str]:
     """Warn when standalone parts skip a number (.01 and .03 present, .02 absent)."""
-    parts: Dict[str, List[int]] = {}
+    parts: Dict[Tuple[str, int], List[int]] = {}
     for path in paths:
         if m := _PART.match(os.path.basename(path)):
-            parts.setdefault(m["stem"], []).append(int(m["n"]))
+            parts.setdefault((m["stem"], len(m["n"])), []).append(int(m["n"]))
     warnings = []
-    for stem, numbers in sorted(parts.items()):
-        width = 2
+    for (stem, width), numbers in sorted(parts.items()):
         missing = [f"{stem}.{n:0{width}d}.zip" for n in range(1, max(numbers) + 1) if n not in numbers]
         if missing:
             warnings.append(f"{stem}: standalone part {', '.join(missing)} is absent; its members are not mounted")

@@ -68,7 +68,7 @@ class Tree:
         self.conflicts = [Conflict(c[0], c[1]) for c in extra.get("conflicts", [])]
         self.warnings: List[str] = list(extra.get("warnings", []))
         self.total_bytes: int = int(extra.get("total_bytes", 0))
-        self.duplicates: int = int(extra.get("duplicates", 0))  #: same path in several archives
+        self.duplicates: int = int(extra.get("duplicates", 0))  #: same path and content, repeated
         names = arrays["dir_names"].tobytes()
         ends = arrays["dir_ends"].tolist()
         self.dir_paths = [names[a:b] for a, b in zip([0] + ends[:-1], ends)]
@@ -138,15 +138,16 @@ def _open_source(paths: Sequence[str], spanned: bool) -> FileSource:
 
 def load_tree(sources: Sequence[FileSource], index_dir: Optional[str],
               on_archive: Optional[Callable[[str], None]] = None,
-              skip_bad: bool = False) -> Tuple[Tree, List[FileSource]]:
+              skip_bad: bool = False, allow_incomplete: bool = False) -> Tuple[Tree, List[FileSource]]:
     """Map the persisted tree of these archives, building what is missing or stale.
 
     Returns the tree and the sources it covers (a bad archive is dropped and closed when
-    ``skip_bad``, else its ArchiveError propagates). ``index_dir=None`` keeps all in
+    ``skip_bad``, or when it has several pieces and ``allow_incomplete``: its last piece
+    may be missing; else its ArchiveError propagates). ``index_dir=None`` keeps all in
     memory, as does an index folder that cannot be written (``Tree.persisted`` says which).
     """
     keys = [[INDEX_VERSION, src.identity] for src in sources]
-    tree_key = ["tree", INDEX_VERSION, keys, skip_bad]
+    tree_key = ["tree", INDEX_VERSION, keys, skip_bad, allow_incomplete]
     path = _cache_path(index_dir, tree_key, ".tree") if index_dir else None
     cached = store.load(path, tree_key) if path else None
     if cached is not None:
@@ -160,7 +161,7 @@ def load_tree(sources: Sequence[FileSource], index_dir: Optional[str],
                 if src not in kept:
                     src.close()
             return tree, kept
-    members, kept = _parse_all(sources, keys, index_dir, on_archive, skip_bad)
+    members, kept = _parse_all(sources, keys, index_dir, on_archive, skip_bad, allow_incomplete)
     arrays, extra = build_tree(members, [s.name for s in kept])
     extra["kept"] = [s.name for s in kept]
     del members
@@ -178,7 +179,7 @@ def load_tree(sources: Sequence[FileSource], index_dir: Optional[str],
 
 
 def _parse_all(sources: Sequence[FileSource], keys: List[Any], index_dir: Optional[str],
-               on_archive: Optional[Callable[[str], None]], skip_bad: bool
+               on_archive: Optional[Callable[[str], None]], skip_bad: bool, allow_incomplete: bool
                ) -> Tuple[List[zipdir.Members], List[FileSource]]:
     """Every archive's member table; numpy releases the GIL, so archives parse in parallel."""
     def parse(job: Tuple[FileSource, Any]) -> Union[zipdir.Members, ArchiveError]:
@@ -195,9 +196,10 @@ def _parse_all(sources: Sequence[FileSource], keys: List[Any], index_dir: Option
     with ThreadPoolExecutor(max_workers=min(len(sources), os.cpu_count() or 1) or 1) as pool:
         for src, result in zip(sources, pool.map(parse, zip(sources, keys))):
             if isinstance(result, ArchiveError):
-                if not skip_bad:
+                pieces = len(src.identity) > 1
+                if not (skip_bad or (allow_incomplete and pieces)):
                     raise result
-                log.warning("skipping %s", result)
+                log.warning("skipping %s%s", result, "; a piece may be missing" if pieces else "")
                 src.close()
                 continue
             members.append(result)
@@ -291,11 +293,14 @@ def build_tree(members: Sequence[zipdir.Members], archives: Sequence[str]) -> Tu
     files, basenames, file_dir = files[keep], basenames[keep], file_dir[keep]
     dir_lo = np.searchsorted(file_dir, ids, side="left").astype(np.uint64)
     dir_hi = np.searchsorted(file_dir, ids, side="right").astype(np.uint64)
-    newest = int(files["mtime"].max()) if len(files) else 0
-    dir_mtime = np.full(len(dir_paths), newest, dtype=np.int64)
+    # A folder's mtime is its newest file's, in the whole subtree (children sort after parents).
+    dir_mtime = np.zeros(len(dir_paths), dtype=np.int64)
     nonempty = np.flatnonzero(dir_hi > dir_lo)
     if len(nonempty):
         dir_mtime[nonempty] = np.maximum.reduceat(files["mtime"], dir_lo[nonempty].astype(np.int64))
+    for dir_id in range(len(dir_paths) - 1, 0, -1):
+        parent = dir_ids[dir_paths[dir_id].rpartition(b"/")[0]]
+        dir_mtime[parent] = max(dir_mtime[parent], dir_mtime[dir_id])
     dir_blob = b"".join(dir_paths)
     arrays = {
         "files": files, "basenames": basenames,
@@ -303,8 +308,9 @@ def build_tree(members: Sequence[zipdir.Members], archives: Sequence[str]) -> Tu
         "dir_names": np.frombuffer(dir_blob, dtype=np.uint8),
         "dir_ends": np.cumsum([len(p) for p in dir_paths]).astype(np.uint64),
     }
+    conflicting_rows = sum(len(c[1]) - 1 for c in conflicts)
     extra = {"conflicts": conflicts, "warnings": warnings, "total_bytes": int(files["size"].sum()),
-             "duplicates": int(same.sum())}
+             "duplicates": int(same.sum()) - conflicting_rows}
     return arrays, extra
 
 

@@ -66,8 +66,6 @@ class Reader:
         self._decoded: cachetools.LRUCache = cachetools.LRUCache(maxsize=max(cache_bytes, 1), getsizeof=len)
         self._headers: cachetools.LRUCache = cachetools.LRUCache(maxsize=1 << 16)
         self._streams: cachetools.LRUCache = cachetools.LRUCache(maxsize=8)
-        #: large stored members read in order: (next offset, CRC so far)
-        self._stored_crcs: cachetools.LRUCache = cachetools.LRUCache(maxsize=64)
 
     def read(self, member: Member, label: str, size: int, offset: int) -> bytes:
         total = member.size
@@ -81,7 +79,7 @@ class Reader:
             if offset == 0 and size == total and total <= WHOLE_READ_MAX:
                 return self._read_whole_stored(src, member, label)
             if total >= STREAM_MIN:
-                return self._read_range(src, member, label, size, offset)
+                return self._stream(src, member, label).read(size, offset)
         if total < STREAM_MIN:
             return self._decoded_whole(src, member, label)[offset:offset + size]
         if method == DEFLATED and plain:
@@ -130,24 +128,6 @@ class Reader:
         check_crc(src, member, label, data)
         return data
 
-    def _read_range(self, src: Source, member: Member, label: str, size: int, offset: int) -> bytes:
-        """A range of a large stored member. Its CRC is followed while it is read in order
-        (the kernel's usual pattern) and checked at the end: the last read then fails."""
-        header = self._header(src, member, label)
-        data = src.pread(size, header.data_offset + offset)
-        if len(data) != size:
-            raise MemberError(src.name, label, "member data is cut short (archive truncated?)")
-        key = self._key(member)
-        with self._lock:
-            next_offset, crc = self._stored_crcs.get(key, (0, 0))
-            in_order = offset == next_offset
-            if in_order:
-                crc = inflate_impl.crc32(data, crc)
-                self._stored_crcs[key] = (offset + size, crc)
-        if in_order and offset + size == member.size:
-            check_crc(src, member, label, b"", crc)
-        return data
-
     def _decoded_whole(self, src: Source, member: Member, label: str) -> bytes:
         key = self._key(member)
         with self._lock:
@@ -160,12 +140,13 @@ class Reader:
                 self._decoded[key] = data
         return data
 
-    def _stream(self, src: Source, member: Member, label: str) -> "DeflateStream":
+    def _stream(self, src: Source, member: Member, label: str) -> "_LargeMember":
         key = self._key(member)
         with self._lock:
             stream = self._streams.get(key)
         if stream is None:
-            fresh = DeflateStream(src, member, label, self._header(src, member, label))
+            kind = StoredStream if member.method == STORED else DeflateStream
+            fresh = kind(src, member, label, self._header(src, member, label))
             with self._lock:
                 stream = self._streams.setdefault(key, fresh)
         return stream
@@ -278,24 +259,104 @@ def _libarchive_decode(src: Source, member: Member, label: str, header: bytes, d
     return b"".join(chunks)
 
 
+class _LargeMember:
+    """What large members (32 MiB and more) share: served by ranges, checked at the end.
+
+    The CRC is followed while the member is read in order. When the read that reaches the
+    end was not preceded by an in-order pass (the kernel's readahead and retries arrive out
+    of order), the whole member is decoded once more just to check it. The verdict is kept:
+    once a member is known to be corrupt, every read of it fails.
+    """
+
+    def __init__(self, src: Source, member: Member, label: str, header: LocalHeader) -> None:
+        self.src, self.label = src, label
+        self.size, self.csize, self.crc = member.size, member.compressed_size, member.crc32
+        self.data_offset = header.data_offset
+        self._verdict: Optional[bool] = None
+        self._verdict_lock = threading.Lock()
+
+    def read(self, size: int, offset: int) -> bytes:
+        if self._verdict is False:
+            raise self._corrupt()
+        return self._read(size, offset)
+
+    def _read(self, size: int, offset: int) -> bytes:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def _whole_crc(self) -> int:  # pragma: no cover - interface
+        """The CRC-32 of the whole member, decoded again from the start."""
+        raise NotImplementedError
+
+    def _corrupt(self) -> MemberError:
+        return MemberError(self.src.name, self.label, "CRC-32 mismatch: the archive is corrupt")
+
+    def _at_end(self, followed_crc: Optional[int]) -> None:
+        """Called by the read that reaches the end; raises if the member is corrupt."""
+        with self._verdict_lock:
+            if self._verdict is None:
+                try:
+                    crc = followed_crc if followed_crc is not None else self._whole_crc()
+                except MemberError:
+                    self._verdict = False
+                    raise
+                self._verdict = crc == self.crc
+        if not self._verdict:
+            raise self._corrupt()
+
+
+class StoredStream(_LargeMember):
+    """A large stored member: ``os.pread`` of each range, the CRC followed in order."""
+
+    def __init__(self, src: Source, member: Member, label: str, header: LocalHeader) -> None:
+        super().__init__(src, member, label, header)
+        self._next, self._crc = 0, 0   #: in-order progress: next offset, CRC so far
+        self._lock = threading.Lock()
+
+    def _pread(self, size: int, offset: int) -> bytes:
+        data = self.src.pread(size, self.data_offset + offset)
+        if len(data) != size:
+            raise MemberError(self.src.name, self.label, "member data is cut short (archive truncated?)")
+        return data
+
+    def _read(self, size: int, offset: int) -> bytes:
+        data = self._pread(size, offset)
+        with self._lock:
+            if offset == 0:
+                self._next, self._crc = 0, 0
+            followed = offset == self._next
+            if followed:
+                self._next, self._crc = offset + size, inflate_impl.crc32(data, self._crc)
+            crc = self._crc
+        if offset + size == self.size:
+            self._at_end(crc if followed else None)
+        return data
+
+    def _whole_crc(self) -> int:
+        crc = 0
+        for offset in range(0, self.size, CHECK_CHUNK):
+            crc = inflate_impl.crc32(self._pread(min(CHECK_CHUNK, self.size - offset), offset), crc)
+        return crc
+
+
 class _Point(NamedTuple):
-    out_pos: int      #: uncompressed offset
-    in_pos: int       #: compressed offset, relative to the member's data
-    state: object     #: a decompressor positioned there (only ever copied)
+    out_pos: int          #: uncompressed offset
+    in_pos: int           #: compressed offset, relative to the member's data
+    state: object         #: a decompressor positioned there (only ever copied)
+    crc: Optional[int]    #: CRC-32 of everything before out_pos, when known
 
 
 class _Cursor:
     """One sequential decoder; used by one thread at a time."""
 
-    def __init__(self, point: _Point, crc: Optional[int]) -> None:
+    def __init__(self, point: _Point) -> None:
         self.inflater = point.state.copy()  # type: ignore[attr-defined]
         self.out_pos = point.out_pos
         self.in_pos = point.in_pos
-        self.pending = b""    #: decoded bytes starting at out_pos
-        self.crc = crc        #: running CRC while decoding from 0 in order, else None
+        self.pending = b""       #: decoded bytes starting at out_pos
+        self.crc = point.crc     #: running CRC of everything decoded, when known
 
 
-class DeflateStream:
+class DeflateStream(_LargeMember):
     """A large deflated member read through cursors and seek points.
 
     Seek points are decompressor snapshots taken every ``interval`` output bytes, kept
@@ -303,7 +364,8 @@ class DeflateStream:
     decoding. At most 256 points (interval grows with the member) and ``MAX_CURSORS``
     idle cursors are kept, so memory is bounded whatever the member's size. A read
     takes the idle cursor closest below its offset, waits for a busy one there, or
-    starts one from the nearest seek point.
+    starts one from the nearest seek point. Points made by a cursor that knew its CRC
+    carry it, so cursors started from them follow the CRC too.
     """
 
     INPUT_CHUNK = 64 << 10
@@ -312,27 +374,34 @@ class DeflateStream:
     MAX_POINTS = 256
 
     def __init__(self, src: Source, member: Member, label: str, header: LocalHeader) -> None:
-        self.src, self.label = src, label
-        self.size = member.size
-        self.csize = member.compressed_size
-        self.crc = member.crc32
-        self.data_offset = header.data_offset
+        super().__init__(src, member, label, header)
         self.interval = max(4 << 20, -(-self.size // self.MAX_POINTS))
-        self._points: List[_Point] = [_Point(0, 0, inflate_impl.decompressobj(-15))]
+        self._points: List[_Point] = [_Point(0, 0, inflate_impl.decompressobj(-15), 0)]
         self._idle: List[_Cursor] = []
         self._busy: List[_Cursor] = []
         self._lock = threading.Lock()  #: guards the seek points
         self._changed = threading.Condition()  #: guards the cursor lists
 
-    def read(self, size: int, offset: int) -> bytes:
+    def _read(self, size: int, offset: int) -> bytes:
         cursor = self._take(offset)
         try:
             out = self._advance(cursor, offset, size)
         except BaseException:
             self._give(cursor, keep=False)  # its state is unknown now
             raise
+        crc = cursor.crc
         self._give(cursor, keep=True)
+        if offset + len(out) == self.size:
+            self._at_end(crc)
         return out
+
+    def _whole_crc(self) -> int:
+        cursor = _Cursor(self._points[0])
+        while cursor.out_pos < self.size:
+            self._decode_some(cursor)
+            cursor.out_pos += len(cursor.pending)
+            cursor.pending = b""
+        return cursor.crc  # type: ignore[return-value]  # started at 0, so known
 
     def _nearest(self, cursors: List[_Cursor], offset: int) -> Optional[_Cursor]:
         """The cursor closest below ``offset`` and less than one interval before it."""
@@ -356,7 +425,7 @@ class DeflateStream:
                 if self._nearest(self._busy, offset) is None or not self._changed.wait(timeout=1.0):
                     keys = [p.out_pos for p in self._points]
                     point = self._points[bisect.bisect_right(keys, offset) - 1]
-                    cursor = _Cursor(point, 0 if point.out_pos == 0 else None)
+                    cursor = _Cursor(point)
                     break
             self._busy.append(cursor)
             return cursor
@@ -407,16 +476,14 @@ class DeflateStream:
         end = produced_at + len(data)
         if end > self.size:
             raise MemberError(self.src.name, self.label, "deflate stream inflates past its declared size")
+        cursor.pending += data
         if cursor.crc is not None:
             cursor.crc = inflate_impl.crc32(data, cursor.crc)
-            if end == self.size and cursor.crc != self.crc:
-                raise MemberError(self.src.name, self.label, "CRC-32 mismatch: the archive is corrupt")
-        cursor.pending += data
         if not inflater.unconsumed_tail:
-            self._maybe_add_point(end, cursor.in_pos, inflater)
+            self._maybe_add_point(end, cursor.in_pos, inflater, cursor.crc)
 
-    def _maybe_add_point(self, out_pos: int, in_pos: int, inflater: object) -> None:
+    def _maybe_add_point(self, out_pos: int, in_pos: int, inflater: object, crc: Optional[int]) -> None:
         with self._lock:
             last = self._points[-1].out_pos
             if out_pos >= last + self.interval:
-                self._points.append(_Point(out_pos, in_pos, inflater.copy()))  # type: ignore[attr-defined]
+                self._points.append(_Point(out_pos, in_pos, inflater.copy(), crc))  # type: ignore[attr-defined]

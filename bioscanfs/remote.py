@@ -166,7 +166,8 @@ class RemoteSource(Source):
     def _retrying(self, what: str, call: Any) -> Any:
         """``call(fs)``, retried with backoff on transient failures; RemoteError when it
         keeps failing or fails for good (404, 403, ...)."""
-        for attempt in range(1, ATTEMPTS + 1):
+        attempt = 1
+        while True:
             try:
                 return call(_filesystem(self._protocol, self._options))
             except ArchiveError:
@@ -178,7 +179,7 @@ class RemoteSource(Source):
                     raise RemoteError(self.url, f"{what}: {_describe(err)}{tried}") from None
                 log.info("%s: %s: %s; retrying", self.url, what, _describe(err))
                 time.sleep(BACKOFF * 2 ** (attempt - 1))
-        raise AssertionError("unreachable")
+                attempt += 1
 
     def close(self) -> None:
         """Nothing to release: connections belong to the process's filesystem."""
