@@ -193,17 +193,23 @@ def _parse_all(sources: Sequence[FileSource], keys: List[Any], index_dir: Option
 
     members: List[zipdir.Members] = []
     kept: List[FileSource] = []
+    refused: List[ArchiveError] = []
     with ThreadPoolExecutor(max_workers=min(len(sources), os.cpu_count() or 1) or 1) as pool:
         for src, result in zip(sources, pool.map(parse, zip(sources, keys))):
             if isinstance(result, ArchiveError):
                 pieces = len(src.identity) > 1
-                if not (skip_bad or (allow_incomplete and pieces)):
-                    raise result
-                log.warning("skipping %s%s", result, "; a piece may be missing" if pieces else "")
+                if skip_bad or (allow_incomplete and pieces):
+                    log.warning("skipping %s%s", result, "; a piece may be missing" if pieces else "")
+                else:
+                    refused.append(result)
                 src.close()
                 continue
             members.append(result)
             kept.append(src)
+    if refused:
+        raise refused[0] if len(refused) == 1 else ArchiveError(
+            f"{len(refused)} archives", "cannot be used (--skip-bad mounts the rest):\n" +
+            "\n".join(str(err) for err in refused))
     return members, kept
 
 
