@@ -352,7 +352,7 @@ class _Cursor:
         self.inflater = point.state.copy()  # type: ignore[attr-defined]
         self.out_pos = point.out_pos
         self.in_pos = point.in_pos
-        self.pending = b""       #: decoded bytes starting at out_pos
+        self.pending = bytearray()  #: decoded bytes starting at out_pos (appends stay linear)
         self.crc = point.crc     #: running CRC of everything decoded, when known
 
 
@@ -400,7 +400,7 @@ class DeflateStream(_LargeMember):
         while cursor.out_pos < self.size:
             self._decode_some(cursor)
             cursor.out_pos += len(cursor.pending)
-            cursor.pending = b""
+            cursor.pending.clear()
         return cursor.crc  # type: ignore[return-value]  # started at 0, so known
 
     def _nearest(self, cursors: List[_Cursor], offset: int) -> Optional[_Cursor]:
@@ -447,12 +447,12 @@ class DeflateStream(_LargeMember):
             # Drop what lies before the offset, keeping memory bounded by one output cap.
             drop = min(len(cursor.pending), offset - cursor.out_pos)
             if drop > 0:
-                cursor.pending = cursor.pending[drop:]
+                del cursor.pending[:drop]
                 cursor.out_pos += drop
         start = offset - cursor.out_pos
-        out = cursor.pending[start:start + (want_end - offset)]
+        out = bytes(cursor.pending[start:start + (want_end - offset)])
         # Keep only what follows this read: the next sequential read starts there.
-        cursor.pending = cursor.pending[start + len(out):]
+        del cursor.pending[:start + len(out)]
         cursor.out_pos = offset + len(out)
         return out
 
