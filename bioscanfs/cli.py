@@ -119,12 +119,14 @@ def main() -> None:
 @click.option("--log", "log_file", type=click.Path(dir_okay=False),
               help="Log file [default in daemon mode: INDEX_DIR/bioscanfs.log].")
 @click.option("-v", "--verbose", count=True, help="More log detail (-vv for debug).")
+@click.option("-s", "--single-threaded", is_flag=True,
+              help="Serve requests on one thread (lower latency for one reader, no overlap for many).")
 @click.option("--password-file", type=click.Path(exists=True, dir_okay=False),
               help="Password for encrypted members (first line). In -f mode without it, you are asked.")
 @_source_options
 @_user_errors
 def mount(sources, mountpoint, foreground, options, cache_size, log_file, verbose, index_dir,
-          skip_bad, allow_incomplete, password_file) -> None:
+          skip_bad, allow_incomplete, single_threaded, password_file) -> None:
     """Mount the archives in SOURCES (folders or zip files) at MOUNTPOINT.
 
     Returns once the tree can be read; the filesystem keeps running in the background
@@ -158,12 +160,17 @@ def mount(sources, mountpoint, foreground, options, cache_size, log_file, verbos
         click.echo(f"warning: {len(conflicts)} paths differ between archives (first archive wins), e.g. {examples}; "
                    "see `bioscanfs info`", err=True)
     fuse_options = mount_options(list(options))
+
+    def announce() -> None:
+        log.info("mounted %d files from %d archives at %s", len(collection.tree.files),
+                 len(collection.sources), mountpoint)
+
     if foreground:
         _setup_logging(verbose, log_file)
-        serve(collection, mountpoint, fuse_options,
-              on_ready=lambda: log.info("mounted %d files at %s", len(collection.tree.files), mountpoint))
+        serve(collection, mountpoint, fuse_options, on_ready=announce, threads=not single_threaded)
         return
-    _daemonize(lambda ready: serve(collection, mountpoint, fuse_options, on_ready=ready),
+    _daemonize(lambda ready: serve(collection, mountpoint, fuse_options, threads=not single_threaded,
+                                   on_ready=lambda: (announce(), ready())),
                verbose, log_file)
     click.echo(f"mounted {len(collection.tree.files)} files from {len(collection.sources)} archives at {mountpoint}")
     click.echo(f"log: {log_file}; unmount with: bioscanfs umount {mountpoint}")
