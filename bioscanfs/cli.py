@@ -59,6 +59,8 @@ def _setup_logging(verbose: int, log_file: Optional[str]) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("mfusepy").setLevel(max(level, logging.INFO))
+    # libarchive-c logs its warnings without archive or member; our own error line has both.
+    logging.getLogger("libarchive").setLevel(logging.ERROR)
 
 
 def _open(sources, index_dir, cache_size=256 << 20, skip_bad=False, allow_incomplete=False,

@@ -120,12 +120,19 @@ class Collection:
         except BioscanError as err:
             log.warning("%s", err)
             target = None
-        if target is not None and not link_stays_inside(path, target):
+        if target is not None and not link_stays_inside(path, target, self._is_link):
             log.warning("%s: symlink to %r leaves the tree; served as a regular file",
                         label, target.decode("utf-8", "surrogateescape"))
             target = None
         self._links[node] = target
         return target
+
+    def _is_link(self, path: bytes) -> bool:
+        try:
+            node = self.tree.lookup(path)
+        except NotFound:
+            return False
+        return node >= 0 and stat_mod.S_ISLNK(self.tree.member(node).mode)
 
     # -- bytes ---------------------------------------------------------------------------
     def read_node(self, node: int, size: int, offset: int, label: str) -> bytes:

@@ -254,7 +254,7 @@ def build_tree(members: Sequence[zipdir.Members], archives: Sequence[str]) -> Tu
     spans = np.concatenate(ends) if ends else np.empty((0, 2), np.int64)
     begins, name_ends = spans[:, 0], spans[:, 1]
     longest = int((name_ends - begins).max(initial=0))
-    blob = np.concatenate(blobs + [np.zeros(longest + 8, np.uint8)])
+    blob = np.concatenate(blobs + [np.zeros(max(longest, _SLASH_WINDOW) + 8, np.uint8)])
 
     cut = _last_slash(blob, begins, name_ends)
     has_dir = cut >= 0
@@ -412,7 +412,10 @@ def _chunks(n: int, size: int = 1 << 16) -> Iterator[slice]:
     return (slice(lo, min(lo + size, n)) for lo in range(0, n, size))
 
 
-def _last_slash(blob: np.ndarray, begins: np.ndarray, ends: np.ndarray, window: int = 32) -> np.ndarray:
+_SLASH_WINDOW = 32
+
+
+def _last_slash(blob: np.ndarray, begins: np.ndarray, ends: np.ndarray, window: int = _SLASH_WINDOW) -> np.ndarray:
     """Blob position of each name's last '/', or -1 when it has none.
 
     Looks at the last ``window`` bytes of every name at once; names whose slash lies

@@ -6,7 +6,7 @@ through the kernel exactly; Python strings carry them with ``surrogateescape``.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 NAME_MAX = 255
 
@@ -54,9 +54,14 @@ def clean_name(raw: bytes, utf8_flag: bool) -> Tuple[Optional[bytes], Optional[s
     return b"/".join(kept), note
 
 
-def link_stays_inside(link_path: bytes, target: bytes) -> bool:
+def link_stays_inside(link_path: bytes, target: bytes,
+                      is_link: Callable[[bytes], bool] = lambda path: False) -> bool:
     """Whether a symlink at ``link_path`` (relative to the root) pointing to ``target``
     resolves inside the tree; absolute targets and any climb above the root do not.
+
+    The walk is lexical, which is only what the kernel does when no component before the
+    last is itself a link (``a/up -> ..`` makes ``a/up/../x`` climb twice): a target that
+    passes through another link (``is_link``) is refused.
 
     >>> link_stays_inside(b"a/b/link", b"../c.jpg"), link_stays_inside(b"a/link", b"../../etc/passwd")
     (True, False)
@@ -64,11 +69,14 @@ def link_stays_inside(link_path: bytes, target: bytes) -> bool:
     if not target or target.startswith(b"/") or b"\x00" in target:
         return False
     parts = link_path.split(b"/")[:-1]
-    for part in target.split(b"/"):
+    pieces = target.split(b"/")
+    for i, part in enumerate(pieces):
         if part == b"..":
             if not parts:
                 return False
             parts.pop()
         elif part not in (b"", b"."):
             parts.append(part)
+            if i < len(pieces) - 1 and is_link(b"/".join(parts)):
+                return False
     return True

@@ -459,28 +459,42 @@ class DeflateStream(_LargeMember):
     def _decode_some(self, cursor: _Cursor) -> None:
         inflater = cursor.inflater
         produced_at = cursor.out_pos + len(cursor.pending)
-        try:
-            if inflater.unconsumed_tail:
-                data = inflater.decompress(inflater.unconsumed_tail, self.OUTPUT_CAP)
-            else:
-                if inflater.eof or cursor.in_pos >= self.csize:
-                    raise MemberError(self.src.name, self.label, "deflate stream ends early")
-                chunk = self.src.pread(min(self.INPUT_CHUNK, self.csize - cursor.in_pos),
-                                       self.data_offset + cursor.in_pos)
-                if not chunk:
-                    raise MemberError(self.src.name, self.label, "member data is cut short (archive truncated?)")
-                cursor.in_pos += len(chunk)
-                data = inflater.decompress(chunk, self.OUTPUT_CAP)
-        except inflate_impl.error as err:
-            raise MemberError(self.src.name, self.label, f"deflate stream is corrupt ({err})") from None
+        if not inflater.unconsumed_tail and (inflater.eof or cursor.in_pos >= self.csize):
+            raise MemberError(self.src.name, self.label, "deflate stream ends early")
+        data = self._inflate_more(cursor, self.OUTPUT_CAP)
         end = produced_at + len(data)
         if end > self.size:
             raise MemberError(self.src.name, self.label, "deflate stream inflates past its declared size")
         cursor.pending += data
         if cursor.crc is not None:
             cursor.crc = inflate_impl.crc32(data, cursor.crc)
+        if end == self.size:
+            self._expect_end(cursor)
         if not inflater.unconsumed_tail:
             self._maybe_add_point(end, cursor.in_pos, inflater, cursor.crc)
+
+    def _inflate_more(self, cursor: _Cursor, limit: int) -> bytes:
+        """Up to ``limit`` more bytes from the cursor's inflater, reading input as needed."""
+        inflater = cursor.inflater
+        try:
+            if inflater.unconsumed_tail:
+                return inflater.decompress(inflater.unconsumed_tail, limit)
+            chunk = self.src.pread(min(self.INPUT_CHUNK, self.csize - cursor.in_pos), self.data_offset + cursor.in_pos)
+            if not chunk:
+                raise MemberError(self.src.name, self.label, "member data is cut short (archive truncated?)")
+            cursor.in_pos += len(chunk)
+            return inflater.decompress(chunk, limit)
+        except inflate_impl.error as err:
+            raise MemberError(self.src.name, self.label, f"deflate stream is corrupt ({err})") from None
+
+    def _expect_end(self, cursor: _Cursor) -> None:
+        """At the declared size the stream must end: one more byte would be a bomb."""
+        inflater = cursor.inflater
+        while not inflater.eof:
+            if not inflater.unconsumed_tail and cursor.in_pos >= self.csize:
+                raise MemberError(self.src.name, self.label, "deflate stream does not end at its declared size")
+            if self._inflate_more(cursor, 1):
+                raise MemberError(self.src.name, self.label, "deflate stream inflates past its declared size")
 
     def _maybe_add_point(self, out_pos: int, in_pos: int, inflater: object, crc: Optional[int]) -> None:
         with self._lock:
