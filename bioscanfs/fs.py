@@ -2,8 +2,8 @@
 
 Owns the translation of errors to errno and the mount options; knows nothing of ZIP.
 Only what a read-only filesystem answers is overridden: mfusepy's base class answers
-every write-type call with EROFS. ``open``/``release`` are deliberately not implemented,
-so libfuse answers them in C without entering Python; reads find their member by path.
+every write-type call with EROFS. ``open`` answers ENOSYS once, after which the kernel
+opens files without asking; reads find their member by path.
 """
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ whose records need more than 64 extra-field blocks per entry.
 """
 from __future__ import annotations
 
+import functools
 import struct
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -213,7 +214,7 @@ def read_members(src: Source, warn: Optional[Callable[[str], None]] = None) -> M
     for line in warnings:
         if warn:
             warn(line)
-    return Members(table[keep], names, ends, is_dir, warnings)
+    return Members(table if keep.all() else table[keep], names, ends, is_dir, warnings)
 
 
 def _check_extents(archive: str, offsets: np.ndarray, csizes: np.ndarray, name_lengths: np.ndarray,
@@ -285,13 +286,15 @@ def _walk_records(archive: str, buf: np.ndarray) -> np.ndarray:
     return np.asarray(starts, dtype=np.int64)
 
 
-def _gather(buf: np.ndarray, starts: np.ndarray, dtype: np.dtype, chunk: int = 1 << 18) -> np.ndarray:
+def _gather(buf: np.ndarray, starts: np.ndarray, dtype: np.dtype, chunk: int = 1 << 16) -> np.ndarray:
     """Copy ``dtype.itemsize`` bytes at each start into a packed record array."""
     out = np.empty(len(starts), dtype=dtype)
+    if len(starts) == 0:
+        return out
     raw = out.view(np.uint8).reshape(len(starts), dtype.itemsize)
-    span = np.arange(dtype.itemsize, dtype=np.int64)
+    windows = np.lib.stride_tricks.sliding_window_view(buf, dtype.itemsize)
     for lo in range(0, len(starts), chunk):
-        raw[lo:lo + chunk] = buf[starts[lo:lo + chunk, None] + span]
+        raw[lo:lo + chunk] = windows[starts[lo:lo + chunk]]
     return out
 
 
@@ -351,18 +354,25 @@ def _gather_names(buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> T
     lengths = lengths.astype(np.int64)
     ends = np.cumsum(lengths)
     blob = np.empty(int(ends[-1]) if len(ends) else 0, dtype=np.uint8)
-    chunk = 1 << 18
-    for lo in range(0, len(starts), chunk):
-        hi = min(lo + chunk, len(starts))
+    width = int(lengths.max(initial=0))
+    if width == 0:
+        return blob, ends.astype(np.uint64)
+    # Every name as a row of the widest name's width, then the bytes that belong to it.
+    # Rows whose window would run past the directory (its last few names) are copied
+    # one by one instead of padding a copy of the whole directory.
+    name_starts = starts + CENTRAL_DTYPE.itemsize
+    fits = int(np.searchsorted(name_starts, len(buf) - width, side="right")) if len(buf) >= width else 0
+    windows = np.lib.stride_tricks.sliding_window_view(buf, width) if fits else None
+    column = np.arange(width)
+    chunk = 1 << 16
+    for lo in range(0, fits, chunk):
+        hi = min(lo + chunk, fits)
         first = int(ends[lo - 1]) if lo else 0
-        lens = lengths[lo:hi]
-        total = int(ends[hi - 1]) - first
-        # Position of byte j of the chunk's blob: its record's name start plus j minus the
-        # blob position where that record's name begins.
-        name_starts = starts[lo:hi] + CENTRAL_DTYPE.itemsize
-        blob_starts = ends[lo:hi] - lens - first
-        src = np.repeat(name_starts - blob_starts, lens) + np.arange(total, dtype=np.int64)
-        blob[first:first + total] = buf[src]
+        rows = windows[name_starts[lo:hi]]
+        blob[first:int(ends[hi - 1])] = rows[column < lengths[lo:hi, None]]
+    for i in range(fits, len(starts)):
+        at = int(name_starts[i])
+        blob[int(ends[i]) - int(lengths[i]):int(ends[i])] = buf[at:at + int(lengths[i])]
     return blob, ends.astype(np.uint64)
 
 
@@ -438,15 +448,22 @@ def dos_to_unix(dates: np.ndarray, times: np.ndarray) -> np.ndarray:
 
     Out-of-range fields (month 0, day 0) are clamped, as unzip does, instead of failing.
     """
-    dates = dates.astype(np.int64)
-    times = times.astype(np.int64)
-    year = 1980 + (dates >> 9)
-    month = np.clip((dates >> 5) & 0xF, 1, 12)
-    day = np.clip(dates & 0x1F, 1, 31)
+    day_seconds, time_seconds = _dos_tables()
+    return day_seconds[dates] + time_seconds[times]
+
+
+@functools.lru_cache(maxsize=None)
+def _dos_tables() -> Tuple[np.ndarray, np.ndarray]:
+    """Seconds for each of the 65,536 DOS date codes and time codes: two gathers per
+    member instead of calendar arithmetic."""
+    codes = np.arange(1 << 16, dtype=np.int64)
+    year = 1980 + (codes >> 9)
+    month = np.clip((codes >> 5) & 0xF, 1, 12)
+    day = np.clip(codes & 0x1F, 1, 31)
     months = ((year - 1970) * 12 + month - 1).astype("datetime64[M]")
     days = months.astype("datetime64[D]").astype(np.int64) + day - 1
-    seconds = (times >> 11) * 3600 + ((times >> 5) & 0x3F) * 60 + (times & 0x1F) * 2
-    return days * 86400 + seconds
+    seconds = (codes >> 11) * 3600 + ((codes >> 5) & 0x3F) * 60 + (codes & 0x1F) * 2
+    return days * 86400, seconds
 
 
 class LocalHeader(NamedTuple):
