@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 INDEX_VERSION = 3
 FILE_DTYPE = zipdir.MEMBER_DTYPE
+_RECORD = np.dtype((np.void, FILE_DTYPE.itemsize))  #: a row as opaque bytes: fast to copy and gather
 
 
 def default_index_dir() -> str:
@@ -249,8 +250,10 @@ def build_tree(members: Sequence[zipdir.Members], archives: Sequence[str]) -> Tu
         blobs.append(blob)
         ends.append(np.stack([begins[~is_dir], name_ends[~is_dir]], axis=1) + shift)
         shift += len(blob)
-    table_starts = np.cumsum([0] + [len(t) for t in tables])
-    n_files = int(table_starts[-1])
+    # Rows of all archives end to end, as raw records (a plain memory copy).
+    records = np.concatenate([t.view(_RECORD) for t in tables]) if tables else np.empty(0, _RECORD)
+    archive_of = np.repeat(np.arange(len(tables), dtype=np.uint16), [len(t) for t in tables])
+    n_files = len(records)
     spans = np.concatenate(ends) if ends else np.empty((0, 2), np.int64)
     begins, name_ends = spans[:, 0], spans[:, 1]
     longest = int((name_ends - begins).max(initial=0))
@@ -278,7 +281,11 @@ def build_tree(members: Sequence[zipdir.Members], archives: Sequence[str]) -> Tu
     basenames, file_dir = basenames[order], file_dir[order]
 
     def rows(sorted_rows: np.ndarray) -> np.ndarray:
-        return _gather_tables(tables, table_starts, order[sorted_rows])
+        """Member rows at sorted positions, gathered as raw records, archive column set."""
+        picks = order[sorted_rows]
+        out = np.take(records, picks).view(FILE_DTYPE)
+        out["archive"] = archive_of[picks]
+        return out
 
     # Duplicates: equal (dir, name) neighbours; the first (lowest archive) is kept.
     same = np.zeros(n_files, dtype=bool)
@@ -337,21 +344,6 @@ def _fixed_width(blob: np.ndarray, begins: np.ndarray, ends: np.ndarray, align: 
     column = np.arange(width)
     for rows in _chunks(len(lengths)):
         out[rows] = view[begins[rows]] * (column < lengths[rows, None])
-    return out
-
-
-def _gather_tables(tables: Sequence[np.ndarray], starts: np.ndarray, picks: np.ndarray) -> np.ndarray:
-    """Rows ``picks`` of the tables laid end to end (``starts`` = their offsets), with the
-    archive column set, gathered as raw records straight from each table (no concatenation)."""
-    out = np.empty(len(picks), dtype=FILE_DTYPE)
-    raw_out = out.view(np.dtype((np.void, FILE_DTYPE.itemsize)))
-    archive = np.searchsorted(starts, picks, side="right") - 1
-    for a, table in enumerate(tables):
-        where = np.flatnonzero(archive == a)
-        if len(where):
-            raw = table.view(np.dtype((np.void, FILE_DTYPE.itemsize)))
-            raw_out[where] = raw[picks[where] - starts[a]]
-    out["archive"] = archive
     return out
 
 

@@ -44,6 +44,7 @@ for _path in (str(_HERE.parent), str(_HERE)):
         sys.path.insert(0, _path)
 
 from _fakeids import ProcessIds  # noqa: E402
+from _benchutil import find_ratarmount  # noqa: E402
 from bench_scale import _dos_stamp, write_stored_zip  # noqa: E402
 from bioscanfs.cli import _is_mounted  # noqa: E402
 from bioscanfs.layout import image_path  # noqa: E402
@@ -259,19 +260,6 @@ def bioscanfs_target(pset: PackageSet, work: Path, extra_args: List[str]) -> Mou
                "--index-dir", str(work / "index-bioscanfs"), *extra_args]
     return MountTarget("bioscanfs", root, command,
                        [[sys.executable, "-m", "bioscanfs", "umount", str(root)], *_fusermount(root)])
-
-
-def find_ratarmount() -> Optional[str]:
-    """ratarmount next to this interpreter or on PATH, if ``ratarmount --help`` works."""
-    beside = Path(sys.executable).parent / "ratarmount"
-    program = str(beside) if beside.exists() else shutil.which("ratarmount")
-    if program is None:
-        return None
-    try:
-        works = subprocess.run([program, "--help"], capture_output=True, timeout=120).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        works = False
-    return program if works else None
 
 
 def ratarmount_target(program: str, pset: PackageSet, work: Path) -> MountTarget:

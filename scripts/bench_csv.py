@@ -34,7 +34,7 @@ for _path in (str(_HERE.parent), str(_HERE)):
         sys.path.insert(0, _path)
 
 from bench import MountTarget, _fusermount, can_drop_caches, drop_caches  # noqa: E402
-from bench_scale import rss, server_pid  # noqa: E402
+from _benchutil import rss, server_pid  # noqa: E402
 from bioscanfs.layout import METADATA_CSV, METADATA_ZIP  # noqa: E402
 from make_fake_bioscan import make_set  # noqa: E402
 

@@ -32,6 +32,7 @@ for _path in (str(_HERE.parent), str(_HERE)):
         sys.path.insert(0, _path)
 
 from _fakeids import ProcessIds  # noqa: E402
+from _benchutil import find_ratarmount, rss, server_pid  # noqa: E402
 from bioscanfs.layout import EVAL_SPLITS, SPLIT_SIZES, image_path  # noqa: E402
 
 FULL_TOTAL = sum(SPLIT_SIZES.values())  # 5,150,850
@@ -229,30 +230,6 @@ def _run_timed(command: list[str]) -> tuple[float, int]:
     return elapsed, usage.ru_maxrss * 1024
 
 
-def server_pid(mountpoint: Path, name: str) -> int:
-    """The process that serves a mount point: the newest whose command line names both."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            args = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if any(name.encode() in a for a in args) and str(mountpoint).encode() in args:
-            found.append(int(entry))
-    if not found:
-        raise SystemExit(f"no {name} process serves {mountpoint}")
-    return max(found)
-
-
-def rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def _list_chunk(mountpoint: Path) -> tuple[float, int]:
     """(seconds, entries) to list and stat one 18,000-entry pretrain chunk folder."""
     folder = mountpoint / "bioscan5m/images" / IMGTYPE / "pretrain/00"
@@ -310,8 +287,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     results += _measure_mounts("bioscanfs", [sys.executable, "-m", "bioscanfs", "mount", str(outdir),
                                              str(mountpoint), "--index-dir", str(work / "index")],
                                mountpoint, "bioscanfs")
-    if not args.no_ratarmount and shutil.which("ratarmount"):
-        results += _measure_mounts("ratarmount", ["ratarmount", "--index-folders", str(work / "rindex"),
+    ratarmount = None if args.no_ratarmount else find_ratarmount()
+    if ratarmount:
+        results += _measure_mounts("ratarmount", [ratarmount, "--index-folders", str(work / "rindex"),
                                                   *map(str, zips), str(mountpoint)],
                                    mountpoint, "ratarmount")
     shutil.rmtree(work, ignore_errors=True)
