@@ -236,26 +236,27 @@ def _archive_members(src: FileSource, key: Any, index_dir: Optional[str]) -> zip
 def build_tree(members: Sequence[zipdir.Members], archives: Sequence[str]) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
     """Merge the member tables of several archives into the tree arrays (bulk numpy)."""
     warnings: List[str] = [w for m in members for w in m.warnings]
-    tables, blobs, ends, dirs_given = [], [], [], set()
+    tables, blobs, all_begins, all_ends, dirs_given = [], [], [], [], set()
     shift = 0
     for m in members:
-        is_dir = np.asarray(m.is_dir, dtype=bool)
         name_ends = np.asarray(m.name_ends, dtype=np.int64)
         begins = np.concatenate(([0], name_ends[:-1]))
-        for i in np.flatnonzero(is_dir).tolist():
-            dirs_given.add(bytes(m.names[begins[i]:name_ends[i]]))
-        rows = m.table[~is_dir]
-        tables.append(rows)
-        blob = np.asarray(m.names, dtype=np.uint8)
-        blobs.append(blob)
-        ends.append(np.stack([begins[~is_dir], name_ends[~is_dir]], axis=1) + shift)
-        shift += len(blob)
+        table = m.table
+        if np.any(m.is_dir):  # explicit directory entries: their paths only, no rows
+            is_dir = np.asarray(m.is_dir, dtype=bool)
+            dirs_given.update(bytes(m.names[begins[i]:name_ends[i]]) for i in np.flatnonzero(is_dir).tolist())
+            table, begins, name_ends = table[~is_dir], begins[~is_dir], name_ends[~is_dir]
+        tables.append(table)
+        blobs.append(np.asarray(m.names, dtype=np.uint8))
+        all_begins.append(begins + shift)
+        all_ends.append(name_ends + shift)
+        shift += len(blobs[-1])
     # Rows of all archives end to end, as raw records (a plain memory copy).
     records = np.concatenate([t.view(_RECORD) for t in tables]) if tables else np.empty(0, _RECORD)
     archive_of = np.repeat(np.arange(len(tables), dtype=np.uint16), [len(t) for t in tables])
     n_files = len(records)
-    spans = np.concatenate(ends) if ends else np.empty((0, 2), np.int64)
-    begins, name_ends = spans[:, 0], spans[:, 1]
+    begins = np.concatenate(all_begins) if tables else np.empty(0, np.int64)
+    name_ends = np.concatenate(all_ends) if tables else np.empty(0, np.int64)
     longest = int((name_ends - begins).max(initial=0))
     blob = np.concatenate(blobs + [np.zeros(max(longest, _SLASH_WINDOW) + 8, np.uint8)])
 
@@ -342,8 +343,11 @@ def _fixed_width(blob: np.ndarray, begins: np.ndarray, ends: np.ndarray, align: 
         return out
     view = np.lib.stride_tricks.sliding_window_view(blob, width)
     column = np.arange(width)
-    for rows in _chunks(len(lengths)):
+
+    def copy(rows: slice) -> None:
         out[rows] = view[begins[rows]] * (column < lengths[rows, None])
+
+    _for_chunks(len(lengths), copy)
     return out
 
 
@@ -374,22 +378,28 @@ def _group_dirs(blob: np.ndarray, begins: np.ndarray, lengths: np.ndarray) -> Tu
     view = _unaligned_words(blob)
     h = lengths.astype(np.uint64)
     prime = np.uint64(0x100000001B3)
-    with np.errstate(over="ignore"):
-        for rows in _chunks(len(begins)):
+
+    def hash_rows(rows: slice) -> None:
+        with np.errstate(over="ignore"):
             for j in range(words):
                 h[rows] = (h[rows] ^ _word(view, begins[rows], lengths[rows], j)) * prime
                 h[rows] ^= h[rows] >> np.uint64(29)
+
+    _for_chunks(len(begins), hash_rows)
     first, group = _group_keys(h)
     heads = [_word(view, begins[first], lengths[first], j) for j in range(words)]
-    for rows in _chunks(len(begins)):
+
+    def grouped_right(rows: slice) -> bool:
         same = lengths[rows] == lengths[first[group[rows]]]
         for j, head_word in enumerate(heads):
             same &= _word(view, begins[rows], lengths[rows], j) == head_word[group[rows]]
-        if not same.all():
-            matrix = _fixed_width(blob, begins, begins + lengths)
-            matrix = matrix.view(f"V{matrix.shape[1]}").ravel()
-            _, first, group = np.unique(matrix, return_index=True, return_inverse=True)
-            return first, group.ravel()
+        return bool(same.all())
+
+    if not all(_for_chunks(len(begins), grouped_right)):
+        matrix = _fixed_width(blob, begins, begins + lengths)
+        matrix = matrix.view(f"V{matrix.shape[1]}").ravel()
+        _, first, group = np.unique(matrix, return_index=True, return_inverse=True)
+        return first, group.ravel()
     return first, group
 
 
@@ -411,9 +421,13 @@ def _group_keys(keys: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     return first, group
 
 
-def _chunks(n: int, size: int = 1 << 16) -> Iterator[slice]:
-    """Row slices small enough that temporaries stay in cache and are reused, not faulted in."""
-    return (slice(lo, min(lo + size, n)) for lo in range(0, n, size))
+def _for_chunks(n: int, body: Callable[[slice], Any], size: int = 1 << 16) -> List[Any]:
+    """Run ``body`` over row slices, on every core (numpy releases the GIL in its loops).
+
+    Slices are small enough that temporaries stay in cache and are reused, not faulted in.
+    """
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return list(pool.map(body, (slice(lo, min(lo + size, n)) for lo in range(0, n, size))))
 
 
 _SLASH_WINDOW = 32
@@ -428,7 +442,8 @@ def _last_slash(blob: np.ndarray, begins: np.ndarray, ends: np.ndarray, window: 
     last = np.empty(len(begins), dtype=np.int64)
     view = np.lib.stride_tricks.sliding_window_view(blob, window)
     column = np.arange(window, dtype=np.int8)
-    for rows in _chunks(len(begins)):
+
+    def search(rows: slice) -> None:
         b, e = begins[rows], ends[rows]
         starts = np.maximum(e - window, 0)
         # Window columns that belong to the name: [begin - start, end - start), in int8.
@@ -440,6 +455,8 @@ def _last_slash(blob: np.ndarray, begins: np.ndarray, ends: np.ndarray, window: 
         for i in np.flatnonzero(~found & (e - b > window)).tolist():
             at = bytes(blob[b[i]:e[i]]).rfind(b"/")
             last[rows.start + i] = b[i] + at if at >= 0 else -1
+
+    _for_chunks(len(begins), search)
     return last
 
 
