@@ -240,7 +240,7 @@ def build_tree(members: Sequence[zipdir.Members], archives: Sequence[str]) -> Tu
     shift = 0
     for m in members:
         name_ends = np.asarray(m.name_ends, dtype=np.int64)
-        begins = np.concatenate(([0], name_ends[:-1]))
+        begins = np.concatenate(([0], name_ends[:-1])).astype(np.int64)[:len(name_ends)]
         table = m.table
         if np.any(m.is_dir):  # explicit directory entries: their paths only, no rows
             is_dir = np.asarray(m.is_dir, dtype=bool)
