@@ -288,19 +288,23 @@ def _first_failure(inflater: Any, data: bytes) -> Tuple[int, bool]:
     return produced, False
 
 
+def _copy_of(big: "BigMember", factory: pytest.TempPathFactory, name: str) -> Tuple[Path, int, bytes]:
+    """A copy of the big archive to damage: (path, data offset of the CSV, its compressed bytes)."""
+    archive = factory.mktemp(name) / big.archive.name
+    shutil.copyfile(big.archive, archive)
+    start = data_offset(archive, big.info)
+    with open(archive, "rb") as f:
+        f.seek(start)
+        return archive, start, f.read(big.info.compress_size)
+
+
 @pytest.fixture(scope="module")
 def damaged(big: BigMember, tmp_path_factory: pytest.TempPathFactory) -> Damage:
     """A copy of the big archive with 64 bytes in the middle of the CSV's deflate data
     overwritten by 0xFF, at the first place (4 KiB steps from the middle) where CPython's
     zlib, an independent inflater, reports the stream broken within 16 KiB of the damage.
     Not every damage is detectable before the CRC at the very end; this one is."""
-    folder = tmp_path_factory.mktemp("damaged_stream")
-    archive = folder / big.archive.name
-    shutil.copyfile(big.archive, archive)
-    start = data_offset(archive, big.info)
-    with open(archive, "rb") as f:
-        f.seek(start)
-        compressed = f.read(big.info.compress_size)
+    archive, start, compressed = _copy_of(big, tmp_path_factory, "damaged_stream")
     half = len(compressed) // 2
     at_half = zlib.decompressobj(-15)
     before_half = len(at_half.decompress(compressed[:half]))
@@ -320,7 +324,7 @@ def damaged(big: BigMember, tmp_path_factory: pytest.TempPathFactory) -> Damage:
     assert 4 << 20 < intact <= fails_at < big.size - (8 << 20)
     with zipfile.ZipFile(archive) as zf, pytest.raises((zlib.error, zipfile.BadZipFile)):
         zf.read(big.name)
-    return Damage(folder, archive, intact, fails_at)
+    return Damage(archive.parent, archive, intact, fails_at)
 
 
 def test_damaged_stream_gives_eio_and_the_mount_survives(mount: MountFactory, big: BigMember,
@@ -382,13 +386,7 @@ class CrcDamage:
 def crc_damaged_stream(big: BigMember, tmp_path_factory: pytest.TempPathFactory) -> CrcDamage:
     """The big archive with one bit of the CSV's deflate data flipped where the stream still
     inflates to exactly the declared size (CPython's zlib says so): only the CRC tells."""
-    folder = tmp_path_factory.mktemp("crc_damaged_stream")
-    archive = folder / big.archive.name
-    shutil.copyfile(big.archive, archive)
-    start = data_offset(archive, big.info)
-    with open(archive, "rb") as f:
-        f.seek(start)
-        compressed = f.read(big.info.compress_size)
+    archive, start, compressed = _copy_of(big, tmp_path_factory, "crc_damaged_stream")
     half = len(compressed) // 2
     at_half = zlib.decompressobj(-15)
     before = len(at_half.decompress(compressed[:half]))
@@ -408,7 +406,7 @@ def crc_damaged_stream(big: BigMember, tmp_path_factory: pytest.TempPathFactory)
         f.write(flipped)
     with zipfile.ZipFile(archive) as zf, pytest.raises(zipfile.BadZipFile, match="CRC"):
         zf.read(big.name)
-    return CrcDamage(folder, archive, big.name, big.size)
+    return CrcDamage(archive.parent, archive, big.name, big.size)
 
 
 @pytest.fixture(scope="module")
