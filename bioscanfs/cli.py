@@ -21,7 +21,6 @@ import click
 from .collection import Collection
 from .errors import BioscanError
 from .index import default_index_dir
-from .reader import Reader
 from .remote import is_url
 from .layout import IMGTYPES, SPLITS
 
@@ -129,7 +128,7 @@ def main() -> None:
 @_user_errors
 def mount(sources, mountpoint, foreground, options, cache_size, log_file, verbose, index_dir,
           skip_bad, allow_incomplete, single_threaded, password_file) -> None:
-    """Mount the archives in SOURCES (folders or zip files) at MOUNTPOINT.
+    """Mount the archives in SOURCES (folders, zip files or URLs) at MOUNTPOINT.
 
     Returns once the tree can be read; the filesystem keeps running in the background
     until `bioscanfs umount MOUNTPOINT`.
@@ -151,9 +150,9 @@ def mount(sources, mountpoint, foreground, options, cache_size, log_file, verbos
     password = _read_password(password_file)
     collection = _open(sources, index_dir, _size(cache_size), skip_bad, allow_incomplete, password)
     if password is None and foreground and sys.stdin.isatty() and collection.encrypted_members():
-        collection.reader = Reader(collection.sources, _size(cache_size), click.prompt(
+        collection.reader.password = click.prompt(
             f"{collection.encrypted_members()} members are encrypted; password", hide_input=True,
-            default="", show_default=False).encode() or None)
+            default="", show_default=False).encode() or None
     for line in collection.warnings[:20]:
         click.echo(f"warning: {line}", err=True)
     conflicts = collection.tree.conflicts

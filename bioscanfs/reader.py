@@ -61,7 +61,7 @@ class Reader:
     def __init__(self, sources: Sequence[Source], cache_bytes: int = 256 << 20,
                  password: Optional[bytes] = None) -> None:
         self._sources = list(sources)
-        self._password = password
+        self.password = password  #: for encrypted members; may be set later (a prompt)
         self._lock = threading.Lock()
         self._decoded: cachetools.LRUCache = cachetools.LRUCache(maxsize=max(cache_bytes, 1), getsizeof=len)
         self._headers: cachetools.LRUCache = cachetools.LRUCache(maxsize=1 << 16)
@@ -134,7 +134,7 @@ class Reader:
             data = self._decoded.get(key)
         if data is not None:
             return data
-        data = decode_whole(src, member, label, *self._read_with_header(src, member, label), self._password)
+        data = decode_whole(src, member, label, *self._read_with_header(src, member, label), self.password)
         if len(data) <= self._decoded.maxsize:
             with self._lock:
                 self._decoded[key] = data
