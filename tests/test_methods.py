@@ -19,10 +19,13 @@ import importlib
 import json
 import lzma
 import os
+import pty
 import re
+import select
 import shutil
 import struct
 import subprocess
+import time
 import zipfile
 import zlib
 from pathlib import Path
@@ -31,7 +34,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import pytest
 
-from conftest import MountFactory, expected_tree, run_cli, walk_mount, zip_members
+from conftest import PYTHON, MountFactory, expected_tree, force_unmount, is_mounted, run_cli, walk_mount, zip_members
 
 needs_7z = pytest.mark.skipif(shutil.which("7z") is None, reason="7z (p7zip-full) is not installed")
 
@@ -379,3 +382,35 @@ def test_bomb_in_another_method_stops_at_the_declared_size(case: str, sources: D
     assert any(bomb in line and "ERROR" in line for line in live.log_text().splitlines()), live.log_text()
     for path, data in small.items():
         assert live.path(path).read_bytes() == data, path
+
+
+@needs_7z
+def test_password_prompt_in_foreground(encrypted: Dict[str, Path], sources: Dict[str, bytes], tmp_path: Path) -> None:
+    """`mount -f` on a terminal asks for the password when members are encrypted; the
+    answer decrypts them. Run under a real pseudo-terminal, as a user at a shell would."""
+    point = tmp_path / "mnt"
+    point.mkdir()
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: the CLI on the pty
+        os.execv(PYTHON, [PYTHON, "-m", "bioscanfs", "mount", str(encrypted["AES256"]), str(point), "-f",
+                          "--index-dir", str(tmp_path / "index")])
+    try:
+        seen = b""
+        deadline = time.monotonic() + 60
+        while b"password" not in seen:
+            assert time.monotonic() < deadline, f"no password prompt; the terminal showed {seen!r}"
+            ready, _, _ = select.select([terminal], [], [], 1)
+            if ready:
+                seen += os.read(terminal, 1024)
+        os.write(terminal, PASSWORD.encode() + b"\n")
+        while not is_mounted(point):
+            assert time.monotonic() < deadline, "not mounted after the password was typed"
+            time.sleep(0.05)
+        path, data = max(sources.items(), key=lambda item: len(item[1]))
+        assert (point / path).read_bytes() == data
+    finally:
+        run_cli("umount", point)
+        force_unmount(point)
+        _, status = os.waitpid(pid, 0)
+        os.close(terminal)
+    assert os.waitstatus_to_exitcode(status) == 0
