@@ -63,9 +63,10 @@ def _setup_logging(verbose: int, log_file: Optional[str]) -> None:
 
 
 def _open(sources, index_dir, cache_size=256 << 20, skip_bad=False, allow_incomplete=False,
-          password=None) -> Collection:
+          password=None, cache_dir=None, cache_max=10 << 30) -> Collection:
     return Collection(*sources, index_dir=index_dir or default_index_dir(), cache_size=cache_size,
-                      skip_bad=skip_bad, allow_incomplete=allow_incomplete, password=password)
+                      skip_bad=skip_bad, allow_incomplete=allow_incomplete, password=password,
+                      cache_dir=cache_dir, cache_max=cache_max)
 
 
 def _read_password(path: Optional[str]) -> Optional[bytes]:
@@ -124,10 +125,14 @@ def main() -> None:
               help="Serve requests on one thread (lower latency for one reader, no overlap for many).")
 @click.option("--password-file", type=click.Path(exists=True, dir_okay=False),
               help="Password for encrypted members (first line). In -f mode without it, you are asked.")
+@click.option("--cache-dir", type=click.Path(file_okay=False),
+              help="Keep byte ranges fetched from URLs in this folder (may be shared by mounts).")
+@click.option("--cache-max", default="10G", show_default=True,
+              help="Bound on --cache-dir; the least recently used ranges go first.")
 @_source_options
 @_user_errors
 def mount(sources, mountpoint, foreground, options, cache_size, log_file, verbose, index_dir,
-          skip_bad, allow_incomplete, single_threaded, password_file) -> None:
+          skip_bad, allow_incomplete, single_threaded, password_file, cache_dir, cache_max) -> None:
     """Mount the archives in SOURCES (folders, zip files or URLs) at MOUNTPOINT.
 
     Returns once the tree can be read; the filesystem keeps running in the background
@@ -148,7 +153,8 @@ def mount(sources, mountpoint, foreground, options, cache_size, log_file, verbos
             raise click.ClickException(
                 f"{log_file}: cannot write the log ({err.strerror}); choose one with --log FILE") from None
     password = _read_password(password_file)
-    collection = _open(sources, index_dir, _size(cache_size), skip_bad, allow_incomplete, password)
+    collection = _open(sources, index_dir, _size(cache_size), skip_bad, allow_incomplete, password,
+                       cache_dir and os.path.abspath(cache_dir), _size(cache_max))
     if password is None and foreground and sys.stdin.isatty() and collection.encrypted_members():
         collection.reader.password = click.prompt(
             f"{collection.encrypted_members()} members are encrypted; password", hide_input=True,

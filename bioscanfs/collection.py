@@ -50,13 +50,14 @@ class Collection:
 
     def __init__(self, *inputs: str, index_dir: Optional[str] = "default", cache_size: int = 256 << 20,
                  skip_bad: bool = False, allow_incomplete: bool = False,
-                 password: Optional[bytes] = None) -> None:
+                 password: Optional[bytes] = None, cache_dir: Optional[str] = None,
+                 cache_max: int = 10 << 30) -> None:
         specs, warnings = find_archives(inputs, allow_incomplete)
         for line in warnings:
             log.warning("%s", line)
         self.specs: List[ArchiveSpec] = specs
         self.index_dir = default_index_dir() if index_dir == "default" else index_dir
-        sources = open_sources([(spec.paths, spec.spanned) for spec in specs])
+        sources = open_sources([(spec.paths, spec.spanned) for spec in specs], cache_dir, cache_max)
         try:
             self.tree, self.sources = load_tree(sources, self.index_dir, skip_bad=skip_bad,
                                                 allow_incomplete=allow_incomplete)

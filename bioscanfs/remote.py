@@ -14,12 +14,17 @@ request looks up this process's filesystem (created on first use, keyed on the p
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
 import re
+import struct
+import tempfile
 import threading
 import time
+import zlib
 from typing import Any, Dict, List, Optional, Tuple
 
 from .errors import ArchiveError
@@ -46,6 +51,92 @@ _filesystems_lock = threading.Lock()
 
 class RemoteError(ArchiveError):
     """A request failed for good: the mount refuses the archive, a read answers EIO."""
+
+
+class RangeCache:
+    """Fetched byte ranges kept on disk, so that repeated epochs read no network.
+
+    One file per range, named by a hash of (URL, validator, start, end): a changed archive
+    (new ETag or Last-Modified) gets new names. A file holds the bytes plus their CRC-32,
+    checked at every hit; a file that fails the check is deleted and the range fetched
+    again, so a damaged cache costs a request, never wrong bytes. Files are written to a
+    temporary name and renamed, so mounts sharing the folder see whole files or none.
+    When the folder outgrows ``max_bytes`` the least recently used files are deleted
+    (a hit refreshes a file's mtime).
+    """
+
+    _CRC = struct.Struct("<I")
+
+    def __init__(self, folder: str, max_bytes: int) -> None:
+        os.makedirs(folder, exist_ok=True)
+        self.folder = folder
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._size = sum(size for _, _, size in self._files())
+
+    def _files(self) -> List[Tuple[float, str, int]]:
+        """(mtime, path, size) of each cached range; files gone meanwhile are skipped."""
+        out = []
+        with os.scandir(self.folder) as entries:
+            for entry in entries:
+                if entry.name.endswith(".range"):
+                    try:
+                        st = entry.stat()
+                    except FileNotFoundError:
+                        continue
+                    out.append((st.st_mtime, entry.path, st.st_size))
+        return out
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.folder, hashlib.sha256(key.encode()).hexdigest() + ".range")
+
+    def get(self, key: str, size: int) -> Optional[bytes]:
+        """The cached bytes of a range, or None when absent or damaged (then deleted)."""
+        path = self._path(key)
+        try:
+            with open(path, "rb") as f:
+                blob = f.read()
+            os.utime(path)
+        except OSError:
+            return None
+        data, crc = blob[:-self._CRC.size], blob[-self._CRC.size:]
+        if len(data) == size and self._CRC.pack(zlib.crc32(data)) == crc:
+            return data
+        log.warning("%s: damaged cache file, fetching the range again", path)
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        return None
+
+    def put(self, key: str, data: bytes) -> None:
+        """Store a range (atomically), then evict the oldest files if over the bound."""
+        if len(data) + self._CRC.size > self.max_bytes:
+            return
+        try:
+            fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
+        except OSError as err:
+            log.warning("%s: cannot write the cache (%s)", self.folder, err.strerror)
+            return
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data + self._CRC.pack(zlib.crc32(data)))
+            os.replace(tmp, self._path(key))
+        except OSError as err:
+            log.warning("%s: cannot write the cache (%s)", self.folder, err.strerror)
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            return
+        with self._lock:
+            self._size += len(data) + self._CRC.size
+            if self._size <= self.max_bytes:
+                return
+            files = sorted(self._files())   # the whole folder: other mounts write to it too
+            self._size = sum(size for _, _, size in files)
+            for _, path, size in files:
+                if self._size <= self.max_bytes:
+                    break
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+                self._size -= size
 
 
 def is_url(text: str) -> bool:
@@ -130,7 +221,7 @@ def _transport(url: str) -> Tuple[str, str, Dict[str, Any]]:
 class RemoteSource(Source):
     """One zip archive behind a URL, read with one exact ranged request per pread."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, cache: Optional[RangeCache] = None) -> None:
         self.url = self.name = url
         self.disk_bases = [0]
         self._protocol, self._target, self._options = _transport(url)
@@ -141,18 +232,25 @@ class RemoteSource(Source):
         validator = info.get("ETag") or info.get("Last-Modified") or info.get("LastModified") or info.get("mtime")
         #: Same shape as FileSource's (one piece): the index is re-built when any field changes.
         self.identity = [(url, self.size, str(validator or ""), 0)]
+        #: Without a validator a changed archive could not be told apart: no disk cache.
+        self._cache = cache if validator else None
         self._tail: Tuple[int, bytes] = (self.size, b"")
 
     def pread(self, size: int, offset: int) -> bytes:
         """Exactly the bytes asked for (shorter only at the end): one request, or none
-        when the range lies in the last tail fetched."""
+        when the range lies in the last tail fetched or in the disk cache."""
         end = min(offset + size, self.size)
         if offset >= end:
             return b""
         start, tail = self._tail
         if start <= offset and end <= start + len(tail):
             return tail[offset - start:end - start]
-        data = self._retrying(f"bytes {offset}-{end - 1}", lambda fs: self._range(fs, offset, end))
+        key = f"{self.url}\0{self.identity[0][2]}\0{offset}\0{end}"
+        data = self._cache.get(key, end - offset) if self._cache else None
+        if data is None:
+            data = self._retrying(f"bytes {offset}-{end - 1}", lambda fs: self._range(fs, offset, end))
+            if self._cache:
+                self._cache.put(key, data)
         if end == self.size and end - offset <= _TAIL_KEEP:
             self._tail = (offset, data)
         return data

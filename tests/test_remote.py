@@ -1,210 +1,35 @@
 """Remote archives (issue 10): URLs of archives and of folder listings, over real HTTP.
 
-A small threaded HTTP/1.1 server on 127.0.0.1 serves a copy of the fake set plus one
-archive whose central directory is larger than the end-record tail read. It honours
-single Range requests, answers HEAD with ETag and Last-Modified, lists folders like
-nginx's autoindex, logs every request (method, range, status, body bytes) and injects
-failures on demand. Expected bytes come from zipfile on the served files.
+scripts/_rangeserver.py (a threaded HTTP/1.1 server on 127.0.0.1 honouring single Range
+requests, with a request log and fault injection) serves a copy of the fake set plus one
+archive whose central directory is larger than the end-record tail read. Expected bytes
+come from zipfile on the served files.
 """
 from __future__ import annotations
 
 import errno
-import html
 import os
 import random
 import re
 import shutil
-import socket
-import sys
-import threading
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Set
-from urllib.parse import quote, unquote, urlsplit
+from typing import Dict, Iterator, List
 
 import pytest
 
 from bioscanfs import Collection
 from bioscanfs.errors import BioscanError
 from bioscanfs.remote import ATTEMPTS
-from conftest import (MountFactory, assert_one_error_line, copy_archives, mounted, run_cli,
+from conftest import (MountFactory, assert_one_error_line, copy_archives, load_script, mounted, run_cli,
                       zip_contents, zip_members)
 
+_rangeserver = load_script("_rangeserver")
+Site, Request, serving = _rangeserver.Site, _rangeserver.Request, _rangeserver.serving
+
 BIG_DIRECTORY = "many_members.zip"
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
-
-
-@dataclass
-class Request:
-    method: str
-    path: str
-    range: Optional[str]
-    status: int
-    sent: int   #: body bytes written (0 until the reply is done)
-
-
-@dataclass
-class Site:
-    """The server's state: what it serves, what it logged, what it will break."""
-
-    root: Path
-    base: str = ""
-    log: List[Request] = field(default_factory=list)
-    faults: Dict[str, List[str]] = field(default_factory=dict)   #: path -> actions for the next ranged GETs
-    forbidden: Set[str] = field(default_factory=set)
-    delay: float = 0.0
-    stall: float = 2.0
-    inflight: int = 0
-    max_inflight: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def url(self, name: str = "") -> str:
-        return f"{self.base}/bioscan/{quote(name)}"
-
-    def fail(self, name: str, actions: List[str]) -> None:
-        with self.lock:
-            self.faults[f"/bioscan/{name}"] = list(actions)
-
-    def mark(self) -> int:
-        with self.lock:
-            return len(self.log)
-
-    def since(self, mark: int) -> List[Request]:
-        with self.lock:
-            return list(self.log[mark:])
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: "_Server"
-    _request: Request
-
-    def setup(self) -> None:
-        super().setup()
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def log_message(self, *args: object) -> None:
-        """Requests go to Site.log, not stderr."""
-
-    def do_HEAD(self) -> None:
-        self._serve(head=True)
-
-    def do_GET(self) -> None:
-        self._serve(head=False)
-
-    def _record(self, status: int, sent: int, path: str) -> None:
-        """Complete this request's log entry, appended when it arrived."""
-        with self.server.site.lock:
-            self._request.status, self._request.sent = status, sent
-
-    def _reply(self, status: int, path: str, body: bytes = b"", headers: Optional[Dict[str, str]] = None,
-               head: bool = False) -> None:
-        self.send_response(status)
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if not head:
-            self.wfile.write(body)
-        self._record(status, 0 if head else len(body), path)
-
-    def _serve(self, head: bool) -> None:
-        site = self.server.site
-        path = unquote(urlsplit(self.path).path)
-        target = site.root / path.lstrip("/")
-        self._request = Request(self.command, path, self.headers.get("Range"), 0, 0)
-        with site.lock:
-            site.log.append(self._request)
-            site.inflight += 1
-            site.max_inflight = max(site.max_inflight, site.inflight)
-        try:
-            if path in site.forbidden:
-                return self._reply(403, path, b"forbidden", head=head)
-            if path.endswith("/") and target.is_dir():
-                return self._reply(200, path, _listing(path, target), {"Content-Type": "text/html"}, head)
-            if not target.is_file():
-                return self._reply(404, path, b"not found", head=head)
-            self._serve_file(path, target, head)
-        finally:
-            with site.lock:
-                site.inflight -= 1
-
-    def _serve_file(self, path: str, target: Path, head: bool) -> None:
-        site = self.server.site
-        st = target.stat()
-        headers = {"ETag": f'"{st.st_size:x}-{st.st_mtime_ns:x}"', "Accept-Ranges": "bytes",
-                   "Last-Modified": self.date_time_string(int(st.st_mtime)),
-                   "Content-Type": "application/zip"}
-        if head:
-            self.send_response(200)
-            for key, value in headers.items():
-                self.send_header(key, value)
-            self.send_header("Content-Length", str(st.st_size))
-            self.end_headers()
-            return self._record(200, 0, path)
-        spec = self.headers.get("Range")
-        if spec is None:
-            return self._reply(200, path, target.read_bytes(), headers)
-        m = _RANGE.match(spec)
-        if not m or (not m[1] and not m[2]):
-            return self._reply(400, path, b"one range only", headers)  # multi-range: tests assert none
-        if m[1]:
-            start, stop = int(m[1]), min(int(m[2]) + 1 if m[2] else st.st_size, st.st_size)
-        else:
-            start, stop = max(st.st_size - int(m[2]), 0), st.st_size
-        with open(target, "rb") as f:
-            f.seek(start)
-            body = f.read(stop - start)
-        with site.lock:
-            queue = site.faults.get(path) or []
-            action = queue.pop(0) if queue else None
-        time.sleep(site.delay)
-        headers["Content-Range"] = f"bytes {start}-{stop - 1}/{st.st_size}"
-        if action == "503":
-            return self._reply(503, path, b"busy")
-        if action == "stall":
-            time.sleep(site.stall)
-        if action in ("drop", "truncate"):
-            if action == "truncate":
-                self.send_response(206)
-                for key, value in headers.items():
-                    self.send_header(key, value)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body[:len(body) // 2])
-                self.wfile.flush()
-            self._record(206 if action == "truncate" else 0, len(body) // 2 if action == "truncate" else 0, path)
-            self.close_connection = True
-            self.connection.shutdown(socket.SHUT_RDWR)
-            return None
-        if action == "short":  # a well-formed reply that holds fewer bytes than asked
-            body = body[:len(body) // 2]
-        return self._reply(206, path, body, headers)
-
-
-def _listing(path: str, folder: Path) -> bytes:
-    """An nginx/Apache-like index page: parent and sort links, a subfolder, the files."""
-    links = ['<a href="../">../</a>', '<a href="?C=N;O=D">Name</a>']
-    for entry in sorted(folder.iterdir()):
-        name = entry.name + ("/" if entry.is_dir() else "")
-        links.append(f'<a href="{quote(name)}">{html.escape(name)}</a>        01-Jan-2024 00:00    -')
-    return (f"<html><head><title>Index of {path}</title></head><body><h1>Index of {path}</h1><pre>"
-            + "\n".join(links) + "</pre></body></html>").encode()
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 256
-    site: Site
-
-    def handle_error(self, request: object, client_address: object) -> None:
-        """A client that gave up on a stalled reply is expected; anything else is shown."""
-        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
-            super().handle_error(request, client_address)
 
 
 @pytest.fixture
@@ -216,17 +41,9 @@ def site(tmp_path: Path, fake_set: Path) -> Iterator[Site]:
     with zipfile.ZipFile(folder / BIG_DIRECTORY, "w") as zf:  # its directory is > 64 KiB
         for i in range(1500):
             zf.writestr(f"extra/{'long-member-name-' * 3}{i:05d}.txt", f"member {i}\n")
-    server = _Server(("127.0.0.1", 0), _Handler)
-    server.site = Site(tmp_path / "www", f"http://127.0.0.1:{server.server_address[1]}")
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.site
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
-    assert not [r for r in server.site.log if r.status == 400], "a multi-range or malformed Range request"
+    with serving(tmp_path / "www") as served:
+        yield served
+    assert not [r for r in served.log if r.status == 400], "a multi-range or malformed Range request"
 
 
 def _archives(site: Site) -> List[str]:
@@ -420,3 +237,83 @@ def test_folder_listing_and_single_archive_urls(site: Site, tmp_path: Path) -> N
     (site.root / "bioscan").mkdir()
     with pytest.raises(BioscanError, match="no zip archives found"):
         Collection(site.url(), index_dir=None)
+
+
+def _gets(requests: List[Request]) -> List[Request]:
+    return [r for r in requests if r.method == "GET" and not r.path.endswith("/")]
+
+
+def _cached(cache_dir: Path) -> List[Path]:
+    return sorted(cache_dir.glob("*.range"))
+
+
+def test_disk_cache_serves_repeated_reads_and_is_shared(site: Site, tmp_path: Path) -> None:
+    cache_dir = tmp_path / "cache"
+    members = zip_members(site.root / "bioscan")
+    picked = _stored_members(site)[:30]
+    expected = zip_contents({p: members[p] for p in picked})
+    first = Collection(site.url(), index_dir=str(tmp_path / "index"), cache_dir=str(cache_dir))
+    second = Collection(site.url(), index_dir=str(tmp_path / "index"), cache_dir=str(cache_dir))
+    mark = site.mark()
+    assert [first.read(p) for p in picked] == [expected[p] for p in picked]
+    assert len(_gets(site.since(mark))) == len(picked)
+    mark = site.mark()
+    assert [first.read(p) for p in picked] == [expected[p] for p in picked], "second epoch"
+    assert [second.read(p) for p in picked] == [expected[p] for p in picked], "another Collection"
+    assert site.since(mark) == []
+    assert not list(cache_dir.glob("*.tmp"))
+    first.close()
+    second.close()
+
+
+def test_disk_cache_stays_under_its_bound(site: Site, tmp_path: Path) -> None:
+    cache_dir = tmp_path / "cache"
+    members = zip_members(site.root / "bioscan")
+    picked = _stored_members(site)[:40]
+    bound = sum(members[p].info.file_size for p in picked) // 4
+    with Collection(site.url(), index_dir=str(tmp_path / "index"), cache_dir=str(cache_dir),
+                    cache_max=bound) as collection:
+        for path in picked:
+            assert collection.read(path) == members[path].read(), path
+            assert 0 < sum(f.stat().st_size for f in _cached(cache_dir)) <= bound
+        mark = site.mark()
+        assert collection.read(picked[-1]) == members[picked[-1]].read()
+        assert site.since(mark) == [], "the newest range is kept"
+        assert collection.read(picked[0]) == members[picked[0]].read()
+        assert len(_gets(site.since(mark))) == 1, "the oldest range was evicted"
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_damaged_cache_file_is_refetched_never_served(site: Site, tmp_path: Path, damage: str) -> None:
+    cache_dir = tmp_path / "cache"
+    members = zip_members(site.root / "bioscan")
+    path = _stored_members(site)[0]
+    with Collection(site.url(), index_dir=str(tmp_path / "index"), cache_dir=str(cache_dir)) as collection:
+        before = set(_cached(cache_dir))   # directories read while indexing are cached too
+        assert collection.read(path) == members[path].read()
+    [cached] = set(_cached(cache_dir)) - before
+    data = cached.read_bytes()
+    if damage == "flip":
+        cached.write_bytes(data[:-100] + bytes([data[-100] ^ 1]) + data[-99:])
+    else:
+        cached.write_bytes(data[:len(data) // 2])
+    with Collection(site.url(), index_dir=str(tmp_path / "index"), cache_dir=str(cache_dir)) as collection:
+        mark = site.mark()
+        assert collection.read(path) == members[path].read()
+        assert len(_gets(site.since(mark))) == 1
+        mark = site.mark()
+        assert collection.read(path) == members[path].read()
+    assert site.since(mark) == [], "the refetched range replaced the damaged file"
+    assert set(_cached(cache_dir)) - before == {cached} and cached.read_bytes() == data
+
+
+def test_mount_cache_dir_option(site: Site, mount: MountFactory, tmp_path: Path) -> None:
+    cache_dir = tmp_path / "cache"
+    members = zip_members(site.root / "bioscan")
+    picked = _stored_members(site)[:10]
+    live = mount(site.url(), args=["--cache-dir", str(cache_dir), "--cache-max", "1M"])
+    before = set(_cached(cache_dir))
+    for path in picked:
+        assert live.path(path).read_bytes() == members[path].read()
+    assert len(set(_cached(cache_dir)) - before) == len(picked)
+    assert sum(f.stat().st_size for f in _cached(cache_dir)) <= 1 << 20
