@@ -116,17 +116,22 @@ def write_stored_zip(path: Union[str, Path], names: list[bytes], payloads: list[
     zip64 = offsets >= _ZIP64_LIMIT
     need = np.where(zip64, 45, 20)
 
+    def headers(dtype: np.dtype, signature: int, part: slice) -> np.ndarray:
+        """The fields local and central headers share, for one batch of members."""
+        hdr = np.zeros(len(names[part]), dtype)
+        hdr["sig"] = signature
+        hdr["need"] = need[part]
+        hdr["flags"] = _UTF8_FLAG
+        hdr["time"], hdr["date"] = dos_time, dos_date
+        hdr["crc"] = crcs[part]
+        hdr["csize"] = hdr["usize"] = sizes[part]
+        hdr["nlen"] = name_lens[part]
+        return hdr
+
     with open(path, "wb") as fh:
         for lo in range(0, n, _BATCH):
             part = slice(lo, lo + _BATCH)
-            hdr = np.zeros(len(names[part]), _LOCAL)
-            hdr["sig"] = 0x04034B50
-            hdr["need"] = need[part]
-            hdr["flags"] = _UTF8_FLAG
-            hdr["time"], hdr["date"] = dos_time, dos_date
-            hdr["crc"] = crcs[part]
-            hdr["csize"] = hdr["usize"] = sizes[part]
-            hdr["nlen"] = name_lens[part]
+            hdr = headers(_LOCAL, 0x04034B50, part)
             tails = b"".join(itertools.chain.from_iterable(zip(names[part], payloads[part])))
             fh.write(_records(hdr, tails, name_lens[part] + sizes[part]).data)
 
@@ -134,15 +139,8 @@ def write_stored_zip(path: Union[str, Path], names: list[bytes], payloads: list[
         for lo in range(0, n, _BATCH):
             part = slice(lo, lo + _BATCH)
             big = zip64[part]
-            hdr = np.zeros(len(names[part]), _CENTRAL)
-            hdr["sig"] = 0x02014B50
+            hdr = headers(_CENTRAL, 0x02014B50, part)
             hdr["made"] = _UNIX | need[part]
-            hdr["need"] = need[part]
-            hdr["flags"] = _UTF8_FLAG
-            hdr["time"], hdr["date"] = dos_time, dos_date
-            hdr["crc"] = crcs[part]
-            hdr["csize"] = hdr["usize"] = sizes[part]
-            hdr["nlen"] = name_lens[part]
             hdr["xlen"] = np.where(big, 12, 0)
             hdr["eattr"] = _FILE_MODE
             hdr["offset"] = np.where(big, _MARK32, offsets[part])
