@@ -248,6 +248,13 @@ def server_pids(point: Path) -> List[int]:
     return pids
 
 
+def assert_serves_members(live: "Mount", members: Dict[str, Member]) -> None:
+    """The mount shows exactly the members' tree, and every member reads back as zipfile reads it."""
+    assert walk_mount(live.point) == expected_tree(members)
+    for path, data in zip_contents(members).items():
+        assert live.path(path).read_bytes() == data, path
+
+
 def assert_one_error_line(done: subprocess.CompletedProcess, mentions: str) -> None:
     """A user error: non-zero exit, no traceback, one 'Error:' line that names the problem.
 

@@ -26,6 +26,7 @@ import pytest
 
 from bioscanfs.layout import EVAL_SPLITS
 from conftest import (
+    assert_serves_members,
     Member, MountFactory, assert_one_error_line, copy_archives, data_offset, expected_tree, is_mounted,
     mounted, run_cli, walk_mount, zip_contents, zip_members, zip_paths,
 )
@@ -281,9 +282,7 @@ def test_standalone_parts_gap_mounts_with_a_warning(mount: MountFactory, fake_se
     live.expect_log("standalone part")
     absent = f"{stem}.{2:0{digits}d}.zip"
     assert any("warning" in line and absent in line for line in live.log_text().splitlines()), live.log_text()
-    assert walk_mount(live.point) == expected_tree(members)
-    for path, data in zip_contents(members).items():
-        assert live.path(path).read_bytes() == data, path
+    assert_serves_members(live, members)
 
 
 # -- duplicates across package forms ----------------------------------------------------------
