@@ -1,4 +1,26 @@
-"""Shim for tools that still call setup.py; all metadata lives in setup.cfg."""
-from setuptools import setup
+"""Shim for tools that still call setup.py; metadata lives in setup.cfg.
 
-setup()
+It adds what setup.cfg cannot describe: the optional native FUSE engine (a C extension
+on libfuse 3 and zlib). When it cannot be built (no compiler or no libfuse3-dev), the
+install goes on without it and mounts use the mfusepy engine.
+"""
+import shutil
+import subprocess
+
+from setuptools import Extension, setup
+
+
+def _pkg_config(*args: str) -> list:
+    if not shutil.which("pkg-config"):
+        return []
+    done = subprocess.run(["pkg-config", *args, "fuse3"], capture_output=True, text=True)
+    return done.stdout.split() if done.returncode == 0 else []
+
+
+native = Extension(
+    "bioscanfs._nativefs", ["bioscanfs/_nativefs.c"],
+    extra_compile_args=_pkg_config("--cflags") or ["-I/usr/include/fuse3"],
+    extra_link_args=(_pkg_config("--libs") or ["-lfuse3", "-lpthread"]) + ["-lz"],
+    optional=True,
+)
+setup(ext_modules=[native])

@@ -69,6 +69,21 @@ def _open(sources, index_dir, cache_size=256 << 20, skip_bad=False, allow_incomp
                       cache_dir=cache_dir, cache_max=cache_max)
 
 
+def _engine(name: Optional[str]) -> Callable[..., None]:
+    """The serve function of the chosen engine: native unless asked otherwise or not built."""
+    from . import fs, nativefs
+
+    if name == "python":
+        return fs.serve
+    if nativefs.available():
+        return nativefs.serve
+    if name == "native":
+        raise click.ClickException("the native engine is not built (it needs gcc and libfuse3-dev at install "
+                                   "time: apt install gcc libfuse3-dev zlib1g-dev, then reinstall bioscanfs)")
+    log.warning("native engine not built; serving with mfusepy (slower per request)")
+    return fs.serve
+
+
 def _read_password(path: Optional[str]) -> Optional[bytes]:
     """The first line of a password file, without its line ending."""
     if not path:
@@ -123,6 +138,8 @@ def main() -> None:
 @click.option("-v", "--verbose", count=True, help="More log detail (-vv for debug).")
 @click.option("-s", "--single-threaded", is_flag=True,
               help="Serve requests on one thread (lower latency for one reader, no overlap for many).")
+@click.option("--engine", type=click.Choice(["native", "python"]),
+              help="Request loop: native (C, libfuse 3) [default when built] or python (mfusepy).")
 @click.option("--password-file", type=click.Path(exists=True, dir_okay=False),
               help="Password for encrypted members (first line). In -f mode without it, you are asked.")
 @click.option("--cache-dir", type=click.Path(file_okay=False),
@@ -132,14 +149,15 @@ def main() -> None:
 @_source_options
 @_user_errors
 def mount(sources, mountpoint, foreground, options, cache_size, log_file, verbose, index_dir,
-          skip_bad, allow_incomplete, single_threaded, password_file, cache_dir, cache_max) -> None:
+          skip_bad, allow_incomplete, single_threaded, engine, password_file, cache_dir, cache_max) -> None:
     """Mount the archives in SOURCES (folders, zip files or URLs) at MOUNTPOINT.
 
     Returns once the tree can be read; the filesystem keeps running in the background
     until `bioscanfs umount MOUNTPOINT`.
     """
-    from .fs import mount_options, serve
+    from .fs import mount_options
 
+    serve = _engine(engine)
     mountpoint = os.path.abspath(mountpoint)
     if _is_mounted(mountpoint):
         raise click.ClickException(f"{mountpoint}: already a mount point (bioscanfs umount {mountpoint})")

@@ -1,9 +1,10 @@
-"""FUSE operations as a thin adapter over Collection; the only module that imports mfusepy.
+"""The mfusepy engine, and what both engines share: errno mapping and mount options.
 
-Owns the translation of errors to errno and the mount options; knows nothing of ZIP.
-Only what a read-only filesystem answers is overridden: mfusepy's base class answers
-every write-type call with EROFS. ``open`` answers ENOSYS once, after which the kernel
-opens files without asking; reads find their member by path.
+The mfusepy engine is a thin adapter over Collection, used when the native engine
+(``nativefs``) is not built, or on request (``--engine python``). Only what a read-only
+filesystem answers is overridden: mfusepy's base class answers every write-type call
+with EROFS. ``open`` answers ENOSYS once, after which the kernel opens files without
+asking; reads find their member by path. Knows nothing of ZIP.
 """
 from __future__ import annotations
 
@@ -79,14 +80,10 @@ class BioscanFS(mfusepy.Operations):
         node = self._node(path)
         if node < 0:
             raise mfusepy.FuseOSError(errno.EISDIR)
-        try:
-            return self.c.read_node(node, size, offset, path.lstrip("/"))
-        except BioscanError as err:
-            log.error("cannot read %s: %s", path, err)
-            raise mfusepy.FuseOSError(err.errno) from None
-        except OSError as err:
-            log.error("cannot read %s in %s: %s", path, self.c.archive_of(node), err)
-            raise mfusepy.FuseOSError(errno.EIO) from None
+        data = read_or_errno(self.c, node, size, offset, path.lstrip("/"))
+        if isinstance(data, int):
+            raise mfusepy.FuseOSError(data)
+        return data
 
     def readlink(self, path: str) -> str:
         node = self._node(path)
@@ -105,9 +102,21 @@ class BioscanFS(mfusepy.Operations):
         }
 
 
+def read_or_errno(c: Collection, node: int, size: int, offset: int, label: str) -> Union[bytes, int]:
+    """A member's bytes, or the errno its failure maps to, logged once with its archive."""
+    try:
+        return c.read_node(node, size, offset, label)
+    except BioscanError as err:
+        log.error("cannot read %s: %s", label, err)
+        return err.errno
+    except OSError as err:
+        log.error("cannot read %s in %s: %s", label, c.archive_of(node), err)
+        return errno.EIO
+
+
 def mount_options(user_options: List[str]) -> Dict[str, Union[bool, str, int]]:
-    """The fixed options, overridden by ``-o`` options the user gives (``a,b=c``)."""
-    options: Dict[str, Union[bool, str, int]] = dict(CACHE_OPTIONS, fsname="bioscanfs")
+    """Read-only and named, overridden by the ``-o`` options the user gives (``a,b=c``)."""
+    options: Dict[str, Union[bool, str, int]] = {"fsname": "bioscanfs"}
     for group in user_options:
         for item in filter(None, group.split(",")):
             key, sep, value = item.partition("=")
@@ -121,4 +130,4 @@ def serve(collection: Collection, mountpoint: str, options: Dict[str, Union[bool
           on_ready: Optional[Callable[[], None]] = None, threads: bool = True) -> None:
     """Mount and serve until unmounted or signalled (blocks; stays in the foreground)."""
     mfusepy.FUSE(BioscanFS(collection, on_ready), mountpoint, foreground=True, nothreads=not threads,
-                 **options)
+                 **dict(CACHE_OPTIONS, **options))

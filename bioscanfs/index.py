@@ -70,8 +70,10 @@ class Tree:
         self.warnings: List[str] = list(extra.get("warnings", []))
         self.total_bytes: int = int(extra.get("total_bytes", 0))
         self.duplicates: int = int(extra.get("duplicates", 0))  #: same path and content, repeated
-        names = arrays["dir_names"].tobytes()
-        ends = arrays["dir_ends"].tolist()
+        self.dir_names: np.ndarray = arrays["dir_names"]  #: directory paths end to end (uint8)
+        self.dir_ends: np.ndarray = arrays["dir_ends"]
+        names = self.dir_names.tobytes()
+        ends = self.dir_ends.tolist()
         self.dir_paths = [names[a:b] for a, b in zip([0] + ends[:-1], ends)]
         self.dir_ids = {path: i for i, path in enumerate(self.dir_paths)}
         self.subdirs: List[List[bytes]] = [[] for _ in self.dir_paths]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import bisect
 import os
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from .errors import ArchiveError
 from .zipdir import Source
@@ -46,6 +46,11 @@ class FileSource(Source):
         self.size = total
         self.identity = identity
         self.disk_bases = list(self._starts) if spanned else [0]
+
+    @property
+    def fd(self) -> Optional[int]:
+        """The descriptor when the archive is one local file (the native engine preads it)."""
+        return self._fds[0] if len(self._fds) == 1 else None
 
     def pread(self, size: int, offset: int) -> bytes:
         """Read up to ``size`` bytes; shorter only at the end of the source (or of a

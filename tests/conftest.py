@@ -299,12 +299,12 @@ class Mount:
 
 
 def _start(sources: Sequence[Path], workdir: Path, args: Sequence[str], index_dir: Optional[Path],
-           daemon: bool) -> Mount:
+           daemon: bool, engine: str) -> Mount:
     point = workdir / "mnt"
     point.mkdir(parents=True)
     index_dir = index_dir or workdir / "index"
     command = [PYTHON, "-m", "bioscanfs", "mount", *map(str, sources), str(point),
-               "--index-dir", str(index_dir), *args]
+               "--index-dir", str(index_dir), "--engine", engine, *args]
     if daemon:
         done = subprocess.run(command, capture_output=True, text=True, timeout=MOUNT_TIMEOUT,
                               stdin=subprocess.DEVNULL)
@@ -383,16 +383,16 @@ def _stop(mount: Mount) -> List[str]:
 
 @contextlib.contextmanager
 def mounted(sources: Sequence[Path], workdir: Path, args: Sequence[str] = (),
-            index_dir: Optional[Path] = None, daemon: bool = False) -> Iterator[Mount]:
+            index_dir: Optional[Path] = None, daemon: bool = False, engine: str = "native") -> Iterator[Mount]:
     """Mount ``sources`` with the CLI, yield the live mount, then unmount and check.
 
     Foreground by default (the server's output goes to a log file); ``daemon=True``
     uses the CLI's own background mode. On leaving, ``bioscanfs umount`` must succeed,
     the server must exit cleanly and the log must hold no traceback and no warning or
     error the test did not declare with ``Mount.expect_log``. The mount is removed even
-    when the test fails.
+    when the test fails. ``engine`` is the request loop (``--engine``).
     """
-    mount = _start(sources, workdir, args, index_dir, daemon)
+    mount = _start(sources, workdir, args, index_dir, daemon, engine)
     try:
         yield mount
     except BaseException:
@@ -406,8 +406,14 @@ def mounted(sources: Sequence[Path], workdir: Path, args: Sequence[str] = (),
 MountFactory = Callable[..., Mount]
 
 
+@pytest.fixture(scope="module", params=["native", "python"])
+def engine(request: pytest.FixtureRequest) -> str:
+    """Each test that mounts runs once per engine: the C loop and the mfusepy one."""
+    return request.param
+
+
 @pytest.fixture
-def mount(tmp_path: Path) -> Iterator[MountFactory]:
+def mount(tmp_path: Path, engine: str) -> Iterator[MountFactory]:
     """``mount(*sources, args=(...), index_dir=None, daemon=False)`` -> a live Mount.
 
     Every mount started through it is unmounted and checked when the test ends.
@@ -418,15 +424,15 @@ def mount(tmp_path: Path) -> Iterator[MountFactory]:
         def start(*sources: Path, args: Sequence[str] = (), index_dir: Optional[Path] = None,
                   daemon: bool = False) -> Mount:
             workdir = tmp_path / f"mount{next(count)}"
-            return stack.enter_context(mounted(sources, workdir, args, index_dir, daemon))
+            return stack.enter_context(mounted(sources, workdir, args, index_dir, daemon, engine))
 
         yield start
 
 
 @pytest.fixture(scope="module")
-def fake_mount(tmp_path_factory: pytest.TempPathFactory, fake_set: Path) -> Iterator[Mount]:
-    """The shared fake set, mounted once per module for the read-only checks."""
-    with mounted([fake_set], tmp_path_factory.mktemp("fake_mount")) as live:
+def fake_mount(tmp_path_factory: pytest.TempPathFactory, fake_set: Path, engine: str) -> Iterator[Mount]:
+    """The shared fake set, mounted once per module and engine for the read-only checks."""
+    with mounted([fake_set], tmp_path_factory.mktemp("fake_mount"), engine=engine) as live:
         yield live
 
 

@@ -1,0 +1,627 @@
+/* The native FUSE engine: libfuse 3's low-level API answering from the index arrays.
+ *
+ * Why C: through mfusepy every request costs tens of microseconds of ctypes callback
+ * and GIL, and a cold file costs two of them (LOOKUP, READ). Here lookups, attributes,
+ * listings (with attributes: READDIRPLUS) and whole reads of stored members run on
+ * libfuse's worker threads without the GIL, straight from the memory-mapped tree.
+ *
+ * Everything else goes back to Python, which owns decoding, error messages and logs:
+ * compressed, encrypted, large or remote members, partial reads, symlinks, and any read
+ * whose checks fail here (local header, length or CRC-32): Python then reads the member
+ * again and names the fault. So no byte is served that the Python reader would refuse.
+ *
+ * Node ids never change while mounted, so FORGET needs no bookkeeping:
+ * directory d is d + 1 (the root, directory 0, is FUSE_ROOT_ID); file row r is
+ * n_dirs + 1 + r.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#define FUSE_USE_VERSION 35
+#include <fuse_lowlevel.h>
+
+#include <errno.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <zlib.h>
+
+/* One row of the tree's ``files`` array (index.FILE_DTYPE, packed). */
+#pragma pack(push, 1)
+typedef struct {
+    uint64_t header_offset, compressed_size, size;
+    uint32_t crc32;
+    int64_t mtime;
+    uint16_t method, flags;
+    uint32_t mode;
+    uint16_t name_length, archive;
+} member_t;
+#pragma pack(pop)
+
+enum {
+    LOCAL_SIZE = 30,        /* APPNOTE 4.3.7 local file header, fixed part */
+    EXTRA_SLACK = 128,      /* read past the name for the extra field: one pread, mostly */
+    FLAG_ENCRYPTED = 1,
+    FLAG_DESCRIPTOR = 8,
+    NAME_MAX_BYTES = 255,
+};
+static const double TIMEOUT = 86400.0; /* content never changes while mounted */
+
+enum { B_FILES, B_BASENAMES, B_DIR_LO, B_DIR_HI, B_DIR_MTIME, B_DIR_PARENT, B_SUB_START,
+       B_SUB_IDS, B_DIR_NAMES, B_DIR_ENDS, B_FDS, N_BUFFERS };
+
+typedef struct {
+    Py_buffer views[N_BUFFERS];
+    const member_t *files;
+    uint64_t n_files;
+    const char *basenames;      /* fixed width, NUL-padded, sorted within each directory */
+    size_t width;
+    const uint64_t *dir_lo, *dir_hi, *dir_parent, *sub_start, *sub_ids, *dir_ends;
+    const int64_t *dir_mtime, *fds;
+    const char *dir_names;      /* directory paths end to end */
+    uint64_t n_dirs, n_archives, whole_max, total_bytes;
+    uid_t uid;
+    gid_t gid;
+    PyObject *read_cb, *attr_cb, *readlink_cb, *ready_cb;
+} server_t;
+
+static uint16_t le16(const unsigned char *p) { return (uint16_t)(p[0] | p[1] << 8); }
+static uint32_t le32(const unsigned char *p) { return (uint32_t)le16(p) | (uint32_t)le16(p + 2) << 16; }
+
+static int is_dir(const server_t *s, fuse_ino_t ino) { return ino >= 1 && ino <= s->n_dirs; }
+static int is_file(const server_t *s, fuse_ino_t ino) { return ino > s->n_dirs && ino - s->n_dirs - 1 < s->n_files; }
+static uint64_t row_of(const server_t *s, fuse_ino_t ino) { return ino - s->n_dirs - 1; }
+static fuse_ino_t file_ino(const server_t *s, uint64_t row) { return s->n_dirs + 1 + row; }
+
+/* The last component of directory d's path. */
+static const char *dir_base(const server_t *s, uint64_t d, size_t *len)
+{
+    uint64_t start = d ? s->dir_ends[d - 1] : 0, end = s->dir_ends[d];
+    const char *path = s->dir_names + start;
+    const char *slash = memrchr(path, '/', end - start);
+    const char *base = slash ? slash + 1 : path;
+    *len = (size_t)(path + (end - start) - base);
+    return base;
+}
+
+static int compare_bytes(const char *a, size_t alen, const char *b, size_t blen)
+{
+    int c = memcmp(a, b, alen < blen ? alen : blen);
+    return c ? c : (alen > blen) - (alen < blen);
+}
+
+/* Calls into Python hold the GIL; an unexpected exception is logged and becomes EIO. */
+static int errno_from_exception(PyObject *where)
+{
+    PyErr_WriteUnraisable(where);
+    return EIO;
+}
+
+/* (mode, size) of a symlink row: only Python knows whether its target stays inside. */
+static int link_attr(server_t *s, uint64_t row, mode_t *mode, uint64_t *size)
+{
+    PyGILState_STATE gil = PyGILState_Ensure();
+    int err = 0;
+    unsigned int m = 0;
+    unsigned long long n = 0;
+    PyObject *r = PyObject_CallFunction(s->attr_cb, "K", (unsigned long long)row);
+    if (!r || !PyArg_ParseTuple(r, "IK", &m, &n))
+        err = errno_from_exception(s->attr_cb);
+    Py_XDECREF(r);
+    PyGILState_Release(gil);
+    *mode = m;
+    *size = n;
+    return err;
+}
+
+static int fill_attr(server_t *s, fuse_ino_t ino, struct stat *st)
+{
+    int64_t mtime;
+    uint64_t size = 0;
+    memset(st, 0, sizeof *st);
+    st->st_ino = ino;
+    st->st_uid = s->uid;
+    st->st_gid = s->gid;
+    st->st_blksize = 65536;
+    if (is_dir(s, ino)) {
+        uint64_t d = ino - 1;
+        st->st_mode = S_IFDIR | 0555;
+        st->st_nlink = 2 + (s->sub_start[d + 1] - s->sub_start[d]);
+        mtime = s->dir_mtime[d];
+    } else if (is_file(s, ino)) {
+        const member_t *m = &s->files[row_of(s, ino)];
+        st->st_mode = S_IFREG | 0444;
+        st->st_nlink = 1;
+        size = m->size;
+        mtime = m->mtime;
+        if (S_ISLNK(m->mode)) {
+            mode_t mode;
+            int err = link_attr(s, row_of(s, ino), &mode, &size);
+            if (err)
+                return err;
+            st->st_mode = mode;
+        }
+    } else {
+        return ENOENT;
+    }
+    st->st_size = (off_t)size;
+    st->st_blocks = (blkcnt_t)((size + 511) / 512);
+    st->st_mtim.tv_sec = st->st_atim.tv_sec = st->st_ctim.tv_sec = mtime;
+    return 0;
+}
+
+/* The child named ``name`` of directory ``parent``: 0 when there is none. */
+static fuse_ino_t find_child(const server_t *s, uint64_t d, const char *name)
+{
+    size_t len = strlen(name);
+    uint64_t lo = s->sub_start[d], hi = s->sub_start[d + 1];
+    while (lo < hi) {   /* subdirectories, sorted by name */
+        uint64_t mid = lo + (hi - lo) / 2, child = s->sub_ids[mid];
+        size_t blen;
+        const char *base = dir_base(s, child, &blen);
+        int c = compare_bytes(base, blen, name, len);
+        if (c == 0)
+            return child + 1;
+        if (c < 0)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    if (len > s->width || len > NAME_MAX_BYTES)
+        return 0;
+    char key[NAME_MAX_BYTES + 1] = {0};
+    memcpy(key, name, len);
+    lo = s->dir_lo[d];
+    hi = s->dir_hi[d];
+    while (lo < hi) {   /* files, NUL-padded names, sorted by name */
+        uint64_t mid = lo + (hi - lo) / 2;
+        int c = memcmp(s->basenames + mid * s->width, key, s->width);
+        if (c == 0)
+            return file_ino(s, mid);
+        if (c < 0)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return 0;
+}
+
+static void op_init(void *userdata, struct fuse_conn_info *conn)
+{
+    server_t *s = userdata;
+    /* Every listing carries attributes, so a walk needs no LOOKUP per entry. */
+    if (conn->capable & FUSE_CAP_READDIRPLUS)
+        conn->want |= FUSE_CAP_READDIRPLUS;
+    conn->want &= ~FUSE_CAP_READDIRPLUS_AUTO;
+    if (conn->capable & FUSE_CAP_CACHE_SYMLINKS)
+        conn->want |= FUSE_CAP_CACHE_SYMLINKS;
+
+    if (s->ready_cb != Py_None) {
+        PyGILState_STATE gil = PyGILState_Ensure();
+        PyObject *r = PyObject_CallNoArgs(s->ready_cb);
+        if (!r)
+            PyErr_WriteUnraisable(s->ready_cb);
+        Py_XDECREF(r);
+        PyGILState_Release(gil);
+    }
+}
+
+static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
+{
+    server_t *s = fuse_req_userdata(req);
+    struct fuse_entry_param e;
+    memset(&e, 0, sizeof e);
+    e.entry_timeout = e.attr_timeout = TIMEOUT;
+    if (!is_dir(s, parent)) {
+        fuse_reply_err(req, ENOTDIR);
+        return;
+    }
+    e.ino = find_child(s, parent - 1, name);
+    if (e.ino) {   /* else ino 0: a miss the kernel caches for entry_timeout */
+        int err = fill_attr(s, e.ino, &e.attr);
+        if (err) {
+            fuse_reply_err(req, err);
+            return;
+        }
+    }
+    fuse_reply_entry(req, &e);
+}
+
+static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    server_t *s = fuse_req_userdata(req);
+    struct stat st;
+    int err = fill_attr(s, ino, &st);
+    (void)fi;
+    if (err)
+        fuse_reply_err(req, err);
+    else
+        fuse_reply_attr(req, &st, TIMEOUT);
+}
+
+/* ENOSYS once: the kernel then opens files without asking (no OPEN or RELEASE per
+ * file) and keeps their pages across opens. */
+static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    (void)ino;
+    (void)fi;
+    fuse_reply_err(req, ENOSYS);
+}
+
+static void op_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    server_t *s = fuse_req_userdata(req);
+    if (!is_dir(s, ino)) {
+        fuse_reply_err(req, ENOTDIR);
+        return;
+    }
+    fi->cache_readdir = 1;  /* the kernel keeps listings, as it keeps pages */
+    fi->keep_cache = 1;
+    fuse_reply_open(req, fi);
+}
+
+/* Entry i of directory d: ".", "..", the subdirectories, then the files. */
+static fuse_ino_t dir_entry(const server_t *s, uint64_t d, uint64_t i, char name[NAME_MAX_BYTES + 1])
+{
+    uint64_t n_sub = s->sub_start[d + 1] - s->sub_start[d];
+    if (i < 2) {
+        strcpy(name, i ? ".." : ".");
+        return (i ? s->dir_parent[d] : d) + 1;
+    }
+    if (i - 2 < n_sub) {
+        uint64_t child = s->sub_ids[s->sub_start[d] + i - 2];
+        size_t len;
+        const char *base = dir_base(s, child, &len);
+        memcpy(name, base, len);
+        name[len] = 0;
+        return child + 1;
+    }
+    uint64_t row = s->dir_lo[d] + (i - 2 - n_sub);
+    memcpy(name, s->basenames + row * s->width, s->width);
+    name[s->width] = 0;
+    return file_ino(s, row);
+}
+
+static void list_dir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, int plus)
+{
+    server_t *s = fuse_req_userdata(req);
+    if (!is_dir(s, ino)) {
+        fuse_reply_err(req, ENOTDIR);
+        return;
+    }
+    uint64_t d = ino - 1;
+    uint64_t total = 2 + (s->sub_start[d + 1] - s->sub_start[d]) + (s->dir_hi[d] - s->dir_lo[d]);
+    char *buf = malloc(size ? size : 1);
+    if (!buf) {
+        fuse_reply_err(req, ENOMEM);
+        return;
+    }
+    size_t used = 0;
+    for (uint64_t i = (uint64_t)off; i < total; i++) {
+        char name[NAME_MAX_BYTES + 1];
+        struct fuse_entry_param e;
+        memset(&e, 0, sizeof e);
+        e.ino = dir_entry(s, d, i, name);
+        e.entry_timeout = e.attr_timeout = TIMEOUT;
+        int err = fill_attr(s, e.ino, &e.attr);
+        if (err) {
+            free(buf);
+            fuse_reply_err(req, err);
+            return;
+        }
+        size_t len = plus ? fuse_add_direntry_plus(req, buf + used, size - used, name, &e, (off_t)(i + 1))
+                          : fuse_add_direntry(req, buf + used, size - used, name, &e.attr, (off_t)(i + 1));
+        if (len > size - used)
+            break;
+        used += len;
+    }
+    fuse_reply_buf(req, buf, used);
+    free(buf);
+}
+
+static void op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
+{
+    (void)fi;
+    list_dir(req, ino, size, off, 0);
+}
+
+static void op_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
+{
+    (void)fi;
+    list_dir(req, ino, size, off, 1);
+}
+
+/* A whole stored member read with its local header in one pread, checked like the
+ * Python reader checks it. Returns 1 when it replied, 0 to hand the read to Python. */
+static int reply_stored(server_t *s, fuse_req_t req, const member_t *m)
+{
+    if (m->method != 0 || m->flags & FLAG_ENCRYPTED || m->size == 0 || m->size > s->whole_max
+        || m->compressed_size != m->size || S_ISLNK(m->mode) || m->archive >= s->n_archives
+        || s->fds[m->archive] < 0)
+        return 0;
+    int fd = (int)s->fds[m->archive];
+    size_t want = LOCAL_SIZE + m->name_length + EXTRA_SLACK + m->size;
+    unsigned char *buf = malloc(want);
+    if (!buf)
+        return 0;
+    int replied = 0;
+    ssize_t got = pread(fd, buf, want, (off_t)m->header_offset);
+    if (got < LOCAL_SIZE || le32(buf) != 0x04034b50)
+        goto out;
+    uint16_t flags = le16(buf + 6), method = le16(buf + 8);
+    uint16_t name_len = le16(buf + 26), extra_len = le16(buf + 28);
+    if (method != m->method || name_len != m->name_length)
+        goto out;
+    if (!(flags & FLAG_DESCRIPTOR)) {
+        uint32_t local[3] = {le32(buf + 14), le32(buf + 18), le32(buf + 22)};
+        uint32_t central[3] = {m->crc32, (uint32_t)m->compressed_size, (uint32_t)m->size};
+        for (int i = 0; i < 3; i++)
+            if (local[i] != 0xFFFFFFFFu && local[i] != central[i])
+                goto out;
+    }
+    size_t start = LOCAL_SIZE + (size_t)name_len + extra_len;
+    if (start + m->size > (size_t)got) {   /* a long extra field: read the rest */
+        if ((size_t)got < want)
+            goto out;   /* the archive ends early */
+        unsigned char *more = realloc(buf, start + m->size);
+        if (!more)
+            goto out;
+        buf = more;
+        size_t rest = start + m->size - (size_t)got;
+        if (pread(fd, buf + got, rest, (off_t)(m->header_offset + (uint64_t)got)) != (ssize_t)rest)
+            goto out;
+    }
+    if (crc32(0L, buf + start, (uInt)m->size) != m->crc32)
+        goto out;
+    fuse_reply_buf(req, (const char *)buf + start, m->size);
+    replied = 1;
+out:
+    free(buf);
+    return replied;
+}
+
+/* Reply with the bytes a Python callback returned, or with the errno it returned. */
+static void reply_from_python(fuse_req_t req, PyObject *cb, PyObject *r, int as_link)
+{
+    if (r && PyBytes_Check(r)) {
+        if (as_link)
+            fuse_reply_readlink(req, PyBytes_AS_STRING(r));
+        else
+            fuse_reply_buf(req, PyBytes_AS_STRING(r), (size_t)PyBytes_GET_SIZE(r));
+        return;
+    }
+    int err = r && PyLong_Check(r) ? (int)PyLong_AsLong(r) : EIO;
+    if (!r || PyErr_Occurred())
+        err = errno_from_exception(cb);
+    fuse_reply_err(req, err > 0 ? err : EIO);
+}
+
+static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
+{
+    server_t *s = fuse_req_userdata(req);
+    (void)fi;
+    if (!is_file(s, ino)) {
+        fuse_reply_err(req, EISDIR);
+        return;
+    }
+    uint64_t row = row_of(s, ino);
+    if (off == 0 && size >= s->files[row].size && reply_stored(s, req, &s->files[row]))
+        return;
+    PyGILState_STATE gil = PyGILState_Ensure();
+    PyObject *r = PyObject_CallFunction(s->read_cb, "KnL", (unsigned long long)row, (Py_ssize_t)size,
+                                        (long long)off);
+    reply_from_python(req, s->read_cb, r, 0);
+    Py_XDECREF(r);
+    PyGILState_Release(gil);
+}
+
+static void op_readlink(fuse_req_t req, fuse_ino_t ino)
+{
+    server_t *s = fuse_req_userdata(req);
+    if (!is_file(s, ino)) {
+        fuse_reply_err(req, EINVAL);
+        return;
+    }
+    PyGILState_STATE gil = PyGILState_Ensure();
+    PyObject *r = PyObject_CallFunction(s->readlink_cb, "K", (unsigned long long)row_of(s, ino));
+    reply_from_python(req, s->readlink_cb, r, 1);
+    Py_XDECREF(r);
+    PyGILState_Release(gil);
+}
+
+static void op_statfs(fuse_req_t req, fuse_ino_t ino)
+{
+    server_t *s = fuse_req_userdata(req);
+    struct statvfs st;
+    (void)ino;
+    memset(&st, 0, sizeof st);
+    st.f_bsize = st.f_frsize = 65536;
+    st.f_blocks = (s->total_bytes + 65535) / 65536;
+    st.f_files = s->n_files + s->n_dirs;
+    st.f_namemax = NAME_MAX_BYTES;
+    fuse_reply_statfs(req, &st);
+}
+
+/* ioctl, flush, getxattr...: left NULL; libfuse answers ENOSYS (the kernel stops asking,
+ * except for ioctl). */
+static const struct fuse_lowlevel_ops OPS = {
+    .init = op_init,
+    .lookup = op_lookup,
+    .getattr = op_getattr,
+    .open = op_open,
+    .opendir = op_opendir,
+    .readdir = op_readdir,
+    .readdirplus = op_readdirplus,
+    .read = op_read,
+    .readlink = op_readlink,
+    .statfs = op_statfs,
+};
+
+static int take_buffers(server_t *s, PyObject *const objs[N_BUFFERS])
+{
+    for (int i = 0; i < N_BUFFERS; i++) {
+        if (PyObject_GetBuffer(objs[i], &s->views[i], PyBUF_C_CONTIGUOUS) < 0) {
+            while (i--)
+                PyBuffer_Release(&s->views[i]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static void release_buffers(server_t *s)
+{
+    for (int i = 0; i < N_BUFFERS; i++)
+        PyBuffer_Release(&s->views[i]);
+}
+
+/* Bounds the tables must meet before any request trusts them. */
+static const char *check_tables(server_t *s)
+{
+    Py_ssize_t n_dirs = s->views[B_DIR_LO].len / 8;
+    if (s->views[B_FILES].len % sizeof(member_t))
+        return "files: rows are not the native member layout";
+    s->n_files = (uint64_t)s->views[B_FILES].len / sizeof(member_t);
+    if (n_dirs < 1 || s->views[B_DIR_HI].len != n_dirs * 8 || s->views[B_DIR_MTIME].len != n_dirs * 8
+        || s->views[B_DIR_PARENT].len != n_dirs * 8 || s->views[B_DIR_ENDS].len != n_dirs * 8
+        || s->views[B_SUB_START].len != (n_dirs + 1) * 8 || s->views[B_SUB_IDS].len != (n_dirs - 1) * 8)
+        return "directory tables disagree in length";
+    if (s->width > NAME_MAX_BYTES || (Py_ssize_t)(s->n_files * s->width) != s->views[B_BASENAMES].len)
+        return "basenames: wrong width";
+    s->n_dirs = (uint64_t)n_dirs;
+    s->n_archives = (uint64_t)s->views[B_FDS].len / 8;
+    s->files = s->views[B_FILES].buf;
+    s->basenames = s->views[B_BASENAMES].buf;
+    s->dir_lo = s->views[B_DIR_LO].buf;
+    s->dir_hi = s->views[B_DIR_HI].buf;
+    s->dir_mtime = s->views[B_DIR_MTIME].buf;
+    s->dir_parent = s->views[B_DIR_PARENT].buf;
+    s->sub_start = s->views[B_SUB_START].buf;
+    s->sub_ids = s->views[B_SUB_IDS].buf;
+    s->dir_names = s->views[B_DIR_NAMES].buf;
+    s->dir_ends = s->views[B_DIR_ENDS].buf;
+    s->fds = s->views[B_FDS].buf;
+    for (uint64_t d = 0; d < s->n_dirs; d++) {
+        if (s->dir_lo[d] > s->dir_hi[d] || s->dir_hi[d] > s->n_files || s->dir_parent[d] >= s->n_dirs
+            || s->sub_start[d] > s->sub_start[d + 1] || s->dir_ends[d] > (uint64_t)s->views[B_DIR_NAMES].len
+            || (d && s->dir_ends[d] < s->dir_ends[d - 1]))
+            return "directory tables out of range";
+    }
+    if (s->sub_start[s->n_dirs] != s->n_dirs - 1)
+        return "sub_start: wrong total";
+    for (uint64_t i = 0; i + 1 < s->n_dirs; i++)
+        if (s->sub_ids[i] == 0 || s->sub_ids[i] >= s->n_dirs)
+            return "sub_ids out of range";
+    return NULL;
+}
+
+/* SIGINT, SIGTERM and SIGHUP end the loop (libfuse installs its handlers only over the
+ * default action, and Python has its own SIGINT handler). */
+static const int EXIT_SIGNALS[] = {SIGINT, SIGTERM, SIGHUP};
+
+static PyObject *serve(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"mountpoint", "options", "files", "basenames", "width", "dir_lo", "dir_hi",
+                               "dir_mtime", "dir_parent", "sub_start", "sub_ids", "dir_names", "dir_ends",
+                               "fds", "whole_max", "total_bytes", "read", "attr", "readlink", "ready",
+                               "threads", NULL};
+    const char *mountpoint, *options;
+    PyObject *objs[N_BUFFERS];
+    server_t s;
+    int threads = 1;
+    unsigned long long width, whole_max, total_bytes;
+    memset(&s, 0, sizeof s);
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "ssOOKOOOOOOOOOKKOOOO|p", keywords, &mountpoint, &options,
+                                     &objs[B_FILES], &objs[B_BASENAMES], &width, &objs[B_DIR_LO],
+                                     &objs[B_DIR_HI], &objs[B_DIR_MTIME], &objs[B_DIR_PARENT],
+                                     &objs[B_SUB_START], &objs[B_SUB_IDS], &objs[B_DIR_NAMES],
+                                     &objs[B_DIR_ENDS], &objs[B_FDS], &whole_max, &total_bytes, &s.read_cb,
+                                     &s.attr_cb, &s.readlink_cb, &s.ready_cb, &threads))
+        return NULL;
+    if (take_buffers(&s, objs) < 0)
+        return NULL;
+    s.width = (size_t)width;
+    s.whole_max = whole_max;
+    s.total_bytes = total_bytes;
+    s.uid = getuid();
+    s.gid = getgid();
+    const char *problem = check_tables(&s);
+    if (problem) {
+        release_buffers(&s);
+        PyErr_Format(PyExc_ValueError, "native engine: %s", problem);
+        return NULL;
+    }
+
+    char *argv[] = {"bioscanfs", "-o", (char *)options, NULL};
+    struct fuse_args fargs = FUSE_ARGS_INIT(3, argv);
+    struct sigaction saved[3], dfl;
+    memset(&dfl, 0, sizeof dfl);
+    dfl.sa_handler = SIG_DFL;
+    const char *failed = NULL;
+    int rc = 0;
+
+    Py_BEGIN_ALLOW_THREADS
+    struct fuse_session *se = fuse_session_new(&fargs, &OPS, sizeof OPS, &s);
+    if (!se) {
+        failed = "libfuse refused the mount options";
+    } else {
+        for (int i = 0; i < 3; i++)
+            sigaction(EXIT_SIGNALS[i], &dfl, &saved[i]);
+        if (fuse_set_signal_handlers(se) != 0) {
+            failed = "cannot install signal handlers";
+        } else {
+            if (fuse_session_mount(se, mountpoint) != 0) {
+                failed = "cannot mount (see the message above)";
+            } else {
+                if (threads) {
+                    struct fuse_loop_config config = {.clone_fd = 0, .max_idle_threads = 10};
+                    rc = fuse_session_loop_mt(se, &config);
+                } else {
+                    rc = fuse_session_loop(se);
+                }
+                fuse_session_unmount(se);
+            }
+            fuse_remove_signal_handlers(se);
+        }
+        for (int i = 0; i < 3; i++)
+            sigaction(EXIT_SIGNALS[i], &saved[i], NULL);
+        fuse_session_destroy(se);
+    }
+    Py_END_ALLOW_THREADS
+
+    fuse_opt_free_args(&fargs);
+    release_buffers(&s);
+    if (failed) {
+        PyErr_Format(PyExc_OSError, "%s: %s", mountpoint, failed);
+        return NULL;
+    }
+    if (rc < 0) {
+        errno = -rc;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef METHODS[] = {
+    {"serve", (PyCFunction)(void (*)(void))serve, METH_VARARGS | METH_KEYWORDS,
+     "Mount the tables at mountpoint and serve until unmounted or signalled (releases the GIL)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef MODULE = {
+    PyModuleDef_HEAD_INIT, .m_name = "_nativefs", .m_size = -1, .m_methods = METHODS,
+};
+
+PyMODINIT_FUNC PyInit__nativefs(void)
+{
+    PyObject *m = PyModule_Create(&MODULE);
+    if (m && PyModule_AddIntConstant(m, "MEMBER_SIZE", (long)sizeof(member_t)) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

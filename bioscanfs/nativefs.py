@@ -1,0 +1,82 @@
+"""The native engine: the tree's arrays handed to a libfuse 3 low-level server in C.
+
+Why: through mfusepy each request costs tens of microseconds in Python, and a cold file
+costs a LOOKUP and a READ. ``_nativefs`` answers lookups, attributes, listings and whole
+reads of stored members from the memory-mapped tree without the GIL; it calls back here
+only for what needs the reader (compressed, encrypted, large or remote members, partial
+reads, reads whose checks fail in C) and for symlinks. See README, "Design".
+"""
+from __future__ import annotations
+
+import errno
+from typing import Callable, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+
+from .collection import Collection
+from .fs import read_or_errno
+from .index import FILE_DTYPE
+from .reader import WHOLE_READ_MAX
+
+try:
+    from . import _nativefs
+except ImportError:  # not built: no compiler or no libfuse3-dev at install time
+    _nativefs = None
+
+#: The C side reads rows of the tree's files array as this exact packed layout.
+_C_LAYOUT = [("header_offset", "<u8"), ("compressed_size", "<u8"), ("size", "<u8"), ("crc32", "<u4"),
+             ("mtime", "<i8"), ("method", "<u2"), ("flags", "<u2"), ("mode", "<u4"),
+             ("name_length", "<u2"), ("archive", "<u2")]
+
+
+def available() -> bool:
+    return _nativefs is not None and FILE_DTYPE == np.dtype(_C_LAYOUT) and FILE_DTYPE.itemsize == _nativefs.MEMBER_SIZE
+
+
+def _option_string(options: Dict[str, Union[bool, str, int]]) -> str:
+    """libfuse's ``-o`` syntax; a False flag is left out."""
+    return ",".join(k if v is True else f"{k}={v}" for k, v in options.items() if v is not False)
+
+
+def _dir_tables(c: Collection) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(parent of each directory, start of its children in ``ids``, ids): subdirectories in
+    name order, as the C lookup searches them. Paths are sorted, so one parent's children
+    already come in name order."""
+    tree = c.tree
+    parent = np.zeros(len(tree.dir_paths), dtype=np.uint64)
+    children: List[List[int]] = [[] for _ in tree.dir_paths]
+    for dir_id, path in enumerate(tree.dir_paths[1:], start=1):
+        up = tree.dir_ids[path.rpartition(b"/")[0]]
+        parent[dir_id] = up
+        children[up].append(dir_id)
+    start = np.zeros(len(children) + 1, dtype=np.uint64)
+    start[1:] = np.cumsum([len(ids) for ids in children])
+    ids = np.fromiter((i for ids in children for i in ids), dtype=np.uint64, count=int(start[-1]))
+    return parent, start, ids
+
+
+def serve(collection: Collection, mountpoint: str, options: Dict[str, Union[bool, str, int]],
+          on_ready: Optional[Callable[[], None]] = None, threads: bool = True) -> None:
+    """Mount and serve until unmounted or signalled (blocks; stays in the foreground)."""
+    assert _nativefs is not None
+    c, tree = collection, collection.tree
+
+    def read(row: int, size: int, offset: int) -> Union[bytes, int]:
+        return read_or_errno(c, row, size, offset, tree.path_of(row).decode("utf-8", "surrogateescape"))
+
+    def attr(row: int) -> Tuple[int, int]:
+        st = c.stat_node(row)
+        return st.mode, st.size
+
+    def readlink(row: int) -> Union[bytes, int]:
+        return c.link_target(row) or errno.EINVAL
+
+    parent, sub_start, sub_ids = _dir_tables(c)
+    fds = np.array([-1 if getattr(src, "fd", None) is None else src.fd for src in c.sources], dtype=np.int64)
+    _nativefs.serve(
+        mountpoint=mountpoint, options=_option_string(options),
+        files=tree.files, basenames=tree.basenames, width=tree.basenames.dtype.itemsize,
+        dir_lo=tree.dir_lo, dir_hi=tree.dir_hi, dir_mtime=tree.dir_mtime, dir_parent=parent,
+        sub_start=sub_start, sub_ids=sub_ids, dir_names=tree.dir_names, dir_ends=tree.dir_ends,
+        fds=fds, whole_max=WHOLE_READ_MAX, total_bytes=tree.total_bytes,
+        read=read, attr=attr, readlink=readlink, ready=on_ready, threads=threads)
