@@ -44,6 +44,7 @@ typedef struct {
 enum {
     LOCAL_SIZE = 30,        /* APPNOTE 4.3.7 local file header, fixed part */
     EXTRA_SLACK = 128,      /* read past the name for the extra field: one pread, mostly */
+    PUSH_MAX = 128 << 10,   /* pushed on open: no more than the kernel's first readahead */
     FLAG_ENCRYPTED = 1,
     FLAG_DESCRIPTOR = 8,
     NAME_MAX_BYTES = 255,
@@ -66,6 +67,8 @@ typedef struct {
     uid_t uid;
     gid_t gid;
     PyObject *read_cb, *attr_cb, *readlink_cb, *ready_cb;
+    struct fuse_session *se;
+    uint8_t *pushed;            /* one bit per file row: bytes stored in the page cache once */
 } server_t;
 
 static uint16_t le16(const unsigned char *p) { return (uint16_t)(p[0] | p[1] << 8); }
@@ -188,6 +191,8 @@ static fuse_ino_t find_child(const server_t *s, uint64_t d, const char *name)
     }
     return 0;
 }
+
+static unsigned char *read_stored(const server_t *s, const member_t *m, const unsigned char **data);
 
 static void op_init(void *userdata, struct fuse_conn_info *conn)
 {
@@ -334,53 +339,53 @@ static void op_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t of
     list_dir(req, ino, size, off, 1);
 }
 
-/* A whole stored member read with its local header in one pread, checked like the
- * Python reader checks it. Returns 1 when it replied, 0 to hand the read to Python. */
-static int reply_stored(server_t *s, fuse_req_t req, const member_t *m)
+/* A whole stored member, read with its local header in one pread and checked as the
+ * Python reader checks it: returns a malloc'd block (to free) and sets *data inside it,
+ * or NULL to hand the member to Python. */
+static unsigned char *read_stored(const server_t *s, const member_t *m, const unsigned char **data)
 {
     if (m->method != 0 || m->flags & FLAG_ENCRYPTED || m->size == 0 || m->size > s->whole_max
         || m->compressed_size != m->size || S_ISLNK(m->mode) || m->archive >= s->n_archives
         || s->fds[m->archive] < 0)
-        return 0;
+        return NULL;
     int fd = (int)s->fds[m->archive];
     size_t want = LOCAL_SIZE + m->name_length + EXTRA_SLACK + m->size;
     unsigned char *buf = malloc(want);
     if (!buf)
-        return 0;
-    int replied = 0;
+        return NULL;
     ssize_t got = pread(fd, buf, want, (off_t)m->header_offset);
     if (got < LOCAL_SIZE || le32(buf) != 0x04034b50)
-        goto out;
+        goto refuse;
     uint16_t flags = le16(buf + 6), method = le16(buf + 8);
     uint16_t name_len = le16(buf + 26), extra_len = le16(buf + 28);
     if (method != m->method || name_len != m->name_length)
-        goto out;
+        goto refuse;
     if (!(flags & FLAG_DESCRIPTOR)) {
         uint32_t local[3] = {le32(buf + 14), le32(buf + 18), le32(buf + 22)};
         uint32_t central[3] = {m->crc32, (uint32_t)m->compressed_size, (uint32_t)m->size};
         for (int i = 0; i < 3; i++)
             if (local[i] != 0xFFFFFFFFu && local[i] != central[i])
-                goto out;
+                goto refuse;
     }
     size_t start = LOCAL_SIZE + (size_t)name_len + extra_len;
     if (start + m->size > (size_t)got) {   /* a long extra field: read the rest */
         if ((size_t)got < want)
-            goto out;   /* the archive ends early */
+            goto refuse;   /* the archive ends early */
         unsigned char *more = realloc(buf, start + m->size);
         if (!more)
-            goto out;
+            goto refuse;
         buf = more;
         size_t rest = start + m->size - (size_t)got;
         if (pread(fd, buf + got, rest, (off_t)(m->header_offset + (uint64_t)got)) != (ssize_t)rest)
-            goto out;
+            goto refuse;
     }
     if (crc32(0L, buf + start, (uInt)m->size) != m->crc32)
-        goto out;
-    fuse_reply_buf(req, (const char *)buf + start, m->size);
-    replied = 1;
-out:
+        goto refuse;
+    *data = buf + start;
+    return buf;
+refuse:
     free(buf);
-    return replied;
+    return NULL;
 }
 
 /* Reply with the bytes a Python callback returned, or with the errno it returned. */
@@ -408,14 +413,47 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
         return;
     }
     uint64_t row = row_of(s, ino);
-    if (off == 0 && size >= s->files[row].size && reply_stored(s, req, &s->files[row]))
+    const member_t *m = &s->files[row];
+    const unsigned char *data;
+    unsigned char *block = off == 0 && size >= m->size ? read_stored(s, m, &data) : NULL;
+    if (block) {
+        fuse_reply_buf(req, (const char *)data, m->size);
+        free(block);
         return;
+    }
     PyGILState_STATE gil = PyGILState_Ensure();
     PyObject *r = PyObject_CallFunction(s->read_cb, "KnL", (unsigned long long)row, (Py_ssize_t)size,
                                         (long long)off);
     reply_from_python(req, s->read_cb, r, 0);
     Py_XDECREF(r);
     PyGILState_Release(gil);
+}
+
+/* No ioctl is supported, and the kernel forwards every one: Python's open() asks isatty
+ * (TCGETS) on each open, so each open costs this round trip. It is put to use: the
+ * first time a small stored file is opened, its checked bytes are stored in the kernel's
+ * page cache before the answer, and the READ that would follow never comes. */
+static void op_ioctl(fuse_req_t req, fuse_ino_t ino, unsigned int cmd, void *arg, struct fuse_file_info *fi,
+                     unsigned flags, const void *in_buf, size_t in_bufsz, size_t out_bufsz)
+{
+    server_t *s = fuse_req_userdata(req);
+    (void)cmd, (void)arg, (void)fi, (void)flags, (void)in_buf, (void)in_bufsz, (void)out_bufsz;
+    if (is_file(s, ino) && s->files[row_of(s, ino)].size <= PUSH_MAX) {
+        uint64_t row = row_of(s, ino);
+        uint8_t bit = (uint8_t)(1u << (row & 7));
+        if (!(__atomic_fetch_or(&s->pushed[row >> 3], bit, __ATOMIC_RELAXED) & bit)) {
+            const member_t *m = &s->files[row];
+            const unsigned char *data;
+            unsigned char *block = read_stored(s, m, &data);
+            if (block) {   /* if the store fails, the READ comes as usual */
+                struct fuse_bufvec bv = FUSE_BUFVEC_INIT(m->size);
+                bv.buf[0].mem = (void *)data;
+                fuse_lowlevel_notify_store(s->se, ino, 0, &bv, 0);
+                free(block);
+            }
+        }
+    }
+    fuse_reply_err(req, ENOTTY);
 }
 
 static void op_readlink(fuse_req_t req, fuse_ino_t ino)
@@ -456,6 +494,7 @@ static const struct fuse_lowlevel_ops OPS = {
     .readdir = op_readdir,
     .readdirplus = op_readdirplus,
     .read = op_read,
+    .ioctl = op_ioctl,
     .readlink = op_readlink,
     .statfs = op_statfs,
 };
@@ -550,6 +589,8 @@ static PyObject *serve(PyObject *self, PyObject *args, PyObject *kwargs)
     s.uid = getuid();
     s.gid = getgid();
     const char *problem = check_tables(&s);
+    if (!problem && !(s.pushed = calloc(s.n_files / 8 + 1, 1)))
+        problem = "out of memory";
     if (problem) {
         release_buffers(&s);
         PyErr_Format(PyExc_ValueError, "native engine: %s", problem);
@@ -566,6 +607,7 @@ static PyObject *serve(PyObject *self, PyObject *args, PyObject *kwargs)
 
     Py_BEGIN_ALLOW_THREADS
     struct fuse_session *se = fuse_session_new(&fargs, &OPS, sizeof OPS, &s);
+    s.se = se;
     if (!se) {
         failed = "libfuse refused the mount options";
     } else {
@@ -594,6 +636,7 @@ static PyObject *serve(PyObject *self, PyObject *args, PyObject *kwargs)
     Py_END_ALLOW_THREADS
 
     fuse_opt_free_args(&fargs);
+    free(s.pushed);
     release_buffers(&s);
     if (failed) {
         PyErr_Format(PyExc_OSError, "%s: %s", mountpoint, failed);

@@ -14,7 +14,8 @@ mount's dentries survive drop_caches only partly) followed by a warm pass over t
 Rows interleave the targets, so the noise of a shared machine hits them alike.
 
     python scripts/bench.py [--set DIR] [--images N] [--files N] [--deflate-fraction F]
-        [--threads 1,4,8] [--processes 4] [--extra-mount-args "..."] [--no-ratarmount] [--json]
+        [--threads 1,4,8] [--processes 4] [--opener open|unbuffered] [--extra-mount-args "..."]
+        [--no-ratarmount] [--json]
 
 Exit status: 0 when bioscanfs meets every target, 1 when it misses one, 2 on error.
 """
@@ -288,33 +289,39 @@ def walk_stat(root: Path) -> Measured:
     return files, None, time.perf_counter() - started
 
 
-def read_files(paths: Sequence[str]) -> int:
+#: How files are opened: ``open`` as PIL.Image.open(path) does (before Python 3.14, open()
+#: asks isatty: one ioctl per open, which FUSE forwards to the daemon); ``unbuffered``
+#: with buffering=0, which skips it (like torchvision.io.read_file or Python 3.14's open).
+OPENERS = {"open": -1, "unbuffered": 0}
+
+
+def read_files(paths: Sequence[str], buffering: int) -> int:
     """Open, read whole and close each file; returns the bytes read."""
     total = 0
     for path in paths:
-        with open(path, "rb") as fh:
+        with open(path, "rb", buffering=buffering) as fh:
             total += len(fh.read())
     return total
 
 
-def read_threads(paths: Sequence[str], threads: int) -> Tuple[int, float]:
+def read_threads(paths: Sequence[str], threads: int, buffering: int) -> Tuple[int, float]:
     """Each thread reads an interleaved share of the (shuffled) list; returns (bytes, seconds)."""
     started = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
-        total = sum(pool.map(read_files, [paths[i::threads] for i in range(threads)]))
+        total = sum(pool.map(read_files, [paths[i::threads] for i in range(threads)], [buffering] * threads))
     return total, time.perf_counter() - started
 
 
-def _process_worker(paths: Sequence[str], barrier, results) -> None:
+def _process_worker(paths: Sequence[str], buffering: int, barrier, results) -> None:
     """Forked reader: starts with the others, reports bytes read or the error."""
     barrier.wait()
     try:
-        results.put(read_files(paths))
+        results.put(read_files(paths, buffering))
     except Exception as err:  # reported to the parent, which stops the run
         results.put(f"{type(err).__name__}: {err}")
 
 
-def read_processes(paths: Sequence[str], processes: int) -> Tuple[int, float]:
+def read_processes(paths: Sequence[str], processes: int, buffering: int) -> Tuple[int, float]:
     """Each forked process reads an interleaved share; returns (bytes, seconds).
 
     The clock starts when all children are forked and waiting, so forking is not timed.
@@ -322,7 +329,7 @@ def read_processes(paths: Sequence[str], processes: int) -> Tuple[int, float]:
     ctx = mp.get_context("fork")
     barrier = ctx.Barrier(processes + 1)
     results = ctx.Queue()
-    workers = [ctx.Process(target=_process_worker, args=(paths[i::processes], barrier, results))
+    workers = [ctx.Process(target=_process_worker, args=(paths[i::processes], buffering, barrier, results))
                for i in range(processes)]
     for worker in workers:
         worker.start()
@@ -375,12 +382,14 @@ class Result:
                 "ratio": None if self.ratio is None else round(self.ratio, 3)}
 
 
-def make_rows(sample: List[str], sample_bytes: int, threads: List[int], processes: List[int]) -> List[Row]:
+def make_rows(sample: List[str], sample_bytes: int, threads: List[int], processes: List[int],
+              buffering: int) -> List[Row]:
     """The measurements; every read row reads the same sample and checks the byte total."""
     def reader(count: int, use_processes: bool) -> Callable[[Path], Measured]:
         def run(root: Path) -> Measured:
             paths = [os.path.join(root, rel) for rel in sample]
-            got, seconds = read_processes(paths, count) if use_processes else read_threads(paths, count)
+            read = read_processes if use_processes else read_threads
+            got, seconds = read(paths, count, buffering)
             if got != sample_bytes:
                 raise BenchError(f"{root}: read {got:,} bytes, expected {sample_bytes:,}")
             return len(paths), got, seconds
@@ -489,6 +498,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--threads", type=parse_counts, default=[1, 4, 8], help="thread counts (default 1,4,8)")
     parser.add_argument("--processes", type=parse_counts, default=[4], help="process counts (default 4)")
     parser.add_argument("--extra-mount-args", default="", help="more arguments for `bioscanfs mount`, e.g. \"-o allow_other\"")
+    parser.add_argument("--opener", choices=sorted(OPENERS), default="open",
+                        help="open: as PIL does (asks isatty, one ioctl per open); unbuffered: buffering=0, "
+                             "no isatty (default open)")
     parser.add_argument("--no-ratarmount", action="store_true", help="leave ratarmount out")
     parser.add_argument("--seed", type=int, default=0, help="seed of the read sample (default 0)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -508,7 +520,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     drop = can_drop_caches()
     ratarmount = None if args.no_ratarmount else find_ratarmount()
 
-    rows = make_rows(sample, sample_bytes, args.threads, args.processes)
+    rows = make_rows(sample, sample_bytes, args.threads, args.processes, OPENERS[args.opener])
     targets: List[Target] = [Target("extracted", pset.extracted)]
     setup: Dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix=".run-", dir=folder) as tmp:
@@ -547,7 +559,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "set": {"folder": str(folder), "zips": [p.name for p in pset.zips], "files": len(names),
                 "bytes": sum(pset.sizes.values()), "deflate_fraction": pset.deflate_fraction,
                 "extracted": str(pset.extracted), "extracted_filesystem": fstype},
-        "sample": {"files": len(sample), "bytes": sample_bytes, "seed": args.seed},
+        "sample": {"files": len(sample), "bytes": sample_bytes, "seed": args.seed, "opener": args.opener},
         "cpus": os.cpu_count(), "caches_dropped": drop,
         "first_mount_seconds": {name: round(s, 2) for name, s in setup.items()},
         "results": [r.as_dict() for r in results], "checks": checks, "passed": passed, "notes": notes,
@@ -559,7 +571,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     total_mb = summary["set"]["bytes"] / MB
     print(f"set: {folder}: {len(names):,} files, {total_mb:,.0f} MB in {len(pset.zips)} zips "
           f"(deflated share {pset.deflate_fraction:g}); extracted copy on {fstype}; {os.cpu_count()} CPUs")
-    print(f"sample: {len(sample):,} files, {sample_bytes / MB:,.1f} MB, the same shuffled list for every target")
+    print(f"sample: {len(sample):,} files, {sample_bytes / MB:,.1f} MB, the same shuffled list for every target; "
+          f"opened with {args.opener!r}")
     print("cold = " + ("caches dropped" if drop else "caches NOT dropped")
           + ", mounts remounted; warm = the same pass again. MB = 10^6 bytes; ratio = files/s vs extracted")
     print("first mount (index build): " + ", ".join(f"{n} {s:.1f} s" for n, s in setup.items()))
