@@ -19,9 +19,12 @@
 
 #define FUSE_USE_VERSION 35
 #include <fuse_lowlevel.h>
+#include <fuse_log.h>
 
 #include <errno.h>
 #include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -45,6 +48,7 @@ enum {
     LOCAL_SIZE = 30,        /* APPNOTE 4.3.7 local file header, fixed part */
     EXTRA_SLACK = 128,      /* read past the name for the extra field: one pread, mostly */
     PUSH_MAX = 128 << 10,   /* pushed on open: no more than the kernel's first readahead */
+    PUSH_WORKERS = 4,       /* at most this many workers pushing at once (see op_ioctl) */
     FLAG_ENCRYPTED = 1,
     FLAG_DESCRIPTOR = 8,
     NAME_MAX_BYTES = 255,
@@ -69,6 +73,8 @@ typedef struct {
     PyObject *read_cb, *attr_cb, *readlink_cb, *ready_cb;
     struct fuse_session *se;
     uint8_t *pushed;            /* one bit per file row: bytes stored in the page cache once */
+    int push;                   /* pushing allowed (multi-threaded loop only) */
+    int pushing;                /* workers inside a push now */
 } server_t;
 
 static uint16_t le16(const unsigned char *p) { return (uint16_t)(p[0] | p[1] << 8); }
@@ -432,27 +438,41 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
 /* No ioctl is supported, and the kernel forwards every one: Python's open() asks isatty
  * (TCGETS) on each open, so each open costs this round trip. It is put to use: the
  * first time a small stored file is opened, its checked bytes are stored in the kernel's
- * page cache before the answer, and the READ that would follow never comes. */
+ * page cache before the answer, and the READ that would follow never comes.
+ *
+ * A store waits for any page of the file that another reader has locked, until that
+ * reader's READ is answered, by another worker. So stores are skipped in the
+ * single-threaded loop, and at most PUSH_WORKERS workers store at once: libfuse starts
+ * up to 10 workers, and the others stay free for READs. A skipped store costs nothing
+ * but the READ it would have saved. */
+static void push_to_page_cache(server_t *s, fuse_ino_t ino)
+{
+    uint64_t row = row_of(s, ino);
+    const member_t *m = &s->files[row];
+    uint8_t bit = (uint8_t)(1u << (row & 7));
+    if (m->size > PUSH_MAX || __atomic_load_n(&s->pushed[row >> 3], __ATOMIC_RELAXED) & bit)
+        return;
+    if (__atomic_add_fetch(&s->pushing, 1, __ATOMIC_ACQ_REL) <= PUSH_WORKERS
+        && !(__atomic_fetch_or(&s->pushed[row >> 3], bit, __ATOMIC_ACQ_REL) & bit)) {
+        const unsigned char *data;
+        unsigned char *block = read_stored(s, m, &data);
+        if (block) {   /* if the store fails, the READ comes as usual */
+            struct fuse_bufvec bv = FUSE_BUFVEC_INIT(m->size);
+            bv.buf[0].mem = (void *)data;
+            fuse_lowlevel_notify_store(s->se, ino, 0, &bv, 0);
+            free(block);
+        }
+    }
+    __atomic_sub_fetch(&s->pushing, 1, __ATOMIC_ACQ_REL);
+}
+
 static void op_ioctl(fuse_req_t req, fuse_ino_t ino, unsigned int cmd, void *arg, struct fuse_file_info *fi,
                      unsigned flags, const void *in_buf, size_t in_bufsz, size_t out_bufsz)
 {
     server_t *s = fuse_req_userdata(req);
     (void)cmd, (void)arg, (void)fi, (void)flags, (void)in_buf, (void)in_bufsz, (void)out_bufsz;
-    if (is_file(s, ino) && s->files[row_of(s, ino)].size <= PUSH_MAX) {
-        uint64_t row = row_of(s, ino);
-        uint8_t bit = (uint8_t)(1u << (row & 7));
-        if (!(__atomic_fetch_or(&s->pushed[row >> 3], bit, __ATOMIC_RELAXED) & bit)) {
-            const member_t *m = &s->files[row];
-            const unsigned char *data;
-            unsigned char *block = read_stored(s, m, &data);
-            if (block) {   /* if the store fails, the READ comes as usual */
-                struct fuse_bufvec bv = FUSE_BUFVEC_INIT(m->size);
-                bv.buf[0].mem = (void *)data;
-                fuse_lowlevel_notify_store(s->se, ino, 0, &bv, 0);
-                free(block);
-            }
-        }
-    }
+    if (s->push && is_file(s, ino))
+        push_to_page_cache(s, ino);
     fuse_reply_err(req, ENOTTY);
 }
 
@@ -557,6 +577,22 @@ static const char *check_tables(server_t *s)
     return NULL;
 }
 
+/* libfuse's own message while mounting (an unknown option, a bad mount point), kept for
+ * the one-line error instead of printed; only the thread in serve() logs then. */
+static char setup_message[512];
+
+static void keep_message(enum fuse_log_level level, const char *fmt, va_list ap)
+{
+    size_t used = strlen(setup_message);   /* libfuse may write one line in pieces */
+    (void)level;
+    vsnprintf(setup_message + used, sizeof setup_message - used, fmt, ap);
+    for (char *c = setup_message; *c; c++)
+        if (*c == '\n')
+            *c = ' ';
+    for (size_t end = strlen(setup_message); end && setup_message[end - 1] == ' ';)
+        setup_message[--end] = 0;
+}
+
 /* SIGINT, SIGTERM and SIGHUP end the loop (libfuse installs its handlers only over the
  * default action, and Python has its own SIGINT handler). */
 static const int EXIT_SIGNALS[] = {SIGINT, SIGTERM, SIGHUP};
@@ -606,10 +642,13 @@ static PyObject *serve(PyObject *self, PyObject *args, PyObject *kwargs)
     int rc = 0;
 
     Py_BEGIN_ALLOW_THREADS
+    setup_message[0] = 0;
+    fuse_set_log_func(keep_message);
     struct fuse_session *se = fuse_session_new(&fargs, &OPS, sizeof OPS, &s);
     s.se = se;
+    s.push = threads;
     if (!se) {
-        failed = "libfuse refused the mount options";
+        failed = "the mount options were refused";
     } else {
         for (int i = 0; i < 3; i++)
             sigaction(EXIT_SIGNALS[i], &dfl, &saved[i]);
@@ -617,8 +656,9 @@ static PyObject *serve(PyObject *self, PyObject *args, PyObject *kwargs)
             failed = "cannot install signal handlers";
         } else {
             if (fuse_session_mount(se, mountpoint) != 0) {
-                failed = "cannot mount (see the message above)";
+                failed = "cannot mount";
             } else {
+                fuse_set_log_func(NULL);   /* from now on libfuse logs to stderr (the log file) */
                 if (threads) {
                     struct fuse_loop_config config = {.clone_fd = 0, .max_idle_threads = 10};
                     rc = fuse_session_loop_mt(se, &config);
@@ -635,17 +675,16 @@ static PyObject *serve(PyObject *self, PyObject *args, PyObject *kwargs)
     }
     Py_END_ALLOW_THREADS
 
+    fuse_set_log_func(NULL);
     fuse_opt_free_args(&fargs);
     free(s.pushed);
     release_buffers(&s);
-    if (failed) {
-        PyErr_Format(PyExc_OSError, "%s: %s", mountpoint, failed);
+    if (failed) {   /* MountError in nativefs: one line for the user */
+        PyErr_Format(PyExc_OSError, "%s (%s)", failed, setup_message[0] ? setup_message : "libfuse said nothing");
         return NULL;
     }
-    if (rc < 0) {
-        errno = -rc;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
+    if (rc < 0)
+        return PyErr_Format(PyExc_RuntimeError, "the FUSE request loop failed: %s", strerror(-rc));
     Py_RETURN_NONE;
 }
 

@@ -6,7 +6,8 @@
     │   ├── UnsupportedError     a compression method we cannot decode (ENOTSUP)
     │   └── EncryptedError       encrypted, and no password or a wrong one (EACCES)
     ├── NotFound                 a path that is not in the tree (ENOENT)
-    └── SourceError              discovery: missing pieces, no packages found
+    ├── SourceError              discovery: missing pieces, no packages found
+    └── MountError               the kernel mount itself failed (bad -o option, mount point)
 """
 from __future__ import annotations
 
@@ -61,3 +62,10 @@ class NotFound(BioscanError):
 
 class SourceError(BioscanError):
     """The set of archives is unusable as given (missing piece, nothing found)."""
+
+
+class MountError(BioscanError):
+    """libfuse refused to mount: a bad ``-o`` option, an unusable mount point."""
+
+    def __init__(self, mountpoint: str, what: str) -> None:
+        super().__init__(f"{mountpoint}: {what}")

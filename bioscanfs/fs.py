@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Union
 import mfusepy
 
 from .collection import Collection
-from .errors import BioscanError, NotFound
+from .errors import BioscanError, MountError, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +126,16 @@ def mount_options(user_options: List[str]) -> Dict[str, Union[bool, str, int]]:
     return options
 
 
+def options_text(options: Dict[str, Union[bool, str, int]]) -> str:
+    """Options in libfuse's ``-o`` syntax; a False flag is left out."""
+    return ",".join(k if v is True else f"{k}={v}" for k, v in options.items() if v is not False)
+
+
 def serve(collection: Collection, mountpoint: str, options: Dict[str, Union[bool, str, int]],
           on_ready: Optional[Callable[[], None]] = None, threads: bool = True) -> None:
     """Mount and serve until unmounted or signalled (blocks; stays in the foreground)."""
-    mfusepy.FUSE(BioscanFS(collection, on_ready), mountpoint, foreground=True, nothreads=not threads,
-                 **dict(CACHE_OPTIONS, **options))
+    try:
+        mfusepy.FUSE(BioscanFS(collection, on_ready), mountpoint, foreground=True, nothreads=not threads,
+                     **dict(CACHE_OPTIONS, **options))
+    except RuntimeError:  # fuse_main failed; libfuse printed why
+        raise MountError(mountpoint, f"libfuse refused to mount with -o {options_text(options)}") from None

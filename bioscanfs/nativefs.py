@@ -14,7 +14,8 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import numpy as np
 
 from .collection import Collection
-from .fs import read_or_errno
+from .errors import MountError
+from .fs import options_text, read_or_errno
 from .index import FILE_DTYPE
 from .reader import WHOLE_READ_MAX
 
@@ -31,11 +32,6 @@ _C_LAYOUT = [("header_offset", "<u8"), ("compressed_size", "<u8"), ("size", "<u8
 
 def available() -> bool:
     return _nativefs is not None and FILE_DTYPE == np.dtype(_C_LAYOUT) and FILE_DTYPE.itemsize == _nativefs.MEMBER_SIZE
-
-
-def _option_string(options: Dict[str, Union[bool, str, int]]) -> str:
-    """libfuse's ``-o`` syntax; a False flag is left out."""
-    return ",".join(k if v is True else f"{k}={v}" for k, v in options.items() if v is not False)
 
 
 def _dir_tables(c: Collection) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -72,11 +68,15 @@ def serve(collection: Collection, mountpoint: str, options: Dict[str, Union[bool
         return c.link_target(row) or errno.EINVAL
 
     parent, sub_start, sub_ids = _dir_tables(c)
+    option_string = options_text(options)
     fds = np.array([-1 if getattr(src, "fd", None) is None else src.fd for src in c.sources], dtype=np.int64)
-    _nativefs.serve(
-        mountpoint=mountpoint, options=_option_string(options),
-        files=tree.files, basenames=tree.basenames, width=tree.basenames.dtype.itemsize,
-        dir_lo=tree.dir_lo, dir_hi=tree.dir_hi, dir_mtime=tree.dir_mtime, dir_parent=parent,
-        sub_start=sub_start, sub_ids=sub_ids, dir_names=tree.dir_names, dir_ends=tree.dir_ends,
-        fds=fds, whole_max=WHOLE_READ_MAX, total_bytes=tree.total_bytes,
-        read=read, attr=attr, readlink=readlink, ready=on_ready, threads=threads)
+    try:
+        _nativefs.serve(
+            mountpoint=mountpoint, options=option_string,
+            files=tree.files, basenames=tree.basenames, width=tree.basenames.dtype.itemsize,
+            dir_lo=tree.dir_lo, dir_hi=tree.dir_hi, dir_mtime=tree.dir_mtime, dir_parent=parent,
+            sub_start=sub_start, sub_ids=sub_ids, dir_names=tree.dir_names, dir_ends=tree.dir_ends,
+            fds=fds, whole_max=WHOLE_READ_MAX, total_bytes=tree.total_bytes,
+            read=read, attr=attr, readlink=readlink, ready=on_ready, threads=threads)
+    except OSError as err:
+        raise MountError(mountpoint, f"{err} with -o {option_string}") from None

@@ -1,0 +1,265 @@
+"""What the native engine (bioscanfs/_nativefs.c) promises beyond what both engines share.
+
+The ``mount`` fixture already runs the generic mount tests on both engines. Here, on native
+mounts only: the extension is built; listings carry attributes (READDIRPLUS); the kernel asks
+the server as little as the design says, counted with the kernel's fuse tracepoints; signals
+and bad ``-o`` options end the C loop cleanly; the C whole-read path and the Python fallback
+serve zipfile's bytes, and a corrupt stored member gets EIO. Every archive comes from
+scripts/make_fake_bioscan.py; every read goes through the kernel.
+"""
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import random
+import re
+import signal
+import stat
+import subprocess
+import zipfile
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Tuple
+
+import pytest
+
+from bioscanfs import cli, nativefs
+from conftest import (
+    EXIT_TIMEOUT, Member, Mount, assert_one_error_line, copy_archives, data_offset, expected_tree, flip_byte,
+    is_mounted, mounted, run_cli, zip_contents, zip_members,
+)
+
+TRACEFS = Path("/sys/kernel/tracing")
+SEND_EVENT = "events/fuse/fuse_request_send"
+#: print fmt of fuse_request_send: "connection %u req %llu opcode %u (%s) len %u".
+_REQUEST = re.compile(r"fuse_request_send: connection \d+ req \d+ opcode \d+ \((\w+)\)")
+_ENTRIES = re.compile(r"entries-in-buffer/entries-written: (\d+)/(\d+)")
+
+
+def test_native_engine_is_built_and_the_default() -> None:
+    """CI installs gcc and libfuse3-dev, so a missing extension is a build failure, not a skip."""
+    assert nativefs.available(), "bioscanfs._nativefs is not built, or its member layout is not index.FILE_DTYPE"
+    assert cli._engine(None) is nativefs.serve
+
+
+@pytest.fixture
+def native_mount(fake_set: Path, tmp_path: Path) -> Iterator[Mount]:
+    """A fresh native mount of the fake set: the kernel has cached no name, attribute or page."""
+    with mounted([fake_set], tmp_path / "native", engine="native") as live:
+        yield live
+
+
+def test_listings_carry_attributes(native_mount: Mount, fake_members: Dict[str, Member]) -> None:
+    """os.scandir + DirEntry.stat() of every folder on a fresh mount: the attributes that came
+    with the listing (READDIRPLUS, see the tracepoint test) are zipfile's size and the tree's
+    mode and link count, and the listing's inode is the one stat reports."""
+    tree = expected_tree(fake_members)
+    seen = set()
+    for folder in sorted(tree):
+        with os.scandir(native_mount.path(folder)) as entries:
+            for entry in entries:
+                path = f"{folder}/{entry.name}" if folder else entry.name
+                st = entry.stat()
+                assert entry.inode() == st.st_ino, path
+                if path in tree:
+                    subdirs = sum(f"{path}/{name}" in tree for name in tree[path])
+                    assert entry.is_dir() and st.st_mode == stat.S_IFDIR | 0o555, (path, oct(st.st_mode))
+                    assert st.st_nlink == 2 + subdirs, path
+                else:
+                    member = fake_members[path]
+                    assert entry.is_file() and st.st_mode == stat.S_IFREG | 0o444, (path, oct(st.st_mode))
+                    assert (st.st_size, st.st_nlink) == (member.info.file_size, 1), path
+                    assert st.st_mtime_ns == member.mtime * 10**9, path
+                seen.add(path)
+    assert seen == (set(tree) - {""}) | set(fake_members)
+
+
+# -- request economy, counted by the kernel ------------------------------------------------------
+class FuseRequests:
+    """The requests the kernel sends to one FUSE mount, read from a private tracefs instance."""
+
+    def __init__(self, instance: Path) -> None:
+        self._instance = instance
+
+    def watch(self, point: Path) -> None:
+        """Record the requests to the mount at ``point`` from now on, and only those."""
+        dev = os.stat(point).st_dev
+        # The event's connection is the kernel's dev_t of the mount, MAJOR << 20 | MINOR (MINORBITS).
+        (self._instance / SEND_EVENT / "filter").write_text(f"connection == {os.major(dev) << 20 | os.minor(dev)}")
+        (self._instance / SEND_EVENT / "enable").write_text("1")
+        self.take()
+
+    def take(self) -> Counter[str]:
+        """Requests by opcode name since the last call; empties the buffer."""
+        text = (self._instance / "trace").read_text()
+        (self._instance / "trace").write_text("")
+        entries = _ENTRIES.search(text)
+        assert entries, f"no entries line in the trace header:\n{text[:500]}"
+        kept, written = map(int, entries.groups())
+        assert kept == written, f"the trace buffer overflowed ({kept} of {written} events kept)"
+        return Counter(_REQUEST.findall(text))
+
+
+@pytest.fixture
+def fuse_requests() -> Iterator[FuseRequests]:
+    """The fuse_request_send event in a tracefs instance of its own, removed afterwards, so the
+    global tracing state (tracing_on, events, buffer) is never touched. Mounts tracefs if needed;
+    skips on a kernel without fuse tracepoints."""
+    mount_tracefs = not (TRACEFS / "instances").is_dir()
+    if mount_tracefs:
+        if "tracefs" not in Path("/proc/filesystems").read_text():
+            pytest.skip("this kernel has no tracefs, so no fuse tracepoints")
+        subprocess.run(["mount", "-t", "tracefs", "nodev", str(TRACEFS)], check=True, capture_output=True)
+    try:
+        if not (TRACEFS / SEND_EVENT).is_dir():
+            pytest.skip(f"this kernel has no fuse tracepoints ({TRACEFS / SEND_EVENT})")
+        instance = TRACEFS / "instances" / f"bioscanfs-tests-{os.getpid()}"
+        instance.mkdir()
+        try:
+            yield FuseRequests(instance)
+        finally:
+            (instance / SEND_EVENT / "enable").write_text("0")
+            instance.rmdir()
+    finally:
+        if mount_tracefs:
+            subprocess.run(["umount", str(TRACEFS)], check=True, capture_output=True)
+
+
+def test_second_read_pass_asks_nothing(native_mount: Mount, fake_members: Dict[str, Member],
+                                       fuse_requests: FuseRequests) -> None:
+    """Whole reads of every stored member, twice. First pass: at most one READ per file, and
+    OPEN answered ENOSYS once and then never asked again, so no RELEASE. Second pass: names,
+    attributes and pages all come from the kernel's caches; only Python's isatty() ioctl still
+    reaches the server."""
+    expected = zip_contents({p: m for p, m in fake_members.items() if not m.deflated})
+    fuse_requests.watch(native_mount.point)
+    passes = []
+    for _ in range(2):
+        for path, data in expected.items():
+            with open(native_mount.path(path), "rb") as f:
+                assert f.read() == data, path
+        passes.append(fuse_requests.take())
+    first, second = passes
+    assert first["FUSE_READ"] <= len(expected), first
+    assert first["FUSE_OPEN"] <= 1 and first["FUSE_RELEASE"] == 0, first
+    assert set(second) <= {"FUSE_IOCTL"}, second
+
+
+def test_walk_and_stat_send_no_lookup(native_mount: Mount, fake_members: Dict[str, Member],
+                                      fuse_requests: FuseRequests) -> None:
+    """os.walk + os.stat of every file on a fresh mount: every name and attribute comes with the
+    listings (READDIRPLUS), so the kernel sends no LOOKUP and no GETATTR."""
+    fuse_requests.watch(native_mount.point)
+    stats = [os.stat(os.path.join(folder, name)) for folder, _, files in os.walk(native_mount.point)
+             for name in files]
+    requests = fuse_requests.take()
+    assert len(stats) == len(fake_members)
+    assert requests["FUSE_READDIRPLUS"] > 0, requests
+    assert requests["FUSE_LOOKUP"] == requests["FUSE_GETATTR"] == requests["FUSE_READDIR"] == 0, requests
+
+
+# -- the command line ------------------------------------------------------------------------------
+@pytest.mark.parametrize("loop", [[], ["--single-threaded"]], ids=["loop-mt", "loop"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_signal_ends_a_foreground_mount(signum: signal.Signals, loop: List[str], fake_set: Path,
+                                        tmp_path: Path) -> None:
+    """The C code puts libfuse's handlers over Python's: each signal ends either libfuse loop
+    (multi-threaded, or -s), the mount is gone and the process exits with 0."""
+    with mounted([fake_set], tmp_path, args=loop, engine="native") as live:
+        assert live.proc is not None
+        assert os.listdir(live.point) == ["bioscan5m"]
+        live.proc.send_signal(signum)
+        assert live.proc.wait(timeout=EXIT_TIMEOUT) == 0, live.log_text()
+        assert not is_mounted(live.point)
+
+
+@pytest.mark.parametrize("mode", [
+    pytest.param([], id="daemon"),
+    pytest.param(["-f"], id="foreground"),
+])
+def test_bad_fuse_option_is_one_line(mode: List[str], fake_set: Path, tmp_path: Path, mountpoint: Path) -> None:
+    """An -o option libfuse does not know: non-zero exit, one 'Error:' line naming the option, no
+    traceback, nothing mounted (the mountpoint fixture fails the test if anything is)."""
+    done = run_cli("mount", fake_set, mountpoint, "--index-dir", tmp_path / "index", "--engine", "native",
+                   "-o", "no_such_option", *mode)
+    assert_one_error_line(done, "no_such_option")
+    assert not is_mounted(mountpoint)
+
+
+# -- bytes: the C whole read, the Python fallback, corrupt members ---------------------------------
+def _sample(members: Dict[str, Member], rng: random.Random) -> Dict[str, Member]:
+    """Per compression method its smallest, its largest and four random members, plus every
+    metadata member (the deflated CSV spans several kernel reads)."""
+    picks = {p for p in members if not p.endswith(".jpg")}
+    for method in {m.info.compress_type for m in members.values()}:
+        by_size = sorted((m.info.file_size, p) for p, m in members.items() if m.info.compress_type == method)
+        picks |= {by_size[0][1], by_size[-1][1]} | {p for _, p in rng.sample(by_size, 4)}
+    return {p: members[p] for p in sorted(picks)}
+
+
+def _windows(size: int, rng: random.Random) -> List[Tuple[int, int]]:
+    """(offset, length): the whole member, then random windows, some reaching past its end."""
+    return [(0, size), (0, size + 1)] + [
+        (rng.randrange(size + 2), rng.choice([1, 4096, rng.randrange(1, size + 8192)])) for _ in range(40)]
+
+
+@pytest.mark.parametrize("flags", [0, os.O_DIRECT], ids=["page-cache", "O_DIRECT"])
+def test_preads_equal_zipfile(native_mount: Mount, fake_members: Dict[str, Member], flags: int) -> None:
+    """os.pread at random offsets and sizes equals zipfile's bytes, for every compression method.
+
+    Files are opened with Python's open(), as loaders open them (its isatty() check reaches the
+    server too). With O_DIRECT each pread reaches the server as it is: a whole read of a stored
+    member is answered in C, every other read by the Python fallback."""
+    rng = random.Random(flags)
+    sample = _sample(fake_members, rng)
+    assert {m.info.compress_type for m in sample.values()} == {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED}
+    for path, data in zip_contents(sample).items():
+        with open(native_mount.path(path), "rb", opener=lambda p, f: os.open(p, f | flags)) as f:
+            for offset, length in _windows(len(data), rng):
+                assert os.pread(f.fileno(), length, offset) == data[offset:offset + length], (path, offset, length)
+
+
+def _assert_eio(read: Callable[[], object], path: str) -> None:
+    with pytest.raises(OSError) as err:
+        read()
+    assert err.value.errno == errno.EIO, (path, err.value)
+
+
+def test_corrupt_stored_member_gets_eio(fake_set: Path, tmp_path: Path) -> None:
+    """A byte flipped at the start, middle or end of a stored member's data: the C checks refuse
+    it (no bytes pushed on open, no whole read) and hand the read to Python, which refuses it,
+    whole or partial, with EIO and logs archive and member; the mount lives on and the members
+    stored next to it still read right."""
+    folder = copy_archives(fake_set, tmp_path / "zips", ["BIOSCAN_5M_original_256.zip"])
+    archive = folder / "BIOSCAN_5M_original_256.zip"
+    members = zip_members(folder)
+    order = sorted(members, key=lambda p: members[p].info.header_offset)
+    stored = [i for i, p in enumerate(order[1:-1], start=1) if not members[p].deflated]
+    chosen = [stored[0], stored[len(stored) // 2], stored[-1]]
+    bad = [order[i] for i in chosen]
+    neighbours = {order[i + step] for i in chosen for step in (-1, 1)}
+    assert not neighbours & set(bad)
+    expected = zip_contents({p: members[p] for p in neighbours})
+    for path, where in zip(bad, (0.0, 0.5, 1.0)):
+        size = members[path].info.compress_size
+        flip_byte(archive, data_offset(archive, members[path].info) + min(int(size * where), size - 1))
+    with zipfile.ZipFile(archive) as zf:  # the corruption is real for an independent reader
+        for path in bad:
+            with pytest.raises(zipfile.BadZipFile):
+                zf.read(path)
+
+    with mounted([folder], tmp_path / "native", engine="native") as live:
+        for path in bad:
+            live.expect_log(re.escape(path))
+            _assert_eio(live.path(path).read_bytes, path)
+            fd = os.open(live.path(path), os.O_RDONLY | os.O_DIRECT)
+            try:
+                _assert_eio(functools.partial(os.pread, fd, 1, 0), path)
+            finally:
+                os.close(fd)
+            lines = [line for line in live.log_text().splitlines() if path in line]
+            assert lines and all("ERROR" in line and str(archive) in line for line in lines), live.log_text()
+        assert os.listdir(live.point) == ["bioscan5m"]
+        for path, data in expected.items():
+            assert live.path(path).read_bytes() == data, path
