@@ -3,7 +3,8 @@
  * Why C: through mfusepy every request costs tens of microseconds of ctypes callback
  * and GIL, and a cold file costs two of them (LOOKUP, READ). Here lookups, attributes,
  * listings (with attributes: READDIRPLUS) and whole reads of stored members run on
- * libfuse's worker threads without the GIL, straight from the memory-mapped tree.
+ * libfuse's worker threads without the GIL, straight from the memory-mapped tree; the
+ * isatty ioctl of Python's open() stores small stored files in the page cache (op_ioctl).
  *
  * Everything else goes back to Python, which owns decoding, error messages and logs:
  * compressed, encrypted, large or remote members, partial reads, symlinks, and any read
