@@ -137,7 +137,7 @@ def main() -> None:
               help="Log file [default in daemon mode: INDEX_DIR/bioscanfs.log].")
 @click.option("-v", "--verbose", count=True, help="More log detail (-vv for debug).")
 @click.option("-s", "--single-threaded", is_flag=True,
-              help="Serve requests on one thread (lower latency for one reader, no overlap for many).")
+              help="Serve requests on one thread (slower in scripts/bench.py; for debugging).")
 @click.option("--engine", type=click.Choice(["native", "python"]),
               help="Request loop: native (C, libfuse 3) [default when built] or python (mfusepy).")
 @click.option("--password-file", type=click.Path(exists=True, dir_okay=False),
