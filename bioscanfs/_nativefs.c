@@ -15,6 +15,7 @@
  * directory d is d + 1 (the root, directory 0, is FUSE_ROOT_ID); file row r is
  * n_dirs + 1 + r.
  */
+#define _GNU_SOURCE   /* O_DIRECT */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
@@ -23,6 +24,7 @@
 #include <fuse_log.h>
 
 #include <errno.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -50,6 +52,7 @@ enum {
     EXTRA_SLACK = 128,      /* read past the name for the extra field: one pread, mostly */
     PUSH_MAX = 128 << 10,   /* pushed on open: no more than the kernel's first readahead */
     PUSH_WORKERS = 4,       /* at most this many workers pushing at once (see op_ioctl) */
+    DIRECT_ALIGN = 4096,    /* O_DIRECT offsets, lengths and buffers: enough for any block size up to a page */
     FLAG_ENCRYPTED = 1,
     FLAG_DESCRIPTOR = 8,
     NAME_MAX_BYTES = 255,
@@ -57,7 +60,7 @@ enum {
 static const double TIMEOUT = 86400.0; /* content never changes while mounted */
 
 enum { B_FILES, B_BASENAMES, B_DIR_LO, B_DIR_HI, B_DIR_MTIME, B_DIR_PARENT, B_SUB_START,
-       B_SUB_IDS, B_DIR_NAMES, B_DIR_ENDS, B_FDS, N_BUFFERS };
+       B_SUB_IDS, B_DIR_NAMES, B_DIR_ENDS, B_FDS, B_DIRECT, N_BUFFERS };
 
 typedef struct {
     Py_buffer views[N_BUFFERS];
@@ -67,6 +70,7 @@ typedef struct {
     size_t width;
     const uint64_t *dir_lo, *dir_hi, *dir_parent, *sub_start, *sub_ids, *dir_ends;
     const int64_t *dir_mtime, *fds;
+    int *direct;                /* per archive: the same file opened with O_DIRECT, or -1 */
     const char *dir_names;      /* directory paths end to end */
     uint64_t n_dirs, n_archives, whole_max, total_bytes;
     uid_t uid;
@@ -199,7 +203,7 @@ static fuse_ino_t find_child(const server_t *s, uint64_t d, const char *name)
     return 0;
 }
 
-static unsigned char *read_stored(const server_t *s, const member_t *m, const unsigned char **data);
+static unsigned char *read_stored(server_t *s, const member_t *m, const unsigned char **data);
 
 static void op_init(void *userdata, struct fuse_conn_info *conn)
 {
@@ -346,21 +350,58 @@ static void op_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t of
     list_dir(req, ino, size, off, 1);
 }
 
+/* ``len`` bytes of archive ``a`` from ``off`` in one pread: returns the block to free and
+ * sets *at to the byte at ``off`` inside it and *got to the bytes read from there.
+ *
+ * Why O_DIRECT: the bytes read here go on to the mount's page cache (the READ reply or the
+ * store), so reading them through the archive's page cache as well would keep every file
+ * in memory twice. A filesystem that refuses O_DIRECT (at open, or EINVAL here) is read
+ * through the cache, as is every read made in Python. */
+static unsigned char *read_span(server_t *s, uint16_t a, uint64_t off, size_t len,
+                                const unsigned char **at, size_t *got)
+{
+    int fd = __atomic_load_n(&s->direct[a], __ATOMIC_RELAXED);
+    if (fd >= 0) {
+        uint64_t lo = off & ~(uint64_t)(DIRECT_ALIGN - 1);
+        uint64_t hi = (off + len + DIRECT_ALIGN - 1) & ~(uint64_t)(DIRECT_ALIGN - 1);
+        void *block;
+        if (posix_memalign(&block, DIRECT_ALIGN, hi - lo))
+            return NULL;
+        ssize_t n = pread(fd, block, hi - lo, (off_t)lo);
+        if (n >= 0 || errno != EINVAL) {
+            size_t skip = (size_t)(off - lo);
+            *at = (unsigned char *)block + skip;
+            *got = n > (ssize_t)skip ? (size_t)n - skip : 0;
+            if (*got > len)
+                *got = len;
+            return block;
+        }
+        free(block);
+        __atomic_store_n(&s->direct[a], -1, __ATOMIC_RELAXED);
+    }
+    unsigned char *block = malloc(len);
+    if (!block)
+        return NULL;
+    ssize_t n = pread((int)s->fds[a], block, len, (off_t)off);
+    *at = block;
+    *got = n > 0 ? (size_t)n : 0;
+    return block;
+}
+
 /* A whole stored member, read with its local header in one pread and checked as the
- * Python reader checks it: returns a malloc'd block (to free) and sets *data inside it,
- * or NULL to hand the member to Python. */
-static unsigned char *read_stored(const server_t *s, const member_t *m, const unsigned char **data)
+ * Python reader checks it: returns a block (to free) and sets *data inside it, or NULL to
+ * hand the member to Python. */
+static unsigned char *read_stored(server_t *s, const member_t *m, const unsigned char **data)
 {
     if (m->method != 0 || m->flags & FLAG_ENCRYPTED || m->size == 0 || m->size > s->whole_max
         || m->compressed_size != m->size || S_ISLNK(m->mode) || m->archive >= s->n_archives
         || s->fds[m->archive] < 0)
         return NULL;
-    int fd = (int)s->fds[m->archive];
-    size_t want = LOCAL_SIZE + m->name_length + EXTRA_SLACK + m->size;
-    unsigned char *buf = malloc(want);
-    if (!buf)
+    size_t want = LOCAL_SIZE + m->name_length + EXTRA_SLACK + m->size, got;
+    const unsigned char *buf;
+    unsigned char *block = read_span(s, m->archive, m->header_offset, want, &buf, &got);
+    if (!block)
         return NULL;
-    ssize_t got = pread(fd, buf, want, (off_t)m->header_offset);
     if (got < LOCAL_SIZE || le32(buf) != 0x04034b50)
         goto refuse;
     uint16_t flags = le16(buf + 6), method = le16(buf + 8);
@@ -375,23 +416,20 @@ static unsigned char *read_stored(const server_t *s, const member_t *m, const un
                 goto refuse;
     }
     size_t start = LOCAL_SIZE + (size_t)name_len + extra_len;
-    if (start + m->size > (size_t)got) {   /* a long extra field: read the rest */
-        if ((size_t)got < want)
+    if (start + m->size > got) {   /* a long extra field: read again, all of it */
+        if (got < want)
             goto refuse;   /* the archive ends early */
-        unsigned char *more = realloc(buf, start + m->size);
-        if (!more)
-            goto refuse;
-        buf = more;
-        size_t rest = start + m->size - (size_t)got;
-        if (pread(fd, buf + got, rest, (off_t)(m->header_offset + (uint64_t)got)) != (ssize_t)rest)
+        free(block);
+        block = read_span(s, m->archive, m->header_offset, start + m->size, &buf, &got);
+        if (!block || got < start + m->size)
             goto refuse;
     }
     if (crc32(0L, buf + start, (uInt)m->size) != m->crc32)
         goto refuse;
     *data = buf + start;
-    return buf;
+    return block;
 refuse:
-    free(buf);
+    free(block);
     return NULL;
 }
 
@@ -564,6 +602,8 @@ static const char *check_tables(server_t *s)
     s->dir_names = s->views[B_DIR_NAMES].buf;
     s->dir_ends = s->views[B_DIR_ENDS].buf;
     s->fds = s->views[B_FDS].buf;
+    if (s->views[B_DIRECT].len != s->views[B_FDS].len)
+        return "direct: not one per archive";
     for (uint64_t d = 0; d < s->n_dirs; d++) {
         if (s->dir_lo[d] > s->dir_hi[d] || s->dir_hi[d] > s->n_files || s->dir_parent[d] >= s->n_dirs
             || s->sub_start[d] > s->sub_start[d + 1] || s->dir_ends[d] > (uint64_t)s->views[B_DIR_NAMES].len
@@ -602,7 +642,7 @@ static PyObject *serve(PyObject *self, PyObject *args, PyObject *kwargs)
 {
     static char *keywords[] = {"mountpoint", "options", "files", "basenames", "width", "dir_lo", "dir_hi",
                                "dir_mtime", "dir_parent", "sub_start", "sub_ids", "dir_names", "dir_ends",
-                               "fds", "whole_max", "total_bytes", "read", "attr", "readlink", "ready",
+                               "fds", "direct", "whole_max", "total_bytes", "read", "attr", "readlink", "ready",
                                "threads", NULL};
     const char *mountpoint, *options;
     PyObject *objs[N_BUFFERS];
@@ -611,11 +651,11 @@ static PyObject *serve(PyObject *self, PyObject *args, PyObject *kwargs)
     unsigned long long width, whole_max, total_bytes;
     memset(&s, 0, sizeof s);
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "ssOOKOOOOOOOOOKKOOOO|p", keywords, &mountpoint, &options,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "ssOOKOOOOOOOOOOKKOOOO|p", keywords, &mountpoint, &options,
                                      &objs[B_FILES], &objs[B_BASENAMES], &width, &objs[B_DIR_LO],
                                      &objs[B_DIR_HI], &objs[B_DIR_MTIME], &objs[B_DIR_PARENT],
                                      &objs[B_SUB_START], &objs[B_SUB_IDS], &objs[B_DIR_NAMES],
-                                     &objs[B_DIR_ENDS], &objs[B_FDS], &whole_max, &total_bytes, &s.read_cb,
+                                     &objs[B_DIR_ENDS], &objs[B_FDS], &objs[B_DIRECT], &whole_max, &total_bytes, &s.read_cb,
                                      &s.attr_cb, &s.readlink_cb, &s.ready_cb, &threads))
         return NULL;
     if (take_buffers(&s, objs) < 0)
@@ -626,9 +666,15 @@ static PyObject *serve(PyObject *self, PyObject *args, PyObject *kwargs)
     s.uid = getuid();
     s.gid = getgid();
     const char *problem = check_tables(&s);
-    if (!problem && !(s.pushed = calloc(s.n_files / 8 + 1, 1)))
+    if (!problem && (!(s.pushed = calloc(s.n_files / 8 + 1, 1))
+                     || !(s.direct = malloc(sizeof(int) * (s.n_archives + 1)))))
         problem = "out of memory";
+    const int64_t *direct = s.views[B_DIRECT].buf;
+    for (uint64_t a = 0; !problem && a < s.n_archives; a++)
+        s.direct[a] = (int)direct[a];
     if (problem) {
+        free(s.pushed);
+        free(s.direct);
         release_buffers(&s);
         PyErr_Format(PyExc_ValueError, "native engine: %s", problem);
         return NULL;
@@ -679,6 +725,7 @@ static PyObject *serve(PyObject *self, PyObject *args, PyObject *kwargs)
     fuse_set_log_func(NULL);
     fuse_opt_free_args(&fargs);
     free(s.pushed);
+    free(s.direct);
     release_buffers(&s);
     if (failed) {   /* MountError in nativefs: one line for the user */
         PyErr_Format(PyExc_OSError, "%s (%s)", failed, setup_message[0] ? setup_message : "libfuse said nothing");

@@ -9,6 +9,7 @@ reads, reads whose checks fail in C) and for symlinks. See README, "Design".
 from __future__ import annotations
 
 import errno
+import os
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
@@ -51,6 +52,18 @@ def _dir_tables(c: Collection) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     return parent, start, ids
 
 
+def _direct_fd(fd: int) -> int:
+    """The archive behind ``fd`` opened again with O_DIRECT, or -1 where that is refused
+    (why: read_span in _nativefs.c). Through /proc/self/fd, so that it is the same file even
+    if its path has been replaced since."""
+    if fd < 0 or not hasattr(os, "O_DIRECT"):
+        return -1
+    try:
+        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError:
+        return -1
+
+
 def serve(collection: Collection, mountpoint: str, options: Dict[str, Union[bool, str, int]],
           on_ready: Optional[Callable[[], None]] = None, threads: bool = True) -> None:
     """Mount and serve until unmounted or signalled (blocks; stays in the foreground)."""
@@ -70,13 +83,17 @@ def serve(collection: Collection, mountpoint: str, options: Dict[str, Union[bool
     parent, sub_start, sub_ids = _dir_tables(c)
     option_string = options_text(options)
     fds = np.array([-1 if getattr(src, "fd", None) is None else src.fd for src in c.sources], dtype=np.int64)
+    direct = np.array([_direct_fd(int(fd)) for fd in fds], dtype=np.int64)
     try:
         _nativefs.serve(
             mountpoint=mountpoint, options=option_string,
             files=tree.files, basenames=tree.basenames, width=tree.basenames.dtype.itemsize,
             dir_lo=tree.dir_lo, dir_hi=tree.dir_hi, dir_mtime=tree.dir_mtime, dir_parent=parent,
             sub_start=sub_start, sub_ids=sub_ids, dir_names=tree.dir_names, dir_ends=tree.dir_ends,
-            fds=fds, whole_max=WHOLE_READ_MAX, total_bytes=tree.total_bytes,
+            fds=fds, direct=direct, whole_max=WHOLE_READ_MAX, total_bytes=tree.total_bytes,
             read=read, attr=attr, readlink=readlink, ready=on_ready, threads=threads)
     except OSError as err:
         raise MountError(mountpoint, f"{err} with -o {option_string}") from None
+    finally:
+        for fd in direct[direct >= 0]:
+            os.close(int(fd))

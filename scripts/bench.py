@@ -365,6 +365,7 @@ class Result:
     bytes: Optional[int]
     seconds: float
     ratio: Optional[float] = None
+    cache_growth: Optional[int] = None  #: page cache bytes added by a cold read pass (caches dropped before)
 
     @property
     def files_per_s(self) -> float:
@@ -379,7 +380,8 @@ class Result:
                 "bytes": self.bytes, "seconds": round(self.seconds, 4),
                 "files_per_s": round(self.files_per_s, 1),
                 "mb_per_s": None if self.mb_per_s is None else round(self.mb_per_s, 2),
-                "ratio": None if self.ratio is None else round(self.ratio, 3)}
+                "ratio": None if self.ratio is None else round(self.ratio, 3),
+                "page_cache_growth_bytes": self.cache_growth}
 
 
 def make_rows(sample: List[str], sample_bytes: int, threads: List[int], processes: List[int],
@@ -401,16 +403,30 @@ def make_rows(sample: List[str], sample_bytes: int, threads: List[int], processe
     return rows
 
 
+def page_cache_bytes() -> int:
+    """The kernel's page cache ("Cached" in /proc/meminfo), in bytes."""
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            if line.startswith("Cached:"):
+                return int(line.split()[1]) * 1024
+    raise BenchError("/proc/meminfo has no Cached line")
+
+
 def run_all(rows: List[Row], targets: List[Target], drop: bool) -> List[Result]:
-    """For each row and target: make cold, cold pass, warm pass, unmount; ratios against extracted files."""
+    """For each row and target: make cold, cold pass, warm pass, unmount; ratios against extracted
+    files. After dropped caches, a cold read pass also records how much the page cache grew:
+    a mount that caches archive pages besides its files' pages holds each file twice."""
     results: List[Result] = []
     for row in rows:
         reference: Dict[str, float] = {}
         for target in targets:
             target.make_cold(drop)
             for pass_ in ("cold", "warm"):
+                cached = page_cache_bytes()
                 files, nbytes, seconds = row.run(target.root)
                 result = Result(row.label, pass_, target.name, files, nbytes, seconds)
+                if drop and pass_ == "cold" and nbytes:
+                    result.cache_growth = page_cache_bytes() - cached
                 if target.name == "extracted":
                     reference[pass_] = result.files_per_s
                 result.ratio = result.files_per_s / reference[pass_]
@@ -464,6 +480,10 @@ def table(results: List[Result], names: List[str]) -> str:
             cells.append(cell + ("" if name == "extracted" else f"{num(r.ratio, '.2f'):>8}") + " " * 5)
         lines.append((f"{row + ' ' + pass_:<24}" + "".join(cells)).rstrip())
     return "\n".join(lines)
+
+
+def names_of(targets: List[Target]) -> List[str]:
+    return [t.name for t in targets]
 
 
 def parse_counts(text: str) -> List[int]:
@@ -577,12 +597,17 @@ def main(argv: Optional[List[str]] = None) -> int:
           + ", mounts remounted; warm = the same pass again. MB = 10^6 bytes; ratio = files/s vs extracted")
     print("first mount (index build): " + ", ".join(f"{n} {s:.1f} s" for n, s in setup.items()))
     print()
-    print(table(results, [t.name for t in targets]))
+    print(table(results, names_of(targets)))
     print()
     print("targets (bioscanfs vs extracted files, same run):")
     for c in checks:
         print(f"  {c['target']:<32} >= {c['threshold']:.2f}: {'PASS' if c['passed'] else 'FAIL'}"
               f"  (worst {c['worst_ratio']:.2f}, {c['worst_row']})")
+    growth = {name: [r.cache_growth / r.bytes for r in results
+                     if r.target == name and r.cache_growth is not None and r.bytes] for name in names_of(targets)}
+    if any(growth.values()):
+        print("page cache grown by a cold read pass, per byte read: " + ", ".join(
+            f"{name} {min(g):.2f}-{max(g):.2f}" for name, g in growth.items() if g))
     print(f"byte check: first {min(BYTE_CHECK_FILES, len(sample))} sample files identical on every mount; "
           "every read pass returned the sample's exact byte total")
     for note in notes:

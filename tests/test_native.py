@@ -25,9 +25,10 @@ from typing import Callable, Dict, Iterator, List, Tuple
 import pytest
 
 from bioscanfs import cli, nativefs
+from bioscanfs.reader import WHOLE_READ_MAX
 from conftest import (
-    EXIT_TIMEOUT, Member, Mount, assert_one_error_line, copy_archives, data_offset, expected_tree, flip_byte,
-    is_mounted, mounted, run_cli, zip_contents, zip_members,
+    EXIT_TIMEOUT, Member, Mount, assert_one_error_line, assert_serves_members, copy_archives, data_offset,
+    expected_tree, flip_byte, is_mounted, mounted, run_cli, zip_contents, zip_members, zip_paths,
 )
 
 TRACEFS = Path("/sys/kernel/tracing")
@@ -263,3 +264,62 @@ def test_corrupt_stored_member_gets_eio(fake_set: Path, tmp_path: Path) -> None:
         assert os.listdir(live.point) == ["bioscan5m"]
         for path, data in expected.items():
             assert live.path(path).read_bytes() == data, path
+
+
+# -- one copy in memory: stored members are read with O_DIRECT -------------------------------------
+def _resident_bytes(path: Path) -> int:
+    """Bytes of ``path`` in the page cache, as util-linux's fincore (mincore(2)) counts them."""
+    done = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES", str(path)],
+                          capture_output=True, text=True, check=True)
+    return int(done.stdout.strip())
+
+
+def _stored_small(members: Dict[str, Member]) -> Dict[str, Member]:
+    """The members the C path reads whole: stored, not empty, up to the whole-read limit."""
+    return {p: m for p, m in members.items() if not m.deflated and 0 < m.info.file_size <= WHOLE_READ_MAX}
+
+
+def test_stored_reads_leave_the_archive_uncached(native_mount: Mount, fake_set: Path,
+                                                 fake_members: Dict[str, Member]) -> None:
+    """Every small stored member read through a fresh mount (each open asks isatty, which stores
+    the file in the mount's page cache): the archives' own pages stay out of the cache, so each
+    file is in memory once, as an extracted file would be, not twice. The bytes are zipfile's."""
+    sample = _stored_small(fake_members)
+    assert len(sample) >= 20
+    archives = zip_paths(fake_set)
+    for archive in archives:  # the archives' pages out of the cache (written back first: only clean ones go)
+        fd = os.open(archive, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    assert sum(map(_resident_bytes, archives)) == 0
+    served = {path: native_mount.path(path).read_bytes() for path in sample}
+    assert sum(map(_resident_bytes, archives)) == 0, "stored members were read through the archive's page cache"
+    assert served == zip_contents(sample)
+
+
+def test_archive_on_a_filesystem_without_o_direct(fake_set: Path, tmp_path: Path) -> None:
+    """ramfs refuses O_DIRECT at open: the C path then reads through the page cache, and every
+    member still reads as zipfile reads it, stored and deflated, whole and in windows."""
+    ramfs = tmp_path / "ramfs"
+    ramfs.mkdir()
+    subprocess.run(["mount", "-t", "ramfs", "bioscanfs-test", str(ramfs)], check=True, capture_output=True)
+    try:
+        folder = copy_archives(fake_set, ramfs / "zips", ["BIOSCAN_5M_original_256.zip"])
+        archive = folder / "BIOSCAN_5M_original_256.zip"
+        with pytest.raises(OSError) as refused:
+            os.close(os.open(archive, os.O_RDONLY | os.O_DIRECT))
+        assert refused.value.errno == errno.EINVAL
+        members = zip_members(folder)
+        assert _stored_small(members) and len(_stored_small(members)) < len(members)
+        with mounted([folder], tmp_path / "native", engine="native") as live:
+            assert_serves_members(live, members)
+            rng = random.Random(7)
+            for path, data in zip_contents(_sample(members, rng)).items():
+                with open(live.path(path), "rb") as f:
+                    for offset, length in _windows(len(data), rng):
+                        assert os.pread(f.fileno(), length, offset) == data[offset:offset + length], path
+    finally:
+        subprocess.run(["umount", str(ramfs)], check=True, capture_output=True)
