@@ -438,6 +438,20 @@ def run_all(rows: List[Row], targets: List[Target], drop: bool) -> List[Result]:
     return results
 
 
+def isatty_seconds(path: Path, calls: int = 20_000) -> float:
+    """Seconds per os.isatty() on an open file. open() asks it on every open before Python 3.14
+    (CPython gh-90102): on a FUSE file one round trip to the server, which the kernel never
+    answers itself; on a local file a plain syscall."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        started = time.perf_counter()
+        for _ in range(calls):
+            os.isatty(fd)
+        return (time.perf_counter() - started) / calls
+    finally:
+        os.close(fd)
+
+
 def check_bytes(target: Target, extracted: Path, sample: List[str]) -> None:
     """A benchmark reading wrong bytes is worthless: compare part of the sample with the extracted copy."""
     for rel in sample[:BYTE_CHECK_FILES]:
@@ -558,6 +572,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                 targets.append(target)
             log(f"measuring {len(rows)} rows x {len(targets)} targets x cold+warm")
             results = run_all(rows, targets, drop)
+            isatty = {"extracted": isatty_seconds(pset.extracted / sample[0])}
+            mounts[0].mount()
+            isatty[mounts[0].name] = isatty_seconds(mounts[0].root / sample[0])
         finally:
             for target in mounts:
                 target.close()
@@ -582,7 +599,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         "sample": {"files": len(sample), "bytes": sample_bytes, "seed": args.seed, "opener": args.opener},
         "cpus": os.cpu_count(), "caches_dropped": drop,
         "first_mount_seconds": {name: round(s, 2) for name, s in setup.items()},
-        "results": [r.as_dict() for r in results], "checks": checks, "passed": passed, "notes": notes,
+        "results": [r.as_dict() for r in results], "checks": checks, "passed": passed,
+        "isatty_us": {name: round(s * 1e6, 2) for name, s in isatty.items()}, "notes": notes,
     }
     if args.json:
         print(json.dumps(summary, indent=1))
@@ -608,6 +626,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     if any(growth.values()):
         print("page cache grown by a cold read pass, per byte read: " + ", ".join(
             f"{name} {min(g):.2f}-{max(g):.2f}" for name, g in growth.items() if g))
+    round_trip = isatty["bioscanfs"] - isatty["extracted"]
+    print(f"isatty round trip: {isatty['bioscanfs'] * 1e6:.1f} us on bioscanfs, {isatty['extracted'] * 1e6:.1f} us "
+          f"on the extracted copy", end="")
+    single = {r.target: r for r in results if r.row == "read 1 thread" and r.pass_ == "warm"}
+    if args.opener == "open" and len(single) > 1:
+        per_file = 1 / single["extracted"].files_per_s
+        print(f"; with one per open, read 1 thread warm can reach at most {per_file / (per_file + round_trip):.2f} "
+              f"(measured {single['bioscanfs'].ratio:.2f})", end="")
+    print()
     print(f"byte check: first {min(BYTE_CHECK_FILES, len(sample))} sample files identical on every mount; "
           "every read pass returned the sample's exact byte total")
     for note in notes:
