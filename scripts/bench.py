@@ -175,6 +175,20 @@ def filesystem_type(path: Path) -> str:
     return kind
 
 
+#: KVM guests' idle-loop polling (cpuidle-haltpoll): how long an idle core polls before it halts.
+HALT_POLL = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
+
+
+def guest_halt_poll_ns() -> Optional[int]:
+    """The guest halt-polling window, or None off KVM. A core that has halted takes tens of
+    microseconds to wake in a VM, and each FUSE round trip wakes one or two cores (README,
+    Tuning), so figures from runs with different windows do not compare."""
+    try:
+        return int(HALT_POLL.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 # ---------------------------------------------------------------- caches and targets
 
 def can_drop_caches() -> bool:
@@ -609,7 +623,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 "bytes": sum(pset.sizes.values()), "deflate_fraction": pset.deflate_fraction,
                 "extracted": str(pset.extracted), "extracted_filesystem": fstype},
         "sample": {"files": len(sample), "bytes": sample_bytes, "seed": args.seed, "opener": args.opener},
-        "cpus": os.cpu_count(), "caches_dropped": drop,
+        "cpus": os.cpu_count(), "guest_halt_poll_ns": guest_halt_poll_ns(), "caches_dropped": drop,
         "first_mount_seconds": {name: round(s, 2) for name, s in setup.items()},
         "results": [r.as_dict() for r in results], "checks": checks, "passed": passed,
         "isatty_us": {name: {"back_to_back": round(s[0] * 1e6, 2), f"after_{ISATTY_WORK_US}us_work": round(s[1] * 1e6, 2)}
@@ -621,7 +635,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     total_mb = summary["set"]["bytes"] / MB
     print(f"set: {folder}: {len(names):,} files, {total_mb:,.0f} MB in {len(pset.zips)} zips "
-          f"(deflated share {pset.deflate_fraction:g}); extracted copy on {fstype}; {os.cpu_count()} CPUs")
+          f"(deflated share {pset.deflate_fraction:g}); extracted copy on {fstype}; {os.cpu_count()} CPUs"
+          + ("" if summary["guest_halt_poll_ns"] is None else f"; guest halt polling {summary['guest_halt_poll_ns']:,} ns"))
     print(f"sample: {len(sample):,} files, {sample_bytes / MB:,.1f} MB, the same shuffled list for every target; "
           f"opened with {args.opener!r}")
     print("cold = " + ("caches dropped" if drop else "caches NOT dropped")
