@@ -523,6 +523,7 @@ def table(results: List[Result], names: List[str]) -> str:
 
 
 def names_of(targets: List[Target]) -> List[str]:
+    """Column order of the report: extracted first, then the mounts."""
     return [t.name for t in targets]
 
 
@@ -655,7 +656,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("page cache grown by a cold read pass, per byte read: " + ", ".join(
             f"{name} {min(g):.2f}-{max(g):.2f}" for name, g in growth.items() if g))
     round_trip = isatty["bioscanfs"][0] - isatty["extracted"][0]
-    print("isatty (p50, back to back / after {} us of work): ".format(ISATTY_WORK_US) + ", ".join(
+    print(f"isatty (p50, back to back / after {ISATTY_WORK_US} us of work): " + ", ".join(
         f"{name} {s[0] * 1e6:.1f} / {s[1] * 1e6:.1f} us" for name, s in isatty.items()), end="")
     single = {r.target: r for r in results if r.row == "read 1 thread" and r.pass_ == "warm"}
     if args.opener == "open" and len(single) > 1:
