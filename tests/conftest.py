@@ -35,6 +35,13 @@ EXIT_TIMEOUT = 10.0
 #: Log lines that fail a mount test unless the test declared them with Mount.expect_log.
 _PROBLEM_LINE = re.compile(r"\b(WARNING|ERROR|CRITICAL)\b|^warning:|^Error|\w+Warning:|Exception")
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # APPNOTE 4.3.7: signature ... name and extra lengths
+#: APPNOTE 4.3.7 local file header / 4.3.12 central directory header: (offset, format) of
+#: the fields tests edit in place.
+LOCAL_FIELDS = {"method": (8, "<H"), "crc32": (14, "<I"), "compressed_size": (18, "<I"),
+                "size": (22, "<I"), "name_length": (26, "<H")}
+CENTRAL_FIELDS = {"method": (10, "<H"), "crc32": (16, "<I"), "compressed_size": (20, "<I"),
+                  "size": (24, "<I"), "name_length": (28, "<H"), "header_offset": (42, "<I")}
+_CENTRAL_LENGTHS = struct.Struct("<4s24xHHH")  # signature ... name, extra, comment lengths
 
 # Hypothesis caches in ./.hypothesis unless told otherwise: keep the repository clean.
 os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tempfile.gettempdir(), "bioscanfs-tests-hypothesis"))
@@ -162,13 +169,48 @@ def data_offset(archive: Path, info: zipfile.ZipInfo) -> int:
     return info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
 
 
-def flip_byte(path: Path, offset: int, mask: int = 0xFF) -> None:
-    """Corrupt one byte of a file in place."""
+def write_at(path: Path, offset: int, data: bytes) -> None:
+    """Overwrite bytes of a file in place."""
     with open(path, "r+b") as f:
         f.seek(offset)
-        byte = f.read(1)
+        f.write(data)
+
+
+def flip_byte(path: Path, offset: int, mask: int = 0xFF) -> None:
+    """Corrupt one byte of a file in place."""
+    with open(path, "rb") as f:
         f.seek(offset)
-        f.write(bytes([byte[0] ^ mask]))
+        byte = f.read(1)
+    write_at(path, offset, bytes([byte[0] ^ mask]))
+
+
+def central_offsets(archive: Path) -> Dict[str, int]:
+    """Where each member's central directory header starts, by name."""
+    with zipfile.ZipFile(archive) as zf:
+        pos, names = zf.start_dir, [info.orig_filename for info in zf.infolist()]
+    data = archive.read_bytes()
+    out = {}
+    for name in names:
+        signature, n, m, k = _CENTRAL_LENGTHS.unpack_from(data, pos)
+        assert signature == b"PK\x01\x02"
+        out[name] = pos
+        pos += 46 + n + m + k
+    return out
+
+
+def edit_headers(archive: Path, name: str, local: bool = True, central: bool = True, **values: int) -> None:
+    """Set header fields of one member in place, in its local and/or central header."""
+    with zipfile.ZipFile(archive) as zf:
+        local_at = zf.getinfo(name).header_offset
+    central_at = central_offsets(archive)[name]
+    with open(archive, "r+b") as f:
+        for field_name, value in values.items():
+            places = ([(local_at, LOCAL_FIELDS)] if local and field_name in LOCAL_FIELDS else []) + \
+                     ([(central_at, CENTRAL_FIELDS)] if central else [])
+            for base, fields in places:
+                at, fmt = fields[field_name]
+                f.seek(base + at)
+                f.write(struct.pack(fmt, value))
 
 
 def replace_name_bytes(archive: Path, old: bytes, new: bytes) -> None:

@@ -37,17 +37,11 @@ from bioscanfs.names import clean_name
 from conftest import (
     assert_serves_members,
     MOUNT_TIMEOUT, Mount, MountFactory, PYTHON, assert_one_error_line, copy_archives, data_offset,
-    expected_tree, flip_byte, is_mounted, mount_table, mounted, replace_name_bytes, run_cli, walk_mount,
-    zip_contents, zip_members,
+    central_offsets, edit_headers, expected_tree, flip_byte, is_mounted, mount_table, mounted, replace_name_bytes,
+    run_cli, walk_mount, zip_contents, zip_members,
 )
 
-# APPNOTE 4.3.7 local file header / 4.3.12 central directory header: (offset, format) of
-# the fields these tests edit, and 4.3.16 the end of central directory record.
-_LOCAL_FIELDS = {"method": (8, "<H"), "crc32": (14, "<I"), "compressed_size": (18, "<I"),
-                 "size": (22, "<I"), "name_length": (26, "<H")}
-_CENTRAL_FIELDS = {"method": (10, "<H"), "crc32": (16, "<I"), "compressed_size": (20, "<I"),
-                   "size": (24, "<I"), "name_length": (28, "<H"), "header_offset": (42, "<I")}
-_CENTRAL_LENGTHS = struct.Struct("<4s24xHHH")  # signature ... name, extra, comment lengths
+# APPNOTE 4.3.16: the end of central directory record.
 _EOCD = struct.Struct("<4sHHHHIIH")
 _EOCD_FIELDS = ("signature", "disk", "cd_disk", "disk_entries", "entries", "cd_size", "cd_offset", "comment_length")
 
@@ -58,35 +52,6 @@ NOBODY = 65534
 
 
 # -- byte editing of generated archives -----------------------------------------------------
-def central_offsets(archive: Path) -> Dict[str, int]:
-    """Where each member's central directory header starts, by name."""
-    with zipfile.ZipFile(archive) as zf:
-        pos, names = zf.start_dir, [info.orig_filename for info in zf.infolist()]
-    data = archive.read_bytes()
-    out = {}
-    for name in names:
-        signature, n, m, k = _CENTRAL_LENGTHS.unpack_from(data, pos)
-        assert signature == b"PK\x01\x02"
-        out[name] = pos
-        pos += 46 + n + m + k
-    return out
-
-
-def edit_headers(archive: Path, name: str, local: bool = True, central: bool = True, **values: int) -> None:
-    """Set header fields of one member in place, in its local and/or central header."""
-    with zipfile.ZipFile(archive) as zf:
-        local_at = zf.getinfo(name).header_offset
-    central_at = central_offsets(archive)[name]
-    with open(archive, "r+b") as f:
-        for field_name, value in values.items():
-            places = ([(local_at, _LOCAL_FIELDS)] if local and field_name in _LOCAL_FIELDS else []) + \
-                     ([(central_at, _CENTRAL_FIELDS)] if central else [])
-            for base, fields in places:
-                at, fmt = fields[field_name]
-                f.seek(base + at)
-                f.write(struct.pack(fmt, value))
-
-
 def edit_end_record(archive: Path, **values: int) -> None:
     """Set fields of the (comment-less) end of central directory record in place."""
     data = archive.read_bytes()

@@ -23,7 +23,6 @@ import pty
 import re
 import select
 import shutil
-import struct
 import subprocess
 import time
 import zipfile
@@ -34,14 +33,13 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import pytest
 
-from conftest import PYTHON, MountFactory, expected_tree, force_unmount, is_mounted, run_cli, walk_mount, zip_members
+from conftest import (
+    PYTHON, MountFactory, data_offset, edit_headers, expected_tree, flip_byte, force_unmount, is_mounted, run_cli,
+    walk_mount, zip_members,
+)
 
 needs_7z = pytest.mark.skipif(shutil.which("7z") is None, reason="7z (p7zip-full) is not installed")
 
-# APPNOTE 4.3.7 local / 4.3.12 central header: (offset, format) of the fields patched here.
-_LOCAL_FIELDS = {"method": (8, "<H"), "crc32": (14, "<I"), "compressed_size": (18, "<I"), "size": (22, "<I")}
-_CENTRAL_FIELDS = {"method": (10, "<H"), "crc32": (16, "<I"), "compressed_size": (20, "<I"), "size": (24, "<I")}
-_CENTRAL_LENGTHS = struct.Struct("<4s24xHHH")
 #: APPNOTE 4.4.5 names of the methods zipfile.compressor_names lacks (and 0, which it calls 'store').
 _APPNOTE_NAMES = {0: "stored", 93: "zstd", 95: "xz"}
 WAVPACK = 97
@@ -82,33 +80,6 @@ def seven_zip(out: Path, files: Dict[str, bytes], work: Path, *switches: str) ->
     subprocess.run(["7z", "a", "-tzip", "-bd", "-y", *switches, str(out), "bioscan5m"], cwd=src, check=True,
                    capture_output=True, timeout=120)
     return out
-
-
-# -- byte patching ---------------------------------------------------------------------------------
-def _central_at(archive: Path, name: str) -> int:
-    with zipfile.ZipFile(archive) as zf:
-        pos, names = zf.start_dir, [info.orig_filename for info in zf.infolist()]
-    data = archive.read_bytes()
-    for entry in names:
-        signature, n, m, k = _CENTRAL_LENGTHS.unpack_from(data, pos)
-        assert signature == b"PK\x01\x02"
-        if entry == name:
-            return pos
-        pos += 46 + n + m + k
-    raise KeyError(name)
-
-
-def edit_headers(archive: Path, name: str, **values: int) -> None:
-    """Set fields of one member in both its local and its central header, in place."""
-    with zipfile.ZipFile(archive) as zf:
-        local_at = zf.getinfo(name).header_offset
-    central_at = _central_at(archive, name)
-    with open(archive, "r+b") as f:
-        for field_name, value in values.items():
-            for base, fields in ((local_at, _LOCAL_FIELDS), (central_at, _CENTRAL_FIELDS)):
-                at, fmt = fields[field_name]
-                f.seek(base + at)
-                f.write(struct.pack(fmt, value))
 
 
 def patched_zip(out: Path, files: Dict[str, bytes], method: int, compress: Callable[[bytes], bytes]) -> Path:
@@ -316,14 +287,7 @@ def test_corrupt_member_of_each_method_gets_eio(case: str, sources: Dict[str, by
     big = max(sources, key=lambda p: len(sources[p]))
     with zipfile.ZipFile(archive) as zf:
         info = zf.getinfo(big)
-    with open(archive, "r+b") as f:
-        f.seek(info.header_offset + 26)
-        name_len, extra_len = struct.unpack("<HH", f.read(4))
-        at = info.header_offset + 30 + name_len + extra_len + info.compress_size // 2
-        f.seek(at)
-        byte = f.read(1)
-        f.seek(at)
-        f.write(bytes([byte[0] ^ 0x55]))
+    flip_byte(archive, data_offset(archive, info) + info.compress_size // 2, 0x55)
 
     live = mount(archive.parent)
     live.expect_log(".")  # judged below, more strictly: every problem line names archive and member

@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 
 from bioscanfs import Collection, MemberError
-from conftest import MountFactory, data_offset, flip_byte, zip_members
+from conftest import MountFactory, data_offset, flip_byte, write_at, zip_members
 
 #: Spacing of the stream's seek points as documented: every few MiB, at most 256 per member.
 MIN_INTERVAL = 4 << 20
@@ -298,6 +298,14 @@ def _copy_of(big: "BigMember", factory: pytest.TempPathFactory, name: str) -> Tu
         return archive, start, f.read(big.info.compress_size)
 
 
+def _inflated_to_half(compressed: bytes) -> Tuple[int, Any, int]:
+    """(half, a raw inflater fed the first half of the stream, the bytes it produced): the
+    search for a damage near the middle copies it instead of inflating from the start."""
+    half = len(compressed) // 2
+    inflater = zlib.decompressobj(-15)
+    return half, inflater, len(inflater.decompress(compressed[:half]))
+
+
 @pytest.fixture(scope="module")
 def damaged(big: BigMember, tmp_path_factory: pytest.TempPathFactory) -> Damage:
     """A copy of the big archive with 64 bytes in the middle of the CSV's deflate data
@@ -305,9 +313,7 @@ def damaged(big: BigMember, tmp_path_factory: pytest.TempPathFactory) -> Damage:
     zlib, an independent inflater, reports the stream broken within 16 KiB of the damage.
     Not every damage is detectable before the CRC at the very end; this one is."""
     archive, start, compressed = _copy_of(big, tmp_path_factory, "damaged_stream")
-    half = len(compressed) // 2
-    at_half = zlib.decompressobj(-15)
-    before_half = len(at_half.decompress(compressed[:half]))
+    half, at_half, before_half = _inflated_to_half(compressed)
     garbage = b"\xff" * 64
     for shift in range(0, 1 << 20, 4096):
         inflater = at_half.copy()
@@ -317,9 +323,7 @@ def damaged(big: BigMember, tmp_path_factory: pytest.TempPathFactory) -> Damage:
             break
     else:
         pytest.fail("no damage near the middle is detected by zlib; the fixture needs another corruption")
-    with open(archive, "r+b") as f:
-        f.seek(start + half + shift)
-        f.write(garbage)
+    write_at(archive, start + half + shift, garbage)
     fails_at = intact + produced
     assert 4 << 20 < intact <= fails_at < big.size - (8 << 20)
     with zipfile.ZipFile(archive) as zf, pytest.raises((zlib.error, zipfile.BadZipFile)):
@@ -387,9 +391,7 @@ def crc_damaged_stream(big: BigMember, tmp_path_factory: pytest.TempPathFactory)
     """The big archive with one bit of the CSV's deflate data flipped where the stream still
     inflates to exactly the declared size (CPython's zlib says so): only the CRC tells."""
     archive, start, compressed = _copy_of(big, tmp_path_factory, "crc_damaged_stream")
-    half = len(compressed) // 2
-    at_half = zlib.decompressobj(-15)
-    before = len(at_half.decompress(compressed[:half]))
+    half, at_half, before = _inflated_to_half(compressed)
     for shift in range(0, 1 << 20, 997):
         flipped = bytes([compressed[half + shift] ^ 0x10])
         inflater = at_half.copy()
@@ -401,9 +403,7 @@ def crc_damaged_stream(big: BigMember, tmp_path_factory: pytest.TempPathFactory)
             break
     else:
         pytest.fail("no bit flip near the middle keeps the stream's length; the fixture needs another damage")
-    with open(archive, "r+b") as f:
-        f.seek(start + half + shift)
-        f.write(flipped)
+    write_at(archive, start + half + shift, flipped)
     with zipfile.ZipFile(archive) as zf, pytest.raises(zipfile.BadZipFile, match="CRC"):
         zf.read(big.name)
     return CrcDamage(archive.parent, archive, big.name, big.size)
