@@ -76,10 +76,16 @@ class Tree:
         ends = self.dir_ends.tolist()
         self.dir_paths = [names[a:b] for a, b in zip([0] + ends[:-1], ends)]
         self.dir_ids = {path: i for i, path in enumerate(self.dir_paths)}
-        self.subdirs: List[List[bytes]] = [[] for _ in self.dir_paths]
-        for path in self.dir_paths[1:]:
-            parent, _, base = path.rpartition(b"/")
-            self.subdirs[self.dir_ids[parent]].append(base)
+        #: Each directory's parent id (the root's is 0) and its subdirectories' ids, in name
+        #: order since paths are sorted; the native engine searches them as they are.
+        self.dir_parent = np.zeros(len(self.dir_paths), dtype=np.uint64)
+        self.subdir_ids: List[List[int]] = [[] for _ in self.dir_paths]
+        for dir_id, path in enumerate(self.dir_paths[1:], start=1):
+            parent = self.dir_ids[path.rpartition(b"/")[0]]
+            self.dir_parent[dir_id] = parent
+            self.subdir_ids[parent].append(dir_id)
+        self.subdirs: List[List[bytes]] = [[self.dir_paths[i].rpartition(b"/")[2] for i in ids]
+                                           for ids in self.subdir_ids]
 
     # A node is a file row (>= 0) or a directory (-1 - dir id).
     def lookup(self, path: bytes) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import numpy as np
 
@@ -35,21 +35,14 @@ def available() -> bool:
     return _nativefs is not None and FILE_DTYPE == np.dtype(_C_LAYOUT) and FILE_DTYPE.itemsize == _nativefs.MEMBER_SIZE
 
 
-def _dir_tables(c: Collection) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(parent of each directory, start of its children in ``ids``, ids): subdirectories in
-    name order, as the C lookup searches them. Paths are sorted, so one parent's children
-    already come in name order."""
-    tree = c.tree
-    parent = np.zeros(len(tree.dir_paths), dtype=np.uint64)
-    children: List[List[int]] = [[] for _ in tree.dir_paths]
-    for dir_id, path in enumerate(tree.dir_paths[1:], start=1):
-        up = tree.dir_ids[path.rpartition(b"/")[0]]
-        parent[dir_id] = up
-        children[up].append(dir_id)
-    start = np.zeros(len(children) + 1, dtype=np.uint64)
-    start[1:] = np.cumsum([len(ids) for ids in children])
-    ids = np.fromiter((i for ids in children for i in ids), dtype=np.uint64, count=int(start[-1]))
-    return parent, start, ids
+def _subdir_table(c: Collection) -> Tuple[np.ndarray, np.ndarray]:
+    """The tree's subdirectory ids end to end, and where each directory's start: the C
+    lookup binary-searches one directory's run by name."""
+    runs = c.tree.subdir_ids
+    start = np.zeros(len(runs) + 1, dtype=np.uint64)
+    start[1:] = np.cumsum([len(ids) for ids in runs])
+    ids = np.fromiter((i for ids in runs for i in ids), dtype=np.uint64, count=int(start[-1]))
+    return start, ids
 
 
 def _direct_fd(fd: int) -> int:
@@ -80,7 +73,7 @@ def serve(collection: Collection, mountpoint: str, options: Dict[str, Union[bool
     def readlink(row: int) -> Union[bytes, int]:
         return c.link_target(row) or errno.EINVAL
 
-    parent, sub_start, sub_ids = _dir_tables(c)
+    sub_start, sub_ids = _subdir_table(c)
     option_string = options_text(options)
     fds = np.array([-1 if getattr(src, "fd", None) is None else src.fd for src in c.sources], dtype=np.int64)
     direct = np.array([_direct_fd(int(fd)) for fd in fds], dtype=np.int64)
@@ -88,7 +81,7 @@ def serve(collection: Collection, mountpoint: str, options: Dict[str, Union[bool
         _nativefs.serve(
             mountpoint=mountpoint, options=option_string,
             files=tree.files, basenames=tree.basenames, width=tree.basenames.dtype.itemsize,
-            dir_lo=tree.dir_lo, dir_hi=tree.dir_hi, dir_mtime=tree.dir_mtime, dir_parent=parent,
+            dir_lo=tree.dir_lo, dir_hi=tree.dir_hi, dir_mtime=tree.dir_mtime, dir_parent=tree.dir_parent,
             sub_start=sub_start, sub_ids=sub_ids, dir_names=tree.dir_names, dir_ends=tree.dir_ends,
             fds=fds, direct=direct, whole_max=WHOLE_READ_MAX, total_bytes=tree.total_bytes,
             read=read, attr=attr, readlink=readlink, ready=on_ready, threads=threads)

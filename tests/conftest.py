@@ -184,7 +184,7 @@ def flip_byte(path: Path, offset: int, mask: int = 0xFF) -> None:
     write_at(path, offset, bytes([byte[0] ^ mask]))
 
 
-def central_offsets(archive: Path) -> Dict[str, int]:
+def _central_offsets(archive: Path) -> Dict[str, int]:
     """Where each member's central directory header starts, by name."""
     with zipfile.ZipFile(archive) as zf:
         pos, names = zf.start_dir, [info.orig_filename for info in zf.infolist()]
@@ -202,7 +202,7 @@ def edit_headers(archive: Path, name: str, local: bool = True, central: bool = T
     """Set header fields of one member in place, in its local and/or central header."""
     with zipfile.ZipFile(archive) as zf:
         local_at = zf.getinfo(name).header_offset
-    central_at = central_offsets(archive)[name]
+    central_at = _central_offsets(archive)[name]
     with open(archive, "r+b") as f:
         for field_name, value in values.items():
             places = ([(local_at, LOCAL_FIELDS)] if local and field_name in LOCAL_FIELDS else []) + \

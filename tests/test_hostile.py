@@ -37,7 +37,7 @@ from bioscanfs.names import clean_name
 from conftest import (
     assert_serves_members,
     MOUNT_TIMEOUT, Mount, MountFactory, PYTHON, assert_one_error_line, copy_archives, data_offset,
-    central_offsets, edit_headers, expected_tree, flip_byte, is_mounted, mount_table, mounted, replace_name_bytes,
+    edit_headers, expected_tree, flip_byte, is_mounted, mount_table, mounted, replace_name_bytes,
     run_cli, walk_mount, zip_contents, zip_members,
 )
 
