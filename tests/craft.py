@@ -1,0 +1,111 @@
+"""A struct-level zip writer for hostile archives: every header field is the test's to set.
+
+zipfile refuses to write most lies (a declared size that is not the data's, a local extra
+field that differs from the central one, a member placed inside another), so hostile
+cases are written here byte by byte from APPNOTE.TXT. Defaults make an honest archive:
+an ``Entry`` with only a name and data is a stored member with true sizes and CRC.
+"""
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+# APPNOTE 4.3.7 local file header, 4.3.12 central directory header, 4.3.16 end record,
+# 4.3.14/4.3.15 ZIP64 end record and locator, 4.5.3 ZIP64 extra field.
+LOCAL = struct.Struct("<4sHHHHHIIIHH")
+CENTRAL = struct.Struct("<4sHHHHHHIIIHHHHHII")
+EOCD = struct.Struct("<4sHHHHIIH")
+EOCD64 = struct.Struct("<4sQHHIIQQQQ")
+EOCD64_LOCATOR = struct.Struct("<4sIQI")
+MADE_BY_UNIX = 3 << 8 | 30
+DOS_TIME, DOS_DATE = 0, (2024 - 1980) << 9 | 1 << 5 | 1   # 2024-01-01 00:00:00
+SYMLINK_ATTR = (0o120777 << 16)
+FILE_ATTR = (0o100644 << 16)
+
+
+@dataclass
+class Entry:
+    """One member. ``data`` is written as is (already compressed when ``method`` != 0);
+    every ``None`` field is derived from it honestly."""
+
+    name: bytes
+    data: bytes = b""
+    method: int = 0
+    size: Optional[int] = None              #: declared uncompressed size (default: len(data))
+    compressed_size: Optional[int] = None   #: declared (default: len(data) + gap)
+    crc: Optional[int] = None               #: declared (default: CRC-32 of data, right when stored)
+    flags: int = 0
+    local_extra: bytes = b""
+    central_extra: Optional[bytes] = None   #: default: the local extra field
+    external_attr: int = FILE_ATTR
+    header_offset: Optional[int] = None     #: declared offset (default: where it is written)
+    gap: int = 0                            #: zero bytes written after data, as a hole (sparse)
+    zip64: bool = False                     #: sizes and offset in a ZIP64 extra field
+    local_sizes: Optional[Sequence[int]] = None   #: (crc, csize, size) in the local header
+
+
+def zip64_extra(size: int, compressed_size: int, offset: Optional[int] = None) -> bytes:
+    """The ZIP64 extended information extra field (4.5.3)."""
+    values = [size, compressed_size] + ([offset] if offset is not None else [])
+    return struct.pack("<HH", 1, 8 * len(values)) + struct.pack(f"<{len(values)}Q", *values)
+
+
+def raw_deflate(data: bytes, level: int = 6) -> bytes:
+    """``data`` as a raw deflate stream (no zlib header), as zip members hold it."""
+    deflater = zlib.compressobj(level, zlib.DEFLATED, -15)
+    return deflater.compress(data) + deflater.flush()
+
+
+def deflated(name: bytes, plain: bytes, **fields) -> Entry:
+    """An honest deflated member of ``plain``."""
+    fields.setdefault("size", len(plain))
+    fields.setdefault("crc", zlib.crc32(plain))
+    return Entry(name, raw_deflate(plain), method=8, **fields)
+
+
+def symlink(name: bytes, target: bytes, **fields) -> Entry:
+    """A stored Unix symlink member whose data is its target."""
+    return Entry(name, target, external_attr=SYMLINK_ATTR, **fields)
+
+
+def write_zip(path: Path, entries: Sequence[Entry], comment: bytes = b"", force_zip64: bool = False) -> Path:
+    """Write ``entries`` as one archive (local headers, data, central directory, end
+    records); ZIP64 end records when any count or offset needs them or ``force_zip64``."""
+    central: List[bytes] = []
+    with open(path, "wb") as out:
+        for e in entries:
+            at = out.tell()
+            size = len(e.data) if e.size is None else e.size
+            csize = len(e.data) + e.gap if e.compressed_size is None else e.compressed_size
+            crc = zlib.crc32(e.data) if e.crc is None else e.crc
+            offset = at if e.header_offset is None else e.header_offset
+            local_extra, central_extra = e.local_extra, e.local_extra if e.central_extra is None else e.central_extra
+            if e.zip64:
+                local_extra = zip64_extra(size, csize) + local_extra
+                central_extra = zip64_extra(size, csize, offset) + central_extra
+                fields32 = (crc, 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF)
+            else:
+                fields32 = (crc, csize, size, offset)
+            local = e.local_sizes if e.local_sizes is not None else fields32[:3]
+            out.write(LOCAL.pack(b"PK\x03\x04", 45 if e.zip64 else 20, e.flags, e.method, DOS_TIME, DOS_DATE,
+                                 *local, len(e.name), len(local_extra)) + e.name + local_extra + e.data)
+            if e.gap:
+                out.seek(e.gap, 1)
+            central.append(CENTRAL.pack(b"PK\x01\x02", MADE_BY_UNIX, 45 if e.zip64 else 20, e.flags, e.method,
+                                        DOS_TIME, DOS_DATE, *fields32[:3], len(e.name), len(central_extra), 0,
+                                        0, 0, e.external_attr, fields32[3]) + e.name + central_extra)
+        cd_start = out.tell()
+        directory = b"".join(central)
+        out.write(directory)
+        count, cd_size = len(entries), len(directory)
+        if force_zip64 or count >= 0xFFFF or cd_start >= 0xFFFFFFFF:
+            eocd64_at = out.tell()
+            out.write(EOCD64.pack(b"PK\x06\x06", EOCD64.size - 12, 45, 45, 0, 0, count, count, cd_size, cd_start))
+            out.write(EOCD64_LOCATOR.pack(b"PK\x06\x07", 0, eocd64_at, 1))
+            count, cd_start = min(count, 0xFFFF), min(cd_start, 0xFFFFFFFF)
+        out.write(EOCD.pack(b"PK\x05\x06", 0, 0, count, count, min(cd_size, 0xFFFFFFFF), cd_start, len(comment))
+                  + comment)
+    return path
