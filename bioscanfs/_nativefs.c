@@ -14,6 +14,10 @@
  * Node ids never change while mounted, so FORGET needs no bookkeeping:
  * directory d is d + 1 (the root, directory 0, is FUSE_ROOT_ID); file row r is
  * n_dirs + 1 + r.
+ *
+ * The tables come from the index folder, which is untrusted input: check_tables bounds
+ * every value that a request later uses as an index, a length or an offset, once, before
+ * serving (bioscanfs/tree.py checks the same bounds in Python; the layout is described there).
  */
 #define _GNU_SOURCE   /* O_DIRECT */
 #define PY_SSIZE_T_CLEAN
@@ -43,7 +47,7 @@ typedef struct {
     int64_t mtime;
     uint16_t method, flags;
     uint32_t mode;
-    uint16_t name_length, archive;
+    uint16_t name_length, archive, extra_room;
 } member_t;
 #pragma pack(pop)
 
@@ -59,19 +63,26 @@ enum {
 };
 static const double TIMEOUT = 86400.0; /* content never changes while mounted */
 
-enum { B_FILES, B_BASENAMES, B_DIR_LO, B_DIR_HI, B_DIR_MTIME, B_DIR_PARENT, B_SUB_START,
-       B_SUB_IDS, B_DIR_NAMES, B_DIR_ENDS, B_FDS, B_DIRECT, N_BUFFERS };
+/* The tables, by the keys of the dict that Python passes (nativefs.tables). */
+enum { B_FILES, B_NAMES, B_NAME_ENDS, B_DIR_LO, B_DIR_HI, B_DIR_MTIME, B_DIR_PARENT, B_DIR_NAMES,
+       B_DIR_ENDS, B_FDS, B_DIRECT, B_ARCHIVE_SIZES, N_BUFFERS };
+static const char *const TABLE_NAMES[N_BUFFERS] = {
+    "files", "names", "name_ends", "dir_lo", "dir_hi", "dir_mtime", "dir_parent", "dir_names",
+    "dir_ends", "fds", "direct", "archive_sizes"};
+/* Bytes per element of each table (0: raw bytes or rows, checked on their own). */
+static const Py_ssize_t TABLE_ITEM[N_BUFFERS] = {0, 1, 8, 8, 8, 8, 8, 1, 8, 8, 8, 8};
 
 typedef struct {
     Py_buffer views[N_BUFFERS];
     const member_t *files;
     uint64_t n_files;
-    const char *basenames;      /* fixed width, NUL-padded, sorted within each directory */
-    size_t width;
-    const uint64_t *dir_lo, *dir_hi, *dir_parent, *sub_start, *sub_ids, *dir_ends;
+    const char *names;          /* the files' own names end to end, sorted within each directory */
+    const uint64_t *name_ends;
+    const uint64_t *dir_lo, *dir_hi, *dir_parent, *dir_ends, *archive_sizes;
+    uint64_t *sub_lo, *sub_hi;  /* each directory's subdirectories: ids sub_lo..sub_hi (derived) */
     const int64_t *dir_mtime, *fds;
     int *direct;                /* per archive: the same file opened with O_DIRECT, or -1 */
-    const char *dir_names;      /* directory paths end to end */
+    const char *dir_names;      /* each directory's own name, end to end */
     uint64_t n_dirs, n_archives, whole_max, total_bytes;
     uid_t uid;
     gid_t gid;
@@ -90,15 +101,20 @@ static int is_file(const server_t *s, fuse_ino_t ino) { return ino > s->n_dirs &
 static uint64_t row_of(const server_t *s, fuse_ino_t ino) { return ino - s->n_dirs - 1; }
 static fuse_ino_t file_ino(const server_t *s, uint64_t row) { return s->n_dirs + 1 + row; }
 
-/* The last component of directory d's path. */
+/* Directory d's own name (checked: at most NAME_MAX_BYTES, inside dir_names). */
 static const char *dir_base(const server_t *s, uint64_t d, size_t *len)
 {
-    uint64_t start = d ? s->dir_ends[d - 1] : 0, end = s->dir_ends[d];
-    const char *path = s->dir_names + start;
-    const char *slash = memrchr(path, '/', end - start);
-    const char *base = slash ? slash + 1 : path;
-    *len = (size_t)(path + (end - start) - base);
-    return base;
+    uint64_t start = d ? s->dir_ends[d - 1] : 0;
+    *len = (size_t)(s->dir_ends[d] - start);
+    return s->dir_names + start;
+}
+
+/* File row r's own name (checked: 1..NAME_MAX_BYTES, inside names). */
+static const char *file_name(const server_t *s, uint64_t row, size_t *len)
+{
+    uint64_t start = row ? s->name_ends[row - 1] : 0;
+    *len = (size_t)(s->name_ends[row] - start);
+    return s->names + start;
 }
 
 static int compare_bytes(const char *a, size_t alen, const char *b, size_t blen)
@@ -143,7 +159,7 @@ static int fill_attr(server_t *s, fuse_ino_t ino, struct stat *st)
     if (is_dir(s, ino)) {
         uint64_t d = ino - 1;
         st->st_mode = S_IFDIR | 0555;
-        st->st_nlink = 2 + (s->sub_start[d + 1] - s->sub_start[d]);
+        st->st_nlink = 2 + (s->sub_hi[d] - s->sub_lo[d]);
         mtime = s->dir_mtime[d];
     } else if (is_file(s, ino)) {
         const member_t *m = &s->files[row_of(s, ino)];
@@ -167,32 +183,30 @@ static int fill_attr(server_t *s, fuse_ino_t ino, struct stat *st)
     return 0;
 }
 
-/* The child named ``name`` of directory ``parent``: 0 when there is none. */
+/* The child named ``name`` of directory ``d``: 0 when there is none. */
 static fuse_ino_t find_child(const server_t *s, uint64_t d, const char *name)
 {
     size_t len = strlen(name);
-    uint64_t lo = s->sub_start[d], hi = s->sub_start[d + 1];
-    while (lo < hi) {   /* subdirectories, sorted by name */
-        uint64_t mid = lo + (hi - lo) / 2, child = s->sub_ids[mid];
+    uint64_t lo = s->sub_lo[d], hi = s->sub_hi[d];
+    while (lo < hi) {   /* subdirectories: one run of ids, sorted by name */
+        uint64_t mid = lo + (hi - lo) / 2;
         size_t blen;
-        const char *base = dir_base(s, child, &blen);
+        const char *base = dir_base(s, mid, &blen);
         int c = compare_bytes(base, blen, name, len);
         if (c == 0)
-            return child + 1;
+            return mid + 1;
         if (c < 0)
             lo = mid + 1;
         else
             hi = mid;
     }
-    if (len > s->width || len > NAME_MAX_BYTES)
-        return 0;
-    char key[NAME_MAX_BYTES + 1] = {0};
-    memcpy(key, name, len);
     lo = s->dir_lo[d];
     hi = s->dir_hi[d];
-    while (lo < hi) {   /* files, NUL-padded names, sorted by name */
+    while (lo < hi) {   /* files, sorted by name */
         uint64_t mid = lo + (hi - lo) / 2;
-        int c = memcmp(s->basenames + mid * s->width, key, s->width);
+        size_t flen;
+        const char *fname = file_name(s, mid, &flen);
+        int c = compare_bytes(fname, flen, name, len);
         if (c == 0)
             return file_ino(s, mid);
         if (c < 0)
@@ -282,23 +296,26 @@ static void op_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 /* Entry i of directory d: ".", "..", the subdirectories, then the files. */
 static fuse_ino_t dir_entry(const server_t *s, uint64_t d, uint64_t i, char name[NAME_MAX_BYTES + 1])
 {
-    uint64_t n_sub = s->sub_start[d + 1] - s->sub_start[d];
+    uint64_t n_sub = s->sub_hi[d] - s->sub_lo[d];
+    size_t len;
+    const char *from;
+    fuse_ino_t ino;
     if (i < 2) {
         strcpy(name, i ? ".." : ".");
         return (i ? s->dir_parent[d] : d) + 1;
     }
     if (i - 2 < n_sub) {
-        uint64_t child = s->sub_ids[s->sub_start[d] + i - 2];
-        size_t len;
-        const char *base = dir_base(s, child, &len);
-        memcpy(name, base, len);
-        name[len] = 0;
-        return child + 1;
+        uint64_t child = s->sub_lo[d] + i - 2;
+        from = dir_base(s, child, &len);
+        ino = child + 1;
+    } else {
+        uint64_t row = s->dir_lo[d] + (i - 2 - n_sub);
+        from = file_name(s, row, &len);
+        ino = file_ino(s, row);
     }
-    uint64_t row = s->dir_lo[d] + (i - 2 - n_sub);
-    memcpy(name, s->basenames + row * s->width, s->width);
-    name[s->width] = 0;
-    return file_ino(s, row);
+    memcpy(name, from, len);   /* len <= NAME_MAX_BYTES: check_tables */
+    name[len] = 0;
+    return ino;
 }
 
 static void list_dir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, int plus)
@@ -309,7 +326,7 @@ static void list_dir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, int
         return;
     }
     uint64_t d = ino - 1;
-    uint64_t total = 2 + (s->sub_start[d + 1] - s->sub_start[d]) + (s->dir_hi[d] - s->dir_lo[d]);
+    uint64_t total = 2 + (s->sub_hi[d] - s->sub_lo[d]) + (s->dir_hi[d] - s->dir_lo[d]);
     char *buf = malloc(size ? size : 1);
     if (!buf) {
         fuse_reply_err(req, ENOMEM);
@@ -406,7 +423,7 @@ static unsigned char *read_stored(server_t *s, const member_t *m, const unsigned
         goto refuse;
     uint16_t flags = le16(buf + 6), method = le16(buf + 8);
     uint16_t name_len = le16(buf + 26), extra_len = le16(buf + 28);
-    if (method != m->method || name_len != m->name_length)
+    if (method != m->method || name_len != m->name_length || extra_len > m->extra_room)
         goto refuse;
     if (!(flags & FLAG_DESCRIPTOR)) {
         uint32_t local[3] = {le32(buf + 14), le32(buf + 18), le32(buf + 22)};
@@ -558,64 +575,134 @@ static const struct fuse_lowlevel_ops OPS = {
     .statfs = op_statfs,
 };
 
-static int take_buffers(server_t *s, PyObject *const objs[N_BUFFERS])
+static void release_tables(server_t *s)
 {
+    for (int i = 0; i < N_BUFFERS; i++)
+        if (s->views[i].obj)
+            PyBuffer_Release(&s->views[i]);
+    free(s->sub_lo);
+    free(s->sub_hi);
+    s->sub_lo = s->sub_hi = NULL;
+}
+
+/* Take a read-only view of every table of the dict; a missing key or a wrong element
+ * size is a TypeError (a bug in nativefs.py, not bad input). */
+static int take_tables(server_t *s, PyObject *tables)
+{
+    if (!PyDict_Check(tables)) {
+        PyErr_SetString(PyExc_TypeError, "tables must be a dict");
+        return -1;
+    }
     for (int i = 0; i < N_BUFFERS; i++) {
-        if (PyObject_GetBuffer(objs[i], &s->views[i], PyBUF_C_CONTIGUOUS) < 0) {
-            while (i--)
-                PyBuffer_Release(&s->views[i]);
+        PyObject *obj = PyDict_GetItemString(tables, TABLE_NAMES[i]);
+        if (!obj) {
+            PyErr_Format(PyExc_TypeError, "tables: no %s", TABLE_NAMES[i]);
+            return -1;
+        }
+        if (PyObject_GetBuffer(obj, &s->views[i], PyBUF_C_CONTIGUOUS) < 0)
+            return -1;
+        if (TABLE_ITEM[i] && s->views[i].len % TABLE_ITEM[i]) {
+            PyErr_Format(PyExc_TypeError, "tables: %s is not of %zd-byte elements", TABLE_NAMES[i], TABLE_ITEM[i]);
             return -1;
         }
     }
     return 0;
 }
 
-static void release_buffers(server_t *s)
+static uint64_t count_of(const server_t *s, int b) { return (uint64_t)s->views[b].len / (uint64_t)TABLE_ITEM[b]; }
+
+/* ends[0..n) cut a blob of blob_len bytes into names of 1..NAME_MAX_BYTES bytes with no
+ * '/' or NUL (the first name may be empty when first_may_be_empty: the root). */
+static const char *check_names(const char *blob, uint64_t blob_len, const uint64_t *ends, uint64_t n,
+                               int first_may_be_empty)
 {
-    for (int i = 0; i < N_BUFFERS; i++)
-        PyBuffer_Release(&s->views[i]);
+    uint64_t start = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        if (ends[i] < start || ends[i] > blob_len)
+            return "name ends out of order or past the names";
+        uint64_t len = ends[i] - start;
+        if ((len == 0 && !(first_may_be_empty && i == 0)) || len > NAME_MAX_BYTES
+            || memchr(blob + start, '/', len) || memchr(blob + start, 0, len))
+            return "a name is empty, over 255 bytes, or holds '/' or NUL";
+        if (first_may_be_empty && i == 0 && len != 0)
+            return "the root has a name";
+        start = ends[i];
+    }
+    return start == blob_len ? NULL : "names do not end where the blob does";
 }
 
-/* Bounds the tables must meet before any request trusts them. */
+/* The directory tree: breadth-first (parents before children, parents never decreasing),
+ * one contiguous row range per directory, in order; fills sub_lo/sub_hi. */
+static const char *check_dirs(server_t *s)
+{
+    uint64_t n = s->n_dirs;
+    if (s->dir_parent[0] != 0 || s->dir_lo[0] != 0 || s->dir_hi[n - 1] != s->n_files)
+        return "directory tables do not start at the root or do not cover the files";
+    for (uint64_t d = 0; d < n; d++) {
+        if (s->dir_lo[d] > s->dir_hi[d] || (d && s->dir_lo[d] != s->dir_hi[d - 1]))
+            return "directory row ranges are not contiguous";
+        if (d && (s->dir_parent[d] >= d || (d > 1 && s->dir_parent[d] < s->dir_parent[d - 1])))
+            return "directory parents are not in breadth-first order";
+    }
+    if (!(s->sub_lo = malloc(sizeof(uint64_t) * n)) || !(s->sub_hi = malloc(sizeof(uint64_t) * n)))
+        return "out of memory";
+    for (uint64_t d = 0, child = 1; d < n; d++) {   /* children of d: the run whose parent is d */
+        s->sub_lo[d] = child;
+        while (child < n && s->dir_parent[child] == d)
+            child++;
+        s->sub_hi[d] = child;
+    }
+    return NULL;
+}
+
+/* Every row names an archive that is there, and its data lies inside that archive. */
+static const char *check_rows(const server_t *s)
+{
+    for (uint64_t r = 0; r < s->n_files; r++) {
+        const member_t *m = &s->files[r];
+        if (m->archive >= s->n_archives)
+            return "a file names an archive that is not there";
+        uint64_t size = s->archive_sizes[m->archive];
+        if (m->header_offset > size || m->compressed_size > size - m->header_offset || m->size >= (UINT64_C(1) << 63))
+            return "a file lies past the end of its archive or declares an impossible size";
+    }
+    return NULL;
+}
+
+/* Bounds the tables must meet before any request trusts them: NULL, or what is wrong. */
 static const char *check_tables(server_t *s)
 {
-    Py_ssize_t n_dirs = s->views[B_DIR_LO].len / 8;
-    if (s->views[B_FILES].len % sizeof(member_t))
+    const char *problem;
+    if (s->views[B_FILES].len % (Py_ssize_t)sizeof(member_t))
         return "files: rows are not the native member layout";
-    s->n_files = (uint64_t)s->views[B_FILES].len / sizeof(member_t);
-    if (n_dirs < 1 || s->views[B_DIR_HI].len != n_dirs * 8 || s->views[B_DIR_MTIME].len != n_dirs * 8
-        || s->views[B_DIR_PARENT].len != n_dirs * 8 || s->views[B_DIR_ENDS].len != n_dirs * 8
-        || s->views[B_SUB_START].len != (n_dirs + 1) * 8 || s->views[B_SUB_IDS].len != (n_dirs - 1) * 8)
-        return "directory tables disagree in length";
-    if (s->width > NAME_MAX_BYTES || (Py_ssize_t)(s->n_files * s->width) != s->views[B_BASENAMES].len)
-        return "basenames: wrong width";
-    s->n_dirs = (uint64_t)n_dirs;
-    s->n_archives = (uint64_t)s->views[B_FDS].len / 8;
     s->files = s->views[B_FILES].buf;
-    s->basenames = s->views[B_BASENAMES].buf;
+    s->n_files = (uint64_t)s->views[B_FILES].len / sizeof(member_t);
+    s->n_dirs = count_of(s, B_DIR_LO);
+    s->n_archives = count_of(s, B_FDS);
+    if (s->n_dirs < 1 || count_of(s, B_DIR_HI) != s->n_dirs || count_of(s, B_DIR_MTIME) != s->n_dirs
+        || count_of(s, B_DIR_PARENT) != s->n_dirs || count_of(s, B_DIR_ENDS) != s->n_dirs)
+        return "directory tables disagree in length";
+    if (count_of(s, B_NAME_ENDS) != s->n_files)
+        return "name_ends: not one per file";
+    if (count_of(s, B_DIRECT) != s->n_archives || count_of(s, B_ARCHIVE_SIZES) != s->n_archives)
+        return "direct, archive_sizes: not one per archive";
+    s->names = s->views[B_NAMES].buf;
+    s->name_ends = s->views[B_NAME_ENDS].buf;
     s->dir_lo = s->views[B_DIR_LO].buf;
     s->dir_hi = s->views[B_DIR_HI].buf;
     s->dir_mtime = s->views[B_DIR_MTIME].buf;
     s->dir_parent = s->views[B_DIR_PARENT].buf;
-    s->sub_start = s->views[B_SUB_START].buf;
-    s->sub_ids = s->views[B_SUB_IDS].buf;
     s->dir_names = s->views[B_DIR_NAMES].buf;
     s->dir_ends = s->views[B_DIR_ENDS].buf;
     s->fds = s->views[B_FDS].buf;
-    if (s->views[B_DIRECT].len != s->views[B_FDS].len)
-        return "direct: not one per archive";
-    for (uint64_t d = 0; d < s->n_dirs; d++) {
-        if (s->dir_lo[d] > s->dir_hi[d] || s->dir_hi[d] > s->n_files || s->dir_parent[d] >= s->n_dirs
-            || s->sub_start[d] > s->sub_start[d + 1] || s->dir_ends[d] > (uint64_t)s->views[B_DIR_NAMES].len
-            || (d && s->dir_ends[d] < s->dir_ends[d - 1]))
-            return "directory tables out of range";
-    }
-    if (s->sub_start[s->n_dirs] != s->n_dirs - 1)
-        return "sub_start: wrong total";
-    for (uint64_t i = 0; i + 1 < s->n_dirs; i++)
-        if (s->sub_ids[i] == 0 || s->sub_ids[i] >= s->n_dirs)
-            return "sub_ids out of range";
-    return NULL;
+    s->archive_sizes = s->views[B_ARCHIVE_SIZES].buf;
+    if ((problem = check_names(s->names, (uint64_t)s->views[B_NAMES].len, s->name_ends, s->n_files, 0)))
+        return problem;
+    if ((problem = check_names(s->dir_names, (uint64_t)s->views[B_DIR_NAMES].len, s->dir_ends, s->n_dirs, 1)))
+        return problem;
+    if ((problem = check_dirs(s)))
+        return problem;
+    return check_rows(s);
 }
 
 /* libfuse's own message while mounting (an unknown option, a bad mount point), kept for
@@ -638,29 +725,41 @@ static void keep_message(enum fuse_log_level level, const char *fmt, va_list ap)
  * default action, and Python has its own SIGINT handler). */
 static const int EXIT_SIGNALS[] = {SIGINT, SIGTERM, SIGHUP};
 
-static PyObject *serve(PyObject *self, PyObject *args, PyObject *kwargs)
+/* check(tables): None, or ValueError naming what is wrong (for tests, without FUSE). */
+static PyObject *check(PyObject *self, PyObject *tables)
 {
-    static char *keywords[] = {"mountpoint", "options", "files", "basenames", "width", "dir_lo", "dir_hi",
-                               "dir_mtime", "dir_parent", "sub_start", "sub_ids", "dir_names", "dir_ends",
-                               "fds", "direct", "whole_max", "total_bytes", "read", "attr", "readlink", "ready",
-                               "threads", NULL};
-    const char *mountpoint, *options;
-    PyObject *objs[N_BUFFERS];
     server_t s;
-    int threads = 1;
-    unsigned long long width, whole_max, total_bytes;
     memset(&s, 0, sizeof s);
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "ssOOKOOOOOOOOOOKKOOOO|p", keywords, &mountpoint, &options,
-                                     &objs[B_FILES], &objs[B_BASENAMES], &width, &objs[B_DIR_LO],
-                                     &objs[B_DIR_HI], &objs[B_DIR_MTIME], &objs[B_DIR_PARENT],
-                                     &objs[B_SUB_START], &objs[B_SUB_IDS], &objs[B_DIR_NAMES],
-                                     &objs[B_DIR_ENDS], &objs[B_FDS], &objs[B_DIRECT], &whole_max, &total_bytes, &s.read_cb,
-                                     &s.attr_cb, &s.readlink_cb, &s.ready_cb, &threads))
+    const char *problem = take_tables(&s, tables) < 0 ? NULL : check_tables(&s);
+    int failed = PyErr_Occurred() != NULL;
+    release_tables(&s);
+    if (failed)
         return NULL;
-    if (take_buffers(&s, objs) < 0)
+    if (problem)
+        return PyErr_Format(PyExc_ValueError, "native engine: %s", problem);
+    Py_RETURN_NONE;
+}
+
+static PyObject *serve(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"mountpoint", "options", "tables", "whole_max", "total_bytes", "read", "attr",
+                               "readlink", "ready", "threads", NULL};
+    const char *mountpoint, *options;
+    PyObject *tables;
+    server_t s;
+    int threads = 1;
+    unsigned long long whole_max, total_bytes;
+    memset(&s, 0, sizeof s);
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "ssOKKOOOO|p", keywords, &mountpoint, &options, &tables,
+                                     &whole_max, &total_bytes, &s.read_cb, &s.attr_cb, &s.readlink_cb,
+                                     &s.ready_cb, &threads))
         return NULL;
-    s.width = (size_t)width;
+    if (take_tables(&s, tables) < 0) {
+        release_tables(&s);
+        return NULL;
+    }
     s.whole_max = whole_max;
     s.total_bytes = total_bytes;
     s.uid = getuid();
@@ -675,7 +774,7 @@ static PyObject *serve(PyObject *self, PyObject *args, PyObject *kwargs)
     if (problem) {
         free(s.pushed);
         free(s.direct);
-        release_buffers(&s);
+        release_tables(&s);
         PyErr_Format(PyExc_ValueError, "native engine: %s", problem);
         return NULL;
     }
@@ -726,7 +825,7 @@ static PyObject *serve(PyObject *self, PyObject *args, PyObject *kwargs)
     fuse_opt_free_args(&fargs);
     free(s.pushed);
     free(s.direct);
-    release_buffers(&s);
+    release_tables(&s);
     if (failed) {   /* MountError in nativefs: one line for the user */
         PyErr_Format(PyExc_OSError, "%s (%s)", failed, setup_message[0] ? setup_message : "libfuse said nothing");
         return NULL;
@@ -737,6 +836,7 @@ static PyObject *serve(PyObject *self, PyObject *args, PyObject *kwargs)
 }
 
 static PyMethodDef METHODS[] = {
+    {"check", check, METH_O, "Check the tables' bounds as serve() does: None, or ValueError naming the fault."},
     {"serve", (PyCFunction)(void (*)(void))serve, METH_VARARGS | METH_KEYWORDS,
      "Mount the tables at mountpoint and serve until unmounted or signalled (releases the GIL)."},
     {NULL, NULL, 0, NULL},

@@ -308,7 +308,7 @@ def index(sources, index_dir, skip_bad, allow_incomplete) -> None:
                                skip_bad=skip_bad, allow_incomplete=allow_incomplete)
     if not tree.persisted:
         raise click.ClickException(f"cannot write the index to {index_dir or default_index_dir()}; see the warning above")
-    click.echo(f"indexed {len(tree.files)} files in {len(tree.dir_paths)} folders from {len(kept)} archives "
+    click.echo(f"indexed {len(tree.files)} files in {tree.n_dirs} folders from {len(kept)} archives "
                f"in {time.monotonic() - started:.1f} s -> {index_dir or default_index_dir()}")
 
 

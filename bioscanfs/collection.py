@@ -88,7 +88,7 @@ class Collection:
                 return Stat(LINK_MODE, len(target), member.mtime, 1)
             return Stat(FILE_MODE, member.size, member.mtime, 1)
         dir_id = -1 - node
-        return Stat(DIR_MODE, 0, int(tree.dir_mtime[dir_id]), 2 + len(tree.subdirs[dir_id]))
+        return Stat(DIR_MODE, 0, int(tree.dir_mtime[dir_id]), 2 + tree.n_subdirs(dir_id))
 
     def stat(self, path: Union[str, bytes]) -> Stat:
         return self.stat_node(self.node(path))

@@ -97,7 +97,7 @@ class BioscanFS(mfusepy.Operations):
         total = tree.total_bytes
         return {
             "f_bsize": 65536, "f_frsize": 65536, "f_blocks": -(-total // 65536),
-            "f_bfree": 0, "f_bavail": 0, "f_files": len(tree.files) + len(tree.dir_paths),
+            "f_bfree": 0, "f_bavail": 0, "f_files": len(tree.files) + tree.n_dirs,
             "f_ffree": 0, "f_favail": 0, "f_namemax": 255,
         }
 

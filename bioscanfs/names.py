@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import Callable, Optional, Tuple
 
 NAME_MAX = 255
+#: Linux's PATH_MAX counts the final NUL: no path the kernel takes is longer than 4,095 bytes.
+PATH_MAX = 4096
 
 
 def clean_name(raw: bytes, utf8_flag: bool) -> Tuple[Optional[bytes], Optional[str]]:
@@ -27,6 +29,7 @@ def clean_name(raw: bytes, utf8_flag: bool) -> Tuple[Optional[bytes], Optional[s
     ``../x``, ``a/../../x``       None                        '..' component: skipped
     ``a\\x00b``                   None                        NUL in name: skipped
     ``x`` * 300                   None                        component over NAME_MAX
+    ``a/`` * 2100                 None                        path over PATH_MAX - 1
     ``/``, ``.``, empty           None                        empty name: skipped
     ``caf\\x82`` (no UTF-8 flag)  ``café`` (CP437 decoded)    -
     ``\\xff`` (flag set, bad)     ``\\xff`` kept as raw bytes -
@@ -50,8 +53,11 @@ def clean_name(raw: bytes, utf8_flag: bool) -> Tuple[Optional[bytes], Optional[s
         return None, "empty name: skipped"
     if any(len(part) > NAME_MAX for part in kept):
         return None, f"a component is longer than {NAME_MAX} bytes: skipped"
+    path = b"/".join(kept)
+    if len(path) >= PATH_MAX:
+        return None, f"path is longer than {PATH_MAX - 1} bytes: skipped"
     note = "absolute path made relative" if raw.startswith((b"/", b"\\")) else None
-    return b"/".join(kept), note
+    return path, note
 
 
 def link_stays_inside(link_path: bytes, target: bytes,

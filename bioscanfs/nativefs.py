@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from .collection import Collection
 from .errors import MountError
 from .fs import options_text, read_or_errno
-from .index import FILE_DTYPE
 from .reader import WHOLE_READ_MAX
+from .tree import FILE_DTYPE, Tree
 
 try:
     from . import _nativefs
@@ -28,21 +28,18 @@ except ImportError:  # not built: no compiler or no libfuse3-dev at install time
 #: The C side reads rows of the tree's files array as this exact packed layout.
 _C_LAYOUT = [("header_offset", "<u8"), ("compressed_size", "<u8"), ("size", "<u8"), ("crc32", "<u4"),
              ("mtime", "<i8"), ("method", "<u2"), ("flags", "<u2"), ("mode", "<u4"),
-             ("name_length", "<u2"), ("archive", "<u2")]
+             ("name_length", "<u2"), ("archive", "<u2"), ("extra_room", "<u2")]
 
 
 def available() -> bool:
     return _nativefs is not None and FILE_DTYPE == np.dtype(_C_LAYOUT) and FILE_DTYPE.itemsize == _nativefs.MEMBER_SIZE
 
 
-def _subdir_table(c: Collection) -> Tuple[np.ndarray, np.ndarray]:
-    """The tree's subdirectory ids end to end, and where each directory's start: the C
-    lookup binary-searches one directory's run by name."""
-    runs = c.tree.subdir_ids
-    start = np.zeros(len(runs) + 1, dtype=np.uint64)
-    start[1:] = np.cumsum([len(ids) for ids in runs])
-    ids = np.fromiter((i for ids in runs for i in ids), dtype=np.uint64, count=int(start[-1]))
-    return start, ids
+def tables(tree: Tree, fds: np.ndarray, direct: np.ndarray, archive_sizes: Sequence[int]) -> Dict[str, np.ndarray]:
+    """What the C engine serves from, by the names _nativefs.c's TABLE_NAMES gives them."""
+    arrays = {name: tree.arrays[name] for name in ("files", "names", "name_ends", "dir_lo", "dir_hi", "dir_mtime",
+                                                   "dir_parent", "dir_names", "dir_ends")}
+    return dict(arrays, fds=fds, direct=direct, archive_sizes=np.asarray(archive_sizes, dtype=np.uint64))
 
 
 def _direct_fd(fd: int) -> int:
@@ -73,17 +70,14 @@ def serve(collection: Collection, mountpoint: str, options: Dict[str, Union[bool
     def readlink(row: int) -> Union[bytes, int]:
         return c.link_target(row) or errno.EINVAL
 
-    sub_start, sub_ids = _subdir_table(c)
     option_string = options_text(options)
     fds = np.array([-1 if getattr(src, "fd", None) is None else src.fd for src in c.sources], dtype=np.int64)
     direct = np.array([_direct_fd(int(fd)) for fd in fds], dtype=np.int64)
     try:
         _nativefs.serve(
             mountpoint=mountpoint, options=option_string,
-            files=tree.files, basenames=tree.basenames, width=tree.basenames.dtype.itemsize,
-            dir_lo=tree.dir_lo, dir_hi=tree.dir_hi, dir_mtime=tree.dir_mtime, dir_parent=tree.dir_parent,
-            sub_start=sub_start, sub_ids=sub_ids, dir_names=tree.dir_names, dir_ends=tree.dir_ends,
-            fds=fds, direct=direct, whole_max=WHOLE_READ_MAX, total_bytes=tree.total_bytes,
+            tables=tables(tree, fds, direct, [src.size for src in c.sources]),
+            whole_max=WHOLE_READ_MAX, total_bytes=min(tree.total_bytes, (1 << 64) - 1),
             read=read, attr=attr, readlink=readlink, ready=on_ready, threads=threads)
     except OSError as err:
         raise MountError(mountpoint, f"{err} with -o {option_string}") from None

@@ -37,7 +37,7 @@ def describe(collection: Collection) -> Dict[str, Any]:
     lo, hi = tree.dir_lo.astype(np.int64), tree.dir_hi.astype(np.int64)
     cumulative = np.concatenate(([0], np.cumsum(files["size"], dtype=np.int64)))
     packages: Dict[str, Dict[str, Any]] = {}
-    for dir_id, folder in enumerate(tree.dir_paths):
+    for dir_id, folder in tree.file_dirs():
         count = int(hi[dir_id] - lo[dir_id])
         if not count:
             continue

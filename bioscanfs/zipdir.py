@@ -59,8 +59,10 @@ MADE_BY_UNIX = 3
 MEMBER_DTYPE = np.dtype([
     ("header_offset", "<u8"), ("compressed_size", "<u8"), ("size", "<u8"),
     ("crc32", "<u4"), ("mtime", "<i8"), ("method", "<u2"), ("flags", "<u2"),
-    ("mode", "<u4"), ("name_length", "<u2"), ("archive", "<u2"),
+    ("mode", "<u4"), ("name_length", "<u2"), ("archive", "<u2"), ("extra_room", "<u2"),
 ])
+#: Declared sizes at or above this are refused: st_size is a signed 64-bit number.
+SIZE_LIMIT = 1 << 63
 
 
 
@@ -77,6 +79,7 @@ class Member(NamedTuple):
     mode: int
     name_length: int
     archive: int
+    extra_room: int   #: the longest local extra field that keeps the data clear of the next member
 
 
 assert Member._fields == MEMBER_DTYPE.names
@@ -195,7 +198,7 @@ def read_members(src: Source, warn: Optional[Callable[[str], None]] = None) -> M
         header_offsets = bases[disks.astype(np.intp)] + offsets
     else:
         header_offsets = offsets + np.uint64(end.prefix)
-    _check_extents(src.name, header_offsets, csizes, head["name_length"], end.cd_start)
+    room = _extra_room(src.name, header_offsets, csizes, head["name_length"], end.cd_start)
 
     table = np.zeros(n, dtype=MEMBER_DTYPE)
     table["header_offset"] = header_offsets
@@ -208,20 +211,32 @@ def read_members(src: Source, warn: Optional[Callable[[str], None]] = None) -> M
     unix = (head["version_made_by"] >> 8) == MADE_BY_UNIX
     table["mode"] = np.where(unix, head["external_attr"] >> 16, 0)
     table["name_length"] = head["name_length"]
+    table["extra_room"] = room
 
     raw, raw_ends = _gather_names(buf, starts, head["name_length"])
     names, ends, keep, is_dir, warnings = _clean_names(src.name, raw, raw_ends, head["flags"])
+    impossible = keep & (sizes >= np.uint64(SIZE_LIMIT))
+    if impossible.any():
+        keep, names, ends, is_dir = _drop(keep, impossible, names, ends, is_dir)
+        warnings.append(f"{src.name}: {int(impossible.sum())} members declare a size of 2^63 bytes or more: skipped")
     for line in warnings:
         if warn:
             warn(line)
     return Members(table if keep.all() else table[keep], names, ends, is_dir, warnings)
 
 
-def _check_extents(archive: str, offsets: np.ndarray, csizes: np.ndarray, name_lengths: np.ndarray,
-                   data_end: int) -> None:
-    """Every member's local header, name and data lie before the directory, and no two
-    members overlap (the trick of overlapping zip bombs). Extra fields are not counted,
-    so this is a lower bound on each member's extent."""
+def _extra_room(archive: str, offsets: np.ndarray, csizes: np.ndarray, name_lengths: np.ndarray,
+                data_end: int) -> np.ndarray:
+    """Check that every member's local header, name and data lie before the directory and
+    that no two overlap (the trick of overlapping zip bombs); return each member's room
+    for its local extra field, which only its local header gives.
+
+    The central directory does not say how long a local extra field is, so the extent
+    checked here is a lower bound. The room (the gap to the next member, or to the
+    directory, at most 65,535) is what the local header's extra length may use: a reader
+    refuses a member whose data would start in the next one's (two members sharing one
+    stream through their local extra lengths).
+    """
     limit = np.uint64(data_end)
     ends = offsets + np.uint64(LOCAL.size) + name_lengths.astype(np.uint64) + csizes
     past = np.flatnonzero((offsets > limit) | (csizes > limit) | (ends > limit))
@@ -229,14 +244,26 @@ def _check_extents(archive: str, offsets: np.ndarray, csizes: np.ndarray, name_l
         i = int(past[0])
         raise ArchiveError(archive, f"member #{i} (local header at {int(offsets[i])}, {int(csizes[i])} bytes) "
                                     f"lies past the data area; truncated or corrupt directory")
-    order = None if np.all(offsets[1:] >= offsets[:-1]) else np.argsort(offsets, kind="stable")
-    starts, stops = (offsets, ends) if order is None else (offsets[order], ends[order])
+    order = np.argsort(offsets, kind="stable")
+    starts, stops = offsets[order], ends[order]
     overlap = np.flatnonzero(stops[:-1] > starts[1:])
     if len(overlap):
-        first, second = int(overlap[0]), int(overlap[0]) + 1
-        if order is not None:
-            first, second = int(order[first]), int(order[second])
+        first, second = int(order[overlap[0]]), int(order[overlap[0] + 1])
         raise ArchiveError(archive, f"members #{first} and #{second} overlap in the archive")
+    following = np.append(starts[1:], limit)
+    room = np.empty(len(offsets), dtype=np.uint16)
+    room[order] = np.minimum(following - stops, np.uint64(0xFFFF))
+    return room
+
+
+def _drop(keep: np.ndarray, drop: np.ndarray, names: np.ndarray, ends: np.ndarray, is_dir: np.ndarray
+          ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Leave rows out of the cleaned names: ``keep`` and ``drop`` are masks over all
+    members, ``names``/``ends``/``is_dir`` cover the kept ones. Returns them all anew."""
+    gone = drop[keep]
+    lengths = np.diff(ends.astype(np.int64), prepend=0)
+    names = names[np.repeat(~gone, lengths)]
+    return keep & ~drop, names, np.cumsum(lengths[~gone]).astype(np.uint64), is_dir[~gone]
 
 
 def _record_starts(archive: str, buf: np.ndarray) -> np.ndarray:
@@ -351,29 +378,29 @@ def _apply_zip64(archive: str, buf: np.ndarray, starts: np.ndarray, head: np.nda
 
 def _gather_names(buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """All raw names as one byte blob plus end offsets."""
-    lengths = lengths.astype(np.int64)
+    return gather_segments(buf, starts + CENTRAL_DTYPE.itemsize, lengths)
+
+
+def gather_segments(buf: np.ndarray, begins: np.ndarray, lengths: np.ndarray,
+                    chunk: int = 1 << 20) -> Tuple[np.ndarray, np.ndarray]:
+    """The segments buf[begin:begin+length] end to end, plus their end offsets (uint64).
+
+    A gather over byte positions, about ``chunk`` bytes at a time: O(total bytes), so one
+    very long name costs its own length, not a row that wide for every member.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    begins = np.asarray(begins, dtype=np.int64)
     ends = np.cumsum(lengths)
-    blob = np.empty(int(ends[-1]) if len(ends) else 0, dtype=np.uint8)
-    width = int(lengths.max(initial=0))
-    if width == 0:
-        return blob, ends.astype(np.uint64)
-    # Every name as a row of the widest name's width, then the bytes that belong to it.
-    # Rows whose window would run past the directory (its last few names) are copied
-    # one by one instead of padding a copy of the whole directory.
-    name_starts = starts + CENTRAL_DTYPE.itemsize
-    fits = int(np.searchsorted(name_starts, len(buf) - width, side="right")) if len(buf) >= width else 0
-    windows = np.lib.stride_tricks.sliding_window_view(buf, width) if fits else None
-    column = np.arange(width)
-    chunk = 1 << 16
-    for lo in range(0, fits, chunk):
-        hi = min(lo + chunk, fits)
+    out = np.empty(int(ends[-1]) if len(ends) else 0, dtype=np.uint8)
+    lo = 0
+    while lo < len(lengths):
         first = int(ends[lo - 1]) if lo else 0
-        rows = windows[name_starts[lo:hi]]
-        blob[first:int(ends[hi - 1])] = rows[column < lengths[lo:hi, None]]
-    for i in range(fits, len(starts)):
-        at = int(name_starts[i])
-        blob[int(ends[i]) - int(lengths[i]):int(ends[i])] = buf[at:at + int(lengths[i])]
-    return blob, ends.astype(np.uint64)
+        hi = max(lo + 1, int(np.searchsorted(ends, first + chunk, side="right")))
+        out_begins = np.concatenate(([first], ends[lo:hi - 1]))
+        positions = np.repeat(begins[lo:hi] - out_begins, lengths[lo:hi]) + np.arange(first, int(ends[hi - 1]))
+        out[first:int(ends[hi - 1])] = buf[positions]
+        lo = hi
+    return out, ends.astype(np.uint64)
 
 
 def _clean_names(archive: str, raw: np.ndarray, ends: np.ndarray, flags: np.ndarray
@@ -497,6 +524,8 @@ def parse_local_header(src: Source, member: Member, path: str, raw: bytes) -> Lo
         for local_value, central_value in checks:
             if local_value not in (0xFFFFFFFF, int(central_value) & 0xFFFFFFFF):
                 raise MemberError(src.name, path, "local header disagrees with the central directory")
+    if extra_len > member.extra_room:
+        raise MemberError(src.name, path, "local extra field runs into the next member (overlapping members)")
     data_offset = at + LOCAL.size + name_len + extra_len
     if data_offset + member.compressed_size > src.size:
         raise MemberError(src.name, path, "member data runs past the end of the archive (truncated?)")

@@ -10,7 +10,7 @@ from typing import Dict, List, NamedTuple, Optional
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from bioscanfs.names import NAME_MAX, clean_name
+from bioscanfs.names import NAME_MAX, PATH_MAX, clean_name
 from conftest import MountFactory, expected_tree, replace_name_bytes, walk_mount
 
 
@@ -32,6 +32,7 @@ ROWS = [
     Row("../x, a/../../x", b"a/../../x", False, None, "'..' component"),
     Row("a\\x00b", b"a\x00b", False, None, "NUL"),
     Row("x * 300", b"x" * 300, False, None, str(NAME_MAX)),
+    Row("a/ * 2100", b"a/" * 2100, False, None, str(PATH_MAX - 1)),
     Row("/, ., empty", b"/", False, None, "empty name"),
     Row("/, ., empty", b".", False, None, "empty name"),
     Row("/, ., empty", b"", False, None, "empty name"),

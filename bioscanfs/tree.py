@@ -1,0 +1,252 @@
+"""The merged tree's arrays: their layout, their checks, and lookups and listings over them.
+
+Owns what the arrays mean once built; knows nothing of how they are built (``merge``),
+saved (``index``, ``store``) or served (``fs``, ``nativefs``). No Python object per member.
+
+Layout (all numpy; ``index`` saves them and maps them back on the next mount):
+
+- ``files``: one FILE_DTYPE row per file, grouped by directory (in directory order) and
+  sorted by name (bytes) inside each directory;
+- ``names``/``name_ends``: the files' own names end to end, parallel to ``files``; a
+  lookup is a binary search inside the directory's row range ``dir_lo``..``dir_hi``;
+- directories are numbered breadth first with siblings in name order, so a directory's
+  subdirectories are one contiguous, sorted run of ids and ``dir_parent`` never
+  decreases; each directory stores only its own name (``dir_names``/``dir_ends``), so
+  a folder costs its own name, never its full path (a path 2,000 folders deep would
+  otherwise be stored 2,000 times over);
+- ``conflict_*``: paths present in several archives with different content, as arrays
+  (the first archive listed is the one served).
+
+An index folder is untrusted input: ``check`` bounds every value a lookup or a read
+will trust before a tree is used, and the C engine checks the same bounds again.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Sequence, Tuple
+
+import numpy as np
+
+from . import zipdir
+from .errors import NotFound
+from .names import NAME_MAX
+
+FILE_DTYPE = zipdir.MEMBER_DTYPE
+#: Every archive of a tree is addressed by the ``archive`` column.
+MAX_ARCHIVES = int(np.iinfo(FILE_DTYPE["archive"]).max) + 1
+#: The arrays of a tree and their element types; ``check`` refuses anything else.
+ARRAY_TYPES = {
+    "files": FILE_DTYPE, "names": np.dtype(np.uint8), "name_ends": np.dtype("<u8"),
+    "dir_lo": np.dtype("<u8"), "dir_hi": np.dtype("<u8"), "dir_mtime": np.dtype("<i8"),
+    "dir_parent": np.dtype("<u8"), "dir_names": np.dtype(np.uint8), "dir_ends": np.dtype("<u8"),
+    "conflict_paths": np.dtype(np.uint8), "conflict_path_ends": np.dtype("<u8"),
+    "conflict_archives": np.dtype("<u2"), "conflict_archive_ends": np.dtype("<u8"),
+}
+
+
+class Conflict(NamedTuple):
+    path: str
+    archives: List[str]   #: the first one is served
+
+
+class BadTables(ValueError):
+    """The arrays break a bound that lookups or reads rely on (a damaged or forged index)."""
+
+
+def _segment_lengths(ends: np.ndarray, blob_length: int, what: str) -> np.ndarray:
+    """Lengths of the segments that ``ends`` cuts ``blob`` into; checks they tile it."""
+    lengths = np.diff(ends.astype(np.int64), prepend=0) if len(ends) else np.zeros(0, np.int64)
+    if (lengths < 0).any() or (int(ends[-1]) if len(ends) else 0) != blob_length:
+        raise BadTables(f"{what}: ends do not tile the names")
+    return lengths
+
+
+def check(arrays: Dict[str, Any], archive_sizes: Sequence[int]) -> None:
+    """Raise BadTables unless every bound the lookups and reads rely on holds.
+
+    Checked: element types, lengths against each other, name lengths (1..255 bytes, no
+    '/' or NUL), the directory tree (parents before children, a contiguous row range
+    per directory), every row's archive and its data inside that archive, declared
+    sizes within st_size, and the conflict lists. Order within a directory is not
+    checked: a wrong order only makes lookups miss.
+    """
+    for name, dtype in ARRAY_TYPES.items():
+        if name not in arrays or arrays[name].dtype != dtype or arrays[name].ndim != 1:
+            raise BadTables(f"{name}: missing or not of type {dtype}")
+    files, n_dirs = arrays["files"], len(arrays["dir_lo"])
+    if n_dirs < 1 or any(len(arrays[k]) != n_dirs for k in ("dir_hi", "dir_mtime", "dir_parent", "dir_ends")):
+        raise BadTables("directory tables disagree in length")
+    if len(arrays["name_ends"]) != len(files):
+        raise BadTables("name_ends: not one per file")
+    _check_names(arrays["names"], _segment_lengths(arrays["name_ends"], len(arrays["names"]), "names"), "names")
+    dir_lengths = _segment_lengths(arrays["dir_ends"], len(arrays["dir_names"]), "dir_names")
+    if dir_lengths[0] != 0:
+        raise BadTables("dir_names: the root has a name")
+    _check_names(arrays["dir_names"], dir_lengths[1:], "dir_names")
+    parent = arrays["dir_parent"]
+    if parent[0] != 0 or (parent[1:] >= np.arange(1, n_dirs, dtype=np.uint64)).any() or (np.diff(parent[1:]) < 0).any():
+        raise BadTables("dir_parent: not breadth-first order")
+    lo, hi = arrays["dir_lo"], arrays["dir_hi"]
+    if lo[0] != 0 or (lo > hi).any() or (lo[1:] != hi[:-1]).any() or hi[-1] != len(files):
+        raise BadTables("dir_lo/dir_hi: not one contiguous row range per directory")
+    _check_rows(files, archive_sizes)
+    _segment_lengths(arrays["conflict_path_ends"], len(arrays["conflict_paths"]), "conflict_paths")
+    _segment_lengths(arrays["conflict_archive_ends"], len(arrays["conflict_archives"]), "conflict_archives")
+    if len(arrays["conflict_path_ends"]) != len(arrays["conflict_archive_ends"]) or \
+            (arrays["conflict_archives"] >= len(archive_sizes)).any():
+        raise BadTables("conflicts: lists disagree or name an archive that is not there")
+
+
+def _check_names(blob: np.ndarray, lengths: np.ndarray, what: str) -> None:
+    if ((lengths < 1) | (lengths > NAME_MAX)).any() or (blob == 0).any() or (blob == ord("/")).any():
+        raise BadTables(f"{what}: a name is empty, longer than {NAME_MAX} bytes, or holds '/' or NUL")
+
+
+def _check_rows(files: np.ndarray, archive_sizes: Sequence[int]) -> None:
+    sizes = np.asarray(archive_sizes, dtype=np.uint64)
+    if len(files) and int(files["archive"].max()) >= len(sizes):
+        raise BadTables("files: a row names an archive that is not there")
+    room = sizes[files["archive"].astype(np.intp)]
+    if ((files["header_offset"] > room) | (files["compressed_size"] > room - np.minimum(files["header_offset"], room))).any():
+        raise BadTables("files: a member lies past the end of its archive")
+    if (files["size"] >= np.uint64(zipdir.SIZE_LIMIT)).any():
+        raise BadTables("files: a size of 2^63 bytes or more")
+
+
+def find_name(name_of: Callable[[int], bytes], lo: int, hi: int, name: bytes) -> int:
+    """The first row in lo..hi whose name is not below ``name`` (rows sorted by name bytes)."""
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if name_of(mid) < name:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+class Tree:
+    """Lookups and listings over the merged arrays (checked by the caller with ``check``)."""
+
+    def __init__(self, arrays: Dict[str, Any], archives: List[str], persisted: bool = False) -> None:
+        self.arrays = {name: arrays[name] for name in ARRAY_TYPES}
+        self.archives = archives
+        self.persisted = persisted  #: mapped from the index folder (else held in memory)
+        self.files: np.ndarray = arrays["files"]
+        self.names: np.ndarray = arrays["names"]
+        self.name_ends: np.ndarray = arrays["name_ends"]
+        self.dir_lo: np.ndarray = arrays["dir_lo"]
+        self.dir_hi: np.ndarray = arrays["dir_hi"]
+        self.dir_mtime: np.ndarray = arrays["dir_mtime"]
+        self.dir_parent: np.ndarray = arrays["dir_parent"]
+        extra = arrays.get("__extra__") or {}
+        self.warnings: List[str] = list(extra.get("warnings", []))
+        self.total_bytes: int = int(extra.get("total_bytes", 0))
+        self.duplicates: int = int(extra.get("duplicates", 0))  #: same path and content, repeated
+        self.n_dirs = len(self.dir_lo)
+        names, ends = arrays["dir_names"].tobytes(), arrays["dir_ends"].tolist()
+        self.dir_base: List[bytes] = [names[a:b] for a, b in zip([0] + ends[:-1], ends)]
+        ids = np.arange(self.n_dirs, dtype=np.uint64)
+        #: Each directory's subdirectories are the ids sub_lo..sub_hi (breadth-first order).
+        self.sub_lo = np.searchsorted(self.dir_parent[1:], ids, side="left") + 1
+        self.sub_hi = np.searchsorted(self.dir_parent[1:], ids, side="right") + 1
+        self._children = {(int(self.dir_parent[d]), self.dir_base[d]): d for d in range(1, self.n_dirs)}
+
+    # A node is a file row (>= 0) or a directory (-1 - dir id).
+    def lookup(self, path: bytes) -> int:
+        """Resolve a path relative to the root (no leading '/'); raises NotFound."""
+        dir_id = 0
+        if not path:
+            return -1
+        parts = path.split(b"/")
+        for part in parts[:-1]:
+            found = self._children.get((dir_id, part))
+            if found is None:
+                raise NotFound(path.decode("utf-8", "surrogateescape"))
+            dir_id = found
+        found = self._children.get((dir_id, parts[-1]))
+        if found is not None:
+            return -1 - found
+        row = self.find_file(dir_id, parts[-1])
+        if row < 0:
+            raise NotFound(path.decode("utf-8", "surrogateescape"))
+        return row
+
+    def name(self, row: int) -> bytes:
+        """A file's own name."""
+        begin = int(self.name_ends[row - 1]) if row else 0
+        return self.names[begin:int(self.name_ends[row])].tobytes()
+
+    def find_file(self, dir_id: int, name: bytes) -> int:
+        """The row of file ``name`` in a directory, or -1 (binary search by bytes)."""
+        hi = int(self.dir_hi[dir_id])
+        row = find_name(self.name, int(self.dir_lo[dir_id]), hi, name)
+        return row if row < hi and self.name(row) == name else -1
+
+    def n_subdirs(self, dir_id: int) -> int:
+        return int(self.sub_hi[dir_id] - self.sub_lo[dir_id])
+
+    def listdir(self, dir_id: int) -> Tuple[List[bytes], List[bytes]]:
+        """(subdirectory names, file names) of one directory, each in name order."""
+        subdirs = self.dir_base[int(self.sub_lo[dir_id]):int(self.sub_hi[dir_id])]
+        return subdirs, self._names(int(self.dir_lo[dir_id]), int(self.dir_hi[dir_id]))
+
+    def _names(self, lo: int, hi: int) -> List[bytes]:
+        if lo >= hi:
+            return []
+        first = int(self.name_ends[lo - 1]) if lo else 0
+        data = self.names[first:int(self.name_ends[hi - 1])].tobytes()
+        ends = (self.name_ends[lo:hi].astype(np.int64) - first).tolist()
+        return [data[a:b] for a, b in zip([0] + ends[:-1], ends)]
+
+    def dir_path(self, dir_id: int) -> bytes:
+        """A directory's path from the root (O(depth))."""
+        parts = []
+        while dir_id:
+            parts.append(self.dir_base[dir_id])
+            dir_id = int(self.dir_parent[dir_id])
+        return b"/".join(reversed(parts))
+
+    def file_dirs(self, prefix: bytes = b"") -> Iterator[Tuple[int, bytes]]:
+        """(id, path) of every directory holding files under a directory path, depth first."""
+        prefix = prefix.strip(b"/")
+        try:
+            start = -1 - self.lookup(prefix) if prefix else 0
+        except NotFound:
+            return
+        if start < 0:
+            return
+        pending = [(start, prefix)]
+        while pending:
+            dir_id, path = pending.pop()
+            if self.dir_hi[dir_id] > self.dir_lo[dir_id]:
+                yield dir_id, path
+            head = path + b"/" if path else b""
+            pending.extend((child, head + self.dir_base[child])
+                           for child in reversed(range(int(self.sub_lo[dir_id]), int(self.sub_hi[dir_id]))))
+
+    def file_rows(self, prefix: bytes = b"") -> Iterator[Tuple[bytes, int]]:
+        """(path, row) of every file under a directory path, depth first."""
+        for dir_id, path in self.file_dirs(prefix):
+            lo = int(self.dir_lo[dir_id])
+            head = path + b"/" if path else b""
+            for offset, base in enumerate(self._names(lo, int(self.dir_hi[dir_id]))):
+                yield head + base, lo + offset
+
+    def member(self, row: int) -> zipdir.Member:
+        """A file row as Python ints (one conversion instead of one per field)."""
+        return zipdir.Member._make(self.files[row].item())
+
+    def path_of(self, row: int) -> bytes:
+        dir_id = int(np.searchsorted(self.dir_hi, row, side="right"))
+        head = self.dir_path(dir_id)
+        return head + b"/" + self.name(row) if head else self.name(row)
+
+    @property
+    def conflicts(self) -> List[Conflict]:
+        """Paths that differ between archives, the served archive first (built on demand)."""
+        a = self.arrays
+        paths = a["conflict_paths"].tobytes()
+        path_ends = a["conflict_path_ends"].tolist()
+        archive_ends = a["conflict_archive_ends"].tolist()
+        ids = a["conflict_archives"].tolist()
+        return [Conflict(paths[p0:p1].decode("utf-8", "surrogateescape"), [self.archives[i] for i in ids[a0:a1]])
+                for p0, p1, a0, a1 in zip([0] + path_ends[:-1], path_ends, [0] + archive_ends[:-1], archive_ends)]
