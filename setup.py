@@ -19,7 +19,7 @@ def _pkg_config(*args: str) -> list:
 
 native = Extension(
     "bioscanfs._nativefs", ["bioscanfs/_nativefs.c"],
-    # C is held to -Wall -Wextra with no warning (scripts/test fails on one).
+    # C is held to -Wall -Wextra with no warning (scripts/sanitize adds -Werror, so scripts/test fails on one).
     extra_compile_args=(_pkg_config("--cflags") or ["-I/usr/include/fuse3"]) + ["-Wall", "-Wextra"],
     extra_link_args=(_pkg_config("--libs") or ["-lfuse3", "-lpthread"]) + ["-lz"],
     optional=True,

@@ -624,6 +624,8 @@ static const char *check_names(const char *blob, uint64_t blob_len, const uint64
         if ((len == 0 && !(first_may_be_empty && i == 0)) || len > NAME_MAX_BYTES
             || memchr(blob + start, '/', len) || memchr(blob + start, 0, len))
             return "a name is empty, over 255 bytes, or holds '/' or NUL";
+        if ((len == 1 || len == 2) && blob[start] == '.' && blob[start + len - 1] == '.')
+            return "a name is '.' or '..'";
         if (first_may_be_empty && i == 0 && len != 0)
             return "the root has a name";
         start = ends[i];

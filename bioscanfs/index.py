@@ -16,7 +16,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 from . import store, zipdir
 from .errors import ArchiveError, SourceError
 from .merge import build_tree
-from .tree import MAX_ARCHIVES, Tree, check
+from .tree import MAX_ARCHIVES, BadTables, Tree, check
 from .remote import RangeCache, RemoteSource, is_url
 from .sources import FileSource
 
@@ -82,6 +82,13 @@ def load_tree(sources: Sequence[FileSource], index_dir: Optional[str],
             return tree, kept
     members, kept = _parse_all(sources, keys, index_dir, on_archive, skip_bad, allow_incomplete)
     arrays, extra = build_tree(members, [s.name for s in kept])
+    try:
+        check(arrays, [s.size for s in kept])
+    except BadTables as err:  # only a forged member table in the index folder gets here
+        log.warning("index in %s is damaged (%s); parsing the archives again", index_dir, err)
+        members, kept = _parse_all(kept, [[INDEX_VERSION, s.identity] for s in kept], None, on_archive,
+                                   skip_bad, allow_incomplete)
+        arrays, extra = build_tree(members, [s.name for s in kept])
     extra["kept"] = [s.name for s in kept]
     del members
     if path:

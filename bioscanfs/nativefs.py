@@ -18,7 +18,7 @@ from .collection import Collection
 from .errors import MountError
 from .fs import options_text, read_or_errno
 from .reader import WHOLE_READ_MAX
-from .tree import FILE_DTYPE, Tree
+from .tree import FILE_DTYPE
 
 try:
     from . import _nativefs
@@ -35,11 +35,20 @@ def available() -> bool:
     return _nativefs is not None and FILE_DTYPE == np.dtype(_C_LAYOUT) and FILE_DTYPE.itemsize == _nativefs.MEMBER_SIZE
 
 
-def tables(tree: Tree, fds: np.ndarray, direct: np.ndarray, archive_sizes: Sequence[int]) -> Dict[str, np.ndarray]:
-    """What the C engine serves from, by the names _nativefs.c's TABLE_NAMES gives them."""
-    arrays = {name: tree.arrays[name] for name in ("files", "names", "name_ends", "dir_lo", "dir_hi", "dir_mtime",
-                                                   "dir_parent", "dir_names", "dir_ends")}
-    return dict(arrays, fds=fds, direct=direct, archive_sizes=np.asarray(archive_sizes, dtype=np.uint64))
+def tables(arrays: Dict[str, np.ndarray], fds: np.ndarray, direct: np.ndarray,
+           archive_sizes: Sequence[int]) -> Dict[str, np.ndarray]:
+    """What the C engine serves from (a tree's arrays, one descriptor pair and size per
+    archive), by the names _nativefs.c's TABLE_NAMES gives them."""
+    served = {name: arrays[name] for name in ("files", "names", "name_ends", "dir_lo", "dir_hi", "dir_mtime",
+                                              "dir_parent", "dir_names", "dir_ends")}
+    return dict(served, fds=fds, direct=direct, archive_sizes=np.asarray(archive_sizes, dtype=np.uint64))
+
+
+def check_tables(arrays: Dict[str, np.ndarray], fds: np.ndarray, direct: np.ndarray,
+                 archive_sizes: Sequence[int]) -> None:
+    """The C engine's own bounds checks, without mounting: ValueError names what is wrong."""
+    assert _nativefs is not None
+    _nativefs.check(tables(arrays, fds, direct, archive_sizes))
 
 
 def _direct_fd(fd: int) -> int:
@@ -76,7 +85,7 @@ def serve(collection: Collection, mountpoint: str, options: Dict[str, Union[bool
     try:
         _nativefs.serve(
             mountpoint=mountpoint, options=option_string,
-            tables=tables(tree, fds, direct, [src.size for src in c.sources]),
+            tables=tables(tree.arrays, fds, direct, [src.size for src in c.sources]),
             whole_max=WHOLE_READ_MAX, total_bytes=min(tree.total_bytes, (1 << 64) - 1),
             read=read, attr=attr, readlink=readlink, ready=on_ready, threads=threads)
     except OSError as err:

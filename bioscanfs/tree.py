@@ -97,8 +97,18 @@ def check(arrays: Dict[str, Any], archive_sizes: Sequence[int]) -> None:
 
 
 def _check_names(blob: np.ndarray, lengths: np.ndarray, what: str) -> None:
+    """Each name is one path component that the kernel takes: 1..255 bytes, no '/' or NUL,
+    not '.' or '..' (a name of the tree never leads out of the mount)."""
     if ((lengths < 1) | (lengths > NAME_MAX)).any() or (blob == 0).any() or (blob == ord("/")).any():
         raise BadTables(f"{what}: a name is empty, longer than {NAME_MAX} bytes, or holds '/' or NUL")
+    ends = np.cumsum(lengths)
+    dots = np.flatnonzero(lengths <= 2)
+    if len(dots):
+        starts = ends[dots] - lengths[dots]
+        first_dot = blob[starts] == ord(".")
+        last_dot = blob[ends[dots] - 1] == ord(".")
+        if (first_dot & last_dot).any():
+            raise BadTables(f"{what}: a name is '.' or '..'")
 
 
 def _check_rows(files: np.ndarray, archive_sizes: Sequence[int]) -> None:
