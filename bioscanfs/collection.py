@@ -17,6 +17,7 @@ from .discover import ArchiveSpec, find_archives
 from .errors import BioscanError, NotFound
 from .names import link_stays_inside
 from .index import default_index_dir, load_tree, open_sources
+from .tree import check_archive_count
 from .reader import Reader
 from .zipdir import FLAG_ENCRYPTED
 
@@ -53,6 +54,7 @@ class Collection:
                  password: Optional[bytes] = None, cache_dir: Optional[str] = None,
                  cache_max: int = 10 << 30) -> None:
         specs, warnings = find_archives(inputs, allow_incomplete)
+        check_archive_count(len(specs))
         for line in warnings:
             log.warning("%s", line)
         self.specs: List[ArchiveSpec] = specs

@@ -14,9 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 from . import store, zipdir
-from .errors import ArchiveError, SourceError
+from .errors import ArchiveError
 from .merge import build_tree
-from .tree import MAX_ARCHIVES, BadTables, Tree, check
+from .tree import BadTables, Tree, check, check_archive_count
 from .remote import RangeCache, RemoteSource, is_url
 from .sources import FileSource
 
@@ -62,8 +62,7 @@ def load_tree(sources: Sequence[FileSource], index_dir: Optional[str],
     may be missing; else its ArchiveError propagates). ``index_dir=None`` keeps all in
     memory, as does an index folder that cannot be written (``Tree.persisted`` says which).
     """
-    if len(sources) > MAX_ARCHIVES:
-        raise SourceError(f"{len(sources):,} archives: at most {MAX_ARCHIVES:,} can be mounted together")
+    check_archive_count(len(sources))
     keys = [[INDEX_VERSION, src.identity] for src in sources]
     tree_key = ["tree", INDEX_VERSION, keys, skip_bad, allow_incomplete]
     path = _cache_path(index_dir, tree_key, ".tree") if index_dir else None

@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Sequence, Tu
 import numpy as np
 
 from . import zipdir
-from .errors import NotFound
+from .errors import NotFound, SourceError
 from .names import NAME_MAX
 
 FILE_DTYPE = zipdir.MEMBER_DTYPE
@@ -41,6 +41,12 @@ ARRAY_TYPES = {
     "conflict_paths": np.dtype(np.uint8), "conflict_path_ends": np.dtype("<u8"),
     "conflict_archives": np.dtype("<u2"), "conflict_archive_ends": np.dtype("<u8"),
 }
+
+
+def check_archive_count(count: int) -> None:
+    """Refuse more archives than the ``archive`` column numbers (before they are opened)."""
+    if count > MAX_ARCHIVES:
+        raise SourceError(f"{count:,} archives: at most {MAX_ARCHIVES:,} can be mounted together")
 
 
 class Conflict(NamedTuple):

@@ -439,7 +439,7 @@ def _clean_names(archive: str, raw: np.ndarray, ends: np.ndarray, flags: np.ndar
         original = data[begins[i]:cursor]
         clean, note = clean_name(original, bool(flags[i] & FLAG_UTF8))
         if note:
-            warnings.append(f"{archive}: {original.decode('utf-8', 'backslashreplace')}: {note}")
+            warnings.append(f"{archive}: {_shown(original)}: {note}")
         if clean is None:
             keep[i] = False
             continue
@@ -449,6 +449,13 @@ def _clean_names(archive: str, raw: np.ndarray, ends: np.ndarray, flags: np.ndar
     pieces.append(data[cursor:])
     blob = np.frombuffer(b"".join(pieces), dtype=np.uint8)
     return blob, np.cumsum(lengths[keep]).astype(np.uint64), keep, is_dir[keep], warnings
+
+
+def _shown(name: bytes, most: int = 200) -> str:
+    """A name for a message: escaped, and cut in the middle when long (a hostile name of
+    64 KB would otherwise be one 64 KB log line)."""
+    text = name.decode("utf-8", "backslashreplace")
+    return text if len(text) <= most else f"{text[:most // 2]}...({len(name):,} bytes)...{text[-most // 2:]}"
 
 
 _PLAIN_BYTES = bytes(range(0x20, 0x7F)).replace(b"\\", b"")

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import struct
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import BinaryIO, Optional, Sequence, Tuple
 
 # APPNOTE 4.3.7 local file header, 4.3.12 central directory header, 4.3.16 end record,
 # 4.3.14/4.3.15 ZIP64 end record and locator, 4.5.3 ZIP64 extra field.
@@ -71,41 +71,57 @@ def symlink(name: bytes, target: bytes, **fields) -> Entry:
     return Entry(name, target, external_attr=SYMLINK_ATTR, **fields)
 
 
+def central_record(e: Entry, offset: int) -> bytes:
+    """The central directory header of ``e`` written at ``offset`` (declared values as set)."""
+    size = len(e.data) if e.size is None else e.size
+    csize = len(e.data) + e.gap if e.compressed_size is None else e.compressed_size
+    crc = zlib.crc32(e.data) if e.crc is None else e.crc
+    offset = offset if e.header_offset is None else e.header_offset
+    extra = e.local_extra if e.central_extra is None else e.central_extra
+    if e.zip64:
+        extra = zip64_extra(size, csize, offset) + extra
+        size = csize = offset = 0xFFFFFFFF
+    return CENTRAL.pack(b"PK\x01\x02", MADE_BY_UNIX, 45 if e.zip64 else 20, e.flags, e.method, DOS_TIME, DOS_DATE,
+                        crc, csize, size, len(e.name), len(extra), 0, 0, 0, e.external_attr, offset) + e.name + extra
+
+
+def local_record(e: Entry) -> bytes:
+    """The local header, name, extra field and data of ``e`` (without its sparse gap)."""
+    size = len(e.data) if e.size is None else e.size
+    csize = len(e.data) + e.gap if e.compressed_size is None else e.compressed_size
+    crc = zlib.crc32(e.data) if e.crc is None else e.crc
+    extra = (zip64_extra(size, csize) if e.zip64 else b"") + e.local_extra
+    sizes = (crc, 0xFFFFFFFF, 0xFFFFFFFF) if e.zip64 else (crc, csize, size)
+    sizes = tuple(e.local_sizes) if e.local_sizes is not None else sizes
+    return LOCAL.pack(b"PK\x03\x04", 45 if e.zip64 else 20, e.flags, e.method, DOS_TIME, DOS_DATE,
+                      *sizes, len(e.name), len(extra)) + e.name + extra + e.data
+
+
 def write_zip(path: Path, entries: Sequence[Entry], comment: bytes = b"", force_zip64: bool = False) -> Path:
     """Write ``entries`` as one archive (local headers, data, central directory, end
     records); ZIP64 end records when any count or offset needs them or ``force_zip64``."""
-    central: List[bytes] = []
     with open(path, "wb") as out:
+        placed = []
         for e in entries:
-            at = out.tell()
-            size = len(e.data) if e.size is None else e.size
-            csize = len(e.data) + e.gap if e.compressed_size is None else e.compressed_size
-            crc = zlib.crc32(e.data) if e.crc is None else e.crc
-            offset = at if e.header_offset is None else e.header_offset
-            local_extra, central_extra = e.local_extra, e.local_extra if e.central_extra is None else e.central_extra
-            if e.zip64:
-                local_extra = zip64_extra(size, csize) + local_extra
-                central_extra = zip64_extra(size, csize, offset) + central_extra
-                fields32 = (crc, 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF)
-            else:
-                fields32 = (crc, csize, size, offset)
-            local = e.local_sizes if e.local_sizes is not None else fields32[:3]
-            out.write(LOCAL.pack(b"PK\x03\x04", 45 if e.zip64 else 20, e.flags, e.method, DOS_TIME, DOS_DATE,
-                                 *local, len(e.name), len(local_extra)) + e.name + local_extra + e.data)
+            placed.append((e, out.tell()))
+            out.write(local_record(e))
             if e.gap:
                 out.seek(e.gap, 1)
-            central.append(CENTRAL.pack(b"PK\x01\x02", MADE_BY_UNIX, 45 if e.zip64 else 20, e.flags, e.method,
-                                        DOS_TIME, DOS_DATE, *fields32[:3], len(e.name), len(central_extra), 0,
-                                        0, 0, e.external_attr, fields32[3]) + e.name + central_extra)
-        cd_start = out.tell()
-        directory = b"".join(central)
-        out.write(directory)
-        count, cd_size = len(entries), len(directory)
-        if force_zip64 or count >= 0xFFFF or cd_start >= 0xFFFFFFFF:
-            eocd64_at = out.tell()
-            out.write(EOCD64.pack(b"PK\x06\x06", EOCD64.size - 12, 45, 45, 0, 0, count, count, cd_size, cd_start))
-            out.write(EOCD64_LOCATOR.pack(b"PK\x06\x07", 0, eocd64_at, 1))
-            count, cd_start = min(count, 0xFFFF), min(cd_start, 0xFFFFFFFF)
-        out.write(EOCD.pack(b"PK\x05\x06", 0, 0, count, count, min(cd_size, 0xFFFFFFFF), cd_start, len(comment))
-                  + comment)
+        write_directory(out, placed, comment, force_zip64)
     return path
+
+
+def write_directory(out: BinaryIO, placed: Sequence[Tuple[Entry, int]], comment: bytes = b"",
+                    force_zip64: bool = False) -> None:
+    """The central directory of members already written at their offsets, and the end
+    records, at the current position of ``out`` (for archives laid out by hand)."""
+    cd_start = out.tell()
+    directory = b"".join(central_record(e, offset) for e, offset in placed)
+    out.write(directory)
+    count, cd_size = len(placed), len(directory)
+    if force_zip64 or count >= 0xFFFF or cd_start >= 0xFFFFFFFF:
+        eocd64_at = out.tell()
+        out.write(EOCD64.pack(b"PK\x06\x06", EOCD64.size - 12, 45, 45, 0, 0, count, count, cd_size, cd_start))
+        out.write(EOCD64_LOCATOR.pack(b"PK\x06\x07", 0, eocd64_at, 1))
+        count, cd_start = min(count, 0xFFFF), min(cd_start, 0xFFFFFFFF)
+    out.write(EOCD.pack(b"PK\x05\x06", 0, 0, count, count, min(cd_size, 0xFFFFFFFF), cd_start, len(comment)) + comment)
