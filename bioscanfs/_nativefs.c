@@ -35,6 +35,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <zlib.h>
@@ -727,6 +728,21 @@ static void keep_message(enum fuse_log_level level, const char *fmt, va_list ap)
  * default action, and Python has its own SIGINT handler). */
 static const int EXIT_SIGNALS[] = {SIGINT, SIGTERM, SIGHUP};
 
+/* After check_tables has read every page of tables that are a file mapping (the index),
+ * drop them from this process again (MADV_DONTNEED on a shared file mapping: the pages
+ * stay in the page cache and come back on access), so the daemon's RSS counts only what
+ * requests touch. Never for tables in anonymous memory, which it would zero. */
+static void release_mapped_pages(const server_t *s)
+{
+    long page = sysconf(_SC_PAGESIZE);
+    for (int i = 0; i < N_BUFFERS; i++) {
+        uintptr_t lo = ((uintptr_t)s->views[i].buf + (uintptr_t)page - 1) & ~(uintptr_t)(page - 1);
+        uintptr_t hi = ((uintptr_t)s->views[i].buf + (uintptr_t)s->views[i].len) & ~(uintptr_t)(page - 1);
+        if (i != B_FDS && i != B_DIRECT && i != B_ARCHIVE_SIZES && hi > lo)
+            madvise((void *)lo, hi - lo, MADV_DONTNEED);
+    }
+}
+
 /* check(tables): None, or ValueError naming what is wrong (for tests, without FUSE). */
 static PyObject *check(PyObject *self, PyObject *tables)
 {
@@ -745,17 +761,17 @@ static PyObject *check(PyObject *self, PyObject *tables)
 
 static PyObject *serve(PyObject *self, PyObject *args, PyObject *kwargs)
 {
-    static char *keywords[] = {"mountpoint", "options", "tables", "whole_max", "total_bytes", "read", "attr",
-                               "readlink", "ready", "threads", NULL};
+    static char *keywords[] = {"mountpoint", "options", "tables", "mapped", "whole_max", "total_bytes", "read",
+                               "attr", "readlink", "ready", "threads", NULL};
     const char *mountpoint, *options;
     PyObject *tables;
     server_t s;
-    int threads = 1;
+    int threads = 1, mapped = 0;
     unsigned long long whole_max, total_bytes;
     memset(&s, 0, sizeof s);
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "ssOKKOOOO|p", keywords, &mountpoint, &options, &tables,
-                                     &whole_max, &total_bytes, &s.read_cb, &s.attr_cb, &s.readlink_cb,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "ssOpKKOOOO|p", keywords, &mountpoint, &options, &tables,
+                                     &mapped, &whole_max, &total_bytes, &s.read_cb, &s.attr_cb, &s.readlink_cb,
                                      &s.ready_cb, &threads))
         return NULL;
     if (take_tables(&s, tables) < 0) {
@@ -780,6 +796,8 @@ static PyObject *serve(PyObject *self, PyObject *args, PyObject *kwargs)
         PyErr_Format(PyExc_ValueError, "native engine: %s", problem);
         return NULL;
     }
+    if (mapped)
+        release_mapped_pages(&s);
 
     char *argv[] = {"bioscanfs", "-o", (char *)options, NULL};
     struct fuse_args fargs = FUSE_ARGS_INIT(3, argv);

@@ -71,6 +71,7 @@ def load_tree(sources: Sequence[FileSource], index_dir: Optional[str],
         try:
             kept = [s for s in sources if s.name in set(cached["__extra__"]["kept"])]
             check(cached, [s.size for s in kept])
+            store.release_pages(cached)
             tree = Tree(cached, [s.name for s in kept], persisted=True)
         except (KeyError, ValueError, IndexError, TypeError) as err:  # BadTables is a ValueError
             log.warning("index %s is damaged (%s); rebuilding it", path, err)

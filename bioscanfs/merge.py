@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, List, Sequence, Set, Tuple
 import numpy as np
 
 from . import zipdir
+from .bulk import for_chunks
 from .tree import ARRAY_TYPES, FILE_DTYPE, find_name
 
 _RECORD = np.dtype((np.void, FILE_DTYPE.itemsize))  #: a row as opaque bytes: fast to copy and gather
@@ -312,7 +313,7 @@ def _fixed_width(blob: np.ndarray, begins: np.ndarray, ends: np.ndarray, width: 
     def copy(rows: slice) -> None:
         out[rows] = view[begins[rows]] * (column < lengths[rows, None])
 
-    _for_chunks(len(lengths), copy)
+    for_chunks(len(lengths), copy)
     return out
 
 
@@ -365,7 +366,7 @@ def _group_dirs(blob: np.ndarray, begins: np.ndarray, lengths: np.ndarray) -> Tu
                 hashes[live] = (hashes[live] ^ _word(view, b[live], n[live], j)) * prime
                 hashes[live] ^= hashes[live] >> np.uint64(29)
 
-    _for_chunks(len(begins), hash_rows)
+    for_chunks(len(begins), hash_rows)
     first, group = _group_keys(h)
 
     def grouped_right(rows: slice) -> bool:
@@ -380,7 +381,7 @@ def _group_dirs(blob: np.ndarray, begins: np.ndarray, lengths: np.ndarray) -> Tu
                 return False
         return True
 
-    if all(_for_chunks(len(begins), grouped_right)):
+    if all(for_chunks(len(begins), grouped_right)):
         return first, group
     seen: Dict[bytes, int] = {}
     group = np.asarray([seen.setdefault(blob[b:b + n].tobytes(), len(seen))
@@ -406,15 +407,6 @@ def _group_keys(keys: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     first = np.empty(len(distinct), dtype=np.int64)
     first[group] = np.arange(len(keys))
     return first, group
-
-
-def _for_chunks(n: int, body: Callable[[slice], Any], size: int = 1 << 16) -> List[Any]:
-    """Run ``body`` over row slices, on every core (numpy releases the GIL in its loops).
-
-    Slices are small enough that temporaries stay in cache and are reused, not faulted in.
-    """
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        return list(pool.map(body, (slice(lo, min(lo + size, n)) for lo in range(0, n, size))))
 
 
 _SLASH_WINDOW = 32
@@ -443,5 +435,5 @@ def _last_slash(blob: np.ndarray, begins: np.ndarray, ends: np.ndarray, window: 
             at = bytes(blob[b[i]:e[i]]).rfind(b"/")
             last[rows.start + i] = b[i] + at if at >= 0 else -1
 
-    _for_chunks(len(begins), search)
+    for_chunks(len(begins), search)
     return last

@@ -85,7 +85,7 @@ def serve(collection: Collection, mountpoint: str, options: Dict[str, Union[bool
     try:
         _nativefs.serve(
             mountpoint=mountpoint, options=option_string,
-            tables=tables(tree.arrays, fds, direct, [src.size for src in c.sources]),
+            tables=tables(tree.arrays, fds, direct, [src.size for src in c.sources]), mapped=tree.persisted,
             whole_max=WHOLE_READ_MAX, total_bytes=min(tree.total_bytes, (1 << 64) - 1),
             read=read, attr=attr, readlink=readlink, ready=on_ready, threads=threads)
     except OSError as err:

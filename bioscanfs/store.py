@@ -116,3 +116,19 @@ def load(path: str, key: Any) -> Optional[Dict[str, Any]]:
         return None
     finally:
         os.close(fd)
+
+
+def release_pages(arrays: Dict[str, Any]) -> None:
+    """Drop this process's page mappings of loaded arrays (MADV_DONTNEED) after a pass
+    over all of them, such as a check: the file's pages stay in the page cache and come
+    back on the next access, but the daemon's RSS again counts only what it touches."""
+    maps = {}
+    for array in arrays.values():
+        base = array
+        while base is not None and not isinstance(base, mmap.mmap):   # array -> ... -> memoryview -> mmap
+            inner = getattr(base, "base", None)
+            base = inner if inner is not None else getattr(base, "obj", None)
+        if base is not None:
+            maps[id(base)] = base
+    for mapped in maps.values():
+        mapped.madvise(mmap.MADV_DONTNEED)

@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Sequence, Tu
 import numpy as np
 
 from . import zipdir
+from .bulk import for_chunks
 from .errors import NotFound, SourceError
 from .names import NAME_MAX
 
@@ -58,14 +59,6 @@ class BadTables(ValueError):
     """The arrays break a bound that lookups or reads rely on (a damaged or forged index)."""
 
 
-def _segment_lengths(ends: np.ndarray, blob_length: int, what: str) -> np.ndarray:
-    """Lengths of the segments that ``ends`` cuts ``blob`` into; checks they tile it."""
-    lengths = np.diff(ends.astype(np.int64), prepend=0) if len(ends) else np.zeros(0, np.int64)
-    if (lengths < 0).any() or (int(ends[-1]) if len(ends) else 0) != blob_length:
-        raise BadTables(f"{what}: ends do not tile the names")
-    return lengths
-
-
 def check(arrays: Dict[str, Any], archive_sizes: Sequence[int]) -> None:
     """Raise BadTables unless every bound the lookups and reads rely on holds.
 
@@ -83,11 +76,8 @@ def check(arrays: Dict[str, Any], archive_sizes: Sequence[int]) -> None:
         raise BadTables("directory tables disagree in length")
     if len(arrays["name_ends"]) != len(files):
         raise BadTables("name_ends: not one per file")
-    _check_names(arrays["names"], _segment_lengths(arrays["name_ends"], len(arrays["names"]), "names"), "names")
-    dir_lengths = _segment_lengths(arrays["dir_ends"], len(arrays["dir_names"]), "dir_names")
-    if dir_lengths[0] != 0:
-        raise BadTables("dir_names: the root has a name")
-    _check_names(arrays["dir_names"], dir_lengths[1:], "dir_names")
+    _check_names(arrays["names"], arrays["name_ends"], "names")
+    _check_names(arrays["dir_names"], arrays["dir_ends"], "dir_names", root=True)
     parent = arrays["dir_parent"]
     if parent[0] != 0 or (parent[1:] >= np.arange(1, n_dirs, dtype=np.uint64)).any() or (np.diff(parent[1:]) < 0).any():
         raise BadTables("dir_parent: not breadth-first order")
@@ -95,37 +85,63 @@ def check(arrays: Dict[str, Any], archive_sizes: Sequence[int]) -> None:
     if lo[0] != 0 or (lo > hi).any() or (lo[1:] != hi[:-1]).any() or hi[-1] != len(files):
         raise BadTables("dir_lo/dir_hi: not one contiguous row range per directory")
     _check_rows(files, archive_sizes)
-    _segment_lengths(arrays["conflict_path_ends"], len(arrays["conflict_paths"]), "conflict_paths")
-    _segment_lengths(arrays["conflict_archive_ends"], len(arrays["conflict_archives"]), "conflict_archives")
+    for ends, blob in (("conflict_path_ends", "conflict_paths"), ("conflict_archive_ends", "conflict_archives")):
+        if (np.diff(arrays[ends].astype(np.int64), prepend=0) < 0).any() or \
+                (int(arrays[ends][-1]) if len(arrays[ends]) else 0) != len(arrays[blob]):
+            raise BadTables(f"{ends}: the ends do not tile {blob}")
     if len(arrays["conflict_path_ends"]) != len(arrays["conflict_archive_ends"]) or \
             (arrays["conflict_archives"] >= len(archive_sizes)).any():
         raise BadTables("conflicts: lists disagree or name an archive that is not there")
 
 
-def _check_names(blob: np.ndarray, lengths: np.ndarray, what: str) -> None:
-    """Each name is one path component that the kernel takes: 1..255 bytes, no '/' or NUL,
-    not '.' or '..' (a name of the tree never leads out of the mount)."""
-    if ((lengths < 1) | (lengths > NAME_MAX)).any() or (blob == 0).any() or (blob == ord("/")).any():
-        raise BadTables(f"{what}: a name is empty, longer than {NAME_MAX} bytes, or holds '/' or NUL")
-    ends = np.cumsum(lengths)
-    dots = np.flatnonzero(lengths <= 2)
-    if len(dots):
-        starts = ends[dots] - lengths[dots]
-        first_dot = blob[starts] == ord(".")
-        last_dot = blob[ends[dots] - 1] == ord(".")
-        if (first_dot & last_dot).any():
-            raise BadTables(f"{what}: a name is '.' or '..'")
+#: Bytes a name may not hold: NUL and '/'.
+_BAD_BYTE = np.zeros(256, dtype=bool)
+_BAD_BYTE[[0, ord("/")]] = True
+
+
+def _check_names(blob: np.ndarray, ends: np.ndarray, what: str, root: bool = False) -> None:
+    """Each name that ``ends`` cuts from ``blob`` is one path component the kernel takes:
+    1..255 bytes, no '/' or NUL, not '.' or '..' (no name leads out of the mount). With
+    ``root``, the first name is the root's and must be empty. Ends must tile the blob."""
+    n = len(ends)
+    if (int(ends[-1]) if n else 0) != len(blob) or (root and (n == 0 or ends[0] != 0)):
+        raise BadTables(f"{what}: the ends do not tile the names")
+
+    def chunk(rows: slice) -> bool:
+        first = int(ends[rows.start - 1]) if rows.start else 0
+        stop = ends[rows].astype(np.int64)
+        lengths = np.diff(stop, prepend=first)
+        if root and rows.start == 0:
+            lengths = lengths[1:]
+            stop = stop[1:]
+        if ((lengths < 1) | (lengths > NAME_MAX)).any() or \
+                _BAD_BYTE[blob[first:int(ends[rows.stop - 1])]].any():
+            return False
+        dots = np.flatnonzero(lengths <= 2)
+        return not ((blob[stop[dots] - lengths[dots]] == ord(".")) & (blob[stop[dots] - 1] == ord("."))).any()
+
+    if not all(for_chunks(n, chunk)):
+        raise BadTables(f"{what}: a name is empty, longer than {NAME_MAX} bytes, holds '/' or NUL, "
+                        "or is '.' or '..'")
 
 
 def _check_rows(files: np.ndarray, archive_sizes: Sequence[int]) -> None:
+    """Every row's archive is there and its data lies inside it; sizes fit st_size."""
     sizes = np.asarray(archive_sizes, dtype=np.uint64)
-    if len(files) and int(files["archive"].max()) >= len(sizes):
-        raise BadTables("files: a row names an archive that is not there")
-    room = sizes[files["archive"].astype(np.intp)]
-    if ((files["header_offset"] > room) | (files["compressed_size"] > room - np.minimum(files["header_offset"], room))).any():
-        raise BadTables("files: a member lies past the end of its archive")
-    if (files["size"] >= np.uint64(zipdir.SIZE_LIMIT)).any():
-        raise BadTables("files: a size of 2^63 bytes or more")
+
+    def chunk(rows: slice) -> bool:
+        part = files[rows]
+        archive = part["archive"].astype(np.intp)
+        if (archive >= len(sizes)).any():
+            return False
+        room = sizes[archive]
+        offset = part["header_offset"]
+        return not ((offset > room) | (part["compressed_size"] > room - np.minimum(offset, room))
+                    | (part["size"] >= np.uint64(zipdir.SIZE_LIMIT))).any()
+
+    if not all(for_chunks(len(files), chunk)):
+        raise BadTables("files: a row names an archive that is not there, lies past its end, "
+                        "or declares a size of 2^63 bytes or more")
 
 
 def find_name(name_of: Callable[[int], bytes], lo: int, hi: int, name: bytes) -> int:
