@@ -11,7 +11,7 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 # APPNOTE 4.3.7 local file header, 4.3.12 central directory header, 4.3.16 end record,
 # 4.3.14/4.3.15 ZIP64 end record and locator, 4.5.3 ZIP64 extra field.
@@ -24,6 +24,7 @@ MADE_BY_UNIX = 3 << 8 | 30
 DOS_TIME, DOS_DATE = 0, (2024 - 1980) << 9 | 1 << 5 | 1   # 2024-01-01 00:00:00
 SYMLINK_ATTR = (0o120777 << 16)
 FILE_ATTR = (0o100644 << 16)
+DIR_ATTR = (0o040755 << 16) | 0x10   # Unix mode and the MS-DOS directory bit
 
 
 @dataclass
@@ -45,6 +46,14 @@ class Entry:
     gap: int = 0                            #: zero bytes written after data, as a hole (sparse)
     zip64: bool = False                     #: sizes and offset in a ZIP64 extra field
     local_sizes: Optional[Sequence[int]] = None   #: (crc, csize, size) in the local header
+    dos_time: int = DOS_TIME                #: last-modified time and date (APPNOTE 4.4.6), both headers
+    dos_date: int = DOS_DATE
+
+
+def dos_stamp(year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0) -> Dict[str, int]:
+    """``dos_time`` and ``dos_date`` fields of an Entry for a moment (seconds rounded down to even)."""
+    return {"dos_time": hour << 11 | minute << 5 | second // 2,
+            "dos_date": (year - 1980) << 9 | month << 5 | day}
 
 
 def zip64_extra(size: int, compressed_size: int, offset: Optional[int] = None) -> bytes:
@@ -90,12 +99,12 @@ def write_zip(path: Path, entries: Sequence[Entry], comment: bytes = b"", force_
             else:
                 fields32 = (crc, csize, size, offset)
             local = e.local_sizes if e.local_sizes is not None else fields32[:3]
-            out.write(LOCAL.pack(b"PK\x03\x04", 45 if e.zip64 else 20, e.flags, e.method, DOS_TIME, DOS_DATE,
+            out.write(LOCAL.pack(b"PK\x03\x04", 45 if e.zip64 else 20, e.flags, e.method, e.dos_time, e.dos_date,
                                  *local, len(e.name), len(local_extra)) + e.name + local_extra + e.data)
             if e.gap:
                 out.seek(e.gap, 1)
             central.append(CENTRAL.pack(b"PK\x01\x02", MADE_BY_UNIX, 45 if e.zip64 else 20, e.flags, e.method,
-                                        DOS_TIME, DOS_DATE, *fields32[:3], len(e.name), len(central_extra), 0,
+                                        e.dos_time, e.dos_date, *fields32[:3], len(e.name), len(central_extra), 0,
                                         0, 0, e.external_attr, fields32[3]) + e.name + central_extra)
         cd_start = out.tell()
         directory = b"".join(central)
