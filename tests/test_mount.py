@@ -5,6 +5,7 @@ compared with what zipfile reads from the same archives.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -16,7 +17,7 @@ import zipfile
 import zlib
 from pathlib import Path
 from types import ModuleType
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, Iterator, List, Tuple
 
 import numpy as np
 import pytest
@@ -323,13 +324,39 @@ def test_umount_clears_a_stale_mount(mount: MountFactory, fake_set: Path) -> Non
     assert not is_mounted(live.point)
 
 
-@pytest.mark.parametrize("loop", [[], ["--single-threaded"]], ids=["loop-mt", "loop"])
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+@contextlib.contextmanager
+def _inheriting(signum: int, handler: signal.Handlers) -> Iterator[None]:
+    """Children started inside inherit ``handler`` for ``signum`` (an ignored signal stays
+    ignored across exec, as under nohup), whatever this process was started with."""
+    saved = signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signum, saved)
+
+
+#: (signal, request loop, disposition the server inherits): every signal on both loops, and
+#: every signal inherited ignored, as `nohup` leaves SIGHUP.
+_SIGNAL_CASES = [pytest.param(s, loop, signal.SIG_DFL, id=f"{s.name}-{name}")
+                 for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+                 for name, loop in (("loop-mt", []), ("loop", ["--single-threaded"]))] + \
+                [pytest.param(s, [], signal.SIG_IGN, id=f"{s.name}-inherited-ignored")
+                 for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)]
+
+
+@pytest.mark.parametrize("signum, loop, inherited", _SIGNAL_CASES)
 def test_signal_ends_a_foreground_mount(mount: MountFactory, fake_set: Path, signum: signal.Signals,
-                                        loop: List[str]) -> None:
-    """Each signal ends either request loop (multi-threaded, or -s): the mount is gone and
-    the process exits with 0. (The C engine puts libfuse's handlers over Python's.)"""
-    live = mount(fake_set, args=loop)
+                                        loop: List[str], inherited: signal.Handlers, engine: str,
+                                        request: pytest.FixtureRequest) -> None:
+    """Each signal ends either request loop (multi-threaded, or -s), also when the server was
+    started with it ignored: the mount is gone and the process exits with 0. (The C engine
+    puts libfuse's handlers over whatever it inherited, Python's SIGINT handler included.)"""
+    if engine == "python" and inherited == signal.SIG_IGN and signum != signal.SIGINT:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=(
+            "fs.serve leaves an inherited ignored SIGTERM/SIGHUP ignored (libfuse installs its handlers "
+            "only over SIG_DFL; mfusepy resets SIGINT alone), so the mount outlives the signal")))
+    with _inheriting(signum, inherited):
+        live = mount(fake_set, args=loop)
     assert live.proc is not None
     assert os.listdir(live.point) == ["bioscan5m"]
     live.proc.send_signal(signum)
