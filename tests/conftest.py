@@ -425,14 +425,15 @@ def _stop(mount: Mount) -> List[str]:
 
 @contextlib.contextmanager
 def mounted(sources: Sequence[Path], workdir: Path, args: Sequence[str] = (),
-            index_dir: Optional[Path] = None, daemon: bool = False, engine: str = "native") -> Iterator[Mount]:
+            index_dir: Optional[Path] = None, daemon: bool = False, *, engine: str) -> Iterator[Mount]:
     """Mount ``sources`` with the CLI, yield the live mount, then unmount and check.
 
     Foreground by default (the server's output goes to a log file); ``daemon=True``
     uses the CLI's own background mode. On leaving, ``bioscanfs umount`` must succeed,
     the server must exit cleanly and the log must hold no traceback and no warning or
     error the test did not declare with ``Mount.expect_log``. The mount is removed even
-    when the test fails. ``engine`` is the request loop (``--engine``).
+    when the test fails. ``engine`` is the request loop (``--engine``), with no default: a
+    test that mounts takes the ``engine`` fixture, or says why it runs on one engine only.
     """
     mount = _start(sources, workdir, args, index_dir, daemon, engine)
     try:
@@ -466,7 +467,7 @@ def mount(tmp_path: Path, engine: str) -> Iterator[MountFactory]:
         def start(*sources: Path, args: Sequence[str] = (), index_dir: Optional[Path] = None,
                   daemon: bool = False) -> Mount:
             workdir = tmp_path / f"mount{next(count)}"
-            return stack.enter_context(mounted(sources, workdir, args, index_dir, daemon, engine))
+            return stack.enter_context(mounted(sources, workdir, args, index_dir, daemon, engine=engine))
 
         yield start
 
@@ -486,7 +487,10 @@ def fake_members(fake_set: Path) -> Dict[str, Member]:
 
 @pytest.fixture
 def mountpoint(tmp_path: Path) -> Iterator[Path]:
-    """An empty folder for CLI runs expected to fail; fails the test if left mounted."""
+    """An empty folder for CLI runs expected to fail; fails the test if left mounted.
+
+    A mount refused before it serves runs no engine; a test that may mount through it
+    passes ``--engine`` from the ``engine`` fixture."""
     point = tmp_path / "mnt"
     point.mkdir()
     yield point

@@ -11,7 +11,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Optional, Sequence, Tuple
+from typing import BinaryIO, Dict, Optional, Sequence, Tuple
 
 # APPNOTE 4.3.7 local file header, 4.3.12 central directory header, 4.3.16 end record,
 # 4.3.14/4.3.15 ZIP64 end record and locator, 4.5.3 ZIP64 extra field.
@@ -24,6 +24,7 @@ MADE_BY_UNIX = 3 << 8 | 30
 DOS_TIME, DOS_DATE = 0, (2024 - 1980) << 9 | 1 << 5 | 1   # 2024-01-01 00:00:00
 SYMLINK_ATTR = (0o120777 << 16)
 FILE_ATTR = (0o100644 << 16)
+DIR_ATTR = (0o040755 << 16) | 0x10   # Unix mode and the MS-DOS directory bit
 
 
 @dataclass
@@ -45,6 +46,14 @@ class Entry:
     gap: int = 0                            #: zero bytes written after data, as a hole (sparse)
     zip64: bool = False                     #: sizes and offset in a ZIP64 extra field
     local_sizes: Optional[Sequence[int]] = None   #: (crc, csize, size) in the local header
+    dos_time: int = DOS_TIME                #: last-modified time and date (APPNOTE 4.4.6), both headers
+    dos_date: int = DOS_DATE
+
+
+def dos_stamp(year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0) -> Dict[str, int]:
+    """``dos_time`` and ``dos_date`` fields of an Entry for a moment (seconds rounded down to even)."""
+    return {"dos_time": hour << 11 | minute << 5 | second // 2,
+            "dos_date": (year - 1980) << 9 | month << 5 | day}
 
 
 def zip64_extra(size: int, compressed_size: int, offset: Optional[int] = None) -> bytes:
@@ -81,7 +90,7 @@ def central_record(e: Entry, offset: int) -> bytes:
     if e.zip64:
         extra = zip64_extra(size, csize, offset) + extra
         size = csize = offset = 0xFFFFFFFF
-    return CENTRAL.pack(b"PK\x01\x02", MADE_BY_UNIX, 45 if e.zip64 else 20, e.flags, e.method, DOS_TIME, DOS_DATE,
+    return CENTRAL.pack(b"PK\x01\x02", MADE_BY_UNIX, 45 if e.zip64 else 20, e.flags, e.method, e.dos_time, e.dos_date,
                         crc, csize, size, len(e.name), len(extra), 0, 0, 0, e.external_attr, offset) + e.name + extra
 
 
@@ -93,7 +102,7 @@ def local_record(e: Entry) -> bytes:
     extra = (zip64_extra(size, csize) if e.zip64 else b"") + e.local_extra
     sizes = (crc, 0xFFFFFFFF, 0xFFFFFFFF) if e.zip64 else (crc, csize, size)
     sizes = tuple(e.local_sizes) if e.local_sizes is not None else sizes
-    return LOCAL.pack(b"PK\x03\x04", 45 if e.zip64 else 20, e.flags, e.method, DOS_TIME, DOS_DATE,
+    return LOCAL.pack(b"PK\x03\x04", 45 if e.zip64 else 20, e.flags, e.method, e.dos_time, e.dos_date,
                       *sizes, len(e.name), len(extra)) + e.name + extra + e.data
 
 

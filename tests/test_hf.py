@@ -216,6 +216,7 @@ def test_resolved_once_then_only_ranged_reads(hub: Hub, hub_contents: Dict[str, 
     assert meta.etag
 
 
+# One engine: the mount is refused while opening the archives, before any engine serves.
 def test_missing_file_is_one_clear_error_at_mount(hub: Hub, tmp_path: Path, mountpoint: Path) -> None:
     url = hub.url("BIOSCAN_5M_absent.zip")
     done = run_cli("mount", url, mountpoint, "--index-dir", tmp_path / "index")

@@ -4,7 +4,7 @@ Every archive comes from the scripts/ generators, zipfile or Info-ZIP, and every
 case edits bytes of such an archive. Reads go through a real FUSE mount with plain
 open()/os.pread()/os.stat(); expected bytes come from zipfile. Covered elsewhere and not
 repeated here: flipped bytes in small members and a destroyed local header, an archive
-truncated under a live mount, SIGTERM and SIGKILL + umount (test_mount.py); the
+truncated under a live mount, SIGINT, SIGTERM, SIGHUP and SIGKILL + umount (test_mount.py); the
 clean_name table row by row (test_names.py).
 """
 from __future__ import annotations
@@ -16,7 +16,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import stat
 import struct
 import subprocess
@@ -213,6 +212,7 @@ def _bad_folder(fake_set: Path, folder: Path, kinds: List[str]) -> Tuple[Dict[st
     return bad, good
 
 
+# One engine: the mount is refused while indexing, before any engine serves.
 @pytest.mark.parametrize("kind", sorted(BAD_ARCHIVES))
 def test_bad_archive_refuses_the_mount_in_one_line(kind: str, fake_set: Path, tmp_path: Path,
                                                    mountpoint: Path) -> None:
@@ -225,6 +225,7 @@ def test_bad_archive_refuses_the_mount_in_one_line(kind: str, fake_set: Path, tm
         assert not is_mounted(mountpoint)
 
 
+# One engine: the mount is refused while indexing, before any engine serves.
 def test_several_bad_archives_get_one_line_each(fake_set: Path, tmp_path: Path, mountpoint: Path) -> None:
     """With three damaged archives, the user learns about all three in one run."""
     kinds = ["not-a-zip", "overlapping-entries", "truncated"]
@@ -264,12 +265,12 @@ def test_archive_with_short_names_mounts(mount: MountFactory, tmp_path: Path) ->
     assert_serves_members(live, members)
 
 
-def test_empty_archive_mounts_empty_or_is_refused_in_one_line(tmp_path: Path, mountpoint: Path) -> None:
+def test_empty_archive_mounts_empty_or_is_refused_in_one_line(tmp_path: Path, mountpoint: Path, engine: str) -> None:
     """A valid zip with no member: an empty tree, or one clear line; never a traceback."""
     folder = tmp_path / "zips"
     folder.mkdir()
     zipfile.ZipFile(folder / "BIOSCAN_5M_cropped_256_eval.zip", "w").close()
-    done = run_cli("mount", folder, mountpoint, "--index-dir", tmp_path / "index")
+    done = run_cli("mount", folder, mountpoint, "--index-dir", tmp_path / "index", "--engine", engine)
     assert "Traceback" not in done.stdout + done.stderr, done.stderr
     if done.returncode != 0:
         assert_one_error_line(done, "BIOSCAN_5M_cropped_256_eval.zip")
@@ -336,8 +337,9 @@ def bad_member_set(tmp_path_factory: pytest.TempPathFactory, make_fake: ModuleTy
 
 
 @pytest.fixture(scope="module")
-def bad_member_mount(tmp_path_factory: pytest.TempPathFactory, bad_member_set) -> Iterator[Mount]:
-    with mounted([bad_member_set[0]], tmp_path_factory.mktemp("bad_member_mount")) as live:
+def bad_member_mount(tmp_path_factory: pytest.TempPathFactory, bad_member_set, engine: str) -> Iterator[Mount]:
+    """The bad member set, mounted once per module and engine."""
+    with mounted([bad_member_set[0]], tmp_path_factory.mktemp("bad_member_mount"), engine=engine) as live:
         yield live
 
 
@@ -582,17 +584,6 @@ def test_archive_replaced_or_deleted_under_a_live_mount(change: str, mount: Moun
         assert read_direct(live.path(path)) == expected[path], path
 
 
-def test_sigint_unmounts_and_exits_cleanly(mount: MountFactory, fake_set: Path) -> None:
-    """Ctrl-C on a foreground mount: the mount goes away and the process exits with 0."""
-    live = mount(fake_set)
-    assert live.proc is not None
-    assert os.listdir(live.point) == ["bioscan5m"]
-    live.proc.send_signal(signal.SIGINT)
-    assert live.proc.wait(timeout=10) == 0, live.log_text()
-    assert not is_mounted(live.point)
-    assert "Traceback" not in live.log_text()
-
-
 # == 6. Load ==========================================================================================
 @pytest.fixture(scope="module")
 def soak_set(tmp_path_factory: pytest.TempPathFactory, make_fake: ModuleType) -> Path:
@@ -728,14 +719,14 @@ def _public_workdir() -> Iterator[Path]:
 
 @pytest.mark.skipif(os.getuid() != 0, reason="switching to another user needs root")
 @pytest.mark.parametrize("allow_other", [False, True], ids=["private", "allow_other"])
-def test_other_users_see_the_mount_only_with_allow_other(allow_other: bool, fake_set: Path) -> None:
+def test_other_users_see_the_mount_only_with_allow_other(allow_other: bool, fake_set: Path, engine: str) -> None:
     """Without -o allow_other another user gets EACCES even on the mount point; with it,
     they list and read it like anyone."""
     members = zip_members(fake_set)
     member = next(p for p in sorted(members) if p.endswith(".jpg"))
     expected = members[member].read()
     args = ["-o", "allow_other"] if allow_other else []
-    with _public_workdir() as workdir, mounted([fake_set], workdir, args) as live:
+    with _public_workdir() as workdir, mounted([fake_set], workdir, args, engine=engine) as live:
         assert live.path(member).read_bytes() == expected  # the owner always can
         assert _as_nobody(lambda: os.stat(live.point)) == (0 if allow_other else errno.EACCES)
         assert _as_nobody(lambda: os.listdir(live.point)) == (0 if allow_other else errno.EACCES)
@@ -779,7 +770,7 @@ def test_daemon_verbose_log_file_gets_info_lines(mount: MountFactory, fake_set: 
     assert re.search(r"\bINFO\b", log_file.read_text()), log_file.read_text()
 
 
-def test_foreground_logs_to_stderr_without_log_option(fake_set: Path, tmp_path: Path) -> None:
+def test_foreground_logs_to_stderr_without_log_option(fake_set: Path, tmp_path: Path, engine: str) -> None:
     """In -f mode without --log, INFO lines (-v) and read errors go to stderr, not stdout
     and not to a file."""
     archive, path = _corrupt_copy(fake_set, tmp_path / "zips")
@@ -787,7 +778,8 @@ def test_foreground_logs_to_stderr_without_log_option(fake_set: Path, tmp_path: 
     point.mkdir()
     with open(tmp_path / "stdout", "wb") as out, open(tmp_path / "stderr", "wb") as err:
         proc = subprocess.Popen([PYTHON, "-m", "bioscanfs", "mount", tmp_path / "zips", point, "--index-dir",
-                                 index_dir, "-f", "-v"], stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+                                 index_dir, "--engine", engine, "-f", "-v"],
+                                stdout=out, stderr=err, stdin=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + MOUNT_TIMEOUT
         while not is_mounted(point) and proc.poll() is None and time.monotonic() < deadline:

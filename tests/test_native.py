@@ -1,11 +1,12 @@
-"""What the native engine (bioscanfs/_nativefs.c) promises beyond what both engines share.
+"""What the native engine (bioscanfs/_nativefs.c) promises beyond what both engines share,
+and the checks of its paths that both engines must pass too.
 
-The ``mount`` fixture already runs the generic mount tests on both engines. Here, on native
-mounts only: the extension is built; listings carry attributes (READDIRPLUS); the kernel asks
-the server as little as the design says, counted with the kernel's fuse tracepoints; signals
-and bad ``-o`` options end the C loop cleanly; the C whole-read path and the Python fallback
-serve zipfile's bytes, and a corrupt stored member gets EIO. Every archive comes from
-scripts/make_fake_bioscan.py; every read goes through the kernel.
+On native mounts only (each test says why): the extension is built; listings carry
+attributes (READDIRPLUS), so a walk sends no LOOKUP; stored members are read with O_DIRECT,
+and through the page cache where that is refused. On both engines: a second read pass asks
+the server nothing (counted with the kernel's fuse tracepoints); the C whole-read path and
+the Python fallback serve zipfile's bytes; a corrupt stored member gets EIO. Every archive
+comes from scripts/make_fake_bioscan.py; every read goes through the kernel.
 """
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ import functools
 import os
 import random
 import re
-import signal
 import stat
 import subprocess
 import zipfile
@@ -27,8 +27,8 @@ import pytest
 from bioscanfs import cli, nativefs
 from bioscanfs.reader import WHOLE_READ_MAX
 from conftest import (
-    EXIT_TIMEOUT, Member, Mount, assert_one_error_line, assert_serves_members, copy_archives, data_offset,
-    expected_tree, flip_byte, is_mounted, mounted, run_cli, zip_contents, zip_members, zip_paths,
+    Member, Mount, assert_serves_members, copy_archives, data_offset, expected_tree, flip_byte, mounted,
+    zip_contents, zip_members, zip_paths,
 )
 
 TRACEFS = Path("/sys/kernel/tracing")
@@ -45,12 +45,21 @@ def test_native_engine_is_built_and_the_default() -> None:
 
 
 @pytest.fixture
+def fresh_mount(fake_set: Path, tmp_path: Path, engine: str) -> Iterator[Mount]:
+    """A fresh mount of the fake set per engine: the kernel has cached no name, attribute or page."""
+    with mounted([fake_set], tmp_path / engine, engine=engine) as live:
+        yield live
+
+
+@pytest.fixture
 def native_mount(fake_set: Path, tmp_path: Path) -> Iterator[Mount]:
-    """A fresh native mount of the fake set: the kernel has cached no name, attribute or page."""
+    """The same on the native engine only, for the tests of a C-only mechanism."""
     with mounted([fake_set], tmp_path / "native", engine="native") as live:
         yield live
 
 
+# Native only: READDIRPLUS and the listing's inode are the C engine's (mfusepy lists names
+# only); test_engines.py compares the attributes themselves on both engines.
 def test_listings_carry_attributes(native_mount: Mount, fake_members: Dict[str, Member]) -> None:
     """os.scandir + DirEntry.stat() of every folder on a fresh mount: the attributes that came
     with the listing (READDIRPLUS, see the tracepoint test) are zipfile's size and the tree's
@@ -127,18 +136,18 @@ def fuse_requests() -> Iterator[FuseRequests]:
             subprocess.run(["umount", str(TRACEFS)], check=True, capture_output=True)
 
 
-def test_second_read_pass_asks_nothing(native_mount: Mount, fake_members: Dict[str, Member],
+def test_second_read_pass_asks_nothing(fresh_mount: Mount, fake_members: Dict[str, Member],
                                        fuse_requests: FuseRequests) -> None:
     """Whole reads of every stored member, twice. First pass: at most one READ per file, and
     OPEN answered ENOSYS once and then never asked again, so no RELEASE. Second pass: names,
     attributes and pages all come from the kernel's caches; only Python's isatty() ioctl still
     reaches the server."""
     expected = zip_contents({p: m for p, m in fake_members.items() if not m.deflated})
-    fuse_requests.watch(native_mount.point)
+    fuse_requests.watch(fresh_mount.point)
     passes = []
     for _ in range(2):
         for path, data in expected.items():
-            with open(native_mount.path(path), "rb") as f:
+            with open(fresh_mount.path(path), "rb") as f:
                 assert f.read() == data, path
         passes.append(fuse_requests.take())
     first, second = passes
@@ -147,6 +156,7 @@ def test_second_read_pass_asks_nothing(native_mount: Mount, fake_members: Dict[s
     assert set(second) <= {"FUSE_IOCTL"}, second
 
 
+# Native only: the attributes come with the listing (READDIRPLUS) in the C engine alone.
 def test_walk_and_stat_send_no_lookup(native_mount: Mount, fake_members: Dict[str, Member],
                                       fuse_requests: FuseRequests) -> None:
     """os.walk + os.stat of every file on a fresh mount: every name and attribute comes with the
@@ -158,34 +168,6 @@ def test_walk_and_stat_send_no_lookup(native_mount: Mount, fake_members: Dict[st
     assert len(stats) == len(fake_members)
     assert requests["FUSE_READDIRPLUS"] > 0, requests
     assert requests["FUSE_LOOKUP"] == requests["FUSE_GETATTR"] == requests["FUSE_READDIR"] == 0, requests
-
-
-# -- the command line ------------------------------------------------------------------------------
-@pytest.mark.parametrize("loop", [[], ["--single-threaded"]], ids=["loop-mt", "loop"])
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
-def test_signal_ends_a_foreground_mount(signum: signal.Signals, loop: List[str], fake_set: Path,
-                                        tmp_path: Path) -> None:
-    """The C code puts libfuse's handlers over Python's: each signal ends either libfuse loop
-    (multi-threaded, or -s), the mount is gone and the process exits with 0."""
-    with mounted([fake_set], tmp_path, args=loop, engine="native") as live:
-        assert live.proc is not None
-        assert os.listdir(live.point) == ["bioscan5m"]
-        live.proc.send_signal(signum)
-        assert live.proc.wait(timeout=EXIT_TIMEOUT) == 0, live.log_text()
-        assert not is_mounted(live.point)
-
-
-@pytest.mark.parametrize("mode", [
-    pytest.param([], id="daemon"),
-    pytest.param(["-f"], id="foreground"),
-])
-def test_bad_fuse_option_is_one_line(mode: List[str], fake_set: Path, tmp_path: Path, mountpoint: Path) -> None:
-    """An -o option libfuse does not know: non-zero exit, one 'Error:' line naming the option, no
-    traceback, nothing mounted (the mountpoint fixture fails the test if anything is)."""
-    done = run_cli("mount", fake_set, mountpoint, "--index-dir", tmp_path / "index", "--engine", "native",
-                   "-o", "no_such_option", *mode)
-    assert_one_error_line(done, "no_such_option")
-    assert not is_mounted(mountpoint)
 
 
 # -- bytes: the C whole read, the Python fallback, corrupt members ---------------------------------
@@ -206,17 +188,17 @@ def _windows(size: int, rng: random.Random) -> List[Tuple[int, int]]:
 
 
 @pytest.mark.parametrize("flags", [0, os.O_DIRECT], ids=["page-cache", "O_DIRECT"])
-def test_preads_equal_zipfile(native_mount: Mount, fake_members: Dict[str, Member], flags: int) -> None:
+def test_preads_equal_zipfile(fresh_mount: Mount, fake_members: Dict[str, Member], flags: int) -> None:
     """os.pread at random offsets and sizes equals zipfile's bytes, for every compression method.
 
     Files are opened with Python's open(), as loaders open them (its isatty() check reaches the
-    server too). With O_DIRECT each pread reaches the server as it is: a whole read of a stored
-    member is answered in C, every other read by the Python fallback."""
+    server too). With O_DIRECT each pread reaches the server as it is: on the native engine a
+    whole read of a stored member is answered in C, every other read by the Python fallback."""
     rng = random.Random(flags)
     sample = _sample(fake_members, rng)
     assert {m.info.compress_type for m in sample.values()} == {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED}
     for path, data in zip_contents(sample).items():
-        with open(native_mount.path(path), "rb", opener=lambda p, f: os.open(p, f | flags)) as f:
+        with open(fresh_mount.path(path), "rb", opener=lambda p, f: os.open(p, f | flags)) as f:
             for offset, length in _windows(len(data), rng):
                 assert os.pread(f.fileno(), length, offset) == data[offset:offset + length], (path, offset, length)
 
@@ -227,11 +209,11 @@ def _assert_eio(read: Callable[[], object], path: str) -> None:
     assert err.value.errno == errno.EIO, (path, err.value)
 
 
-def test_corrupt_stored_member_gets_eio(fake_set: Path, tmp_path: Path) -> None:
-    """A byte flipped at the start, middle or end of a stored member's data: the C checks refuse
-    it (no bytes pushed on open, no whole read) and hand the read to Python, which refuses it,
-    whole or partial, with EIO and logs archive and member; the mount lives on and the members
-    stored next to it still read right."""
+def test_corrupt_stored_member_gets_eio(fake_set: Path, tmp_path: Path, engine: str) -> None:
+    """A byte flipped at the start, middle or end of a stored member's data: the C checks (native
+    engine) refuse it (no bytes pushed on open, no whole read) and hand the read to Python,
+    which refuses it, whole or partial, with EIO and logs archive and member; the mount lives
+    on and the members stored next to it still read right."""
     folder = copy_archives(fake_set, tmp_path / "zips", ["BIOSCAN_5M_original_256.zip"])
     archive = folder / "BIOSCAN_5M_original_256.zip"
     members = zip_members(folder)
@@ -250,7 +232,7 @@ def test_corrupt_stored_member_gets_eio(fake_set: Path, tmp_path: Path) -> None:
             with pytest.raises(zipfile.BadZipFile):
                 zf.read(path)
 
-    with mounted([folder], tmp_path / "native", engine="native") as live:
+    with mounted([folder], tmp_path / engine, engine=engine) as live:
         for path in bad:
             live.expect_log(re.escape(path))
             _assert_eio(live.path(path).read_bytes, path)
@@ -279,6 +261,7 @@ def _stored_small(members: Dict[str, Member]) -> Dict[str, Member]:
     return {p: m for p, m in members.items() if not m.deflated and 0 < m.info.file_size <= WHOLE_READ_MAX}
 
 
+# Native only: the O_DIRECT descriptor is the C engine's; the Python reader reads through the cache.
 def test_stored_reads_leave_the_archive_uncached(native_mount: Mount, fake_set: Path,
                                                  fake_members: Dict[str, Member]) -> None:
     """Every small stored member read through a fresh mount (each open asks isatty, which stores
@@ -300,6 +283,7 @@ def test_stored_reads_leave_the_archive_uncached(native_mount: Mount, fake_set: 
     assert served == zip_contents(sample)
 
 
+# Native only: the C engine's fallback when O_DIRECT is refused.
 def test_archive_on_a_filesystem_without_o_direct(fake_set: Path, tmp_path: Path) -> None:
     """ramfs refuses O_DIRECT at open: the C path then reads through the page cache, and every
     member still reads as zipfile reads it, stored and deflated, whole and in windows."""

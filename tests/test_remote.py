@@ -67,12 +67,12 @@ def _stored_members(site: Site) -> List[str]:
 
 
 def test_cold_then_warm_daemon_mount_serves_every_member(site: Site, mount: MountFactory,
-                                                          tmp_path: Path) -> None:
+                                                          tmp_path: Path, engine: str) -> None:
     index_dir = tmp_path / "index"
     expected = zip_contents(zip_members(site.root / "bioscan"))
     archives = _archives(site)
 
-    with mounted([site.url()], tmp_path / "cold", index_dir=index_dir):  # type: ignore[list-item]
+    with mounted([site.url()], tmp_path / "cold", index_dir=index_dir, engine=engine):  # type: ignore[list-item]
         cold = _per_archive(site.since(0))
     assert set(cold) == set(archives)
     assert max(cold.values()) <= 3, cold
@@ -132,15 +132,17 @@ def test_concurrent_readers_requests_overlap(site: Site, mount: MountFactory) ->
     print(f"\nmax requests in flight: {site.max_inflight}")
 
 
-def test_archive_changed_upstream_is_reindexed(site: Site, tmp_path: Path) -> None:
+def test_archive_changed_upstream_is_reindexed(site: Site, tmp_path: Path, engine: str) -> None:
     index_dir = tmp_path / "index"
-    with mounted([site.url()], tmp_path / "first", index_dir=index_dir) as live:  # type: ignore[list-item]
+    with mounted([site.url()], tmp_path / "first", index_dir=index_dir,  # type: ignore[list-item]
+                 engine=engine) as live:
         assert not live.path("bioscan5m/added.txt").exists()
     changed = "BIOSCAN_5M_cropped_256_eval.zip"
     with zipfile.ZipFile(site.root / "bioscan" / changed, "a") as zf:
         zf.writestr("bioscan5m/added.txt", b"new upstream\n")
     mark = site.mark()
-    with mounted([site.url()], tmp_path / "second", index_dir=index_dir) as live:  # type: ignore[list-item]
+    with mounted([site.url()], tmp_path / "second", index_dir=index_dir,  # type: ignore[list-item]
+                 engine=engine) as live:
         counts = _per_archive(site.since(mark))
         assert live.path("bioscan5m/added.txt").read_bytes() == b"new upstream\n"
     assert counts.pop(changed) >= 2, "the changed archive's directory is read again"
@@ -201,6 +203,7 @@ def test_stalled_request_times_out_and_is_retried(site: Site, mount: MountFactor
     assert len(site.since(mark)) == 2
 
 
+# One engine: the mount is refused while opening the archives, before any engine serves.
 @pytest.mark.parametrize("kind", ["missing", "forbidden"])
 def test_unreachable_archive_is_one_clear_error_at_mount(site: Site, tmp_path: Path, mountpoint: Path,
                                                          kind: str) -> None:
@@ -218,6 +221,7 @@ def test_unreachable_archive_is_one_clear_error_at_mount(site: Site, tmp_path: P
     assert ("not found (HTTP 404)" if kind == "missing" else "access denied (HTTP 403)") in done.stderr
 
 
+# One engine: click refuses the argument before any engine serves.
 def test_missing_local_source_is_still_checked(tmp_path: Path, mountpoint: Path) -> None:
     done = run_cli("mount", tmp_path / "absent", mountpoint)
     assert done.returncode == 2 and "does not exist" in done.stderr, done.stderr

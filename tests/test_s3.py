@@ -96,6 +96,7 @@ def test_mount_of_an_s3_archive_serves_its_members(s3: Bucket, mount: MountFacto
         assert live.path(path).read_bytes() == data, path
 
 
+# One engine: the mount is refused while opening the archives, before any engine serves.
 def test_missing_key_is_one_clear_error_at_mount(s3: Bucket, tmp_path: Path, mountpoint: Path) -> None:
     url = s3.url("BIOSCAN_5M_absent.zip")
     done = run_cli("mount", url, mountpoint, "--index-dir", tmp_path / "index")

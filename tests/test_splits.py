@@ -231,6 +231,7 @@ def _incomplete(request: pytest.FixtureRequest, case: str, tmp_path: Path) -> Tu
     return _copy_folder(src, tmp_path / "incomplete", (leave_out,)), named
 
 
+# One engine: the mount is refused while indexing, before any engine serves.
 @pytest.mark.parametrize("case", sorted(MISSING))
 def test_missing_piece_refuses_the_mount(request: pytest.FixtureRequest, case: str, tmp_path: Path,
                                          mountpoint: Path) -> None:
@@ -389,7 +390,7 @@ def _index_files(index_dir: Path) -> Dict[str, Tuple[int, int]]:
 
 
 def test_index_covers_split_and_spanned_archives(raw_split: RawSplit, spanned: Spanned, fake_set: Path,
-                                                tmp_path: Path) -> None:
+                                                tmp_path: Path, engine: str) -> None:
     """A folder with a raw split, a spanned set and a plain zip: the first mount writes one
     index per archive and the merged tree; the second mount reads them and rewrites none."""
     folder = tmp_path / "forms"
@@ -400,11 +401,11 @@ def test_index_covers_split_and_spanned_archives(raw_split: RawSplit, spanned: S
     expected = zip_contents(zip_members(raw_split.reference))
     expected.update(_source_files(spanned.source))
     index_dir = tmp_path / "index"
-    with mounted([folder], tmp_path / "first", index_dir=index_dir) as live:
+    with mounted([folder], tmp_path / "first", index_dir=index_dir, engine=engine) as live:
         assert walk_mount(live.point) == expected_tree(expected)
     before = _index_files(index_dir)
     assert sorted(Path(name).suffix for name in before) == [".members"] * 3 + [".tree"]
-    with mounted([folder], tmp_path / "second", index_dir=index_dir) as live:
+    with mounted([folder], tmp_path / "second", index_dir=index_dir, engine=engine) as live:
         assert walk_mount(live.point) == expected_tree(expected)
         for path, data in expected.items():
             assert live.path(path).read_bytes() == data, path
