@@ -8,9 +8,13 @@ asking; reads find their member by path. Knows nothing of ZIP.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
+import signal
+import tempfile
+import threading
 from typing import Any, Callable, Dict, Iterator, List, Optional, Union
 
 import mfusepy
@@ -134,8 +138,58 @@ def options_text(options: Dict[str, Union[bool, str, int]]) -> str:
 def serve(collection: Collection, mountpoint: str, options: Dict[str, Union[bool, str, int]],
           on_ready: Optional[Callable[[], None]] = None, threads: bool = True) -> None:
     """Mount and serve until unmounted or signalled (blocks; stays in the foreground)."""
+    with _libfuse_setup_output() as setup, _default_signals(signal.SIGTERM, signal.SIGHUP):
+        def ready() -> None:
+            setup.done()
+            if on_ready:
+                on_ready()
+
+        try:
+            mfusepy.FUSE(BioscanFS(collection, ready), mountpoint, foreground=True, nothreads=not threads,
+                         **dict(CACHE_OPTIONS, **options))
+        except RuntimeError:  # fuse_main failed; libfuse said why on stderr, which setup kept
+            why = setup.done() or "libfuse refused to mount"
+            raise MountError(mountpoint, f"{why} with -o {options_text(options)}") from None
+
+
+class _SetupOutput:
+    """libfuse prints its setup errors (an unknown option, a bad mount point) to stderr
+    itself; until the mount is up, stderr goes to a file, so the user gets one line."""
+
+    def __init__(self) -> None:
+        self._file = tempfile.TemporaryFile()
+        self._saved: Optional[int] = os.dup(2)
+        self._lock = threading.Lock()
+        os.dup2(self._file.fileno(), 2)
+
+    def done(self) -> str:
+        """Give stderr back (once); returns what libfuse printed, as one line."""
+        with self._lock:
+            if self._saved is not None:
+                os.dup2(self._saved, 2)
+                os.close(self._saved)
+                self._saved = None
+        self._file.seek(0)
+        return " ".join(self._file.read().decode(errors="replace").split())
+
+
+@contextlib.contextmanager
+def _libfuse_setup_output() -> Iterator[_SetupOutput]:
+    setup = _SetupOutput()
     try:
-        mfusepy.FUSE(BioscanFS(collection, on_ready), mountpoint, foreground=True, nothreads=not threads,
-                     **dict(CACHE_OPTIONS, **options))
-    except RuntimeError:  # fuse_main failed; libfuse printed why
-        raise MountError(mountpoint, f"libfuse refused to mount with -o {options_text(options)}") from None
+        yield setup
+    finally:
+        setup.done()
+
+
+@contextlib.contextmanager
+def _default_signals(*signums: int) -> Iterator[None]:
+    """libfuse installs its exit handlers only over the default action, and mfusepy
+    resets SIGINT alone: an ignored SIGTERM or SIGHUP (as under nohup) would otherwise
+    never end the mount. The C engine does the same in serve()."""
+    saved = {signum: signal.signal(signum, signal.SIG_DFL) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)

@@ -346,15 +346,10 @@ _SIGNAL_CASES = [pytest.param(s, loop, signal.SIG_DFL, id=f"{s.name}-{name}")
 
 @pytest.mark.parametrize("signum, loop, inherited", _SIGNAL_CASES)
 def test_signal_ends_a_foreground_mount(mount: MountFactory, fake_set: Path, signum: signal.Signals,
-                                        loop: List[str], inherited: signal.Handlers, engine: str,
-                                        request: pytest.FixtureRequest) -> None:
+                                        loop: List[str], inherited: signal.Handlers) -> None:
     """Each signal ends either request loop (multi-threaded, or -s), also when the server was
     started with it ignored: the mount is gone and the process exits with 0. (The C engine
     puts libfuse's handlers over whatever it inherited, Python's SIGINT handler included.)"""
-    if engine == "python" and inherited == signal.SIG_IGN and signum != signal.SIGINT:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "fs.serve leaves an inherited ignored SIGTERM/SIGHUP ignored (libfuse installs its handlers "
-            "only over SIG_DFL; mfusepy resets SIGINT alone), so the mount outlives the signal")))
     with _inheriting(signum, inherited):
         live = mount(fake_set, args=loop)
     assert live.proc is not None
@@ -369,13 +364,9 @@ def test_signal_ends_a_foreground_mount(mount: MountFactory, fake_set: Path, sig
     pytest.param(["-f"], id="foreground"),
 ])
 def test_bad_fuse_option_is_one_line(mode: List[str], fake_set: Path, tmp_path: Path, mountpoint: Path,
-                                     engine: str, request: pytest.FixtureRequest) -> None:
+                                     engine: str) -> None:
     """An -o option libfuse does not know: non-zero exit, one 'Error:' line naming the option, no
     traceback, nothing mounted (the mountpoint fixture fails the test if anything is)."""
-    if engine == "python" and mode:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "fs.serve lets libfuse print its own 'fuse: unknown option' line to stderr before ours "
-            "(the C engine keeps it for the one line: keep_message in _nativefs.c)")))
     done = run_cli("mount", fake_set, mountpoint, "--index-dir", tmp_path / "index", "--engine", engine,
                    "-o", "no_such_option", *mode)
     assert_one_error_line(done, "no_such_option")
