@@ -29,7 +29,6 @@ import numpy as np
 
 from . import store, zipdir
 from .errors import ArchiveError, NotFound
-from .remote import RangeCache, RemoteSource, is_url
 from .sources import FileSource
 
 log = logging.getLogger(__name__)
@@ -128,23 +127,6 @@ class Tree:
         head = self.dir_paths[dir_id]
         base = self.basenames[row]
         return head + b"/" + base if head else base
-
-
-def open_sources(groups: Sequence[Tuple[Sequence[str], bool]], cache_dir: Optional[str] = None,
-                 cache_max: int = 10 << 30) -> List[FileSource]:
-    """One FileSource (or RemoteSource, for a URL) per archive: (piece paths, spanned?)
-    in a stable order. Remote sources share one disk cache of ranges when ``cache_dir``."""
-    cache = RangeCache(cache_dir, cache_max) if cache_dir and any(is_url(p[0]) for p, _ in groups) else None
-    return [_open_source(paths, spanned, cache) for paths, spanned in groups]
-
-
-def _open_source(paths: Sequence[str], spanned: bool, cache: Optional[RangeCache]) -> FileSource:
-    if not is_url(paths[0]):
-        return FileSource(paths, spanned)
-    if len(paths) > 1:
-        raise ArchiveError(paths[0], f"remote archives split in {len(paths)} pieces are not supported; "
-                                     "mount a local copy")
-    return RemoteSource(paths[0], cache)  # type: ignore[return-value]  # the same Source interface
 
 
 def load_tree(sources: Sequence[FileSource], index_dir: Optional[str],
