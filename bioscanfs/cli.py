@@ -259,8 +259,9 @@ def _daemonize(run: Callable[[Callable[[], None]], None], verbose: int, log_file
                 pass
         os._exit(code)
     os.close(write_end)
-    readable, _, _ = select.select([read_end], [], [], READY_TIMEOUT)
-    message = os.read(read_end, 4096).decode(errors="replace") if readable else ""
+    waiting = select.poll()  # not select(): the pipe may be past descriptor 1023, after many archives
+    waiting.register(read_end, select.POLLIN)
+    message = os.read(read_end, 4096).decode(errors="replace") if waiting.poll(READY_TIMEOUT * 1000) else ""
     os.close(read_end)
     if message != "ok":
         raise click.ClickException(message or f"the filesystem did not become ready; see {log_file}")

@@ -121,6 +121,8 @@ def test_too_many_archives_for_the_limit_is_one_line(many: Path, tmp_path: Path,
 def file_limit(limit: int) -> Iterator[None]:
     """This process's soft RLIMIT_NOFILE lowered (inherited by the commands it starts)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < limit:
+        pytest.skip(f"the hard open-file limit is {hard}")
     assert len(os.listdir("/proc/self/fd")) < limit // 2, "the test process holds too many files"
     resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
     try:
@@ -144,6 +146,21 @@ def test_skip_bad_mounts_the_archives_the_limit_allows(mount: MountFactory, many
     assert walk_mount(live.point) == expected_tree(members)
     for path, member in members.items():
         assert live.path(path).read_bytes() == member.read(), path
+
+
+@pytest.fixture(scope="module")
+def past_select(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """More archives than select() can watch descriptors (FD_SETSIZE is 1024)."""
+    return small_zips(tmp_path_factory.mktemp("past_select"), 1100)
+
+
+def test_daemon_mount_of_more_archives_than_select_watches(mount: MountFactory, past_select: Path) -> None:
+    """The daemon's readiness pipe comes after 1,100 archive descriptors: waiting on it
+    must not fail (select() raised ValueError, with the mount left up)."""
+    with file_limit(4096):
+        live = mount(past_select, daemon=True)
+    assert len(os.listdir(live.path("d"))) == 1100
+    assert live.path("d/f1099.txt").read_bytes() == b"member 1099\n"
 
 
 # == Rows 10 and 11: umount only our own, through links too ============================================
