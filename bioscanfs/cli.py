@@ -136,7 +136,7 @@ common_source_options = [
     click.option("--index-dir", type=click.Path(file_okay=False), default=None,
                  help="Where the persistent indexes live [default: $XDG_CACHE_HOME/bioscanfs]."),
     click.option("--skip-bad", is_flag=True,
-                 help="Leave out archives that cannot be opened or read, with a warning."),
+                 help="Leave out archives that cannot be opened or parsed, with a warning."),
     click.option("--allow-incomplete", is_flag=True, help="Leave out split archives with a missing piece."),
 ]
 

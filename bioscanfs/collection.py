@@ -170,7 +170,7 @@ def open_tree(specs: Sequence[ArchiveSpec], index_dir: Optional[str], skip_bad: 
     one way from discovered archives to a tree, for Collection and ``bioscanfs index``.
 
     Returns the tree and the sources it covers; ``skip_bad`` leaves out, with a warning,
-    archives that cannot be opened or read. On failure every source opened is closed.
+    archives that cannot be opened or parsed. On failure every source opened is closed.
     """
     sources = open_sources([(spec.paths, spec.spanned) for spec in specs], cache_dir, cache_max, skip_bad)
     try:
