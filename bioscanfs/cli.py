@@ -6,19 +6,21 @@ stderr and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import ctypes
-import functools
+import errno
 import json
 import logging
 import os
+import re
 import select
 import subprocess
 import sys
+import tempfile
 import time
-from typing import Callable, List, Optional, TypeVar
+from typing import Any, Callable, List, NamedTuple, Optional, TypeVar
 
 import click
 
-from .collection import Collection
+from .collection import Collection, open_tree
 from .errors import BioscanError
 from .index import default_index_dir
 from .remote import is_url
@@ -27,32 +29,59 @@ from .layout import IMGTYPES, SPLITS
 log = logging.getLogger("bioscanfs")
 F = TypeVar("F", bound=Callable)
 READY_TIMEOUT = 120.0
+#: A write to standard output that fails with one of these ends the command with one line.
+_OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
-def _size(text: str) -> int:
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    text = text.strip().upper().rstrip("B").rstrip("I")
-    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "")
-    try:
-        return int(float(number) * units[unit])
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a size such as 512M or 2G") from None
+class _SizeType(click.ParamType):
+    """A byte count such as 512M, 2G, 1.5GiB or 4096: finite and not negative."""
+
+    name = "size"
+    _UNITS = {None: 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    _FORM = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(?:([KMGT])I?)?B?", re.IGNORECASE)
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> int:
+        if isinstance(value, int):
+            return value
+        match = self._FORM.fullmatch(str(value).strip())
+        if not match:
+            self.fail(f"{value!r} is not a size such as 512M or 2G", param, ctx)
+        return int(float(match[1]) * self._UNITS[match[2] and match[2].upper()])
 
 
-def _user_errors(func: F) -> F:
-    """Turn the project's errors into one clear line and exit code 1."""
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
+SIZE = _SizeType()
+
+
+class _Main(click.Group):
+    """The command group; translates errors once for every command (never a traceback):
+    the project's errors and failed writes to standard output become one line and exit 1
+    (click itself ends quietly when the reader of a pipe has gone, as in ``| head``)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
         try:
-            return func(*args, **kwargs)
+            return super().invoke(ctx)
         except BioscanError as err:
             raise click.ClickException(str(err)) from None
-    return wrapper  # type: ignore[return-value]
+        except OSError as err:
+            if err.errno not in _OUTPUT_ERRNOS or err.filename is not None:
+                raise
+            _discard_stdout()
+            raise click.ClickException(f"cannot write to standard output: {err.strerror}") from None
+
+
+def _discard_stdout() -> None:
+    """Point standard output at /dev/null, so that the interpreter's last flush of what is
+    still buffered cannot fail again (and print a traceback) on the way out."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, sys.stdout.fileno())
+    os.close(null)
 
 
 def _setup_logging(verbose: int, log_file: Optional[str]) -> None:
+    """Log to ``log_file`` or stderr; member names that are not UTF-8 are written escaped."""
     level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
-    handler: logging.Handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+    handler: logging.Handler = (logging.FileHandler(log_file, encoding="utf-8", errors="backslashreplace")
+                                if log_file else logging.StreamHandler(sys.stderr))
     handler.setFormatter(logging.Formatter("%(asctime)s bioscanfs[%(process)d] %(levelname)s %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -103,12 +132,11 @@ class _SourceType(click.ParamType):
 
 
 SOURCE = _SourceType()
-index_dir_option = click.option(
-    "--index-dir", type=click.Path(file_okay=False), default=None,
-    help="Where the persistent indexes live [default: $XDG_CACHE_HOME/bioscanfs].")
 common_source_options = [
-    index_dir_option,
-    click.option("--skip-bad", is_flag=True, help="Leave out archives that cannot be read, with a warning."),
+    click.option("--index-dir", type=click.Path(file_okay=False), default=None,
+                 help="Where the persistent indexes live [default: $XDG_CACHE_HOME/bioscanfs]."),
+    click.option("--skip-bad", is_flag=True,
+                 help="Leave out archives that cannot be opened or parsed, with a warning."),
     click.option("--allow-incomplete", is_flag=True, help="Leave out split archives with a missing piece."),
 ]
 
@@ -119,7 +147,7 @@ def _source_options(func: F) -> F:
     return func
 
 
-@click.group()
+@click.group(cls=_Main)
 @click.version_option(package_name="bioscanfs")
 def main() -> None:
     """Mount BIOSCAN-5M zip packages read-only as the exact bioscan5m/ tree."""
@@ -131,7 +159,7 @@ def main() -> None:
 @click.option("-f", "--foreground", is_flag=True, help="Stay attached; log to stderr.")
 @click.option("-o", "options", multiple=True, metavar="OPT[,OPT...]",
               help="FUSE mount options, e.g. allow_other (others cannot see the mount without it).")
-@click.option("--cache-size", default="256M", show_default=True,
+@click.option("--cache-size", type=SIZE, default="256M", show_default=True,
               help="Bound on decompressed members kept in memory.")
 @click.option("--log", "log_file", type=click.Path(dir_okay=False),
               help="Log file [default in daemon mode: INDEX_DIR/bioscanfs.log].")
@@ -144,10 +172,9 @@ def main() -> None:
               help="Password for encrypted members (first line). In -f mode without it, you are asked.")
 @click.option("--cache-dir", type=click.Path(file_okay=False),
               help="Keep byte ranges fetched from URLs in this folder (may be shared by mounts).")
-@click.option("--cache-max", default="10G", show_default=True,
+@click.option("--cache-max", type=SIZE, default="10G", show_default=True,
               help="Bound on --cache-dir; the least recently used ranges go first.")
 @_source_options
-@_user_errors
 def mount(sources, mountpoint, foreground, options, cache_size, log_file, verbose, index_dir,
           skip_bad, allow_incomplete, single_threaded, engine, password_file, cache_dir, cache_max) -> None:
     """Mount the archives in SOURCES (folders, zip files or URLs) at MOUNTPOINT.
@@ -158,7 +185,7 @@ def mount(sources, mountpoint, foreground, options, cache_size, log_file, verbos
     from .fs import mount_options
 
     serve = _engine(engine)
-    mountpoint = os.path.abspath(mountpoint)
+    mountpoint = os.path.realpath(mountpoint)
     if _is_mounted(mountpoint):
         raise click.ClickException(f"{mountpoint}: already a mount point (bioscanfs umount {mountpoint})")
     _setup_logging(verbose, None)
@@ -171,8 +198,8 @@ def mount(sources, mountpoint, foreground, options, cache_size, log_file, verbos
             raise click.ClickException(
                 f"{log_file}: cannot write the log ({err.strerror}); choose one with --log FILE") from None
     password = _read_password(password_file)
-    collection = _open(sources, index_dir, _size(cache_size), skip_bad, allow_incomplete, password,
-                       cache_dir and os.path.abspath(cache_dir), _size(cache_max))
+    collection = _open(sources, index_dir, cache_size, skip_bad, allow_incomplete, password,
+                       cache_dir and os.path.abspath(cache_dir), cache_max)
     if password is None and foreground and sys.stdin.isatty() and collection.encrypted_members():
         collection.reader.password = click.prompt(
             f"{collection.encrypted_members()} members are encrypted; password", hide_input=True,
@@ -202,7 +229,10 @@ def mount(sources, mountpoint, foreground, options, cache_size, log_file, verbos
 
 
 def _daemonize(run: Callable[[Callable[[], None]], None], verbose: int, log_file: str) -> None:
-    """Fork a detached server; return in the parent once it reports the mount ready."""
+    """Fork a detached server; return in the parent once it reports the mount ready.
+
+    Whatever fails in the child, from redirecting its output on, reaches the parent as one
+    line through the pipe (never a traceback on the terminal)."""
     _return_freed_memory()
     read_end, write_end = os.pipe()
     sys.stdout.flush()
@@ -210,34 +240,40 @@ def _daemonize(run: Callable[[Callable[[], None]], None], verbose: int, log_file
     pid = os.fork()
     if pid == 0:
         os.close(read_end)
-        os.setsid()
-        _setup_logging(verbose, log_file)
-        with open(os.devnull, "rb") as null_in, open(log_file, "ab") as log_out:
-            os.dup2(null_in.fileno(), 0)
-            os.dup2(log_out.fileno(), 1)
-            os.dup2(log_out.fileno(), 2)
 
         def ready() -> None:
             os.write(write_end, b"ok")
             os.close(write_end)
 
-        code = 0
+        code = 1
         try:
+            os.setsid()
+            _detach_output(verbose, log_file)
             run(ready)
+            code = 0
         except BaseException as err:  # reported to the parent, which shows it to the user
             log.error("mount failed: %s", err)
             try:
                 os.write(write_end, f"mount failed: {err}; see {log_file}".encode())
             except OSError:
                 pass
-            code = 1
         os._exit(code)
     os.close(write_end)
-    readable, _, _ = select.select([read_end], [], [], READY_TIMEOUT)
-    message = os.read(read_end, 4096).decode(errors="replace") if readable else ""
+    waiting = select.poll()  # not select(): the pipe may be past descriptor 1023, after many archives
+    waiting.register(read_end, select.POLLIN)
+    message = os.read(read_end, 4096).decode(errors="replace") if waiting.poll(READY_TIMEOUT * 1000) else ""
     os.close(read_end)
     if message != "ok":
         raise click.ClickException(message or f"the filesystem did not become ready; see {log_file}")
+
+
+def _detach_output(verbose: int, log_file: str) -> None:
+    """The daemon's stdin from /dev/null; its log, stdout and stderr to ``log_file``."""
+    _setup_logging(verbose, log_file)
+    with open(os.devnull, "rb") as null_in, open(log_file, "ab") as log_out:
+        os.dup2(null_in.fileno(), 0)
+        os.dup2(log_out.fileno(), 1)
+        os.dup2(log_out.fileno(), 2)
 
 
 def _return_freed_memory() -> None:
@@ -249,74 +285,124 @@ def _return_freed_memory() -> None:
         pass
 
 
+class _MountEntry(NamedTuple):
+    """One line of /proc/self/mountinfo (proc(5)): ID PARENT MAJ:MIN ROOT POINT OPTIONS
+    [OPTIONAL...] - FSTYPE SOURCE SUPER-OPTIONS."""
+
+    id: int
+    fstype: str     #: ``fuse.bioscanfs`` for ours (fs.SUBTYPE), ``tmpfs``, ...
+    source: str
+
+
+def _mounts_at(point: str) -> List[_MountEntry]:
+    """The mounts at ``point`` (a resolved path), bottom first: the last one is on top."""
+    def unescape(text: str) -> str:
+        return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), text)
+
+    found = []
+    with open("/proc/self/mountinfo", errors="surrogateescape") as table:
+        for line in table:
+            head, _, tail = line.partition(" - ")
+            fields, rest = head.split(), tail.split()
+            if len(fields) >= 5 and len(rest) >= 2 and unescape(fields[4]) == point:
+                found.append(_MountEntry(int(fields[0]), unescape(rest[0]), unescape(rest[1])))
+    return found
+
+
 def _is_mounted(mountpoint: str) -> bool:
-    """True for live and dead (ENOTCONN) mounts alike, unlike os.path.ismount."""
-    target = os.path.abspath(mountpoint)
-    with open("/proc/self/mounts") as mounts:
-        for line in mounts:
-            fields = line.split()
-            if len(fields) > 1 and fields[1].replace("\\040", " ").replace("\\011", "\t") == target:
-                return True
-    return False
+    """True for live and dead (ENOTCONN) mounts alike, unlike os.path.ismount; a path
+    through a symlink counts as the folder it leads to."""
+    return bool(_mounts_at(os.path.realpath(mountpoint)))
 
 
 @main.command()
 @click.argument("mountpoint", type=click.Path())
-def umount(mountpoint) -> None:
-    """Unmount MOUNTPOINT, including a stale mount whose process has died."""
-    mountpoint = os.path.abspath(mountpoint)
-    if not _is_mounted(mountpoint):
-        raise click.ClickException(f"{mountpoint}: not mounted")
-    attempts: List[List[str]] = [["fusermount3", "-u", mountpoint], ["fusermount", "-u", mountpoint],
-                                 ["umount", mountpoint], ["fusermount3", "-uz", mountpoint],
-                                 ["umount", "-l", mountpoint]]
-    errors = []
+@click.option("--lazy", is_flag=True, help="If it is busy, detach it now; it goes once its files are closed.")
+def umount(mountpoint, lazy) -> None:
+    """Unmount the bioscanfs mount at MOUNTPOINT, including a stale one whose process has
+    died. Anything else mounted there is left alone."""
+    from .fs import SUBTYPE
+
+    point = os.path.realpath(mountpoint)
+    mounts = _mounts_at(point)
+    if not mounts:
+        raise click.ClickException(f"{point}: not mounted")
+    top = mounts[-1]
+    if top.fstype != f"fuse.{SUBTYPE}":
+        raise click.ClickException(f"{point}: not a bioscanfs mount ({top.fstype} from {top.source}); left alone")
+    failure = _unmount(point, lazy)
+    deadline = time.monotonic() + 10
+    while not failure and top in _mounts_at(point):
+        if time.monotonic() > deadline:
+            failure = "still mounted"
+        time.sleep(0.05)
+    if failure:
+        hint = "; close the files open in it, or give --lazy" if "busy" in failure and not lazy else ""
+        raise click.ClickException(f"{point}: cannot unmount: {failure}{hint}")
+    click.echo(f"unmounted {point}")
+
+
+def _unmount(point: str, lazy: bool) -> str:
+    """Try the unmount commands in turn: '' once one succeeds, else the last error.
+
+    Lazy detaching (``-z``, ``-l``) only when asked: it hides a busy mount from new users
+    while its open files keep it, and the server, alive."""
+    attempts: List[List[str]] = [["fusermount3", "-u", point], ["fusermount", "-u", point], ["umount", point]]
+    if lazy:
+        attempts += [["fusermount3", "-uz", point], ["fusermount", "-uz", point], ["umount", "-l", point]]
+    failure = "no fusermount3, fusermount or umount found"
     for command in attempts:
         try:
             done = subprocess.run(command, capture_output=True, text=True)
         except FileNotFoundError:
             continue
         if done.returncode == 0:
-            break
-        errors.append(done.stderr.strip())
-    deadline = time.monotonic() + 10
-    while _is_mounted(mountpoint) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if _is_mounted(mountpoint):
-        raise click.ClickException(f"{mountpoint}: cannot unmount: {errors[-1] if errors else 'still busy'}")
-    click.echo(f"unmounted {mountpoint}")
+            return ""
+        failure = done.stderr.strip().rstrip(".") or f"{command[0]} exited with {done.returncode}"
+    return failure
 
 
 @main.command()
 @click.argument("sources", nargs=-1, required=True, type=SOURCE)
 @_source_options
-@_user_errors
 def index(sources, index_dir, skip_bad, allow_incomplete) -> None:
     """Build the persistent indexes of SOURCES ahead of the first mount."""
     from .discover import find_archives
-    from .index import load_tree, open_sources
 
+    folder = index_dir or default_index_dir()
+    _check_writable(folder)
     _setup_logging(0, None)
     specs, warnings = find_archives(sources, allow_incomplete)
     for line in warnings:
         click.echo(f"warning: {line}", err=True)
     started = time.monotonic()
-    with click.progressbar(length=len(specs), label="indexing", file=sys.stderr,
+    with click.progressbar(length=len(specs), label="indexing", file=sys.stderr, hidden=not sys.stderr.isatty(),
                            item_show_func=lambda name: os.path.basename(name) if name else None) as bar:
-        tree, kept = load_tree(open_sources([(s.paths, s.spanned) for s in specs]),
-                               index_dir or default_index_dir(), on_archive=lambda name: bar.update(1, name),
-                               skip_bad=skip_bad, allow_incomplete=allow_incomplete)
+        tree, kept = open_tree(specs, folder, skip_bad, allow_incomplete, on_archive=lambda name: bar.update(1, name))
+    for src in kept:
+        src.close()
     if not tree.persisted:
-        raise click.ClickException(f"cannot write the index to {index_dir or default_index_dir()}; see the warning above")
+        raise click.ClickException(f"{folder}: the index was not kept there (not written, or not readable "
+                                   "once written); every mount will build it again")
     click.echo(f"indexed {len(tree.files)} files in {tree.n_dirs} folders from {len(kept)} archives "
-               f"in {time.monotonic() - started:.1f} s -> {index_dir or default_index_dir()}")
+               f"in {time.monotonic() - started:.1f} s -> {folder}")
+
+
+def _check_writable(folder: str) -> None:
+    """Fail before any archive is read when the index folder cannot take a file."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise click.ClickException(f"{folder}: cannot write the index there ({err.strerror}); "
+                                   "choose a folder with --index-dir") from None
 
 
 @main.command()
 @click.argument("sources", nargs=-1, required=True, type=SOURCE)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @_source_options
-@_user_errors
 def info(sources, as_json, index_dir, skip_bad, allow_incomplete) -> None:
     """Show each package in SOURCES: splits with member counts and bytes, archives,
     compression methods, duplicates and conflicts."""
@@ -331,11 +417,10 @@ def info(sources, as_json, index_dir, skip_bad, allow_incomplete) -> None:
 @click.argument("zipdir", type=SOURCE)
 @click.argument("path", default="")
 @click.option("-l", "long", is_flag=True, help="Show size and mtime.")
-@index_dir_option
-@_user_errors
-def ls_(zipdir, path, long, index_dir) -> None:
+@_source_options
+def ls_(zipdir, path, long, index_dir, skip_bad, allow_incomplete) -> None:
     """List PATH (default: the root) of the tree in ZIPDIR, without mounting."""
-    with _open([zipdir], index_dir) as collection:
+    with _open([zipdir], index_dir, skip_bad=skip_bad, allow_incomplete=allow_incomplete) as collection:
         node = collection.node(path)
         names = collection.listdir(path) if node < 0 else [path.rstrip("/").rpartition("/")[2]]
         for name in names:
@@ -351,12 +436,12 @@ def ls_(zipdir, path, long, index_dir) -> None:
 @main.command()
 @click.argument("zipdir", type=SOURCE)
 @click.argument("path")
-@index_dir_option
-@_user_errors
-def cat(zipdir, path, index_dir) -> None:
+@_source_options
+def cat(zipdir, path, index_dir, skip_bad, allow_incomplete) -> None:
     """Write the member at PATH in ZIPDIR to stdout, without mounting."""
     out = click.get_binary_stream("stdout")
-    with _open([zipdir], index_dir) as collection, collection.open(path) as member:
+    with _open([zipdir], index_dir, skip_bad=skip_bad, allow_incomplete=allow_incomplete) as collection, \
+            collection.open(path) as member:
         while chunk := member.read(1 << 20):
             out.write(chunk)
 
@@ -367,7 +452,6 @@ def cat(zipdir, path, index_dir) -> None:
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=os.cpu_count() or 1, show_default=True,
               help="Members checked in parallel.")
 @_source_options
-@_user_errors
 def verify(sources, sample, jobs, index_dir, skip_bad, allow_incomplete) -> None:
     """Check the CRC-32 of every member in SOURCES; list the bad ones and exit 1 if any."""
     from .report import verify_members
@@ -392,24 +476,29 @@ def verify(sources, sample, jobs, index_dir, skip_bad, allow_incomplete) -> None
 @click.option("--csv", "from_csv", is_flag=True,
               help="Read processids from stdin: a CSV with a 'processid' (and optional 'split') column, "
                    "or one processid per line.")
-@index_dir_option
-@_user_errors
-def path(processids, split, imgtype, zips, from_csv, index_dir) -> None:
+@_source_options
+def path(processids, split, imgtype, zips, from_csv, index_dir, skip_bad, allow_incomplete) -> None:
     """Print the member path of each PROCESSID by the md5 chunk rule."""
     from .layout import image_path
     from .report import read_processids
 
     pairs = [(pid, split) for pid in processids]
     if from_csv:
-        pairs += read_processids(sys.stdin, split)
+        try:
+            pairs += read_processids(click.get_binary_stream("stdin").read(), split)
+        except ValueError as err:
+            raise click.ClickException(f"stdin: {err}") from None
     if not pairs:
         raise click.UsageError("give PROCESSIDs or --csv")
-    collection = _open([zips], index_dir) if zips else None
+    collection = _open([zips], index_dir, skip_bad=skip_bad, allow_incomplete=allow_incomplete) if zips else None
     missing = 0
     for pid, pid_split in pairs:
         if not pid_split:
             raise click.UsageError(f"{pid}: no split; give --split or a 'split' CSV column")
-        member = image_path(pid, pid_split, imgtype)
+        try:
+            member = image_path(pid, pid_split, imgtype)
+        except ValueError as err:  # a split from the CSV that is not one of the dataset's
+            raise click.ClickException(f"{pid}: {err}") from None
         if collection is not None:
             try:
                 collection.node(member)

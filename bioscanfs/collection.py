@@ -9,16 +9,17 @@ from __future__ import annotations
 import io
 import logging
 import stat as stat_mod
-from typing import Dict, Iterator, List, NamedTuple, Optional, Union
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from .discover import ArchiveSpec, find_archives
 from .errors import BioscanError, NotFound
 from .names import link_stays_inside
-from .index import default_index_dir, load_tree, open_sources
-from .tree import check_archive_count
+from .index import default_index_dir, load_tree
+from .tree import Tree, check_archive_count
 from .reader import Reader
+from .sources import FileSource, open_sources
 from .zipdir import FLAG_ENCRYPTED
 
 log = logging.getLogger(__name__)
@@ -54,19 +55,10 @@ class Collection:
                  password: Optional[bytes] = None, cache_dir: Optional[str] = None,
                  cache_max: int = 10 << 30) -> None:
         specs, warnings = find_archives(inputs, allow_incomplete)
-        check_archive_count(len(specs))
         for line in warnings:
             log.warning("%s", line)
-        self.specs: List[ArchiveSpec] = specs
         self.index_dir = default_index_dir() if index_dir == "default" else index_dir
-        sources = open_sources([(spec.paths, spec.spanned) for spec in specs], cache_dir, cache_max)
-        try:
-            self.tree, self.sources = load_tree(sources, self.index_dir, skip_bad=skip_bad,
-                                                allow_incomplete=allow_incomplete)
-        except BaseException:
-            for src in sources:
-                src.close()
-            raise
+        self.tree, self.sources = open_tree(specs, self.index_dir, skip_bad, allow_incomplete, cache_dir, cache_max)
         kept = {src.name for src in self.sources}
         self.specs = [spec for spec in specs if spec.name in kept]
         self.warnings = warnings + self.tree.warnings
@@ -170,6 +162,25 @@ class Collection:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def open_tree(specs: Sequence[ArchiveSpec], index_dir: Optional[str], skip_bad: bool = False,
+              allow_incomplete: bool = False, cache_dir: Optional[str] = None, cache_max: int = 10 << 30,
+              on_archive: Optional[Callable[[str], None]] = None) -> Tuple[Tree, List[FileSource]]:
+    """Open the archives and map their tree (building and saving what is missing): the
+    one way from discovered archives to a tree, for Collection and ``bioscanfs index``.
+
+    Returns the tree and the sources it covers; ``skip_bad`` leaves out, with a warning,
+    archives that cannot be opened or parsed. On failure every source opened is closed.
+    """
+    check_archive_count(len(specs))
+    sources = open_sources([(spec.paths, spec.spanned) for spec in specs], cache_dir, cache_max, skip_bad)
+    try:
+        return load_tree(sources, index_dir, on_archive, skip_bad, allow_incomplete)
+    except BaseException:
+        for src in sources:
+            src.close()
+        raise
 
 
 class _MemberIO(io.RawIOBase):

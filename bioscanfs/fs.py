@@ -118,14 +118,20 @@ def read_or_errno(c: Collection, node: int, size: int, offset: int, label: str) 
         return errno.EIO
 
 
+#: Both engines mount with this subtype: /proc/self/mountinfo then shows the filesystem
+#: type ``fuse.bioscanfs``, by which ``bioscanfs umount`` knows a mount as its own.
+SUBTYPE = "bioscanfs"
+
+
 def mount_options(user_options: List[str]) -> Dict[str, Union[bool, str, int]]:
-    """Read-only and named, overridden by the ``-o`` options the user gives (``a,b=c``)."""
+    """Named, with the ``-o`` options the user gives (``a,b=c``); always read-only and of
+    our subtype, whatever they say."""
     options: Dict[str, Union[bool, str, int]] = {"fsname": "bioscanfs"}
     for group in user_options:
         for item in filter(None, group.split(",")):
             key, sep, value = item.partition("=")
             options[key] = value if sep else True
-    options["ro"] = True
+    options.update(ro=True, subtype=SUBTYPE)
     options.pop("rw", None)
     return options
 

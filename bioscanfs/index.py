@@ -17,7 +17,6 @@ from . import store, zipdir
 from .errors import ArchiveError
 from .merge import build_tree
 from .tree import BadTables, Tree, check, check_archive_count
-from .remote import RangeCache, RemoteSource, is_url
 from .sources import FileSource
 
 log = logging.getLogger(__name__)
@@ -35,21 +34,6 @@ def _cache_path(index_dir: str, key: Any, suffix: str) -> str:
     return os.path.join(index_dir, digest + suffix)
 
 
-def open_sources(groups: Sequence[Tuple[Sequence[str], bool]], cache_dir: Optional[str] = None,
-                 cache_max: int = 10 << 30) -> List[FileSource]:
-    """One FileSource (or RemoteSource, for a URL) per archive: (piece paths, spanned?)
-    in a stable order. Remote sources share one disk cache of ranges when ``cache_dir``."""
-    cache = RangeCache(cache_dir, cache_max) if cache_dir and any(is_url(p[0]) for p, _ in groups) else None
-    return [_open_source(paths, spanned, cache) for paths, spanned in groups]
-
-
-def _open_source(paths: Sequence[str], spanned: bool, cache: Optional[RangeCache]) -> FileSource:
-    if not is_url(paths[0]):
-        return FileSource(paths, spanned)
-    if len(paths) > 1:
-        raise ArchiveError(paths[0], f"remote archives split in {len(paths)} pieces are not supported; "
-                                     "mount a local copy")
-    return RemoteSource(paths[0], cache)  # type: ignore[return-value]  # the same Source interface
 
 
 def load_tree(sources: Sequence[FileSource], index_dir: Optional[str],
@@ -113,6 +97,8 @@ def _parse_all(sources: Sequence[FileSource], keys: List[Any], index_dir: Option
             return _archive_members(job[0], job[1], index_dir)
         except ArchiveError as err:
             return err
+        except OSError as err:  # an archive that opened but cannot be read (an I/O error)
+            return ArchiveError(job[0].name, f"cannot be read ({err.strerror or err})")
         finally:
             if on_archive:
                 on_archive(job[0].name)

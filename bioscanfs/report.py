@@ -9,7 +9,7 @@ import io
 import os
 import random
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Dict, List, Optional, TextIO, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -120,10 +120,31 @@ def verify_members(collection: Collection, sample: Optional[int], jobs: int,
     return bad, len(rows)
 
 
-def read_processids(stream: TextIO, default_split: Optional[str]) -> List[Tuple[str, Optional[str]]]:
-    """(processid, split) pairs from a CSV with a 'processid' column, or one id per line."""
-    text = stream.read()
-    first = text.split("\n", 1)[0]
-    if "processid" in first.split(","):
-        return [(row["processid"], row.get("split") or default_split) for row in csv.DictReader(io.StringIO(text))]
-    return [(line.strip(), default_split) for line in text.splitlines() if line.strip()]
+def read_processids(data: bytes, default_split: Optional[str]) -> List[Tuple[str, Optional[str]]]:
+    """(processid, split) pairs from a CSV with a 'processid' column (and an optional
+    'split' one), or from one processid per line.
+
+    Raises ValueError naming the line when the input is not UTF-8 text, is not CSV, or
+    has a row without a processid. Splits are not checked here (layout does that).
+    """
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        where = data.count(b"\n", 0, err.start) + 1
+        raise ValueError(f"line {where}: not UTF-8 text") from None
+    rows = csv.reader(io.StringIO(text))
+    try:
+        header = [name.strip() for name in next(rows, [])]
+        if "processid" not in header:
+            return [(line.strip(), default_split) for line in text.splitlines() if line.strip()]
+        pairs = []
+        for row in rows:
+            record = dict(zip(header, (value.strip() for value in row)))
+            if not record.get("processid"):
+                if any(value.strip() for value in row):
+                    raise ValueError(f"line {rows.line_num}: no processid")
+                continue  # a blank line
+            pairs.append((record["processid"], record.get("split") or default_split))
+    except csv.Error as err:
+        raise ValueError(f"line {rows.line_num}: {err}") from None
+    return pairs

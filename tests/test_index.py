@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from bioscanfs import ArchiveError, Collection, NotFound
-from bioscanfs.index import Tree, load_tree, open_sources
+from bioscanfs.index import Tree, load_tree
+from bioscanfs.sources import open_sources
 from conftest import (
     assert_serves_members,
     Member, Mount, MountFactory, copy_archives, expected_tree, is_mounted, replace_name_bytes, run_cli,
