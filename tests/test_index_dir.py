@@ -376,6 +376,28 @@ def test_index_command_summarises_bad_names(bad_names_set: Path, tmp_path: Path)
     assert_one_whole_index(tmp_path / "index", 1)
 
 
+def test_index_command_with_many_conflicts_maps_or_says_why(tmp_path: Path) -> None:
+    """Two releases of one package side by side (80,000 paths whose content differs): the
+    index either maps on the next run, or `bioscanfs index` fails with the warning it
+    points at, the header size named, and leaves no file that every mount would rewrite."""
+    folder, index_dir = tmp_path / "releases", tmp_path / "index"
+    folder.mkdir()
+    names = [f"bioscan5m/images/cropped_256/pretrain/{i % 100:02d}/{'P' * 90}{i:06d}.jpg".encode()
+             for i in range(80_000)]
+    for release in (b"1", b"2"):
+        write_zip(folder / f"release{release.decode()}.zip", [Entry(name, release) for name in names])
+    done = run_cli("index", folder, "--index-dir", index_dir, timeout=300)
+    assert "Traceback" not in done.stderr, done.stderr
+    if done.returncode == 0:
+        built = index_files(index_dir)
+        assert run_cli("index", folder, "--index-dir", index_dir, timeout=300).returncode == 0
+        assert index_files(index_dir) == built, "the index could not be read back, so it was rebuilt"
+    else:
+        assert any("cannot write the index" in line and "header" in line
+                   for line in warning_lines(done.stderr)), done.stderr
+        assert not list(index_dir.glob("*.tree")) and temporaries(index_dir) == []
+
+
 # == issue 21 row 8: superseded indexes and leftover temporaries go ================================
 def _touch(archive: Path) -> None:
     st = archive.stat()
