@@ -7,6 +7,7 @@
     │   └── EncryptedError       encrypted, and no password or a wrong one (EACCES)
     ├── NotFound                 a path that is not in the tree (ENOENT)
     ├── SourceError              discovery: missing pieces, no packages found
+    ├── UntrustedIndexError      an index folder or file another user could have written
     └── MountError               the kernel mount itself failed (bad -o option, mount point)
 """
 from __future__ import annotations
@@ -62,6 +63,15 @@ class NotFound(BioscanError):
 
 class SourceError(BioscanError):
     """The set of archives is unusable as given (missing piece, nothing found)."""
+
+
+class UntrustedIndexError(BioscanError):
+    """An index folder or file that another user could have written. Its CRC-32 is no
+    defence (anyone can recompute it), so it is refused rather than read or overwritten."""
+
+    def __init__(self, path: str, what: str) -> None:
+        super().__init__(f"{path}: {what}")
+        self.path = path
 
 
 class MountError(BioscanError):

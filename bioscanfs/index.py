@@ -6,8 +6,6 @@ Owns when an index is built, reused or rebuilt; the tree's layout and lookups li
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +13,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 from . import store, zipdir
 from .errors import ArchiveError
-from .merge import build_tree
+from .merge import build_tree, summarise
 from .tree import BadTables, Tree, check, check_archive_count
 from .sources import FileSource
 
@@ -25,13 +23,28 @@ INDEX_VERSION = 4
 
 
 def default_index_dir() -> str:
+    """$XDG_CACHE_HOME/bioscanfs, created if missing: by us, so only its owner can write it
+    (0700, whatever the umask) and it passes the folder check of ``store.prepare_folder``."""
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(cache, "bioscanfs")
+    folder = os.path.join(cache, "bioscanfs")
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+    except OSError:
+        pass  # an unwritable home: the index is then kept in memory, with one warning
+    return folder
 
 
-def _cache_path(index_dir: str, key: Any, suffix: str) -> str:
-    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]
-    return os.path.join(index_dir, digest + suffix)
+def _members_path(index_dir: str, src: FileSource, key: Any) -> str:
+    """One archive's index file: its slot is the archive's paths (or URL), so a new key
+    for the same archive supersedes the old file."""
+    return store.file_path(index_dir, [entry[0] for entry in src.identity], key, ".members")
+
+
+def _tree_path(index_dir: str, sources: Sequence[FileSource], key: Any, skip_bad: bool,
+               allow_incomplete: bool) -> str:
+    """The merged tree's index file: its slot is the set of archives and the options."""
+    slot = [[entry[0] for entry in src.identity] for src in sources] + [skip_bad, allow_incomplete]
+    return store.file_path(index_dir, slot, key, ".tree")
 
 
 
@@ -45,11 +58,16 @@ def load_tree(sources: Sequence[FileSource], index_dir: Optional[str],
     ``skip_bad``, or when it has several pieces and ``allow_incomplete``: its last piece
     may be missing; else its ArchiveError propagates). ``index_dir=None`` keeps all in
     memory, as does an index folder that cannot be written (``Tree.persisted`` says which).
+    Raises UntrustedIndexError for an index folder or file another user could have written.
     """
     check_archive_count(len(sources))
     keys = [[INDEX_VERSION, src.identity] for src in sources]
     tree_key = ["tree", INDEX_VERSION, keys, skip_bad, allow_incomplete]
-    path = _cache_path(index_dir, tree_key, ".tree") if index_dir else None
+    path = None
+    if index_dir:
+        store.prepare_folder(index_dir)
+        path = _tree_path(index_dir, sources, tree_key, skip_bad, allow_incomplete)
+        store.tidy(index_dir, [path] + [_members_path(index_dir, s, k) for s, k in zip(sources, keys)])
     cached = store.load(path, tree_key) if path else None
     if cached is not None:
         try:
@@ -126,14 +144,21 @@ def _parse_all(sources: Sequence[FileSource], keys: List[Any], index_dir: Option
 
 
 def _archive_members(src: FileSource, key: Any, index_dir: Optional[str]) -> zipdir.Members:
-    """One archive's parsed central directory, from its own persisted index if valid."""
-    path = _cache_path(index_dir, key, ".members") if index_dir else None
+    """One archive's parsed central directory, from its own persisted index if valid.
+
+    Its warnings are summarised before they are logged or saved: an archive of 200,000
+    bad names gives 11 lines, and its index header stays small enough to be read back."""
+    path = _members_path(index_dir, src, key) if index_dir else None
     if path:
         cached = store.load(path, key)
         if cached is not None:
             return zipdir.Members(cached["table"], cached["names"], cached["name_ends"],
                                   cached["is_dir"], cached["__extra__"])
-    members = zipdir.read_members(src, warn=log.warning)
+    members = zipdir.read_members(src)
+    members = members._replace(warnings=summarise(
+        members.warnings, lambda rest: f"{src.name}: {rest:,} more members whose names were skipped or changed"))
+    for line in members.warnings:
+        log.warning("%s", line)
     if path:
         try:
             store.save(path, key, {"table": members.table, "names": members.names,

@@ -27,18 +27,23 @@ from .tree import ARRAY_TYPES, FILE_DTYPE, find_name
 _RECORD = np.dtype((np.void, FILE_DTYPE.itemsize))  #: a row as opaque bytes: fast to copy and gather
 #: Bytes of each name that numpy sorts on; longer names that tie on them are ordered in Python.
 SORT_PREFIX = 24
-#: Warnings kept in the index and shown: the first ones, then a count.
-MAX_WARNINGS = 20
+#: Warnings listed one by one, in the log and in the index; the rest are counted.
+MAX_WARNINGS = 10
+#: A warning can quote a 64 KiB name; it is cut to this.
+MAX_WARNING_CHARS = 1000
 
 
-def summarise(lines: List[str], keep: int = MAX_WARNINGS) -> List[str]:
-    """The first ``keep`` lines and one that counts the rest."""
-    return lines if len(lines) <= keep else lines[:keep] + [f"... and {len(lines) - keep:,} more like these"]
+def summarise(lines: List[str], rest: Callable[[int], str], keep: int = MAX_WARNINGS) -> List[str]:
+    """The first ``keep`` lines, each cut to MAX_WARNING_CHARS, and one line ``rest(n)``
+    counting the other n: what the log shows and the index stores."""
+    if len(lines) > keep + 1:
+        lines = lines[:keep] + [rest(len(lines) - keep)]
+    return [line if len(line) <= MAX_WARNING_CHARS else line[:MAX_WARNING_CHARS] + "..." for line in lines]
 
 
 def build_tree(members: Sequence[zipdir.Members], archives: Sequence[str]) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
     """Merge the member tables of several archives into the tree arrays."""
-    warnings: List[str] = [w for m in members for w in m.warnings]
+    warnings: List[str] = [w for m in members for w in m.warnings]   # each archive's summarised
     records, archive_of, blob, begins, ends, dirs_given = _concatenate(members)
     cut = _last_slash(blob, begins, ends)
     has_dir = cut >= 0
@@ -65,7 +70,8 @@ def build_tree(members: Sequence[zipdir.Members], archives: Sequence[str]) -> Tu
     same = _same_as_previous(file_dir, names, name_ends)
     conflicts = _conflicts(rows, names, name_ends, file_dir, same, dirs, archives)
     keep = ~same
-    warnings += _hide_files_that_are_dirs(dirs, file_dir, names, name_ends, keep)
+    warnings += summarise(_hide_files_that_are_dirs(dirs, file_dir, names, name_ends, keep),
+                          lambda rest: f"{rest:,} more files hidden by folders of the same path")
     files = rows(np.flatnonzero(keep))
     name_lengths = np.diff(name_ends.astype(np.int64), prepend=0)
     names = names[np.repeat(keep, name_lengths)]
@@ -77,7 +83,7 @@ def build_tree(members: Sequence[zipdir.Members], archives: Sequence[str]) -> Tu
     arrays = {"files": files, "names": names, "name_ends": name_ends, "dir_lo": dir_lo, "dir_hi": dir_hi,
               "dir_mtime": _dir_mtimes(files, dir_lo, dir_hi, dirs.parent), **dirs.arrays(), **conflicts.arrays()}
     assert list(arrays) == list(ARRAY_TYPES)
-    extra = {"warnings": summarise(warnings), "total_bytes": _total(files["size"]),
+    extra = {"warnings": warnings, "total_bytes": _total(files["size"]),
              "duplicates": int(same.sum()) - conflicts.rows}
     return arrays, extra
 

@@ -1,26 +1,59 @@
-"""Persisting named numpy arrays to one file and mapping them back without copying.
+"""The index folder: named numpy arrays saved to one file each and mapped back without copying.
 
-Owns the on-disk container of the index; knows nothing of what the arrays mean.
-A file is only used when its magic, header and key match, every array lies inside it and
-the CRC-32 of all array bytes is the one saved; anything else (truncated, flipped bits,
-foreign, older version, another archive) reads as absent, so the caller rebuilds. Files are written to a temporary name and renamed, so two
-mounts that build the same index at once never see half a file.
+Owns the on-disk container of the index, the files' names, which folders and files are
+trusted, and when old files go; knows nothing of what the arrays mean.
+
+- **Whole or absent.** A file is only used when its magic, header and key match, every
+  array lies inside it and the CRC-32 of all array bytes is the one saved; anything else
+  (short, flipped bits, foreign, older version, another archive) reads as absent, so the
+  caller rebuilds. Files are written to a temporary name and renamed, so mounts that build
+  the same index at once never see half a file. A save that fails (full disk, read-only
+  folder, a header over what ``load`` accepts) removes its temporary file and raises OSError.
+- **Trusted or refused.** The CRC-32 guards against accidents, not people: a folder or a
+  file that another user could have written raises UntrustedIndexError. Trusted means
+  owned by this user or by root (root trusts only root), and not writable by group or
+  others, except a folder with the sticky bit (others may add files there, not replace ours).
+- **Named by slot and key**, ``SLOT-KEY.suffix``: the slot is what a file is for (an
+  archive's paths), the key the state it was built from (sizes, mtimes, index version).
+- **Tidied.** ``tidy`` removes this user's files that no mount will use again:
+  temporaries older than GRACE (left by a killed build), files of a slot in use whose key
+  is superseded once they are older than GRACE, and any index file unused for UNUSED.
+  Files in use are touched once a day, so their mtime says when they were last used. The
+  grace spares a mount that is writing or about to map a file; one that has mapped it
+  keeps its mapping after the unlink (Linux).
+
+Not supported: ACLs and extended permissions are not inspected; the checks read owner
+and mode bits only.
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import mmap
 import os
+import stat
 import tempfile
-from typing import Any, Dict, Optional
+import time
+from typing import Any, Dict, Optional, Sequence, Set, Tuple
 
 import numpy as np
 from zlib_ng.zlib_ng import crc32
+
+from .errors import UntrustedIndexError
 
 MAGIC = b"BSFSIDX\x03"
 _ALIGN = 64
 _MAX_HEADER = 1 << 24
 _CHECK_BLOCK = 8 << 20
+SUFFIXES = (".members", ".tree")
+_TEMP_PREFIX = ".tmp-"
+GRACE = 3600.0            #: seconds before a temporary or superseded file may be removed
+UNUSED = 30 * 86400.0     #: seconds without use before any index file may be removed
+_TOUCH_AFTER = 86400.0    #: a file in use is touched when its mtime is older than this
+#: Index files are readable by whoever may enter the folder: nobody else for the default
+#: folder (created 0700), every user for a shared one (0755).
+_FILE_MODE = 0o644
 
 
 def _dtype_to_json(dtype: np.dtype) -> Any:
@@ -33,8 +66,56 @@ def _dtype_from_json(spec: Any) -> np.dtype:
     return np.dtype([tuple(field) for field in spec])
 
 
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value).encode()).hexdigest()[:16]
+
+
+def file_path(folder: str, slot: Any, key: Any, suffix: str) -> str:
+    """Where the file for ``slot`` (what it is for) built under ``key`` lives."""
+    return os.path.join(folder, f"{_digest(slot)}-{_digest(key)}{suffix}")
+
+
+def _slot_of(name: str) -> Tuple[str, str]:
+    """(slot digest, suffix) of a file name made by ``file_path``."""
+    stem, suffix = os.path.splitext(name)
+    return stem.partition("-")[0], suffix
+
+
+# -- trust -------------------------------------------------------------------------------------
+def _untrusted_because(st: os.stat_result) -> Optional[str]:
+    """Why another user could have written this folder or file, or None."""
+    owners = {os.geteuid(), 0}
+    if st.st_uid not in owners:
+        return f"owned by uid {st.st_uid}"
+    others = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    if others and not (stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX):
+        return f"mode {stat.S_IMODE(st.st_mode):04o}: writable by {'others' if others & stat.S_IWOTH else 'its group'}"
+    return None
+
+
+def prepare_folder(folder: str) -> None:
+    """Create the index folder if missing (0700, whatever the umask) and refuse one that
+    another user could write. A folder that cannot be created is left to ``save``, whose
+    OSError makes the caller keep the index in memory."""
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        st = os.stat(folder)
+    except OSError:
+        return
+    why = _untrusted_because(st)
+    if why:
+        raise UntrustedIndexError(folder, f"index folder could be written by another user ({why}); "
+                                          "use a folder only you can write (--index-dir)")
+
+
+# -- saving and loading --------------------------------------------------------------------------
 def save(path: str, key: Any, arrays: Dict[str, np.ndarray], extra: Any = None) -> None:
-    """Write ``arrays`` under ``key``; raises OSError when the folder is not writable."""
+    """Write ``arrays`` under ``key``, whole or not at all.
+
+    Raises OSError when the file cannot be written, EFBIG when its header would be over
+    what ``load`` accepts (a file that no mount could read back is never written); no
+    temporary file is left behind either way.
+    """
     layout: Dict[str, Any] = {}
     offset = 0
     for name, array in arrays.items():
@@ -47,12 +128,14 @@ def save(path: str, key: Any, arrays: Dict[str, np.ndarray], extra: Any = None) 
     for array in arrays.values():
         checksum = crc32(memoryview(array).cast("B"), checksum)
     header = json.dumps({"key": key, "arrays": layout, "extra": extra, "crc32": checksum}).encode()
+    if len(header) > _MAX_HEADER:
+        raise OSError(errno.EFBIG, f"its header of {len(header):,} bytes is over the {_MAX_HEADER:,} "
+                                   "that a mount reads back", path)
     base = -(-(len(MAGIC) + 8 + len(header)) // _ALIGN) * _ALIGN
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=_TEMP_PREFIX)
     try:
         with os.fdopen(fd, "wb") as out:
+            os.fchmod(out.fileno(), _FILE_MODE)
             out.write(MAGIC + len(header).to_bytes(8, "little") + header)
             for name, array in arrays.items():
                 out.seek(base + layout[name][2])
@@ -60,8 +143,10 @@ def save(path: str, key: Any, arrays: Dict[str, np.ndarray], extra: Any = None) 
             out.truncate(base + offset)
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        try:
             os.unlink(tmp)
+        except OSError:
+            pass
         raise
 
 
@@ -81,15 +166,22 @@ def _file_crc(fd: int, start: int, length: int, checksum: int) -> int:
 def load(path: str, key: Any) -> Optional[Dict[str, Any]]:
     """Map a saved file; None unless it is whole and was saved under exactly ``key``.
 
-    Returns the arrays (read-only views of the mapping) and ``"__extra__"``.
+    Returns the arrays (read-only views of the mapping) and ``"__extra__"``. Raises
+    UntrustedIndexError for a file that another user could have written (checked on the
+    open descriptor, so the file checked is the file read).
     """
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # NONBLOCK: a FIFO cannot hang us
     except OSError:
         return None
     try:
-        size = os.fstat(fd).st_size
-        if size < len(MAGIC) + 8:
+        st = os.fstat(fd)
+        why = _untrusted_because(st)
+        if why:
+            raise UntrustedIndexError(path, f"index file could be written by another user ({why}); "
+                                            "remove it, or use another --index-dir")
+        size = st.st_size
+        if not stat.S_ISREG(st.st_mode) or size < len(MAGIC) + 8:
             return None
         mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
         if mapped[:len(MAGIC)] != MAGIC:
@@ -116,6 +208,46 @@ def load(path: str, key: Any) -> Optional[Dict[str, Any]]:
         return None
     finally:
         os.close(fd)
+
+
+# -- tidying -------------------------------------------------------------------------------------
+def tidy(folder: str, in_use: Sequence[str], now: Optional[float] = None) -> None:
+    """Remove this user's files in ``folder`` that no mount will use again, and touch the
+    files ``in_use`` (this mount's, whether they exist yet or not) once a day.
+
+    Best effort: a file another process removed first, or one this user may not change
+    (a shared folder of root's), is left as it is.
+    """
+    now = time.time() if now is None else now
+    keep = {os.path.basename(p) for p in in_use}
+    slots = {_slot_of(name) for name in keep}
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                continue
+            age = now - st.st_mtime
+            if entry.name in keep:
+                if age > _TOUCH_AFTER:
+                    os.utime(entry.path)
+            elif _expired(entry.name, age, slots):
+                os.unlink(entry.path)
+        except OSError:
+            continue
+
+
+def _expired(name: str, age: float, slots: Set[Tuple[str, str]]) -> bool:
+    """Whether a file that is not in use, ``age`` seconds after its last use, may go."""
+    if name.startswith(_TEMP_PREFIX):
+        return age > GRACE
+    slot = _slot_of(name)
+    if slot[1] not in SUFFIXES:
+        return False
+    return age > (GRACE if slot in slots else UNUSED)
 
 
 def release_pages(arrays: Dict[str, Any]) -> None:
