@@ -26,7 +26,8 @@ import pytest
 
 from bioscanfs import store
 from bioscanfs.errors import UntrustedIndexError
-from bioscanfs.index import load_tree, open_sources
+from bioscanfs.index import load_tree
+from bioscanfs.sources import open_sources
 from conftest import (
     PYTHON, MountFactory, assert_one_error_line, assert_serves_members, copy_archives, is_mounted,
     run_cli, zip_members, zip_paths,
