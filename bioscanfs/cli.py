@@ -20,6 +20,7 @@ from typing import Any, Callable, List, NamedTuple, Optional, TypeVar
 
 import click
 
+from . import store
 from .collection import Collection, open_tree
 from .errors import BioscanError
 from .index import default_index_dir
@@ -190,7 +191,9 @@ def mount(sources, mountpoint, foreground, options, cache_size, log_file, verbos
         raise click.ClickException(f"{mountpoint}: already a mount point (bioscanfs umount {mountpoint})")
     _setup_logging(verbose, None)
     if not foreground:
-        log_file = log_file or os.path.join(index_dir or default_index_dir(), "bioscanfs.log")
+        if not log_file:   # the default log lives in the index folder: check whose it is first
+            store.prepare_folder(index_dir or default_index_dir())
+            log_file = os.path.join(index_dir or default_index_dir(), "bioscanfs.log")
         try:
             os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
             open(log_file, "ab").close()
