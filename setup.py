@@ -1,7 +1,7 @@
 """Shim for tools that still call setup.py; metadata lives in setup.cfg.
 
 It adds what setup.cfg cannot describe: the optional native FUSE engine (a C extension
-on libfuse 3 and zlib). When it cannot be built (no compiler or no libfuse3-dev), the
+on libfuse 3 and libdeflate). When it cannot be built (no compiler or no libfuse3-dev), the
 install goes on without it and mounts use the mfusepy engine.
 """
 import shutil
@@ -21,7 +21,7 @@ native = Extension(
     "bioscanfs._nativefs", ["bioscanfs/_nativefs.c"],
     # C is held to -Wall -Wextra with no warning (scripts/sanitize adds -Werror, so scripts/test fails on one).
     extra_compile_args=(_pkg_config("--cflags") or ["-I/usr/include/fuse3"]) + ["-Wall", "-Wextra"],
-    extra_link_args=(_pkg_config("--libs") or ["-lfuse3", "-lpthread"]) + ["-lz"],
+    extra_link_args=(_pkg_config("--libs") or ["-lfuse3", "-lpthread"]) + ["-ldeflate"],
     optional=True,
 )
 setup(ext_modules=[native])

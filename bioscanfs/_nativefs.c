@@ -2,14 +2,16 @@
  *
  * Why C: through mfusepy every request costs tens of microseconds of ctypes callback
  * and GIL, and a cold file costs two of them (LOOKUP, READ). Here lookups, attributes,
- * listings (with attributes: READDIRPLUS) and whole reads of stored members run on
- * libfuse's worker threads without the GIL, straight from the memory-mapped tree; the
- * isatty ioctl of Python's open() stores small stored files in the page cache (op_ioctl).
+ * listings (with attributes: READDIRPLUS) and whole reads of stored and deflated members
+ * up to 1 MiB (inflated with libdeflate) run on libfuse's worker threads without the
+ * GIL, straight from the memory-mapped tree; the isatty ioctl of Python's open() stores
+ * small files in the page cache (op_ioctl).
  *
  * Everything else goes back to Python, which owns decoding, error messages and logs:
- * compressed, encrypted, large or remote members, partial reads, symlinks, and any read
- * whose checks fail here (local header, length or CRC-32): Python then reads the member
- * again and names the fault. So no byte is served that the Python reader would refuse.
+ * other methods, encrypted, large or remote members, partial reads, symlinks, and any
+ * read whose checks fail here (local header, length, stream end or CRC-32): Python then
+ * reads the member again and names the fault. So no byte is served that the Python
+ * reader would refuse.
  *
  * Node ids never change while mounted, so FORGET needs no bookkeeping:
  * directory d is d + 1 (the root, directory 0, is FUSE_ROOT_ID); file row r is
@@ -38,7 +40,8 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
-#include <zlib.h>
+#include <libdeflate.h>
+#include <pthread.h>
 
 /* One row of the tree's ``files`` array (index.FILE_DTYPE, packed). */
 #pragma pack(push, 1)
@@ -58,6 +61,8 @@ enum {
     PUSH_MAX = 128 << 10,   /* pushed on open: no more than the kernel's first readahead */
     PUSH_WORKERS = 4,       /* at most this many workers pushing at once (see op_ioctl) */
     DIRECT_ALIGN = 4096,    /* O_DIRECT offsets, lengths and buffers: enough for any block size up to a page */
+    METHOD_STORED = 0,
+    METHOD_DEFLATE = 8,
     FLAG_ENCRYPTED = 1,
     FLAG_DESCRIPTOR = 8,
     NAME_MAX_BYTES = 255,
@@ -218,7 +223,7 @@ static fuse_ino_t find_child(const server_t *s, uint64_t d, const char *name)
     return 0;
 }
 
-static unsigned char *read_stored(server_t *s, const member_t *m, const unsigned char **data);
+static unsigned char *read_whole(server_t *s, const member_t *m, const unsigned char **data);
 
 static void op_init(void *userdata, struct fuse_conn_info *conn)
 {
@@ -406,16 +411,28 @@ static unsigned char *read_span(server_t *s, uint16_t a, uint64_t off, size_t le
     return block;
 }
 
-/* A whole stored member, read with its local header in one pread and checked as the
- * Python reader checks it: returns a block (to free) and sets *data inside it, or NULL to
- * hand the member to Python. */
-static unsigned char *read_stored(server_t *s, const member_t *m, const unsigned char **data)
+/* The most compressed bytes a deflated member of ``size`` bytes is served with here: what
+ * any usual encoder writes (stored blocks cost 5 bytes per 64 KiB). Longer streams are
+ * valid deflate too (empty blocks), and go to Python, which reads them in bounded pieces. */
+static uint64_t deflate_bound(uint64_t size) { return size + (size >> 3) + 4096; }
+
+/* Whether a whole read of the member is served here; everything else goes to Python. */
+static int served_here(const server_t *s, const member_t *m)
 {
-    if (m->method != 0 || m->flags & FLAG_ENCRYPTED || m->size == 0 || m->size > s->whole_max
-        || m->compressed_size != m->size || S_ISLNK(m->mode) || m->archive >= s->n_archives
-        || s->fds[m->archive] < 0)
-        return NULL;
-    size_t want = LOCAL_SIZE + m->name_length + EXTRA_SLACK + m->size, got;
+    if (m->flags & FLAG_ENCRYPTED || m->size == 0 || m->size > s->whole_max || S_ISLNK(m->mode)
+        || m->archive >= s->n_archives || s->fds[m->archive] < 0)
+        return 0;
+    return (m->method == METHOD_STORED && m->compressed_size == m->size)
+        || (m->method == METHOD_DEFLATE && m->compressed_size <= deflate_bound(m->size));
+}
+
+/* A member's local header, name, extra field and data, read in one pread (two when the
+ * extra field is long) and checked against its central entry as the Python reader checks
+ * them: returns the block (to free) and sets *data to the member's data, or NULL. */
+static unsigned char *read_raw(server_t *s, const member_t *m, const unsigned char **data)
+{
+    size_t csize = (size_t)m->compressed_size;   /* bounded by served_here */
+    size_t want = LOCAL_SIZE + m->name_length + EXTRA_SLACK + csize, got;
     const unsigned char *buf;
     unsigned char *block = read_span(s, m->archive, m->header_offset, want, &buf, &got);
     if (!block)
@@ -434,21 +451,71 @@ static unsigned char *read_stored(server_t *s, const member_t *m, const unsigned
                 goto refuse;
     }
     size_t start = LOCAL_SIZE + (size_t)name_len + extra_len;
-    if (start + m->size > got) {   /* a long extra field: read again, all of it */
+    if (start + csize > got) {   /* a long extra field: read again, all of it */
         if (got < want)
             goto refuse;   /* the archive ends early */
         free(block);
-        block = read_span(s, m->archive, m->header_offset, start + m->size, &buf, &got);
-        if (!block || got < start + m->size)
+        block = read_span(s, m->archive, m->header_offset, start + csize, &buf, &got);
+        if (!block || got < start + csize)
             goto refuse;
     }
-    if (crc32(0L, buf + start, (uInt)m->size) != m->crc32)
-        goto refuse;
     *data = buf + start;
     return block;
 refuse:
     free(block);
     return NULL;
+}
+
+/* One libdeflate decompressor per worker thread (they are not shared), freed with it. */
+static pthread_key_t inflater_key;
+static pthread_once_t inflater_once = PTHREAD_ONCE_INIT;
+
+static void free_inflater(void *d) { libdeflate_free_decompressor(d); }
+static void make_inflater_key(void) { pthread_key_create(&inflater_key, free_inflater); }
+
+static struct libdeflate_decompressor *thread_inflater(void)
+{
+    pthread_once(&inflater_once, make_inflater_key);
+    struct libdeflate_decompressor *d = pthread_getspecific(inflater_key);
+    if (!d && (d = libdeflate_alloc_decompressor()))
+        pthread_setspecific(inflater_key, d);
+    return d;
+}
+
+/* Exactly m->size bytes inflated from exactly m->compressed_size: a stream that needs
+ * more room, ends early, or leaves bytes after its end is refused (NULL). */
+static unsigned char *inflate_member(const member_t *m, const unsigned char *in)
+{
+    struct libdeflate_decompressor *d = thread_inflater();
+    unsigned char *out = d ? malloc((size_t)m->size) : NULL;
+    size_t used = 0, made = 0;
+    if (out && libdeflate_deflate_decompress_ex(d, in, (size_t)m->compressed_size, out, (size_t)m->size,
+                                                &used, &made) == LIBDEFLATE_SUCCESS
+        && used == m->compressed_size && made == m->size)
+        return out;
+    free(out);
+    return NULL;
+}
+
+/* A whole stored or deflated member (see served_here), read and decoded, its CRC-32
+ * checked as the Python reader checks it: returns a block (to free) and sets *data
+ * inside it, or NULL to hand the member to Python, which serves it or names the fault. */
+static unsigned char *read_whole(server_t *s, const member_t *m, const unsigned char **data)
+{
+    const unsigned char *raw = NULL;
+    unsigned char *block = served_here(s, m) ? read_raw(s, m, &raw) : NULL;
+    if (block && m->method == METHOD_DEFLATE) {
+        unsigned char *plain = inflate_member(m, raw);
+        free(block);
+        block = plain;
+        raw = plain;
+    }
+    if (block && libdeflate_crc32(0, raw, (size_t)m->size) != m->crc32) {
+        free(block);
+        block = NULL;
+    }
+    *data = raw;
+    return block;
 }
 
 /* Reply with the bytes a Python callback returned, or with the errno it returned. */
@@ -478,7 +545,7 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
     uint64_t row = row_of(s, ino);
     const member_t *m = &s->files[row];
     const unsigned char *data;
-    unsigned char *block = off == 0 && size >= m->size ? read_stored(s, m, &data) : NULL;
+    unsigned char *block = off == 0 && size >= m->size ? read_whole(s, m, &data) : NULL;
     if (block) {
         fuse_reply_buf(req, (const char *)data, m->size);
         free(block);
@@ -494,7 +561,7 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
 
 /* No ioctl is supported, and the kernel forwards every one: Python's open() asks isatty
  * (TCGETS) on each open, so each open costs this round trip. It is put to use: the
- * first time a small stored file is opened, its checked bytes are stored in the kernel's
+ * first time a small file is opened, its checked bytes are stored in the kernel's
  * page cache before the answer, and the READ that would follow never comes.
  *
  * A store waits for any page of the file that another reader has locked, until that
@@ -512,7 +579,7 @@ static void push_to_page_cache(server_t *s, fuse_ino_t ino)
     if (__atomic_add_fetch(&s->pushing, 1, __ATOMIC_ACQ_REL) <= PUSH_WORKERS
         && !(__atomic_fetch_or(&s->pushed[row >> 3], bit, __ATOMIC_ACQ_REL) & bit)) {
         const unsigned char *data;
-        unsigned char *block = read_stored(s, m, &data);
+        unsigned char *block = read_whole(s, m, &data);
         if (block) {   /* if the store fails, the READ comes as usual */
             struct fuse_bufvec bv = FUSE_BUFVEC_INIT(m->size);
             bv.buf[0].mem = (void *)data;

@@ -2,13 +2,15 @@
 
 Why: through mfusepy each request costs tens of microseconds in Python, and a cold file
 costs a LOOKUP and a READ. ``_nativefs`` answers lookups, attributes, listings and whole
-reads of stored members from the memory-mapped tree without the GIL; it calls back here
-only for what needs the reader (compressed, encrypted, large or remote members, partial
-reads, reads whose checks fail in C) and for symlinks. See README, "Design".
+reads of stored and deflated members up to 1 MiB from the memory-mapped tree without the
+GIL; it calls back here only for what needs the reader (other methods, encrypted, large
+or remote members, partial reads, reads whose checks fail in C) and for symlinks; with
+``-vv`` each such read is logged. See README, "Design".
 """
 from __future__ import annotations
 
 import errno
+import logging
 import os
 from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
@@ -19,6 +21,8 @@ from .errors import MountError
 from .fs import options_text, read_or_errno
 from .reader import WHOLE_READ_MAX
 from .tree import FILE_DTYPE
+
+log = logging.getLogger(__name__)
 
 try:
     from . import _nativefs
@@ -70,7 +74,9 @@ def serve(collection: Collection, mountpoint: str, options: Dict[str, Union[bool
     c, tree = collection, collection.tree
 
     def read(row: int, size: int, offset: int) -> Union[bytes, int]:
-        return read_or_errno(c, row, size, offset, tree.path_of(row).decode("utf-8", "surrogateescape"))
+        label = tree.path_of(row).decode("utf-8", "surrogateescape")
+        log.debug("%s: %d bytes at %d read through Python", label, size, offset)
+        return read_or_errno(c, row, size, offset, label)
 
     def attr(row: int) -> Tuple[int, int]:
         st = c.stat_node(row)

@@ -2,10 +2,11 @@
 and the checks of its paths that both engines must pass too.
 
 On native mounts only (each test says why): the extension is built; listings carry
-attributes (READDIRPLUS), so a walk sends no LOOKUP; stored members are read with O_DIRECT,
-and through the page cache where that is refused. On both engines: a second read pass asks
-the server nothing (counted with the kernel's fuse tracepoints); the C whole-read path and
-the Python fallback serve zipfile's bytes; a corrupt stored member gets EIO. Every archive
+attributes (READDIRPLUS), so a walk sends no LOOKUP; whole reads of small stored and
+deflated members never reach Python; they are read with O_DIRECT, and through the page
+cache where that is refused. On both engines: a second read pass asks the server nothing
+(counted with the kernel's fuse tracepoints); the C whole-read path and the Python fallback
+serve zipfile's bytes; a corrupt stored or deflated member gets EIO. Every archive
 comes from scripts/make_fake_bioscan.py; every read goes through the kernel.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ import re
 import stat
 import subprocess
 import zipfile
+import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Tuple
@@ -209,27 +211,29 @@ def _assert_eio(read: Callable[[], object], path: str) -> None:
     assert err.value.errno == errno.EIO, (path, err.value)
 
 
-def test_corrupt_stored_member_gets_eio(fake_set: Path, tmp_path: Path, engine: str) -> None:
-    """A byte flipped at the start, middle or end of a stored member's data: the C checks (native
-    engine) refuse it (no bytes pushed on open, no whole read) and hand the read to Python,
-    which refuses it, whole or partial, with EIO and logs archive and member; the mount lives
-    on and the members stored next to it still read right."""
+@pytest.mark.parametrize("deflated", [False, True], ids=["stored", "deflated"])
+def test_corrupt_member_gets_eio(fake_set: Path, tmp_path: Path, engine: str, deflated: bool) -> None:
+    """A byte flipped at the start, middle or end of a stored or deflated member's data: the C
+    checks (native engine: stream end, length, CRC-32) refuse it (no bytes pushed on open, no
+    whole read) and hand the read to Python, which refuses it, whole or partial, with EIO and
+    logs archive and member; the mount lives on and the members next to it still read right."""
     folder = copy_archives(fake_set, tmp_path / "zips", ["BIOSCAN_5M_original_256.zip"])
     archive = folder / "BIOSCAN_5M_original_256.zip"
     members = zip_members(folder)
     order = sorted(members, key=lambda p: members[p].info.header_offset)
-    stored = [i for i, p in enumerate(order[1:-1], start=1) if not members[p].deflated]
-    chosen = [stored[0], stored[len(stored) // 2], stored[-1]]
+    kind = [i for i, p in enumerate(order[1:-1], start=1) if members[p].deflated == deflated]
+    chosen = [kind[0], kind[len(kind) // 2], kind[-1]]
     bad = [order[i] for i in chosen]
     neighbours = {order[i + step] for i in chosen for step in (-1, 1)}
     assert not neighbours & set(bad)
     expected = zip_contents({p: members[p] for p in neighbours})
-    for path, where in zip(bad, (0.0, 0.5, 1.0)):
+    # A deflate stream's last byte may hold only padding bits: its flip can change nothing.
+    for path, where in zip(bad, (0.0, 0.5, 0.9 if deflated else 1.0)):
         size = members[path].info.compress_size
         flip_byte(archive, data_offset(archive, members[path].info) + min(int(size * where), size - 1))
     with zipfile.ZipFile(archive) as zf:  # the corruption is real for an independent reader
         for path in bad:
-            with pytest.raises(zipfile.BadZipFile):
+            with pytest.raises((zipfile.BadZipFile, zlib.error)):
                 zf.read(path)
 
     with mounted([folder], tmp_path / engine, engine=engine) as live:
@@ -256,18 +260,45 @@ def _resident_bytes(path: Path) -> int:
     return int(done.stdout.strip())
 
 
-def _stored_small(members: Dict[str, Member]) -> Dict[str, Member]:
-    """The members the C path reads whole: stored, not empty, up to the whole-read limit."""
-    return {p: m for p, m in members.items() if not m.deflated and 0 < m.info.file_size <= WHOLE_READ_MAX}
+#: The most the kernel asks for in one READ (32 pages): larger files are read in pieces.
+KERNEL_READ = 128 << 10
+
+
+def _whole_in_c(members: Dict[str, Member]) -> Dict[str, Member]:
+    """The members the C path reads whole: stored or deflated, not empty, and read in one
+    READ (the C limit, WHOLE_READ_MAX, is larger)."""
+    assert KERNEL_READ <= WHOLE_READ_MAX
+    return {p: m for p, m in members.items() if 0 < m.info.file_size <= KERNEL_READ}
+
+
+# Native only: which reads reach Python is the C engine's split of the work.
+def test_small_stored_and_deflated_members_are_served_in_c(fake_set: Path, tmp_path: Path,
+                                                           fake_members: Dict[str, Member]) -> None:
+    """Whole reads of small stored and deflated members never reach Python (with -vv the
+    engine logs each read it hands to Python); a partial read does, and is logged."""
+    sample = _whole_in_c(fake_members)
+    assert sum(m.deflated for m in sample.values()) >= 20 and sum(not m.deflated for m in sample.values()) >= 20
+    with mounted([fake_set], tmp_path / "native", args=["-vv"], engine="native") as live:
+        served = {path: live.path(path).read_bytes() for path in sample}
+        assert served == zip_contents(sample)
+        assert "read through Python" not in live.log_text()
+        path = next(p for p, m in sample.items() if m.deflated and m.info.file_size > 2)
+        fd = os.open(live.path(path), os.O_RDONLY | os.O_DIRECT)
+        try:
+            os.pread(fd, 1, 1)
+        finally:
+            os.close(fd)
+        assert f"{path}: " in live.log_text() and "read through Python" in live.log_text()
 
 
 # Native only: the O_DIRECT descriptor is the C engine's; the Python reader reads through the cache.
-def test_stored_reads_leave_the_archive_uncached(native_mount: Mount, fake_set: Path,
-                                                 fake_members: Dict[str, Member]) -> None:
-    """Every small stored member read through a fresh mount (each open asks isatty, which stores
-    the file in the mount's page cache): the archives' own pages stay out of the cache, so each
-    file is in memory once, as an extracted file would be, not twice. The bytes are zipfile's."""
-    sample = _stored_small(fake_members)
+def test_whole_reads_leave_the_archive_uncached(native_mount: Mount, fake_set: Path,
+                                                fake_members: Dict[str, Member]) -> None:
+    """Every small stored or deflated member read through a fresh mount (each open asks isatty,
+    which stores the file in the mount's page cache): the archives' own pages stay out of the
+    cache, so each file is in memory once, as an extracted file would be, not twice. The bytes
+    are zipfile's."""
+    sample = _whole_in_c(fake_members)
     assert len(sample) >= 20
     archives = zip_paths(fake_set)
     for archive in archives:  # the archives' pages out of the cache (written back first: only clean ones go)
@@ -279,7 +310,7 @@ def test_stored_reads_leave_the_archive_uncached(native_mount: Mount, fake_set: 
             os.close(fd)
     assert sum(map(_resident_bytes, archives)) == 0
     served = {path: native_mount.path(path).read_bytes() for path in sample}
-    assert sum(map(_resident_bytes, archives)) == 0, "stored members were read through the archive's page cache"
+    assert sum(map(_resident_bytes, archives)) == 0, "members were read through the archive's page cache"
     assert served == zip_contents(sample)
 
 
@@ -297,7 +328,8 @@ def test_archive_on_a_filesystem_without_o_direct(fake_set: Path, tmp_path: Path
             os.close(os.open(archive, os.O_RDONLY | os.O_DIRECT))
         assert refused.value.errno == errno.EINVAL
         members = zip_members(folder)
-        assert _stored_small(members) and len(_stored_small(members)) < len(members)
+        assert any(m.deflated for m in _whole_in_c(members).values()) and any(
+            not m.deflated for m in _whole_in_c(members).values())
         with mounted([folder], tmp_path / "native", engine="native") as live:
             assert_serves_members(live, members)
             rng = random.Random(7)
