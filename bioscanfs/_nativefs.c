@@ -67,7 +67,6 @@ enum {
     FLAG_DESCRIPTOR = 8,
     NAME_MAX_BYTES = 255,
 };
-static const double TIMEOUT = 86400.0; /* content never changes while mounted */
 
 /* The tables, by the keys of the dict that Python passes (nativefs.tables). */
 enum { B_FILES, B_NAMES, B_NAME_ENDS, B_DIR_LO, B_DIR_HI, B_DIR_MTIME, B_DIR_PARENT, B_DIR_NAMES,
@@ -90,6 +89,8 @@ typedef struct {
     int *direct;                /* per archive: the same file opened with O_DIRECT, or -1 */
     const char *dir_names;      /* each directory's own name, end to end */
     uint64_t n_dirs, n_archives, whole_max, total_bytes;
+    double timeout;             /* how long the kernel may keep names and attributes (Python's choice) */
+    uint64_t block_size;        /* st_blksize and f_bsize (Python's choice) */
     uid_t uid;
     gid_t gid;
     PyObject *read_cb, *attr_cb, *readlink_cb, *ready_cb;
@@ -161,7 +162,7 @@ static int fill_attr(server_t *s, fuse_ino_t ino, struct stat *st)
     st->st_ino = ino;
     st->st_uid = s->uid;
     st->st_gid = s->gid;
-    st->st_blksize = 65536;
+    st->st_blksize = (blksize_t)s->block_size;
     if (is_dir(s, ino)) {
         uint64_t d = ino - 1;
         st->st_mode = S_IFDIR | 0555;
@@ -250,7 +251,7 @@ static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
     server_t *s = fuse_req_userdata(req);
     struct fuse_entry_param e;
     memset(&e, 0, sizeof e);
-    e.entry_timeout = e.attr_timeout = TIMEOUT;
+    e.entry_timeout = e.attr_timeout = s->timeout;
     if (!is_dir(s, parent)) {
         fuse_reply_err(req, ENOTDIR);
         return;
@@ -275,7 +276,7 @@ static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
     if (err)
         fuse_reply_err(req, err);
     else
-        fuse_reply_attr(req, &st, TIMEOUT);
+        fuse_reply_attr(req, &st, s->timeout);
 }
 
 /* ENOSYS once: the kernel then opens files without asking (no OPEN or RELEASE per
@@ -344,7 +345,7 @@ static void list_dir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, int
         struct fuse_entry_param e;
         memset(&e, 0, sizeof e);
         e.ino = dir_entry(s, d, i, name);
-        e.entry_timeout = e.attr_timeout = TIMEOUT;
+        e.entry_timeout = e.attr_timeout = s->timeout;
         int err = fill_attr(s, e.ino, &e.attr);
         if (err) {
             free(buf);
@@ -620,8 +621,8 @@ static void op_statfs(fuse_req_t req, fuse_ino_t ino)
     struct statvfs st;
     (void)ino;
     memset(&st, 0, sizeof st);
-    st.f_bsize = st.f_frsize = 65536;
-    st.f_blocks = (s->total_bytes + 65535) / 65536;
+    st.f_bsize = st.f_frsize = s->block_size;
+    st.f_blocks = (s->total_bytes + s->block_size - 1) / s->block_size;
     st.f_files = s->n_files + s->n_dirs;
     st.f_namemax = NAME_MAX_BYTES;
     fuse_reply_statfs(req, &st);
@@ -828,19 +829,24 @@ static PyObject *check(PyObject *self, PyObject *tables)
 
 static PyObject *serve(PyObject *self, PyObject *args, PyObject *kwargs)
 {
-    static char *keywords[] = {"mountpoint", "options", "tables", "mapped", "whole_max", "total_bytes", "read",
-                               "attr", "readlink", "ready", "threads", NULL};
+    static char *keywords[] = {"mountpoint", "options", "tables", "mapped", "whole_max", "total_bytes", "timeout",
+                               "block_size", "read", "attr", "readlink", "ready", "threads", NULL};
     const char *mountpoint, *options;
     PyObject *tables;
     server_t s;
     int threads = 1, mapped = 0;
-    unsigned long long whole_max, total_bytes;
+    unsigned long long whole_max, total_bytes, block_size;
     memset(&s, 0, sizeof s);
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "ssOpKKOOOO|p", keywords, &mountpoint, &options, &tables,
-                                     &mapped, &whole_max, &total_bytes, &s.read_cb, &s.attr_cb, &s.readlink_cb,
-                                     &s.ready_cb, &threads))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "ssOpKKdKOOOO|p", keywords, &mountpoint, &options, &tables,
+                                     &mapped, &whole_max, &total_bytes, &s.timeout, &block_size, &s.read_cb,
+                                     &s.attr_cb, &s.readlink_cb, &s.ready_cb, &threads))
         return NULL;
+    if (block_size == 0 || block_size > (1u << 30)) {
+        PyErr_SetString(PyExc_ValueError, "block_size out of range");
+        return NULL;
+    }
+    s.block_size = block_size;
     if (take_tables(&s, tables) < 0) {
         release_tables(&s);
         return NULL;
@@ -936,7 +942,8 @@ static struct PyModuleDef MODULE = {
 PyMODINIT_FUNC PyInit__nativefs(void)
 {
     PyObject *m = PyModule_Create(&MODULE);
-    if (m && PyModule_AddIntConstant(m, "MEMBER_SIZE", (long)sizeof(member_t)) < 0) {
+    if (m && (PyModule_AddIntConstant(m, "MEMBER_SIZE", (long)sizeof(member_t)) < 0
+              || PyModule_AddIntConstant(m, "NAME_MAX", NAME_MAX_BYTES) < 0)) {
         Py_DECREF(m);
         return NULL;
     }

@@ -24,6 +24,12 @@ from .zipdir import FLAG_ENCRYPTED
 
 log = logging.getLogger(__name__)
 
+#: What every engine answers for every path (one home for both; test_engines compares them).
+#: Content never changes while mounted, so the kernel may keep names, attributes, misses and
+#: pages for a day (see README, "Design").
+CACHE_SECONDS = 86400
+#: st_blksize and the statfs block: large, so tools read in large pieces.
+BLOCK_SIZE = 65536
 FILE_MODE = stat_mod.S_IFREG | 0o444
 LINK_MODE = stat_mod.S_IFLNK | 0o444
 DIR_MODE = stat_mod.S_IFDIR | 0o555

@@ -19,8 +19,9 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Union
 
 import mfusepy
 
-from .collection import Collection
+from .collection import BLOCK_SIZE, CACHE_SECONDS, Collection
 from .errors import BioscanError, MountError, NotFound
+from .names import NAME_MAX
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +30,9 @@ log = logging.getLogger(__name__)
 CACHE_OPTIONS: Dict[str, Union[bool, int]] = {
     "ro": True,
     "kernel_cache": True,
-    "entry_timeout": 86400,
-    "attr_timeout": 86400,
-    "negative_timeout": 86400,
+    "entry_timeout": CACHE_SECONDS,
+    "attr_timeout": CACHE_SECONDS,
+    "negative_timeout": CACHE_SECONDS,
 }
 
 
@@ -65,7 +66,7 @@ class BioscanFS(mfusepy.Operations):
             "st_mode": st.mode, "st_size": st.size, "st_nlink": st.nlink,
             "st_uid": self._uid, "st_gid": self._gid,
             "st_mtime": ns, "st_atime": ns, "st_ctime": ns,
-            "st_blocks": -(-st.size // 512), "st_blksize": 65536,
+            "st_blocks": -(-st.size // 512), "st_blksize": BLOCK_SIZE,
         }
 
     def readdir(self, path: str, fh: Any) -> Iterator[str]:
@@ -100,9 +101,9 @@ class BioscanFS(mfusepy.Operations):
         tree = self.c.tree
         total = tree.total_bytes
         return {
-            "f_bsize": 65536, "f_frsize": 65536, "f_blocks": -(-total // 65536),
+            "f_bsize": BLOCK_SIZE, "f_frsize": BLOCK_SIZE, "f_blocks": -(-total // BLOCK_SIZE),
             "f_bfree": 0, "f_bavail": 0, "f_files": len(tree.files) + tree.n_dirs,
-            "f_ffree": 0, "f_favail": 0, "f_namemax": 255,
+            "f_ffree": 0, "f_favail": 0, "f_namemax": NAME_MAX,
         }
 
 

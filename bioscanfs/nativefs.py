@@ -16,9 +16,10 @@ from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .collection import Collection
+from .collection import BLOCK_SIZE, CACHE_SECONDS, Collection
 from .errors import MountError
 from .fs import options_text, read_or_errno
+from .names import NAME_MAX
 from .reader import WHOLE_READ_MAX
 from .tree import FILE_DTYPE
 
@@ -36,7 +37,8 @@ _C_LAYOUT = [("header_offset", "<u8"), ("compressed_size", "<u8"), ("size", "<u8
 
 
 def available() -> bool:
-    return _nativefs is not None and FILE_DTYPE == np.dtype(_C_LAYOUT) and FILE_DTYPE.itemsize == _nativefs.MEMBER_SIZE
+    return (_nativefs is not None and FILE_DTYPE == np.dtype(_C_LAYOUT) and FILE_DTYPE.itemsize == _nativefs.MEMBER_SIZE
+            and _nativefs.NAME_MAX == NAME_MAX)
 
 
 def tables(arrays: Dict[str, np.ndarray], fds: np.ndarray, direct: np.ndarray,
@@ -93,6 +95,7 @@ def serve(collection: Collection, mountpoint: str, options: Dict[str, Union[bool
             mountpoint=mountpoint, options=option_string,
             tables=tables(tree.arrays, fds, direct, [src.size for src in c.sources]), mapped=tree.persisted,
             whole_max=WHOLE_READ_MAX, total_bytes=min(tree.total_bytes, (1 << 64) - 1),
+            timeout=float(CACHE_SECONDS), block_size=BLOCK_SIZE,
             read=read, attr=attr, readlink=readlink, ready=on_ready, threads=threads)
     except OSError as err:
         raise MountError(mountpoint, f"{err} with -o {option_string}") from None

@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Read through the mount at the speed of extracted files: bioscanfs (and ratarmount) vs an extracted copy.
 
-One run builds or reuses a synthetic cropped_256 package set (members of ~8 KB random bytes,
-the size of the real JPEGs, at the real paths, split over the four real zip names), extracts
+One run builds or reuses a synthetic cropped_256 package set (members of ~8 KB, the size of
+the real JPEGs, at the real paths, split over the four real zip names: random bytes when all
+are stored, synthetic JPEGs when some are deflated, since deflating random bytes only copies
+them and would hide the cost of inflating), extracts
 a copy to local disk, mounts the zips, and times on every target, row by row:
 
 - walk + stat of the whole tree (os.walk, os.stat of every file);
@@ -49,7 +51,7 @@ from _benchutil import find_ratarmount  # noqa: E402
 from bench_scale import _dos_stamp, write_stored_zip  # noqa: E402
 from bioscanfs.cli import _is_mounted  # noqa: E402
 from bioscanfs.layout import image_path  # noqa: E402
-from make_fake_bioscan import _packages, _write_image_zip, split_counts  # noqa: E402
+from make_fake_bioscan import _packages, _write_image_zip, make_jpeg, split_counts  # noqa: E402
 
 IMGTYPE = "cropped_256"
 DEFAULT_IMAGES = 91_000
@@ -92,6 +94,19 @@ class PackageSet:
         return self.folder / EXTRACTED
 
 
+def _random_payloads(rng: np.random.Generator, count: int) -> List[bytes]:
+    sizes = rng.integers(PAYLOAD_SIZES[0], PAYLOAD_SIZES[1] + 1, count)
+    blob = rng.bytes(int(sizes.sum()))
+    ends = np.cumsum(sizes).tolist()
+    return [blob[end - size:end] for end, size in zip(ends, sizes.tolist())]
+
+
+def _jpegs(rng: np.random.Generator, count: int) -> List[bytes]:
+    """Synthetic JPEGs of about 9 KB (160 x 120, quality 70-95), which deflate by 1-3 % as
+    real ones do."""
+    return [make_jpeg(rng, 160, 120, f"bench {i}") for i in range(count)]
+
+
 def _build_set(folder: Path, images: int, deflate_fraction: float, seed: int = 0) -> None:
     """Write the cropped_256 zips as the real package splits them, members in random order.
 
@@ -111,10 +126,7 @@ def _build_set(folder: Path, images: int, deflate_fraction: float, seed: int = 0
     names = []
     for filename, group in _packages(IMGTYPE, by_split, rng).items():
         group = [group[i] for i in rng.permutation(len(group)).tolist()]
-        sizes = rng.integers(PAYLOAD_SIZES[0], PAYLOAD_SIZES[1] + 1, len(group))
-        blob = rng.bytes(int(sizes.sum()))
-        ends = np.cumsum(sizes).tolist()
-        payloads = [blob[end - size:end] for end, size in zip(ends, sizes.tolist())]
+        payloads = _jpegs(rng, len(group)) if deflate_fraction > 0 else _random_payloads(rng, len(group))
         members = [image_path(pid, split, IMGTYPE) for split, pid in group]
         log(f"writing {filename}: {len(members):,} members")
         if deflate_fraction > 0:
