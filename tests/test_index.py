@@ -303,9 +303,10 @@ def test_unwritable_index_dir_foreground_mount(mount: MountFactory, small_set: P
     assert_serves_members(live, members)
 
 
-def test_unwritable_index_dir_daemon_mount(small_set: Path, blocked_index_dir: Path, mountpoint: Path) -> None:
+def test_unwritable_index_dir_daemon_mount(small_set: Path, blocked_index_dir: Path, mountpoint: Path,
+                                           engine: str) -> None:
     """Daemon mode: either a working mount, or one clear error line; never a traceback."""
-    done = run_cli("mount", small_set, mountpoint, "--index-dir", blocked_index_dir)
+    done = run_cli("mount", small_set, mountpoint, "--index-dir", blocked_index_dir, "--engine", engine)
     assert "Traceback" not in done.stdout + done.stderr, done.stderr
     if done.returncode == 0:
         members = zip_members(small_set)
