@@ -297,6 +297,15 @@ def assert_serves_members(live: "Mount", members: Dict[str, Member]) -> None:
         assert live.path(path).read_bytes() == data, path
 
 
+def errno_of(call: Callable[[], object]) -> int:
+    """The errno an OSError carries, or 0 when the call succeeds."""
+    try:
+        call()
+    except OSError as err:
+        return err.errno
+    return 0
+
+
 def assert_one_error_line(done: subprocess.CompletedProcess, mentions: str) -> None:
     """A user error: non-zero exit, no traceback, one 'Error:' line that names the problem.
 

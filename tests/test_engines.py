@@ -18,7 +18,7 @@ from typing import Callable, Dict, Iterator, List, Tuple
 
 import pytest
 
-from conftest import Mount, mounted
+from conftest import Mount, errno_of, mounted
 from craft import DIR_ATTR, Entry, deflated, dos_stamp, symlink, write_zip
 
 ENGINES = ("native", "python")
@@ -75,15 +75,6 @@ def listing(root: Path) -> Dict[str, List[str]]:
 def all_paths(tree: Dict[str, List[str]]) -> List[str]:
     """The root and every entry of a listing, in listing order."""
     return [""] + [f"{d}/{n}" if d else n for d, names in tree.items() for n in names]
-
-
-def errno_of(call: Callable[[], object]) -> int:
-    """The errno an OSError carries, or 0 when the call succeeds."""
-    try:
-        call()
-    except OSError as err:
-        return err.errno
-    return 0
 
 
 def read_dir_fd(path: Path) -> bytes:

@@ -34,6 +34,7 @@ from zlib_ng import zlib_ng
 
 from bioscanfs.names import clean_name
 from conftest import (
+    errno_of,
     assert_serves_members,
     MOUNT_TIMEOUT, Mount, MountFactory, PYTHON, assert_one_error_line, copy_archives, data_offset,
     edit_headers, expected_tree, flip_byte, is_mounted, mount_table, mounted, replace_name_bytes,
@@ -105,15 +106,6 @@ def read_direct(path: Path, chunk: int = 1 << 20) -> bytes:
             offset += len(got)
     finally:
         os.close(fd)
-
-
-def errno_of(call: Callable[[], object]) -> int:
-    """The errno an OSError carries, or 0 when the call succeeds."""
-    try:
-        call()
-    except OSError as err:
-        return err.errno
-    return 0
 
 
 def inside(root: Path, path: Path) -> bool:

@@ -123,19 +123,23 @@ def read_only_index_dir(tmp_path: Path) -> Iterator[Path]:
 
 
 # == issue 16: a folder or file another user could have written ====================================
-def _another_users(folder: Path) -> None:
-    os.chown(folder, NOBODY, NOBODY)
+def _another_users(path: Path) -> None:
+    os.chown(path, NOBODY, NOBODY)
 
 
-def _world_writable(folder: Path) -> None:
-    os.chmod(folder, 0o777)
+def _world_writable(path: Path) -> None:
+    os.chmod(path, stat.S_IMODE(path.stat().st_mode) | stat.S_IWOTH)
 
 
-def _group_writable(folder: Path) -> None:
-    os.chmod(folder, 0o775)
+def _group_writable(path: Path) -> None:
+    os.chmod(path, stat.S_IMODE(path.stat().st_mode) | stat.S_IWGRP)
 
 
-@pytest.mark.parametrize("make_unsafe", [_another_users, _world_writable, _group_writable])
+#: Each way a folder or file becomes writable by another user.
+UNSAFE = [_another_users, _world_writable, _group_writable]
+
+
+@pytest.mark.parametrize("make_unsafe", UNSAFE)
 @pytest.mark.parametrize("command", ["mount", "index", "info"])
 def test_index_folder_others_could_write_is_refused(small_set: Path, tmp_path: Path, mountpoint: Path,
                                                      command: str, make_unsafe) -> None:
@@ -165,19 +169,7 @@ def test_sticky_shared_folder_is_accepted(mount: MountFactory, small_set: Path, 
     assert_one_whole_index(folder, 2)
 
 
-def _file_of_another_user(path: Path) -> None:
-    os.chown(path, NOBODY, NOBODY)
-
-
-def _file_world_writable(path: Path) -> None:
-    os.chmod(path, 0o666)
-
-
-def _file_group_writable(path: Path) -> None:
-    os.chmod(path, 0o664)
-
-
-@pytest.mark.parametrize("make_unsafe", [_file_of_another_user, _file_world_writable, _file_group_writable])
+@pytest.mark.parametrize("make_unsafe", UNSAFE)
 @pytest.mark.parametrize("suffix", [".tree", ".members"])
 def test_index_file_others_could_write_is_refused(small_set: Path, tmp_path: Path, mountpoint: Path,
                                                   suffix: str, make_unsafe) -> None:
