@@ -15,9 +15,9 @@ Work follows what a member honestly is, never what its headers declare: a stored
 member's two sizes must agree; a compressed size over ``compressed_bound`` of the
 declared size is refused unread; compressed input is read in pieces and decoding
 stops at one byte past the declared size, at the end of the stream (input left over
-is an error), or where input runs out. A member that failed is remembered (the most
-recent ``FAILED_MAX``): later reads fail at once, until the Reader is made again
-(a remount).
+is an error), or where input runs out. A member under 32 MiB that failed is
+remembered (the most recent ``FAILED_MAX``): later reads fail at once, until the Reader
+is made again (a remount).
 
 How a member is read (``Reader.read``):
 
@@ -114,9 +114,13 @@ class Reader:
         self._guarded(member, label, lambda src: self._check(src, member, label))
 
     def _guarded(self, member: Member, label: str, work: Callable[[Source], _T]) -> _T:
-        """``work`` on the member's source, unless the member failed before; a failure
-        (MemberError) is remembered. Other errors (a source that cannot be read, memory)
-        may pass, so they are not."""
+        """``work`` on the member's source, unless the member failed before.
+
+        A MemberError of a member decoded whole (under STREAM_MIN) is remembered: a retry
+        would decode it all again. A streamed member is not: it fails only at and after
+        its damage, each read costs at most one seek interval, and it keeps its own CRC
+        verdict. Other errors (a source that cannot be read, memory) may pass: not kept.
+        """
         key = self._key(member)
         with self._lock:
             failed = self._failed.get(key)
@@ -127,8 +131,9 @@ class Reader:
             check_sizes(src, member, label)
             return work(src)
         except MemberError as err:
-            with self._lock:
-                self._failed[key] = _fresh(err)
+            if member.size < STREAM_MIN:
+                with self._lock:
+                    self._failed[key] = _fresh(err)
             raise
 
     def _read(self, src: Source, member: Member, label: str, size: int, offset: int) -> bytes:
