@@ -340,15 +340,16 @@ class _Deflate64:
         return self._inflater.eof
 
     def decompress(self, data: memoryview, max_length: int) -> bytes:
-        out = bytearray()
+        inflate, out, produced = self._inflater.inflate, [], 0
         for at in range(0, len(data), self.STEP):
-            out += self._inflater.inflate(data[at:at + self.STEP])
+            out.append(inflate(data[at:at + self.STEP]))
+            produced += len(out[-1])
             if self._inflater.eof:
                 self.unused_data = bytes(data[at + self.STEP:])
                 break
-            if len(out) >= max_length:
+            if produced >= max_length:
                 break
-        return bytes(out)
+        return b"".join(out)
 
 
 #: Decoders with zlib's ``decompress(data, max_length)``, ``eof`` and ``unused_data``, by method.
