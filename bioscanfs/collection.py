@@ -9,8 +9,10 @@ from __future__ import annotations
 import io
 import logging
 import stat as stat_mod
-from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+import threading
+from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
+import cachetools
 import numpy as np
 
 from .discover import ArchiveSpec, find_archives
@@ -33,6 +35,16 @@ BLOCK_SIZE = 65536
 FILE_MODE = stat_mod.S_IFREG | 0o444
 LINK_MODE = stat_mod.S_IFLNK | 0o444
 DIR_MODE = stat_mod.S_IFDIR | 0o555
+#: The longest symlink target served: readlink(2) returns at most PATH_MAX - 1 bytes.
+LINK_TARGET_MAX = 4095
+#: Bytes of symlink verdicts kept (a target costs its length plus LINK_ENTRY_COST).
+LINK_CACHE_BYTES = 4 << 20
+LINK_ENTRY_COST = 64
+_UNKNOWN = object()
+
+
+def _link_cost(target: Optional[bytes]) -> int:
+    return LINK_ENTRY_COST + len(target or b"")
 
 
 class Stat(NamedTuple):
@@ -69,7 +81,8 @@ class Collection:
         self.specs = [spec for spec in specs if spec.name in kept]
         self.warnings = warnings + self.tree.warnings
         self.reader = Reader(self.sources, cache_size, password)
-        self._links: Dict[int, Optional[bytes]] = {}
+        self._links: cachetools.LRUCache = cachetools.LRUCache(LINK_CACHE_BYTES, getsizeof=_link_cost)
+        self._links_lock = threading.Lock()
 
     def encrypted_members(self) -> int:
         return int(np.count_nonzero(self.tree.files["flags"] & FLAG_ENCRYPTED))
@@ -109,23 +122,36 @@ class Collection:
     def link_target(self, node: int) -> Optional[bytes]:
         """The target of a symlink member that resolves inside the tree, else None.
 
-        Links that would leave the tree (absolute, or climbing above the root) and links
-        whose member cannot be read are served as regular files holding the target text.
+        Links that would leave the tree (absolute, or climbing above the root), links
+        whose member cannot be read and links declared longer than LINK_TARGET_MAX (never
+        decoded) are served as regular files holding the target text, with a warning.
+        Verdicts are kept in a byte-bounded LRU.
         """
-        if node in self._links:
-            return self._links[node]
+        with self._links_lock:
+            target = self._links.get(node, _UNKNOWN)
+        if target is _UNKNOWN:
+            target = self._resolve_link(node)
+            with self._links_lock:
+                self._links[node] = target
+        return target
+
+    def _resolve_link(self, node: int) -> Optional[bytes]:
         path = self.tree.path_of(node)
         label = path.decode("utf-8", "surrogateescape")
+        size = self.tree.member(node).size
+        if size > LINK_TARGET_MAX:
+            log.warning("%s: %s: symlink target of %d bytes is longer than readlink allows (%d); "
+                        "served as a regular file", self.archive_of(node), label, size, LINK_TARGET_MAX)
+            return None
         try:
-            target: Optional[bytes] = self.read_node(node, self.tree.member(node).size, 0, label)
+            target = self.read_node(node, size, 0, label)
         except BioscanError as err:
             log.warning("%s", err)
-            target = None
-        if target is not None and not link_stays_inside(path, target, self._is_link):
+            return None
+        if not link_stays_inside(path, target, self._is_link):
             log.warning("%s: symlink to %r leaves the tree; served as a regular file",
                         label, target.decode("utf-8", "surrogateescape"))
-            target = None
-        self._links[node] = target
+            return None
         return target
 
     def _is_link(self, path: bytes) -> bool:

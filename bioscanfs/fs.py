@@ -108,14 +108,17 @@ class BioscanFS(mfusepy.Operations):
 
 
 def read_or_errno(c: Collection, node: int, size: int, offset: int, label: str) -> Union[bytes, int]:
-    """A member's bytes, or the errno its failure maps to, logged once with its archive."""
+    """A member's bytes, or the errno its failure maps to, logged once with its archive.
+
+    Out of memory is EIO too: mfusepy would answer EINVAL, the native engine EIO.
+    """
     try:
         return c.read_node(node, size, offset, label)
     except BioscanError as err:
         log.error("cannot read %s: %s", label, err)
         return err.errno
-    except OSError as err:
-        log.error("cannot read %s in %s: %s", label, c.archive_of(node), err)
+    except (OSError, MemoryError) as err:
+        log.error("cannot read %s in %s: %s", label, c.archive_of(node), str(err) or "out of memory")
         return errno.EIO
 
 

@@ -11,6 +11,14 @@ of it is returned. Members over 32 MiB (the metadata CSV) are streamed: their CR
 checked when a reader reaches the end in order (that last read fails), and a corrupt
 deflate stream fails as soon as zlib sees it.
 
+Work follows what a member honestly is, never what its headers declare: a stored
+member's two sizes must agree; a compressed size over ``compressed_bound`` of the
+declared size is refused unread; compressed input is read in pieces and decoding
+stops at one byte past the declared size, at the end of the stream (input left over
+is an error), or where input runs out. A member under 32 MiB that failed is
+remembered (the most recent ``FAILED_MAX``): later reads fail at once, until the Reader
+is made again (a remount).
+
 How a member is read (``Reader.read``):
 
 - stored: a whole member up to 1 MiB read in one ``os.pread`` with its header; any part of
@@ -25,26 +33,25 @@ from __future__ import annotations
 
 import bisect
 import bz2
-import struct
+import ctypes
+import functools
 import threading
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, TypeVar
 
 import cachetools
 import inflate64
+import numpy as np
 
 # zlib-ng inflates 1.7x and checksums 4x faster than zlib here, with zlib's API (copy() too).
 from zlib_ng import zlib_ng as inflate_impl
 
 from .errors import EncryptedError, MemberError, UnsupportedError
-from .zipdir import (FLAG_DATA_DESCRIPTOR, FLAG_ENCRYPTED, LOCAL, LocalHeader, Member, Source, parse_local_header,
-                     read_local_header)
+from .zipdir import (CENTRAL_DTYPE, CENTRAL_SIG, EOCD, EOCD_SIG, FLAG_ENCRYPTED, LOCAL, LOCAL_SIG, MADE_BY_UNIX,
+                     LocalHeader, Member, Source, parse_local_header, read_local_header)
 
 STORED, DEFLATED, DEFLATE64, BZIP2, AES_METHOD = 0, 8, 9, 12, 99
 METHOD_NAMES = {0: "stored", 8: "deflate", 9: "deflate64", 12: "bzip2", 14: "lzma",
                 93: "zstd", 95: "xz", 98: "ppmd", 99: "aes"}
-# 4.3.9 Data descriptor, with its optional signature
-DATA_DESCRIPTOR = struct.Struct("<4sIII")
-DATA_DESCRIPTOR_SIG = b"PK\x07\x08"
 #: Stored members up to this size are read whole, header included, in one pread and CRC-checked.
 WHOLE_READ_MAX = 1 << 20
 #: Compressed members up to this size are decoded whole into the LRU; larger deflate streams.
@@ -53,6 +60,23 @@ STREAM_MIN = 32 << 20
 CHECK_CHUNK = 4 << 20
 #: Slack read past a local header's name for its extra field, to save a second pread.
 EXTRA_SLACK = 128
+#: Compressed input is read this much at a time, so a lying compressed size costs nothing.
+INPUT_PIECE = 1 << 20
+#: Failed members remembered (the most recent), so that retries cost nothing until remount.
+FAILED_MAX = 4096
+
+_T = TypeVar("_T")
+
+
+def compressed_bound(size: int) -> int:
+    """The most compressed bytes an honest member of ``size`` bytes can need.
+
+    No method here grows incompressible data by more than a few percent (deflate's stored
+    blocks add 5 bytes per 64 KiB, bzip2 about 1%, LZMA, xz, zstd and PPMd less), and
+    encryption adds at most 28 bytes (ZipCrypto 12; AES salt, verifier and MAC). Twice the
+    size plus 64 KiB is far above all of them, and keeps a lying header from sizing a read.
+    """
+    return 2 * size + (64 << 10)
 
 
 class Reader:
@@ -61,18 +85,59 @@ class Reader:
     def __init__(self, sources: Sequence[Source], cache_bytes: int = 256 << 20,
                  password: Optional[bytes] = None) -> None:
         self._sources = list(sources)
-        self.password = password  #: for encrypted members; may be set later (a prompt)
         self._lock = threading.Lock()
         self._decoded: cachetools.LRUCache = cachetools.LRUCache(maxsize=max(cache_bytes, 1), getsizeof=len)
         self._headers: cachetools.LRUCache = cachetools.LRUCache(maxsize=1 << 16)
         self._streams: cachetools.LRUCache = cachetools.LRUCache(maxsize=8)
+        self._failed: cachetools.LRUCache = cachetools.LRUCache(maxsize=FAILED_MAX)
+        self._password = password
+
+    @property
+    def password(self) -> Optional[bytes]:
+        """For encrypted members; may be set later (a prompt)."""
+        return self._password
+
+    @password.setter
+    def password(self, value: Optional[bytes]) -> None:
+        with self._lock:  # members that failed without it may read now
+            self._password = value
+            self._failed.clear()
 
     def read(self, member: Member, label: str, size: int, offset: int) -> bytes:
-        total = member.size
-        size = min(size, total - offset)
+        size = min(size, member.size - offset)
         if size <= 0:
             return b""
+        return self._guarded(member, label, lambda src: self._read(src, member, label, size, offset))
+
+    def check(self, member: Member, label: str) -> None:
+        """Decode a whole member and check its CRC-32, whatever its method and size (0 too)."""
+        self._guarded(member, label, lambda src: self._check(src, member, label))
+
+    def _guarded(self, member: Member, label: str, work: Callable[[Source], _T]) -> _T:
+        """``work`` on the member's source, unless the member failed before.
+
+        A MemberError of a member decoded whole (under STREAM_MIN) is remembered: a retry
+        would decode it all again. A streamed member is not: it fails only at and after
+        its damage, each read costs at most one seek interval, and it keeps its own CRC
+        verdict. Other errors (a source that cannot be read, memory) may pass: not kept.
+        """
+        key = self._key(member)
+        with self._lock:
+            failed = self._failed.get(key)
+        if failed is not None:
+            raise _fresh(failed)
         src = self._sources[member.archive]
+        try:
+            check_sizes(src, member, label)
+            return work(src)
+        except MemberError as err:
+            if member.size < STREAM_MIN:
+                with self._lock:
+                    self._failed[key] = _fresh(err)
+            raise
+
+    def _read(self, src: Source, member: Member, label: str, size: int, offset: int) -> bytes:
+        total = member.size
         method = member.method
         plain = not member.flags & FLAG_ENCRYPTED
         if method == STORED and plain:
@@ -87,14 +152,15 @@ class Reader:
         raise UnsupportedError(src.name, label, f"{method_name(method)} members over {STREAM_MIN >> 20} MiB "
                                                 "are not supported (only deflate streams)")
 
-    def check(self, member: Member, label: str) -> None:
-        """Decode a whole member and check its CRC-32, whatever its method and size."""
-        size, crc = member.size, 0
+    def _check(self, src: Source, member: Member, label: str) -> None:
+        size = member.size
+        if size < STREAM_MIN:
+            self._decoded_whole(src, member, label)  # decoded and CRC-checked, 0 bytes too
+            return
+        crc = 0
         for offset in range(0, size, CHECK_CHUNK):
-            crc = inflate_impl.crc32(self.read(member, label, CHECK_CHUNK, offset), crc)
-        if crc != member.crc32 and not _unchecked_aes(member):
-            src = self._sources[member.archive]
-            raise MemberError(src.name, label, "CRC-32 mismatch: the archive is corrupt")
+            crc = inflate_impl.crc32(self._read(src, member, label, min(CHECK_CHUNK, size - offset), offset), crc)
+        check_crc(src, member, label, b"", crc)
 
     def _key(self, member: Member) -> tuple:
         return member.archive, member.header_offset
@@ -109,22 +175,23 @@ class Reader:
                 self._headers[key] = header
         return header
 
-    def _read_with_header(self, src: Source, member: Member, label: str) -> Tuple[bytes, bytes]:
-        """(local header with name and extra field, raw data) of a member, in one pread."""
+    def _read_with_header(self, src: Source, member: Member, label: str, limit: int) -> Tuple[bytes, bytes, int]:
+        """(local header with name and extra field, the first ``limit`` bytes of the data,
+        where the data starts), in one pread when the header's extra field is short."""
         at = member.header_offset
-        csize = member.compressed_size
-        raw = src.pread(LOCAL.size + member.name_length + EXTRA_SLACK + csize, at)
+        want = min(limit, member.compressed_size)
+        raw = src.pread(LOCAL.size + member.name_length + EXTRA_SLACK + want, at)
         header = parse_local_header(src, member, label, raw)
         start = header.data_offset - at
-        data = raw[start:start + csize]
-        if len(data) < csize:
-            data += src.pread(csize - len(data), header.data_offset + len(data))
-        if len(data) != csize:
+        data = raw[start:start + want]
+        if len(data) < want:
+            data += src.pread(want - len(data), header.data_offset + len(data))
+        if len(data) != want:
             raise MemberError(src.name, label, "member data is cut short (archive truncated?)")
-        return raw[:start], data
+        return raw[:start], data, header.data_offset
 
     def _read_whole_stored(self, src: Source, member: Member, label: str) -> bytes:
-        data = self._read_with_header(src, member, label)[1]
+        data = self._read_with_header(src, member, label, member.compressed_size)[1]
         check_crc(src, member, label, data)
         return data
 
@@ -134,11 +201,30 @@ class Reader:
             data = self._decoded.get(key)
         if data is not None:
             return data
-        data = decode_whole(src, member, label, *self._read_with_header(src, member, label), self.password)
-        if len(data) <= self._decoded.maxsize:
+        data = self._decode(src, member, label)
+        if len(data) != member.size:
+            raise MemberError(src.name, label, f"decodes to {len(data)} bytes, not the declared {member.size}")
+        check_crc(src, member, label, data)
+        if 0 < len(data) <= self._decoded.maxsize:  # an empty entry would cost the LRU nothing: never evicted
             with self._lock:
                 self._decoded[key] = data
         return data
+
+    def _decode(self, src: Source, member: Member, label: str) -> bytes:
+        """A whole member by its method, at most one byte past its declared size.
+
+        Deflate uses zlib-ng, Deflate64 inflate64, bzip2 the standard library (faster than
+        libarchive, see scripts/bench_methods.py), each fed bounded pieces; every other
+        method, and every encrypted member, goes through libarchive.
+        """
+        method = member.method
+        if member.flags & FLAG_ENCRYPTED or method not in (STORED, DEFLATED, DEFLATE64, BZIP2):
+            header, data, _ = self._read_with_header(src, member, label, member.compressed_size)
+            return _libarchive_decode(src, member, label, header, data, self.password)
+        if method == STORED:
+            return self._read_with_header(src, member, label, member.compressed_size)[1]
+        _, first, data_offset = self._read_with_header(src, member, label, INPUT_PIECE)
+        return _decode_pieces(src, member, label, _DECODERS[method](), _pieces(src, member, label, first, data_offset))
 
     def _stream(self, src: Source, member: Member, label: str) -> "_LargeMember":
         key = self._key(member)
@@ -156,6 +242,26 @@ def method_name(method: int) -> str:
     return METHOD_NAMES.get(method, f"compression method {method}")
 
 
+def _fresh(err: MemberError) -> MemberError:
+    """A new error equal to ``err`` (class, message, fields) without its traceback or
+    context: what is remembered holds no frame (nor the buffers in it), and one instance
+    is never raised from several threads at once."""
+    again = type(err).__new__(type(err), *err.args)
+    again.__dict__.update(err.__dict__)
+    return again
+
+
+def check_sizes(src: Source, member: Member, label: str) -> None:
+    """The sizes a member declares, before any of its data is read: a plain stored member's
+    two sizes are one; no compressed size exceeds what its declared size can need."""
+    csize, size = member.compressed_size, member.size
+    if member.method == STORED and not member.flags & FLAG_ENCRYPTED:
+        if csize != size:
+            raise MemberError(src.name, label, f"stored member declares {csize} bytes of data for a size of {size}")
+    elif csize > compressed_bound(size):
+        raise MemberError(src.name, label, f"compressed size {csize} is more than a {size}-byte member can need")
+
+
 def _unchecked_aes(member: Member) -> bool:
     """WinZip AE-2 stores no CRC (0); libarchive checks its authentication code instead."""
     return member.method == AES_METHOD and member.crc32 == 0
@@ -167,88 +273,159 @@ def check_crc(src: Source, member: Member, label: str, data: bytes, crc: int = 0
         raise MemberError(src.name, label, "CRC-32 mismatch: the archive is corrupt")
 
 
-def decode_whole(src: Source, member: Member, label: str, header: bytes, data: bytes,
-                 password: Optional[bytes]) -> bytes:
-    """Decode a whole member by its method: exactly the declared size, CRC checked.
+def _pieces(src: Source, member: Member, label: str, first: bytes, data_offset: int) -> Iterator[memoryview]:
+    """A member's compressed bytes in pieces of at most INPUT_PIECE, ``first`` (already
+    read) first; raises where the archive ends before the declared compressed size.
 
-    Deflate uses zlib-ng, Deflate64 inflate64, bzip2 the standard library (faster than
-    libarchive, see scripts/bench_methods.py); every other method, and every encrypted
-    member, goes through libarchive, fed the member's own local header and data.
+    The very last byte comes alone, so that a decoder that cannot say how much input it
+    left over (inflate64) still tells a stream that ends before its declared compressed
+    size (it ends before that byte) from one that ends exactly there.
     """
-    method = member.method
-    if member.flags & FLAG_ENCRYPTED or method not in (STORED, DEFLATED, DEFLATE64, BZIP2):
-        out = _libarchive_decode(src, member, label, header, data, password)
-    elif method == STORED:
-        out = data
-    elif method == DEFLATED:
-        out = _inflate(src, member, label, data)
-    else:
-        out = _one_shot(src, member, label, data)
-    if len(out) != member.size:
-        raise MemberError(src.name, label, f"decodes to {len(out)} bytes, not the declared {member.size}")
-    check_crc(src, member, label, out)
-    return out
+    end = data_offset + member.compressed_size
+    pos = data_offset + len(first)
+    piece = memoryview(first)
+    while pos < end:
+        yield piece
+        more = src.pread(min(INPUT_PIECE, end - pos), pos)
+        if not more:
+            raise MemberError(src.name, label, "member data is cut short (archive truncated?)")
+        pos += len(more)
+        piece = memoryview(more)
+    if len(piece) > 1:
+        yield piece[:-1]
+    if len(piece):
+        yield piece[-1:]
 
 
-def _inflate(src: Source, member: Member, label: str, compressed: bytes) -> bytes:
-    """Inflate to exactly the declared size: never more (zip bombs), never less."""
-    size = member.size
-    inflater = inflate_impl.decompressobj(-15)
+def _decode_pieces(src: Source, member: Member, label: str, decoder: Any, pieces: Iterator[memoryview]) -> bytes:
+    """Feed ``pieces`` to ``decoder`` (zlib's ``decompress(data, max_length)``, ``eof``,
+    ``unused_data``) until its stream ends. The stream must give exactly the declared
+    size (decoding stops one byte past it) and end exactly at the declared compressed size."""
+    name = method_name(member.method)
+    size, produced, fed = member.size, 0, 0
+    out: List[bytes] = []
     try:
-        data = inflater.decompress(compressed, size + 1)
-    except inflate_impl.error as err:
-        raise MemberError(src.name, label, f"deflate stream is corrupt ({err})") from None
-    if len(data) > size or (inflater.unconsumed_tail and not inflater.eof):
-        raise MemberError(src.name, label, "deflate stream inflates past its declared size")
-    if len(data) < size or not inflater.eof:
-        raise MemberError(src.name, label, "deflate stream ends early")
-    return data
+        for piece in pieces:
+            fed += len(piece)
+            out.append(decoder.decompress(piece, size + 1 - produced))
+            produced += len(out[-1])
+            if produced > size:
+                raise MemberError(src.name, label, f"{name} stream inflates past its declared size")
+            if decoder.eof:
+                break
+    except (inflate_impl.error, OSError, ValueError, EOFError) as err:
+        raise MemberError(src.name, label, f"{name} stream is corrupt ({err})") from None
+    if not decoder.eof or produced < size:
+        raise MemberError(src.name, label, f"{name} stream ends early")
+    if decoder.unused_data or fed < member.compressed_size:
+        raise MemberError(src.name, label, f"{name} stream ends before its declared compressed size")
+    return b"".join(out)
 
 
-def _one_shot(src: Source, member: Member, label: str, compressed: bytes) -> bytes:
-    """Deflate64 and bzip2 (bzip2 bounded by the declared size plus one byte)."""
-    method = member.method
-    size = member.size
-    try:
-        if method != DEFLATE64:
-            return bz2.BZ2Decompressor().decompress(compressed, size + 1)
-        inflater, out = inflate64.Inflater(), []
-        for at in range(0, len(compressed), 1 << 16):  # bounded steps: a bomb stops early
-            out.append(inflater.inflate(compressed[at:at + (1 << 16)]))
-            size -= len(out[-1])
-            if size < 0:
+class _Deflate64:
+    """inflate64 behind zlib's ``decompress(data, max_length)``: inflate64 has no output
+    limit, and one Deflate64 length code copies 65,538 bytes for as little as 18 bits of
+    input (1-bit length and distance codes and 16 extra bits), so input goes in steps of
+    STEP bytes (at most 128 x 29,128 = 3.7 MB out each), stopping once the limit is passed.
+    ``unused_data`` is the input after the step where the stream ended."""
+
+    STEP = 128
+
+    def __init__(self) -> None:
+        self._inflater = inflate64.Inflater()
+        self.unused_data = b""
+
+    @property
+    def eof(self) -> bool:
+        return self._inflater.eof
+
+    def decompress(self, data: memoryview, max_length: int) -> bytes:
+        inflate, out, produced = self._inflater.inflate, [], 0
+        for at in range(0, len(data), self.STEP):
+            out.append(inflate(data[at:at + self.STEP]))
+            produced += len(out[-1])
+            if self._inflater.eof:
+                self.unused_data = bytes(data[at + self.STEP:])
+                break
+            if produced >= max_length:
                 break
         return b"".join(out)
-    except (OSError, ValueError, EOFError) as err:
-        raise MemberError(src.name, label, f"{method_name(method)} stream is corrupt ({err})") from None
+
+
+#: Decoders with zlib's ``decompress(data, max_length)``, ``eof`` and ``unused_data``, by method.
+_DECODERS: Dict[int, Callable[[], Any]] = {
+    DEFLATED: lambda: inflate_impl.decompressobj(-15),
+    DEFLATE64: _Deflate64,
+    BZIP2: bz2.BZ2Decompressor,
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _archive_read_data() -> Callable[..., int]:
+    """libarchive's archive_read_data without libarchive-c's error check, which logs a
+    warning (a bad CRC, a bad AES authentication code) and hands back -20 as a length;
+    here every negative return is an error."""
+    from libarchive import ffi
+    function = ffi.libarchive["archive_read_data"]  # a fresh function pointer, without errcheck
+    function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    function.restype = ctypes.c_ssize_t
+    return function
+
+
+def one_member_archive(member: Member, header: bytes, data: bytes) -> bytes:
+    """A complete zip of one member, as libarchive's seekable reader expects it.
+
+    The local header keeps the member's flags, method, DOS time and extra field (where
+    the AES fields are); the name is a placeholder (libarchive need not convert it) and
+    the CRC and sizes are the central directory's. A central directory and end record
+    follow the data, so libarchive takes the sizes from there and never looks for a data
+    descriptor (which its streaming reader cannot find at the end of a buffer); with bit 3
+    set, the ZipCrypto check byte is still the DOS time's, as the writer made it.
+    """
+    fields = LOCAL.unpack_from(header)
+    flags, method, dos_time, dos_date = fields[2:6]
+    extra = header[LOCAL.size + fields[9]:]
+    name = b"m"
+    local = LOCAL.pack(LOCAL_SIG, 20, flags, method, dos_time, dos_date, member.crc32, len(data), member.size,
+                       len(name), len(extra)) + name + extra
+    central = np.zeros(1, CENTRAL_DTYPE)
+    for field, value in (("signature", CENTRAL_SIG), ("version_made_by", MADE_BY_UNIX << 8 | 20),
+                         ("version_needed", 20), ("flags", flags), ("method", method), ("mod_time", dos_time),
+                         ("mod_date", dos_date), ("crc32", member.crc32), ("compressed_size", len(data)),
+                         ("uncompressed_size", member.size), ("name_length", len(name)),
+                         ("extra_length", len(extra)), ("external_attr", 0o100644 << 16)):
+        central[field] = value
+    directory = central.tobytes() + name + extra
+    end = EOCD.pack(EOCD_SIG, 0, 0, 1, 1, len(directory), len(local) + len(data), 0)
+    return local + data + directory + end
 
 
 def _libarchive_decode(src: Source, member: Member, label: str, header: bytes, data: bytes,
                        password: Optional[bytes]) -> bytes:
-    """Decode one member with libarchive from a one-member archive: the member's own local
-    header (name, extra field such as the AES one) with the central CRC and sizes, its
-    data, and a data descriptor when its flags announce one."""
+    """Decode one member with libarchive, from ``one_member_archive``: at most one byte
+    past its declared size; libarchive's own checks (CRC, AES authentication code, sizes)
+    are errors."""
     import libarchive  # only members with rare methods or encryption pay for the import
 
     encrypted = bool(member.flags & FLAG_ENCRYPTED)
     if encrypted and password is None:
         raise EncryptedError(src.name, label, "member is encrypted; mount with --password-file (or -f for a prompt)")
-    fields = list(LOCAL.unpack_from(header))
-    fields[6:9] = [member.crc32, len(data), member.size]
-    blob = LOCAL.pack(*fields) + header[LOCAL.size:] + data
-    if fields[2] & FLAG_DATA_DESCRIPTOR:
-        blob += DATA_DESCRIPTOR.pack(DATA_DESCRIPTOR_SIG, *fields[6:9])
+    read_data = _archive_read_data()
     budget = member.size + 1
     chunks: List[bytes] = []
     try:
-        with libarchive.memory_reader(blob, format_name="zip", passphrase=password) as archive:
-            for entry in archive:
-                for block in entry.get_blocks():
-                    chunks.append(block)
-                    budget -= len(block)
-                    if budget <= 0:
-                        raise MemberError(src.name, label, "stream decodes past its declared size")
-                break
+        with libarchive.memory_reader(one_member_archive(member, header, data), format_name="zip",
+                                      passphrase=password) as archive:
+            next(iter(archive))  # the one entry; archive._pointer is its reader
+            buffer = ctypes.create_string_buffer(1 << 16)
+            while budget > 0:
+                got = read_data(archive._pointer, buffer, len(buffer))
+                if got < 0:
+                    raise libarchive.ffi.archive_error(archive._pointer, got)
+                if got == 0:
+                    break
+                chunks.append(buffer.raw[:got])
+                budget -= got
     except libarchive.ArchiveError as err:
         message = str(err).split(" (errno=")[0]
         if encrypted and any(word in message.lower() for word in ("passphrase", "password", "decrypt")):
@@ -256,6 +433,8 @@ def _libarchive_decode(src: Source, member: Member, label: str, header: bytes, d
         if "Unsupported" in message:
             raise UnsupportedError(src.name, label, message) from None
         raise MemberError(src.name, label, f"{method_name(member.method)} stream is corrupt ({message})") from None
+    if budget <= 0:
+        raise MemberError(src.name, label, f"{method_name(member.method)} stream decodes past its declared size")
     return b"".join(chunks)
 
 
@@ -488,13 +667,16 @@ class DeflateStream(_LargeMember):
             raise MemberError(self.src.name, self.label, f"deflate stream is corrupt ({err})") from None
 
     def _expect_end(self, cursor: _Cursor) -> None:
-        """At the declared size the stream must end: one more byte would be a bomb."""
+        """At the declared size the stream must end (one more byte would be a bomb), and
+        at the declared compressed size (input left over is not part of the member)."""
         inflater = cursor.inflater
         while not inflater.eof:
             if not inflater.unconsumed_tail and cursor.in_pos >= self.csize:
                 raise MemberError(self.src.name, self.label, "deflate stream does not end at its declared size")
             if self._inflate_more(cursor, 1):
                 raise MemberError(self.src.name, self.label, "deflate stream inflates past its declared size")
+        if inflater.unused_data or cursor.in_pos < self.csize:
+            raise MemberError(self.src.name, self.label, "deflate stream ends before its declared compressed size")
 
     def _maybe_add_point(self, out_pos: int, in_pos: int, inflater: object, crc: Optional[int]) -> None:
         with self._lock:

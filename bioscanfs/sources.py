@@ -64,21 +64,21 @@ class FileSource(Source):
         return self._fds[0] if len(self._fds) == 1 else None
 
     def pread(self, size: int, offset: int) -> bytes:
-        """Read up to ``size`` bytes; shorter only at the end of the source (or of a
-        piece truncated under a live mount)."""
-        if len(self._fds) == 1:
-            return os.pread(self._fds[0], size, offset)
-        piece = bisect.bisect_right(self._starts, offset) - 1
+        """Read ``size`` bytes; shorter only at the end of the source (or of a piece
+        truncated under a live mount). Loops, since Linux returns at most 0x7ffff000
+        bytes per pread(2); never reads a piece past the length it had when opened."""
         chunks = []
-        while size > 0 and piece < len(self._fds):
-            got = os.pread(self._fds[piece], size, offset - self._starts[piece])
+        size = min(size, self.size - offset)
+        while size > 0:
+            piece = bisect.bisect_right(self._starts, offset) - 1
+            end = self._starts[piece + 1] if piece + 1 < len(self._starts) else self.size
+            got = os.pread(self._fds[piece], min(size, end - offset), offset - self._starts[piece])
+            if not got:
+                break  # the end of the source, or of a piece that shrank after it was opened
             chunks.append(got)
             size -= len(got)
             offset += len(got)
-            piece += 1
-            if piece < len(self._fds) and offset != self._starts[piece]:
-                break  # this piece ended early: its file shrank after it was opened
-        return b"".join(chunks)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def close(self) -> None:
         for fd in self._fds:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Dict, Optional, Sequence, Tuple
 
+from zlib_ng import zlib_ng
+
 # APPNOTE 4.3.7 local file header, 4.3.12 central directory header, 4.3.16 end record,
 # 4.3.14/4.3.15 ZIP64 end record and locator, 4.5.3 ZIP64 extra field.
 LOCAL = struct.Struct("<4sHHHHHIIIHH")
@@ -134,3 +136,67 @@ def write_directory(out: BinaryIO, placed: Sequence[Tuple[Entry, int]], comment:
         out.write(EOCD64_LOCATOR.pack(b"PK\x06\x07", 0, eocd64_at, 1))
         count, cd_start = min(count, 0xFFFF), min(cd_start, 0xFFFFFFFF)
     out.write(EOCD.pack(b"PK\x05\x06", 0, 0, count, count, min(cd_size, 0xFFFFFFFF), cd_start, len(comment)) + comment)
+
+
+def deflate_zeros(count: int) -> bytes:
+    """A raw deflate stream of ``count`` zero bytes, compressed piece by piece (a bomb's
+    payload without holding it: 1 GiB becomes ~1 MB, in a tenth of a second with zlib-ng)."""
+    deflater = zlib_ng.compressobj(6, zlib.DEFLATED, -15)
+    block, out = bytes(16 << 20), []
+    while count > 0:
+        out.append(deflater.compress(block[:min(count, len(block))]))
+        count -= len(block)
+    out.append(deflater.flush())
+    return b"".join(out)
+
+
+class _Bits:
+    """Deflate's bit order (RFC 1951 3.1.1): values LSB first, Huffman codes MSB first."""
+
+    def __init__(self) -> None:
+        self.out, self._acc, self._n = bytearray(), 0, 0
+
+    def put(self, value: int, width: int) -> None:
+        self._acc |= value << self._n
+        self._n += width
+        while self._n >= 8:
+            self.out.append(self._acc & 0xFF)
+            self._acc >>= 8
+            self._n -= 8
+
+    def code(self, code: int, width: int) -> None:
+        self.put(int(format(code, f"0{width}b")[::-1], 2), width)
+
+    def flush(self) -> bytes:
+        return bytes(self.out) + (bytes([self._acc]) if self._n else b"")
+
+
+def deflate64_zeros(count: int) -> bytes:
+    """A raw Deflate64 stream of ``count`` (>= 1) zero bytes, written as a bomb is: one
+    literal, then copies of up to 65,538 bytes at distance 1 (Deflate64's length symbol
+    285 has 16 extra bits), in one block of fixed Huffman codes: 29 bits per copy, so
+    about 18,000 bytes out per byte in. No library writes Deflate64 (7-Zip does, slowly)."""
+    bits = _Bits()
+    bits.put(1, 1)         # BFINAL: the last block
+    bits.put(1, 2)         # BTYPE 01: fixed Huffman codes (RFC 1951 3.2.6)
+    bits.code(0x30, 8)     # literal 0
+    left = count - 1
+    while left >= 3:
+        length = min(left, 65538)
+        bits.code(0xC5, 8)        # length symbol 285
+        bits.put(length - 3, 16)  # its extra bits in Deflate64
+        bits.code(0, 5)           # distance symbol 0: distance 1
+        left -= length
+    for _ in range(left):
+        bits.code(0x30, 8)
+    bits.code(0, 7)        # end of block (symbol 256)
+    return bits.flush()
+
+
+def crc32_of_zeros(count: int) -> int:
+    """CRC-32 of ``count`` zero bytes, without holding them."""
+    block, crc = bytes(64 << 20), 0
+    while count > 0:
+        crc = zlib_ng.crc32(block[:min(count, len(block))], crc)
+        count -= len(block)
+    return crc
