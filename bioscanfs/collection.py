@@ -17,7 +17,7 @@ import numpy as np
 
 from .discover import ArchiveSpec, find_archives
 from .errors import BioscanError, NotFound
-from .names import link_stays_inside
+from .names import PATH_MAX, link_stays_inside
 from .index import default_index_dir, load_tree
 from .tree import Tree, check_archive_count
 from .reader import Reader
@@ -36,7 +36,7 @@ FILE_MODE = stat_mod.S_IFREG | 0o444
 LINK_MODE = stat_mod.S_IFLNK | 0o444
 DIR_MODE = stat_mod.S_IFDIR | 0o555
 #: The longest symlink target served: readlink(2) returns at most PATH_MAX - 1 bytes.
-LINK_TARGET_MAX = 4095
+LINK_TARGET_MAX = PATH_MAX - 1
 #: Bytes of symlink verdicts kept (a target costs its length plus LINK_ENTRY_COST).
 LINK_CACHE_BYTES = 4 << 20
 LINK_ENTRY_COST = 64

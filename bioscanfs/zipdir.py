@@ -451,7 +451,7 @@ def _clean_names(archive: str, raw: np.ndarray, ends: np.ndarray, flags: np.ndar
     return blob, np.cumsum(lengths[keep]).astype(np.uint64), keep, is_dir[keep], warnings
 
 
-def _shown(name: bytes, most: int = 200) -> str:
+def _shown(name: bytes, most: int = 512) -> str:
     """A name for a message: escaped, and cut in the middle when long (a hostile name of
     64 KB would otherwise be one 64 KB log line)."""
     text = name.decode("utf-8", "backslashreplace")

@@ -297,6 +297,29 @@ def assert_serves_members(live: "Mount", members: Dict[str, Member]) -> None:
         assert live.path(path).read_bytes() == data, path
 
 
+def rss(pid: int, field_name: str = "VmRSS") -> int:
+    """Resident set size of a process in bytes: now (VmRSS) or its peak so far (VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field_name} for {pid}")
+
+
+def read_direct(path: Path, chunk: int = 1 << 20) -> bytes:
+    """A whole file read with O_DIRECT: every byte comes from the daemon, not the page cache."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        out, offset = [], 0
+        while True:
+            got = os.pread(fd, chunk, offset)
+            if not got:
+                return b"".join(out)
+            out.append(got)
+            offset += len(got)
+    finally:
+        os.close(fd)
+
+
 def errno_of(call: Callable[[], object]) -> int:
     """The errno an OSError carries, or 0 when the call succeeds."""
     try:

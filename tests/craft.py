@@ -7,6 +7,7 @@ an ``Entry`` with only a name and data is a stored member with true sizes and CR
 """
 from __future__ import annotations
 
+import io
 import struct
 import zlib
 from dataclasses import dataclass
@@ -200,3 +201,17 @@ def crc32_of_zeros(count: int) -> int:
         crc = zlib_ng.crc32(block[:min(count, len(block))], crc)
         count -= len(block)
     return crc
+
+
+class Unseekable(io.RawIOBase):
+    """A write-only stream without tell/seek: zipfile then writes data descriptors (flag bit 3)."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, chunk) -> int:  # type: ignore[override]
+        self.data += chunk
+        return len(chunk)

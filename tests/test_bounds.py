@@ -29,10 +29,10 @@ import pytest
 
 from bioscanfs import Collection
 from bioscanfs.errors import MemberError
-from conftest import PYTHON, Mount, MountFactory, assert_one_error_line, data_offset, flip_byte, run_cli, write_at
-from craft import (SYMLINK_ATTR, Entry, crc32_of_zeros, deflate64_zeros, deflate_zeros, deflated, raw_deflate,
+from conftest import (PYTHON, Mount, MountFactory, assert_one_error_line, data_offset, errno_of, flip_byte, read_direct,
+                      rss, run_cli, write_at)
+from craft import (Unseekable, SYMLINK_ATTR, Entry, crc32_of_zeros, deflate64_zeros, deflate_zeros, deflated, raw_deflate,
                    symlink, write_zip)
-from test_hostile import errno_of, read_direct, rss
 
 try:  # in the test extra; without it only the encryption test is skipped
     import pyzipper
@@ -104,22 +104,10 @@ def _plain_files(variant: str) -> Dict[str, bytes]:
             f"{variant}/random.bin": rng.randbytes(30_000)}
 
 
-class _Unseekable(io.RawIOBase):
-    """An output zipfile cannot seek back in: it writes data descriptors (flag bit 3)."""
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, chunk) -> int:  # type: ignore[override]
-        self.data += chunk
-        return len(chunk)
 
 
 def _pyzipper_zip(out: Path, files: Dict[str, bytes], kind: str, descriptor: bool, zip64: bool) -> None:
-    target = _Unseekable() if descriptor else open(out, "wb")
+    target = Unseekable() if descriptor else open(out, "wb")
     compression = pyzipper.ZIP_DEFLATED if kind == "deflate" else pyzipper.ZIP_STORED
     with pyzipper.AESZipFile(target, "w", compression=compression, encryption=pyzipper.WZ_AES) as zf:
         zf.setpassword(PASSWORD.encode())

@@ -30,10 +30,11 @@ from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Set, Tu
 
 import numpy as np
 import pytest
-from zlib_ng import zlib_ng
 
 from bioscanfs.names import clean_name
+from craft import deflate_zeros
 from conftest import (
+    read_direct, rss,
     errno_of,
     assert_serves_members,
     MOUNT_TIMEOUT, Mount, MountFactory, PYTHON, assert_one_error_line, copy_archives, data_offset,
@@ -62,17 +63,6 @@ def edit_end_record(archive: Path, **values: int) -> None:
     archive.write_bytes(data[:at] + _EOCD.pack(*(fields[f] for f in _EOCD_FIELDS)))
 
 
-def deflate_zeros(count: int) -> bytes:
-    """A raw deflate stream of ``count`` zero bytes (zlib-ng: 600 MiB in a tenth of a second)."""
-    deflater = zlib_ng.compressobj(6, zlib.DEFLATED, -15)
-    block, out = bytes(16 << 20), []
-    while count > 0:
-        out.append(deflater.compress(block[:min(count, len(block))]))
-        count -= len(block)
-    out.append(deflater.flush())
-    return b"".join(out)
-
-
 def append_deflated(archive: Path, name: str, stream: bytes, declared_size: int, declared_crc: int) -> None:
     """Append a member holding a raw deflate stream with the given declared size and CRC.
 
@@ -85,29 +75,6 @@ def append_deflated(archive: Path, name: str, stream: bytes, declared_size: int,
 
 
 # -- the daemon ---------------------------------------------------------------------------------
-def rss(pid: int, field_name: str = "VmRSS") -> int:
-    """Resident set size of a process in bytes: now (VmRSS) or its peak so far (VmHWM)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field_name + ":"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no {field_name} for {pid}")
-
-
-def read_direct(path: Path, chunk: int = 1 << 20) -> bytes:
-    """A whole file read with O_DIRECT: every byte comes from the daemon, not the page cache."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    try:
-        out, offset = [], 0
-        while True:
-            got = os.pread(fd, chunk, offset)
-            if not got:
-                return b"".join(out)
-            out.append(got)
-            offset += len(got)
-    finally:
-        os.close(fd)
-
-
 def inside(root: Path, path: Path) -> bool:
     real = os.path.realpath(path)
     return real == str(root) or real.startswith(str(root) + os.sep)

@@ -14,9 +14,8 @@ import zlib
 from pathlib import Path
 import pytest
 
-from conftest import MountFactory, assert_one_error_line, run_cli
+from conftest import MountFactory, assert_one_error_line, rss, run_cli
 from craft import LOCAL, Entry, local_record, raw_deflate, write_directory, write_zip
-from test_hostile import rss
 
 #: What a hostile case may cost the process that indexes and serves it.
 PEAK_LIMIT = 300 << 20

@@ -1,7 +1,6 @@
 """zipdir.read_members against zipfile on unusual but valid archives, and on broken ones."""
 from __future__ import annotations
 
-import io
 import shutil
 import struct
 import zipfile
@@ -15,6 +14,7 @@ import pytest
 from bioscanfs import ArchiveError, Collection
 from bioscanfs.sources import FileSource
 from bioscanfs.zipdir import Members, read_members
+from craft import Unseekable
 from conftest import Member, replace_name_bytes
 
 GENERATED = "BIOSCAN_5M_cropped_256_train.zip"
@@ -65,18 +65,6 @@ def assert_matches_zipfile(path: Path) -> None:
 
 
 # -- valid archives ---------------------------------------------------------------------------
-class _Unseekable(io.RawIOBase):
-    """A write-only stream without tell/seek: zipfile then writes data descriptors."""
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, chunk) -> int:  # type: ignore[override]
-        self.data += chunk
-        return len(chunk)
 
 
 def _generated(tmp_path: Path, fake_set: Path, bench: ModuleType) -> Path:
@@ -93,7 +81,7 @@ def _prepended(tmp_path: Path, fake_set: Path, bench: ModuleType) -> Path:
 
 def _data_descriptors(tmp_path: Path, fake_set: Path, bench: ModuleType) -> Path:
     """zipfile writing to a non-seekable stream: sizes and CRC follow the data (flag bit 3)."""
-    stream = _Unseekable()
+    stream = Unseekable()
     with zipfile.ZipFile(fake_set / GENERATED) as src, zipfile.ZipFile(stream, "w") as out:
         for info in src.infolist():
             out.writestr(info, src.read(info), compress_type=info.compress_type)
