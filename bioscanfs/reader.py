@@ -543,7 +543,10 @@ class DeflateStream(_LargeMember):
     decoding. At most 256 points (interval grows with the member) and ``MAX_CURSORS``
     idle cursors are kept, so memory is bounded whatever the member's size. A read
     takes the idle cursor closest below its offset, waits for a busy one there, or
-    starts one from the nearest seek point. Points made by a cursor that knew its CRC
+    starts one from the nearest seek point. Each cursor keeps the last ``BACKLOG``
+    bytes it decoded: the kernel's readahead sends one reader's requests out of order
+    on several threads, and a request that arrives just after the one beyond it is
+    served from there instead of being decoded again from a seek point. Points made by a cursor that knew its CRC
     carry it, so cursors started from them follow the CRC too.
     """
 
@@ -551,6 +554,7 @@ class DeflateStream(_LargeMember):
     OUTPUT_CAP = 1 << 20
     MAX_CURSORS = 4
     MAX_POINTS = 256
+    BACKLOG = 2 << 20   #: several readahead windows (128 KiB each)
 
     def __init__(self, src: Source, member: Member, label: str, header: LocalHeader) -> None:
         super().__init__(src, member, label, header)
@@ -623,17 +627,19 @@ class DeflateStream(_LargeMember):
         want_end = min(offset + size, self.size)
         while cursor.out_pos + len(cursor.pending) < want_end:
             self._decode_some(cursor)
-            # Drop what lies before the offset, keeping memory bounded by one output cap.
-            drop = min(len(cursor.pending), offset - cursor.out_pos)
-            if drop > 0:
-                del cursor.pending[:drop]
-                cursor.out_pos += drop
+            self._trim(cursor, offset)
         start = offset - cursor.out_pos
         out = bytes(cursor.pending[start:start + (want_end - offset)])
-        # Keep only what follows this read: the next sequential read starts there.
-        del cursor.pending[:start + len(out)]
-        cursor.out_pos = offset + len(out)
+        self._trim(cursor, offset + len(out))
         return out
+
+    def _trim(self, cursor: _Cursor, position: int) -> None:
+        """Drop what the cursor decoded more than BACKLOG before ``position``: memory
+        stays bounded by the backlog and one output cap."""
+        drop = min(len(cursor.pending), position - self.BACKLOG - cursor.out_pos)
+        if drop > 0:
+            del cursor.pending[:drop]
+            cursor.out_pos += drop
 
     def _decode_some(self, cursor: _Cursor) -> None:
         inflater = cursor.inflater
