@@ -28,6 +28,7 @@ import pytest
 
 from bioscanfs import cli, nativefs
 from bioscanfs.reader import WHOLE_READ_MAX
+from craft import Entry, deflated, raw_deflate, write_zip
 from conftest import (
     Member, Mount, assert_serves_members, copy_archives, data_offset, expected_tree, flip_byte, mounted,
     zip_contents, zip_members, zip_paths,
@@ -339,3 +340,32 @@ def test_archive_on_a_filesystem_without_o_direct(fake_set: Path, tmp_path: Path
                         assert os.pread(f.fileno(), length, offset) == data[offset:offset + length], path
     finally:
         subprocess.run(["umount", str(ramfs)], check=True, capture_output=True)
+
+
+def _bad_deflate_members() -> Dict[str, Entry]:
+    """Small deflated members the C inflate path must refuse: a stream cut short, one that
+    inflates past its declared size, one whose CRC-32 is wrong, one with bytes after its end."""
+    plain = bytes(range(256)) * 200
+    stream = raw_deflate(plain)
+    return {
+        "truncated": Entry(b"bad/truncated", stream[:len(stream) // 2], method=8, size=len(plain),
+                           crc=zlib.crc32(plain)),
+        "past-size": Entry(b"bad/past-size", stream, method=8, size=len(plain) - 1, crc=zlib.crc32(plain[:-1])),
+        "wrong-crc": Entry(b"bad/wrong-crc", stream, method=8, size=len(plain), crc=zlib.crc32(plain) ^ 1),
+        "bytes-after-end": Entry(b"bad/bytes-after-end", stream + b"\0" * 16, method=8, size=len(plain),
+                                 crc=zlib.crc32(plain)),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_bad_deflate_members()))
+def test_bad_deflate_stream_gets_eio(case: str, tmp_path: Path, engine: str) -> None:
+    """The C inflate path (native) refuses each bad stream and hands it to Python, which
+    names the fault: EIO, whole or partial, one log line; honest members beside it read."""
+    folder = tmp_path / "zips"
+    folder.mkdir()
+    good = [deflated(b"good/%d" % i, bytes([i]) * 5000 + b"tail") for i in range(3)]
+    write_zip(folder / "streams.zip", [good[0], _bad_deflate_members()[case], *good[1:]])
+    with mounted([folder], tmp_path / engine, engine=engine) as live:
+        live.expect_log(re.escape(f"bad/{case}"))
+        _assert_eio(live.path(f"bad/{case}").read_bytes, case)
+        assert [live.path(f"good/{i}").read_bytes() for i in range(3)] == [bytes([i]) * 5000 + b"tail" for i in range(3)]
