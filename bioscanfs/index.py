@@ -82,14 +82,15 @@ def load_tree(sources: Sequence[FileSource], index_dir: Optional[str],
                 if src not in kept:
                     src.close()
             return tree, kept
-    members, kept = _parse_all(sources, keys, index_dir, on_archive, skip_bad, allow_incomplete)
+    members, kept, from_index = _parse_all(sources, keys, index_dir, on_archive, skip_bad, allow_incomplete)
     arrays, extra = build_tree(members, [s.name for s in kept])
     try:
-        check(arrays, [s.size for s in kept])
+        if from_index:  # a tree merged from member tables parsed just now needs no check
+            check(arrays, [s.size for s in kept])
     except BadTables as err:  # only a forged member table in the index folder gets here
         log.warning("index in %s is damaged (%s); parsing the archives again", index_dir, err)
-        members, kept = _parse_all(kept, [[INDEX_VERSION, s.identity] for s in kept], None, on_archive,
-                                   skip_bad, allow_incomplete)
+        members, kept, _ = _parse_all(kept, [[INDEX_VERSION, s.identity] for s in kept], None, None,
+                                      skip_bad, allow_incomplete)
         arrays, extra = build_tree(members, [s.name for s in kept])
     extra["kept"] = [s.name for s in kept]
     del members
@@ -108,9 +109,10 @@ def load_tree(sources: Sequence[FileSource], index_dir: Optional[str],
 
 def _parse_all(sources: Sequence[FileSource], keys: List[Any], index_dir: Optional[str],
                on_archive: Optional[Callable[[str], None]], skip_bad: bool, allow_incomplete: bool
-               ) -> Tuple[List[zipdir.Members], List[FileSource]]:
-    """Every archive's member table; numpy releases the GIL, so archives parse in parallel."""
-    def parse(job: Tuple[FileSource, Any]) -> Union[zipdir.Members, ArchiveError]:
+               ) -> Tuple[List[zipdir.Members], List[FileSource], bool]:
+    """Every archive's member table, the archives kept, and whether any table came from the
+    index folder; numpy releases the GIL, so archives parse in parallel."""
+    def parse(job: Tuple[FileSource, Any]) -> Union[Tuple[zipdir.Members, bool], ArchiveError]:
         try:
             return _archive_members(job[0], job[1], index_dir)
         except ArchiveError as err:
@@ -123,6 +125,7 @@ def _parse_all(sources: Sequence[FileSource], keys: List[Any], index_dir: Option
 
     members: List[zipdir.Members] = []
     kept: List[FileSource] = []
+    from_index = False
     refused: List[ArchiveError] = []
     with ThreadPoolExecutor(max_workers=min(len(sources), os.cpu_count() or 1) or 1) as pool:
         for src, result in zip(sources, pool.map(parse, zip(sources, keys))):
@@ -134,17 +137,19 @@ def _parse_all(sources: Sequence[FileSource], keys: List[Any], index_dir: Option
                     refused.append(result)
                 src.close()
                 continue
-            members.append(result)
+            members.append(result[0])
+            from_index |= result[1]
             kept.append(src)
     if refused:
         raise refused[0] if len(refused) == 1 else ArchiveError(
             f"{len(refused)} archives", "cannot be used (--skip-bad mounts the rest):\n" +
             "\n".join(str(err) for err in refused))
-    return members, kept
+    return members, kept, from_index
 
 
-def _archive_members(src: FileSource, key: Any, index_dir: Optional[str]) -> zipdir.Members:
-    """One archive's parsed central directory, from its own persisted index if valid.
+def _archive_members(src: FileSource, key: Any, index_dir: Optional[str]) -> Tuple[zipdir.Members, bool]:
+    """One archive's parsed central directory, and whether it came from its own persisted
+    index (whose values are then not to be trusted before the tree's check).
 
     Its warnings are summarised before they are logged or saved: an archive of 200,000
     bad names gives 11 lines, and its index header stays small enough to be read back."""
@@ -153,7 +158,7 @@ def _archive_members(src: FileSource, key: Any, index_dir: Optional[str]) -> zip
         cached = store.load(path, key)
         if cached is not None:
             return zipdir.Members(cached["table"], cached["names"], cached["name_ends"],
-                                  cached["is_dir"], cached["__extra__"])
+                                  cached["is_dir"], cached["__extra__"]), True
     members = zipdir.read_members(src)
     members = members._replace(warnings=summarise(
         members.warnings, lambda rest: f"{src.name}: {rest:,} more members whose names were skipped or changed"))
@@ -166,4 +171,4 @@ def _archive_members(src: FileSource, key: Any, index_dir: Optional[str]) -> zip
                        members.warnings)
         except OSError:
             pass  # load_tree reports the unwritable folder once
-    return members
+    return members, False

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import struct
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Sequence, Tuple
 
 import numpy as np
 
@@ -173,7 +173,7 @@ def _global(src: Source, disk: int, offset: int) -> int:
     return src.disk_bases[disk] + offset
 
 
-def read_members(src: Source, warn: Optional[Callable[[str], None]] = None) -> Members:
+def read_members(src: Source) -> Members:
     """Parse the whole central directory into a member table (no local header is read)."""
     end = read_end_record(src)
     buf = np.frombuffer(src.pread(end.cd_size, end.cd_start), dtype=np.uint8)
@@ -219,9 +219,6 @@ def read_members(src: Source, warn: Optional[Callable[[str], None]] = None) -> M
     if impossible.any():
         keep, names, ends, is_dir = _drop(keep, impossible, names, ends, is_dir)
         warnings.append(f"{src.name}: {int(impossible.sum())} members declare a size of 2^63 bytes or more: skipped")
-    for line in warnings:
-        if warn:
-            warn(line)
     return Members(table if keep.all() else table[keep], names, ends, is_dir, warnings)
 
 
