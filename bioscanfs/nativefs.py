@@ -18,7 +18,7 @@ import numpy as np
 
 from .collection import BLOCK_SIZE, CACHE_SECONDS, Collection
 from .errors import MountError
-from .fs import options_text, read_or_errno
+from .serving import options_text, read_or_errno
 from .names import NAME_MAX
 from .reader import WHOLE_READ_MAX
 from .tree import FILE_DTYPE
