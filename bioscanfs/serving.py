@@ -15,7 +15,7 @@ from .errors import BioscanError
 log = logging.getLogger(__name__)
 
 #: Archive content never changes while mounted, so the kernel may cache names,
-#: attributes, misses and pages for as long as it likes (see README, "Design").
+#: attributes, misses and pages for as long as it likes (see docs/design.md).
 CACHE_OPTIONS: Dict[str, Union[bool, int]] = {
     "ro": True,
     "kernel_cache": True,
