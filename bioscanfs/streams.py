@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import bisect
 import threading
-from typing import List, NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Tuple
 
 # zlib-ng inflates 1.7x and checksums 4x faster than zlib here, with zlib's API (copy() too).
 from zlib_ng import zlib_ng as inflate_impl
@@ -114,6 +114,7 @@ class _Cursor:
         self.in_pos = point.in_pos
         self.pending = bytearray()  #: decoded bytes starting at out_pos (appends stay linear)
         self.crc = point.crc     #: running CRC of everything decoded, when known
+        self.served: Optional[int] = None  #: where the last read it answered ended
 
 
 class DeflateStream(LargeMember):
@@ -127,8 +128,10 @@ class DeflateStream(LargeMember):
     starts one from the nearest seek point. Each cursor keeps the last ``BACKLOG``
     bytes it decoded: the kernel's readahead sends one reader's requests out of order
     on several threads, and a request that arrives just after the one beyond it is
-    served from there instead of being decoded again from a seek point. Points made by a cursor that knew its CRC
-    carry it, so cursors started from them follow the CRC too.
+    served from there instead of being decoded again from a seek point. Points made
+    by a cursor that knew its CRC carry it, so cursors started from them follow the CRC
+    too. A cursor that answers two reads in a row (a sequential reader) is handed to a
+    ``_Ahead``, which decodes ahead of that reader on a thread of its own.
     """
 
     INPUT_CHUNK = 64 << 10
@@ -144,20 +147,37 @@ class DeflateStream(LargeMember):
         self._idle: List[_Cursor] = []
         self._busy: List[_Cursor] = []
         self._lock = threading.Lock()  #: guards the seek points
-        self._changed = threading.Condition()  #: guards the cursor lists
+        self._changed = threading.Condition()  #: guards the cursor lists and ``_ahead``
+        self._ahead: Optional[_Ahead] = None
 
     def _read(self, size: int, offset: int) -> bytes:
-        cursor = self._take(offset)
+        while True:
+            ahead = self._ahead
+            got = ahead.read(offset, size) if ahead is not None else None
+            if got is not None:
+                out, crc = got
+                break
+            cursor = self._take(offset)
+            if cursor is None:  # a decoder ahead took over this stretch meanwhile
+                continue
+            out, crc = self._read_with(cursor, offset, size)
+            break
+        if offset + len(out) == self.size:
+            self._at_end(crc)
+        return out
+
+    def _read_with(self, cursor: _Cursor, offset: int, size: int) -> Tuple[bytes, Optional[int]]:
+        sequential = cursor.served == offset
         try:
             out = self._advance(cursor, offset, size)
         except BaseException:
             self._give(cursor, keep=False)  # its state is unknown now
             raise
+        cursor.served = offset + len(out)
         crc = cursor.crc
-        self._give(cursor, keep=True)
-        if offset + len(out) == self.size:
-            self._at_end(crc)
-        return out
+        if not (sequential and self._hand_ahead(cursor)):
+            self._give(cursor, keep=True)
+        return out, crc
 
     def _whole_crc(self) -> int:
         cursor = _Cursor(self._points[0])
@@ -176,9 +196,12 @@ class DeflateStream(LargeMember):
                     best = cursor
         return best
 
-    def _take(self, offset: int) -> _Cursor:
+    def _take(self, offset: int) -> Optional[_Cursor]:
+        """A cursor for a read at ``offset``, or None when a decoder ahead covers it now."""
         with self._changed:
             while True:
+                if self._ahead is not None and self._ahead.covers(offset):
+                    return None
                 cursor = self._nearest(self._idle, offset)
                 if cursor is not None:
                     self._idle.remove(cursor)
@@ -198,6 +221,27 @@ class DeflateStream(LargeMember):
         with self._changed:
             self._busy.remove(cursor)
             if keep:
+                self._idle.append(cursor)
+                if len(self._idle) > self.MAX_CURSORS:
+                    self._idle.pop(0)
+            self._changed.notify_all()
+
+    def _hand_ahead(self, cursor: _Cursor) -> bool:
+        """Give a busy cursor to a new decoder ahead, unless one runs or the cursor is at the end."""
+        with self._changed:
+            if self._ahead is not None or cursor.out_pos + len(cursor.pending) >= self.size:
+                return False
+            self._busy.remove(cursor)
+            self._ahead = _Ahead(self, cursor)
+            self._changed.notify_all()
+            return True
+
+    def _ahead_stopped(self, ahead: "_Ahead", cursor: Optional[_Cursor]) -> None:
+        """The decoder ahead stopped; its cursor (None after an error) becomes an idle one."""
+        with self._changed:
+            if self._ahead is ahead:
+                self._ahead = None
+            if cursor is not None:
                 self._idle.append(cursor)
                 if len(self._idle) > self.MAX_CURSORS:
                     self._idle.pop(0)
@@ -270,3 +314,94 @@ class DeflateStream(LargeMember):
             last = self._points[-1].out_pos
             if out_pos >= last + self.interval:
                 self._points.append(_Point(out_pos, in_pos, inflater.copy(), crc))  # type: ignore[attr-defined]
+
+
+class _Ahead:
+    """Decodes a deflate stream ahead of one sequential reader, on a thread of its own.
+
+    Why: without it, each request decodes what it returns on the thread that answers it,
+    so decoding, the kernel's copy and the reader's own work (an md5, a CSV parser) take
+    turns. Here the thread decodes up to ``LEAD`` bytes beyond the furthest request while
+    requests are answered from its buffer (zlib-ng drops the GIL while it inflates).
+    Requests within ``[start, decoded end + LEAD]`` are answered from the buffer, waiting
+    for the thread if need be; all others go to the stream's cursors. The thread stops
+    at the end of the member, after ``IDLE`` seconds without a request, or at any error:
+    what it has not decoded is then read through the cursors, which meet the same error
+    and report it as for any read. The buffer keeps ``DeflateStream.BACKLOG`` bytes
+    behind the furthest request for the readahead requests that arrive late.
+    """
+
+    LEAD = 8 << 20
+    IDLE = 2.0
+
+    def __init__(self, stream: DeflateStream, cursor: _Cursor) -> None:
+        self._stream = stream
+        self._start = cursor.out_pos  #: stream offset of _buffer[0]
+        self._buffer = cursor.pending
+        cursor.out_pos += len(cursor.pending)
+        cursor.pending = bytearray()  # the cursor is the thread's alone from here on
+        self._furthest = cursor.out_pos  #: the furthest end a request has asked for
+        self._crc: Optional[int] = None  #: the member's CRC-32 once decoded to the end
+        self._running = True
+        self._changed = threading.Condition()
+        threading.Thread(target=self._run, args=(cursor,), name="bioscanfs-ahead", daemon=True).start()
+
+    def _end(self) -> int:
+        return self._start + len(self._buffer)
+
+    def covers(self, offset: int) -> bool:
+        """Whether a read at ``offset`` waits for this decoder (rather than a cursor)."""
+        with self._changed:
+            return self._running and self._start <= offset <= self._end() + self.LEAD
+
+    def read(self, offset: int, size: int) -> Optional[Tuple[bytes, Optional[int]]]:
+        """(the bytes, and the member's CRC when they reach its end), or None when the
+        range is not (or no longer) this decoder's."""
+        want_end = min(offset + size, self._stream.size)
+        with self._changed:
+            if not self._start <= offset <= self._end() + self.LEAD:
+                return None
+            if want_end > self._furthest:
+                self._furthest = want_end
+                self._changed.notify_all()
+            while self._end() < want_end and self._running:
+                self._changed.wait()
+            if self._end() < want_end or offset < self._start:
+                return None
+            out = bytes(self._buffer[offset - self._start:want_end - self._start])
+            self._trim()
+            return out, self._crc if want_end == self._stream.size else None
+
+    def _trim(self) -> None:
+        drop = min(len(self._buffer), self._furthest - DeflateStream.BACKLOG - self._start)
+        if drop > 0:
+            del self._buffer[:drop]
+            self._start += drop
+
+    def _run(self, cursor: _Cursor) -> None:
+        stream = self._stream
+        try:
+            while self._wait_for_room():
+                stream._decode_some(cursor)  # outside the lock: requests are answered meanwhile
+                with self._changed:
+                    self._buffer += cursor.pending
+                    cursor.out_pos += len(cursor.pending)
+                    cursor.pending.clear()
+                    if cursor.out_pos == stream.size:
+                        self._crc = cursor.crc
+                    self._trim()
+                    self._changed.notify_all()
+        except Exception:  # noqa: BLE001 - the cursors meet it again and report it
+            cursor = None
+        with self._changed:
+            self._running = False
+            self._changed.notify_all()
+        stream._ahead_stopped(self, cursor)
+
+    def _wait_for_room(self) -> bool:
+        """Wait until the reader is less than LEAD behind; False to stop (at the end, or idle)."""
+        with self._changed:
+            while self._end() >= self._furthest + self.LEAD:
+                if not self._changed.wait(self.IDLE):
+                    return False
+            return self._end() < self._stream.size
