@@ -114,9 +114,9 @@ def _engine(name: Optional[str]) -> Callable[..., None]:
     if nativefs.available():
         return nativefs.serve
     if name == "native":
-        raise click.ClickException("the native engine is not built (it needs gcc and libfuse3-dev at install "
-                                   "time: apt install gcc libfuse3-dev zlib1g-dev, then reinstall bioscanfs)")
-    log.warning("native engine not built; serving with mfusepy (slower per request)")
+        raise click.ClickException(f"the native engine {nativefs.unavailable_reason()}")
+    click.echo(f"warning: serving with mfusepy, slower per request: the native engine "
+               f"{nativefs.unavailable_reason()}", err=True)
     return fs.serve
 
 

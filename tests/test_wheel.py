@@ -1,28 +1,35 @@
-"""The binary wheel (issue 19): ``scripts/wheel`` builds it, a fresh virtualenv installs
-it with binaries only and no compiler on PATH, and its native engine, linked against the
-libfuse 3 and libdeflate copies inside the wheel, mounts.
+"""Installing the native engine (issue 19): the binary wheel, and what is said when the
+engine is missing.
 
-Marked slow (a build and an install of the dependencies: about two minutes); built once
-per session. Native engine only: the wheel exists to carry it (the mfusepy engine is
-pure Python and the same in every install). Mounting needs /dev/fuse and root or
-fusermount3, as every mount test.
+``scripts/wheel`` builds the wheel, a fresh virtualenv installs it with binaries only and
+no compiler on PATH, and its native engine, linked against the libfuse 3 and libdeflate
+copies inside the wheel, mounts. Those tests are marked slow (a build and an install of
+the dependencies: about two minutes; built once per session). Native engine only: the
+wheel exists to carry it (the mfusepy engine is pure Python, the same in every install).
+
+A copy of the package without its engine, or with one that links a library that is not
+there, stands for an install that lost it.
 """
 from __future__ import annotations
 
+import importlib.machinery
 import os
 import re
+import shutil
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
 from types import ModuleType
-from typing import Dict
+from typing import Dict, NamedTuple
 
 import pytest
 
-from conftest import REPO, force_unmount, is_mounted, zip_contents, zip_members
+from conftest import (
+    MOUNT_TIMEOUT, REPO, assert_one_error_line, force_unmount, is_mounted, zip_contents, zip_members,
+)
 
-pytestmark = pytest.mark.slow
 BUILD_TIMEOUT = 900.0   #: liveness only: the build and the install fetch and unpack wheels
 
 
@@ -55,6 +62,7 @@ def wheel_env(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return env_dir
 
 
+@pytest.mark.slow
 def test_wheel_carries_its_libraries(wheel: Path) -> None:
     """A manylinux tag, the compiled engine, and libfuse 3 and libdeflate inside."""
     assert re.search(r"-manylinux_2_\d+_\w+\.whl$", wheel.name), wheel.name
@@ -73,6 +81,7 @@ def _engine_of(env_dir: Path) -> Dict[str, str]:
     return {"package": package, "engine": engine, "available": available}
 
 
+@pytest.mark.slow
 def test_engine_loads_the_bundled_libraries(wheel_env: Path) -> None:
     """The engine imports from the fresh environment, and ldd resolves libfuse3 and
     libdeflate to the copies beside it, not to /usr/lib."""
@@ -85,6 +94,7 @@ def test_engine_loads_the_bundled_libraries(wheel_env: Path) -> None:
         assert lines and all("/bioscanfs.libs/" in line for line in lines), ldd
 
 
+@pytest.mark.slow
 def test_wheel_mounts_with_the_native_engine(wheel_env: Path, make_fake: ModuleType, tmp_path: Path) -> None:
     """The installed command mounts with ``--engine native`` (which refuses rather than
     falling back) and serves members as zipfile reads them; its own umount ends it."""
@@ -105,3 +115,57 @@ def test_wheel_mounts_with_the_native_engine(wheel_env: Path, make_fake: ModuleT
         force_unmount(point)
     assert "Traceback" not in (index / "bioscanfs.log").read_text()
 
+
+
+class EnginelessCli(NamedTuple):
+    """``python -S -m bioscanfs`` on a copy of the package without its compiled engine:
+    without site, the editable install's finder (which would find the engine in the
+    repository) is not loaded; the dependencies come from this environment's site-packages."""
+
+    package_root: Path
+
+    def __call__(self, *args: object) -> subprocess.CompletedProcess:
+        env = dict(os.environ, PYTHONPATH=f"{self.package_root}:{sysconfig.get_paths()['purelib']}")
+        return subprocess.run([sys.executable, "-S", "-m", "bioscanfs", *map(str, args)], capture_output=True,
+                              text=True, env=env, cwd=str(self.package_root), timeout=MOUNT_TIMEOUT,
+                              stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture
+def engineless(tmp_path: Path) -> EnginelessCli:
+    root = tmp_path / "pkg"
+    shutil.copytree(REPO / "bioscanfs", root / "bioscanfs", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    return EnginelessCli(root)
+
+
+def test_engine_not_built(engineless: EnginelessCli, fake_set: Path, mountpoint: Path, tmp_path: Path) -> None:
+    """``--engine native`` refuses with one line saying why and how to get it; the default
+    falls back to mfusepy and says so once. (The fallback is the mfusepy engine by nature.)"""
+    index = ["--index-dir", tmp_path / "index"]
+    done = engineless("mount", fake_set, mountpoint, "--engine", "native", *index)
+    assert_one_error_line(done, "the native engine was not built when bioscanfs was installed")
+    assert "scripts/wheel" in done.stderr and "apt install gcc python3-dev libfuse3-dev" in done.stderr
+    done = engineless("mount", fake_set, mountpoint, *index)
+    try:
+        assert done.returncode == 0 and is_mounted(mountpoint), done.stderr
+        warnings = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
+        assert len(warnings) == 1 and "serving with mfusepy" in warnings[0] and "not built" in warnings[0], done.stderr
+    finally:
+        engineless("umount", mountpoint)
+        force_unmount(mountpoint)
+
+
+def test_engine_links_a_missing_library(engineless: EnginelessCli, fake_set: Path, mountpoint: Path,
+                                        tmp_path: Path) -> None:
+    """An engine built against a library this machine lacks: one line naming the library
+    and the packages that bring it."""
+    gone = tmp_path / "libbioscanfs_gone.so"
+    engine = engineless.package_root / "bioscanfs" / f"_nativefs{importlib.machinery.EXTENSION_SUFFIXES[0]}"
+    for command in (["gcc", "-shared", "-fPIC", "-x", "c", "/dev/null", "-o", str(gone)],
+                    ["gcc", "-shared", "-fPIC", "-x", "c", "/dev/null", "-o", str(engine),
+                     f"-L{tmp_path}", "-Wl,--no-as-needed", "-lbioscanfs_gone"]):
+        _run(command)
+    gone.unlink()
+    done = engineless("mount", fake_set, mountpoint, "--engine", "native", "--index-dir", tmp_path / "index")
+    assert_one_error_line(done, "the native engine cannot be loaded (libbioscanfs_gone.so: cannot open")
+    assert "apt install libfuse3-3 libdeflate0" in done.stderr
