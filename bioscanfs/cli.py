@@ -189,7 +189,7 @@ def mount(sources, mountpoint, foreground, options, cache_size, log_file, verbos
     Returns once the tree can be read; the filesystem keeps running in the background
     until `bioscanfs umount MOUNTPOINT`.
     """
-    from .fs import mount_options
+    from .serving import mount_options
 
     serve = _engine(engine)
     mountpoint = os.path.realpath(mountpoint)
@@ -299,7 +299,7 @@ class _MountEntry(NamedTuple):
     [OPTIONAL...] - FSTYPE SOURCE SUPER-OPTIONS."""
 
     id: int
-    fstype: str     #: ``fuse.bioscanfs`` for ours (fs.SUBTYPE), ``tmpfs``, ...
+    fstype: str     #: ``fuse.bioscanfs`` for ours (serving.SUBTYPE), ``tmpfs``, ...
     source: str
 
 
@@ -330,7 +330,7 @@ def _is_mounted(mountpoint: str) -> bool:
 def umount(mountpoint, lazy) -> None:
     """Unmount the bioscanfs mount at MOUNTPOINT, including a stale one whose process has
     died. Anything else mounted there is left alone."""
-    from .fs import SUBTYPE
+    from .serving import SUBTYPE
 
     point = os.path.realpath(mountpoint)
     mounts = _mounts_at(point)

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 #: What every engine answers for every path (one home for both; test_engines compares them).
 #: Content never changes while mounted, so the kernel may keep names, attributes, misses and
-#: pages for a day (see README, "Design").
+#: pages for a day (see docs/design.md).
 CACHE_SECONDS = 86400
 #: st_blksize and the statfs block: large, so tools read in large pieces.
 BLOCK_SIZE = 65536

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from .errors import SourceError
 from .layout import PackageName, parse_package_name
@@ -42,6 +42,18 @@ def find_archives(inputs: Sequence[str], allow_incomplete: bool = False) -> Tupl
     A missing piece of a split or spanned archive raises SourceError naming the piece,
     unless ``allow_incomplete``, which skips that archive with a warning.
     """
+    raw, spans, plain = _grouped(_listed_files(inputs))
+    gaps = _Gaps(allow_incomplete)
+    specs = _raw_specs(raw, gaps) + _spanned_specs(spans, plain, gaps)
+    specs += [ArchiveSpec([path], False, parse_package_name(os.path.basename(path))) for path in plain]
+    specs.sort(key=lambda spec: spec.paths[0])
+    if not specs:
+        raise SourceError(f"{', '.join(inputs)}: no zip archives found")
+    return specs, gaps.warnings + _part_gaps(plain)
+
+
+def _listed_files(inputs: Sequence[str]) -> List[str]:
+    """The files named or held (not recursively) by the inputs, local ones made absolute."""
     files: List[str] = []
     for item in inputs:
         if is_url(item):
@@ -53,9 +65,17 @@ def find_archives(inputs: Sequence[str], allow_incomplete: bool = False) -> Tupl
             files.append(item)
         else:
             raise SourceError(f"{item}: no such file or folder")
-    files = [f if is_url(f) else os.path.abspath(f) for f in files]
-    raw: Dict[str, Dict[int, str]] = {}
-    spans: Dict[str, Dict[int, str]] = {}
+    return [f if is_url(f) else os.path.abspath(f) for f in files]
+
+
+_Pieces = Dict[str, Dict[int, str]]
+
+
+def _grouped(files: Sequence[str]) -> Tuple[_Pieces, _Pieces, List[str]]:
+    """Raw byte-split pieces and spanned pieces by stem (piece number -> path), and plain
+    ``.zip`` files (a spanned set's last piece among them); other files are ignored."""
+    raw: _Pieces = {}
+    spans: _Pieces = {}
     plain: List[str] = []
     for path in files:
         base = os.path.basename(path)
@@ -65,43 +85,53 @@ def find_archives(inputs: Sequence[str], allow_incomplete: bool = False) -> Tupl
             spans.setdefault(os.path.join(os.path.dirname(path), m["stem"]), {})[int(m["n"])] = path
         elif base.lower().endswith(".zip"):
             plain.append(path)
-    warnings: List[str] = []
-    specs: List[ArchiveSpec] = []
+    return raw, spans, plain
 
-    def complete(stem: str, pieces: Dict[int, str], name_of) -> Optional[List[str]]:
-        missing = [name_of(n) for n in range(1, max(pieces) + 1) if n not in pieces]
+
+class _Gaps:
+    """What to do about an archive with a missing piece: refuse, or skip it with a warning."""
+
+    def __init__(self, allow_incomplete: bool) -> None:
+        self.allow_incomplete = allow_incomplete
+        self.warnings: List[str] = []
+
+    def skip(self, message: str) -> None:
+        if not self.allow_incomplete:
+            raise SourceError(message + " (use --allow-incomplete to mount the rest)")
+        self.warnings.append(message + "; skipping this archive")
+
+    def complete(self, stem: str, pieces: Dict[int, str], piece_name: Callable[[int], str]) -> Optional[List[str]]:
+        """The pieces in order, or None (after ``skip``) when one of 1..max is missing."""
+        missing = [piece_name(n) for n in range(1, max(pieces) + 1) if n not in pieces]
         if not missing:
             return [pieces[n] for n in sorted(pieces)]
-        message = f"{os.path.basename(stem)}: missing piece {', '.join(missing)}"
-        if not allow_incomplete:
-            raise SourceError(message + " (use --allow-incomplete to mount the rest)")
-        warnings.append(message + "; skipping this archive")
+        self.skip(f"{os.path.basename(stem)}: missing piece {', '.join(missing)}")
         return None
 
+
+def _raw_specs(raw: _Pieces, gaps: _Gaps) -> List[ArchiveSpec]:
+    specs = []
     for stem, pieces in sorted(raw.items()):
-        got = complete(stem, pieces, lambda n, s=stem: os.path.basename(s) + f".{n:03d}")
+        got = gaps.complete(stem, pieces, lambda n, s=stem: os.path.basename(s) + f".{n:03d}")
         if got:
             specs.append(ArchiveSpec(got, False, parse_package_name(os.path.basename(stem))))
+    return specs
+
+
+def _spanned_specs(spans: _Pieces, plain: List[str], gaps: _Gaps) -> List[ArchiveSpec]:
+    """Spanned sets (``NAME.z01`` ... ``NAME.zip``); each set's ``.zip`` is taken out of
+    ``plain``, also when the set is left out whole."""
+    specs = []
     for stem, pieces in sorted(spans.items()):
         last = stem + ".zip"
-        got = complete(stem, pieces, lambda n, s=stem: os.path.basename(s) + f".z{n:02d}")
-        if not got and last in plain:
-            plain.remove(last)  # the set is left out whole, its last piece too
-        elif got and last in plain:
+        got = gaps.complete(stem, pieces, lambda n, s=stem: os.path.basename(s) + f".z{n:02d}")
+        if last in plain:
             plain.remove(last)
-            specs.append(ArchiveSpec(got + [last], True, parse_package_name(os.path.basename(last))))
+            if got:
+                specs.append(ArchiveSpec(got + [last], True, parse_package_name(os.path.basename(last))))
         elif got:
-            message = f"{os.path.basename(last)}: missing the last piece of a spanned set"
-            if not allow_incomplete:
-                raise SourceError(message + " (use --allow-incomplete to mount the rest)")
-            warnings.append(message + "; skipping this archive")
-    for path in plain:
-        specs.append(ArchiveSpec([path], False, parse_package_name(os.path.basename(path))))
-    warnings.extend(_part_gaps(plain))
-    specs.sort(key=lambda spec: spec.paths[0])
-    if not specs:
-        raise SourceError(f"{', '.join(inputs)}: no zip archives found")
-    return specs, warnings
+            gaps.skip(f"{os.path.basename(last)}: missing the last piece of a spanned set")
+    return specs
 
 
 def _part_gaps(paths: Sequence[str]) -> List[str]:

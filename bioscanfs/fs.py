@@ -1,6 +1,4 @@
-"""The mfusepy engine, and what both engines share: errno mapping and mount options.
-
-The mfusepy engine is a thin adapter over Collection, used when the native engine
+"""The mfusepy engine: a thin adapter over Collection, used when the native engine
 (``nativefs``) is not built, or on request (``--engine python``). Only what a read-only
 filesystem answers is overridden: mfusepy's base class answers every write-type call
 with EROFS. ``open`` answers ENOSYS once, after which the kernel opens files without
@@ -15,26 +13,16 @@ import os
 import signal
 import tempfile
 import threading
-from typing import Any, Callable, Dict, Iterator, List, Optional, Union
+from typing import Any, Callable, Dict, Iterator, Optional, Union
 
 import mfusepy
 
-from .collection import BLOCK_SIZE, CACHE_SECONDS, Collection
-from .errors import BioscanError, MountError, NotFound
+from .collection import BLOCK_SIZE, Collection
+from .errors import MountError, NotFound
 from .names import NAME_MAX
+from .serving import CACHE_OPTIONS, options_text, read_or_errno
 
 log = logging.getLogger(__name__)
-
-#: Archive content never changes while mounted, so the kernel may cache names,
-#: attributes, misses and pages for as long as it likes (see README, "Design").
-CACHE_OPTIONS: Dict[str, Union[bool, int]] = {
-    "ro": True,
-    "kernel_cache": True,
-    "entry_timeout": CACHE_SECONDS,
-    "attr_timeout": CACHE_SECONDS,
-    "negative_timeout": CACHE_SECONDS,
-}
-
 
 class BioscanFS(mfusepy.Operations):
     use_ns = True
@@ -105,45 +93,6 @@ class BioscanFS(mfusepy.Operations):
             "f_bfree": 0, "f_bavail": 0, "f_files": len(tree.files) + tree.n_dirs,
             "f_ffree": 0, "f_favail": 0, "f_namemax": NAME_MAX,
         }
-
-
-def read_or_errno(c: Collection, node: int, size: int, offset: int, label: str) -> Union[bytes, int]:
-    """A member's bytes, or the errno its failure maps to, logged once with its archive.
-
-    Out of memory is EIO too: mfusepy would answer EINVAL, the native engine EIO.
-    """
-    try:
-        return c.read_node(node, size, offset, label)
-    except BioscanError as err:
-        log.error("cannot read %s: %s", label, err)
-        return err.errno
-    except (OSError, MemoryError) as err:
-        log.error("cannot read %s in %s: %s", label, c.archive_of(node), str(err) or "out of memory")
-        return errno.EIO
-
-
-#: Both engines mount with this subtype: /proc/self/mountinfo then shows the filesystem
-#: type ``fuse.bioscanfs``, by which ``bioscanfs umount`` knows a mount as its own.
-SUBTYPE = "bioscanfs"
-
-
-def mount_options(user_options: List[str], fsname: str) -> Dict[str, Union[bool, str, int]]:
-    """Named, with the ``-o`` options the user gives (``a,b=c``); always read-only and of
-    our subtype, whatever they say. ``fsname`` is the source the mount table shows, in
-    option syntax (``,`` and ``\\`` escaped: mount_helper.source_name)."""
-    options: Dict[str, Union[bool, str, int]] = {"fsname": fsname}
-    for group in user_options:
-        for item in filter(None, group.split(",")):
-            key, sep, value = item.partition("=")
-            options[key] = value if sep else True
-    options.update(ro=True, subtype=SUBTYPE)
-    options.pop("rw", None)
-    return options
-
-
-def options_text(options: Dict[str, Union[bool, str, int]]) -> str:
-    """Options in libfuse's ``-o`` syntax; a False flag is left out."""
-    return ",".join(k if v is True else f"{k}={v}" for k, v in options.items() if v is not False)
 
 
 def serve(collection: Collection, mountpoint: str, options: Dict[str, Union[bool, str, int]],

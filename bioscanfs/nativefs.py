@@ -5,7 +5,7 @@ costs a LOOKUP and a READ. ``_nativefs`` answers lookups, attributes, listings a
 reads of stored and deflated members up to 1 MiB from the memory-mapped tree without the
 GIL; it calls back here only for what needs the reader (other methods, encrypted, large
 or remote members, partial reads, reads whose checks fail in C) and for symlinks; with
-``-vv`` each such read is logged. See README, "Design".
+``-vv`` each such read is logged. See docs/design.md.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import numpy as np
 
 from .collection import BLOCK_SIZE, CACHE_SECONDS, Collection
 from .errors import MountError
-from .fs import options_text, read_or_errno
+from .serving import options_text, read_or_errno
 from .names import NAME_MAX
 from .reader import WHOLE_READ_MAX
 from .tree import FILE_DTYPE

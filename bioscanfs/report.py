@@ -15,9 +15,7 @@ import numpy as np
 
 from .collection import Collection
 from .errors import BioscanError
-
-METHOD_NAMES = {0: "stored", 8: "deflate", 9: "deflate64", 12: "bzip2", 14: "lzma",
-                93: "zstd", 95: "xz", 98: "ppmd", 99: "aes"}
+from .reader import METHOD_NAMES
 
 
 def _package_of(folder: bytes) -> Tuple[str, Optional[str]]:

@@ -1,0 +1,64 @@
+"""What both engines share: the mount options, the cache timeouts, and the errno a failed read maps to.
+
+Why a module of its own: the native engine (``nativefs``) and the mfusepy engine (``fs``)
+must answer alike, and the native one should not import mfusepy to get these.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+from typing import Dict, List, Union
+
+from .collection import CACHE_SECONDS, Collection
+from .errors import BioscanError
+
+log = logging.getLogger(__name__)
+
+#: Archive content never changes while mounted, so the kernel may cache names,
+#: attributes, misses and pages for as long as it likes (see docs/design.md).
+CACHE_OPTIONS: Dict[str, Union[bool, int]] = {
+    "ro": True,
+    "kernel_cache": True,
+    "entry_timeout": CACHE_SECONDS,
+    "attr_timeout": CACHE_SECONDS,
+    "negative_timeout": CACHE_SECONDS,
+}
+
+
+def read_or_errno(c: Collection, node: int, size: int, offset: int, label: str) -> Union[bytes, int]:
+    """A member's bytes, or the errno its failure maps to, logged once with its archive.
+
+    Out of memory is EIO too: mfusepy would answer EINVAL, the native engine EIO.
+    """
+    try:
+        return c.read_node(node, size, offset, label)
+    except BioscanError as err:
+        log.error("cannot read %s: %s", label, err)
+        return err.errno
+    except (OSError, MemoryError) as err:
+        log.error("cannot read %s in %s: %s", label, c.archive_of(node), str(err) or "out of memory")
+        return errno.EIO
+
+
+#: Both engines mount with this subtype: /proc/self/mountinfo then shows the filesystem
+#: type ``fuse.bioscanfs``, by which ``bioscanfs umount`` knows a mount as its own.
+SUBTYPE = "bioscanfs"
+
+
+def mount_options(user_options: List[str], fsname: str) -> Dict[str, Union[bool, str, int]]:
+    """Named, with the ``-o`` options the user gives (``a,b=c``); always read-only and of
+    our subtype, whatever they say. ``fsname`` is the source the mount table shows, in
+    option syntax (``,`` and ``\\`` escaped: mount_helper.source_name)."""
+    options: Dict[str, Union[bool, str, int]] = {"fsname": fsname}
+    for group in user_options:
+        for item in filter(None, group.split(",")):
+            key, sep, value = item.partition("=")
+            options[key] = value if sep else True
+    options.update(ro=True, subtype=SUBTYPE)
+    options.pop("rw", None)
+    return options
+
+
+def options_text(options: Dict[str, Union[bool, str, int]]) -> str:
+    """Options in libfuse's ``-o`` syntax; a False flag is left out."""
+    return ",".join(k if v is True else f"{k}={v}" for k, v in options.items() if v is not False)
