@@ -20,7 +20,7 @@ from typing import Any, Callable, List, NamedTuple, Optional, TypeVar
 
 import click
 
-from . import store
+from . import mount_helper, store
 from .collection import Collection, open_tree
 from .errors import BioscanError
 from .index import default_index_dir
@@ -57,6 +57,12 @@ class _Main(click.Group):
     """The command group; translates errors once for every command (never a traceback):
     the project's errors and failed writes to standard output become one line and exit 1
     (click itself ends quietly when the reader of a pipe has gone, as in ``| head``)."""
+
+    def parse_args(self, ctx: click.Context, args: List[str]) -> List[str]:
+        """mount(8) runs ``bioscanfs SOURCE MOUNTPOINT -o OPTIONS``: read as ``bioscanfs mount``."""
+        if mount_helper.is_helper_call(args, list(self.commands)):
+            args = mount_helper.mount_arguments(args, self.commands["mount"])
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -108,9 +114,9 @@ def _engine(name: Optional[str]) -> Callable[..., None]:
     if nativefs.available():
         return nativefs.serve
     if name == "native":
-        raise click.ClickException("the native engine is not built (it needs gcc and libfuse3-dev at install "
-                                   "time: apt install gcc libfuse3-dev zlib1g-dev, then reinstall bioscanfs)")
-    log.warning("native engine not built; serving with mfusepy (slower per request)")
+        raise click.ClickException(f"the native engine {nativefs.unavailable_reason()}")
+    click.echo(f"warning: serving with mfusepy, slower per request: the native engine "
+               f"{nativefs.unavailable_reason()}", err=True)
     return fs.serve
 
 
@@ -214,7 +220,7 @@ def mount(sources, mountpoint, foreground, options, cache_size, log_file, verbos
         examples = "; ".join(c.path for c in conflicts[:3])
         click.echo(f"warning: {len(conflicts)} paths differ between archives (first archive wins), e.g. {examples}; "
                    "see `bioscanfs info`", err=True)
-    fuse_options = mount_options(list(options))
+    fuse_options = mount_options(list(options), mount_helper.source_name(sources))
 
     def announce() -> None:
         log.info("mounted %d files from %d archives at %s", len(collection.tree.files),

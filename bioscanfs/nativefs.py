@@ -10,6 +10,7 @@ or remote members, partial reads, reads whose checks fail in C) and for symlinks
 from __future__ import annotations
 
 import errno
+import importlib.util
 import logging
 import os
 from typing import Callable, Dict, Optional, Sequence, Tuple, Union
@@ -27,8 +28,10 @@ log = logging.getLogger(__name__)
 
 try:
     from . import _nativefs
-except ImportError:  # not built: no compiler or no libfuse3-dev at install time
+    _IMPORT_ERROR = ""
+except ImportError as _err:  # not built, or a library it links (libfuse 3, libdeflate) is not here
     _nativefs = None
+    _IMPORT_ERROR = str(_err)
 
 #: The C side reads rows of the tree's files array as this exact packed layout.
 _C_LAYOUT = [("header_offset", "<u8"), ("compressed_size", "<u8"), ("size", "<u8"), ("crc32", "<u4"),
@@ -39,6 +42,23 @@ _C_LAYOUT = [("header_offset", "<u8"), ("compressed_size", "<u8"), ("size", "<u8
 def available() -> bool:
     return (_nativefs is not None and FILE_DTYPE == np.dtype(_C_LAYOUT) and FILE_DTYPE.itemsize == _nativefs.MEMBER_SIZE
             and _nativefs.NAME_MAX == NAME_MAX)
+
+
+def unavailable_reason() -> str:
+    """What keeps the native engine from serving here, as words after "the native engine",
+    with the command that fixes it ('' when nothing does).
+
+    Why: the mfusepy engine reads several times slower, and an install can lose the
+    engine in three ways that have different fixes."""
+    if _nativefs is None and importlib.util.find_spec(f"{__package__}._nativefs") is None:
+        return ("was not built when bioscanfs was installed (no gcc, python3-dev, libfuse3-dev or "
+                "libdeflate-dev then): install the binary wheel (scripts/wheel), or apt install gcc python3-dev "
+                "libfuse3-dev libdeflate-dev and install bioscanfs again")
+    if _nativefs is None:
+        return f"cannot be loaded ({_IMPORT_ERROR}): apt install libfuse3-3 libdeflate0"
+    if not available():
+        return "was built from another version of bioscanfs (its member layout differs): install bioscanfs again"
+    return ""
 
 
 def tables(arrays: Dict[str, np.ndarray], fds: np.ndarray, direct: np.ndarray,

@@ -45,10 +45,11 @@ def read_or_errno(c: Collection, node: int, size: int, offset: int, label: str) 
 SUBTYPE = "bioscanfs"
 
 
-def mount_options(user_options: List[str]) -> Dict[str, Union[bool, str, int]]:
+def mount_options(user_options: List[str], fsname: str) -> Dict[str, Union[bool, str, int]]:
     """Named, with the ``-o`` options the user gives (``a,b=c``); always read-only and of
-    our subtype, whatever they say."""
-    options: Dict[str, Union[bool, str, int]] = {"fsname": "bioscanfs"}
+    our subtype, whatever they say. ``fsname`` is the source the mount table shows, in
+    option syntax (``,`` and ``\\`` escaped: mount_helper.source_name)."""
+    options: Dict[str, Union[bool, str, int]] = {"fsname": fsname}
     for group in user_options:
         for item in filter(None, group.split(",")):
             key, sep, value = item.partition("=")
