@@ -115,6 +115,7 @@ class _Cursor:
         self.pending = bytearray()  #: decoded bytes starting at out_pos (appends stay linear)
         self.crc = point.crc     #: running CRC of everything decoded, when known
         self.served: Optional[int] = None  #: where the last read it answered ended
+        self.run = 0  #: bytes answered in order up to ``served``
 
 
 class DeflateStream(LargeMember):
@@ -130,7 +131,8 @@ class DeflateStream(LargeMember):
     on several threads, and a request that arrives just after the one beyond it is
     served from there instead of being decoded again from a seek point. Points made
     by a cursor that knew its CRC carry it, so cursors started from them follow the CRC
-    too. A cursor that answers two reads in a row (a sequential reader) is handed to a
+    too. A cursor that has answered ``AHEAD_AFTER`` bytes in order (a sequential reader;
+    the kernel's readahead for one random read stays below it) is handed to an
     ``_Ahead``, which decodes ahead of that reader on a thread of its own.
     """
 
@@ -139,6 +141,7 @@ class DeflateStream(LargeMember):
     MAX_CURSORS = 4
     MAX_POINTS = 256
     BACKLOG = 2 << 20   #: several readahead windows (128 KiB each)
+    AHEAD_AFTER = 1 << 20  #: a reader is sequential once it has read this much in order
 
     def __init__(self, src: Source, member: Member, label: str, header: LocalHeader) -> None:
         super().__init__(src, member, label, header)
@@ -174,8 +177,9 @@ class DeflateStream(LargeMember):
             self._give(cursor, keep=False)  # its state is unknown now
             raise
         cursor.served = offset + len(out)
+        cursor.run = cursor.run + len(out) if sequential else len(out)
         crc = cursor.crc
-        if not (sequential and self._hand_ahead(cursor)):
+        if not (cursor.run >= self.AHEAD_AFTER and self._hand_ahead(cursor)):
             self._give(cursor, keep=True)
         return out, crc
 

@@ -268,6 +268,57 @@ def test_api_threads_read_shuffled_chunks(big: BigMember, tmp_path: Path) -> Non
         assert block == big.data[offset:offset + chunk], offset
 
 
+def test_sequential_reader_with_random_readers_alongside(big_path: Path, big: BigMember) -> None:
+    """One thread md5s the member from start to end (decoded ahead of it on the server)
+    while two others read 4 KiB at random offsets: every byte equals zipfile's."""
+    errors: List[str] = []
+    done = threading.Event()
+
+    def jumper(seed: int) -> None:
+        rng = random.Random(seed)
+        with open(big_path, "rb", buffering=0) as f:
+            while not done.is_set():
+                offset = rng.randrange(big.size)
+                if os.pread(f.fileno(), 4096, offset) != big.data[offset:offset + 4096]:
+                    errors.append(f"4 KiB at {offset}")
+
+    jumpers = [threading.Thread(target=jumper, args=(seed,)) for seed in (1, 2)]
+    for thread in jumpers:
+        thread.start()
+    try:
+        digest = hashlib.md5()
+        with open(big_path, "rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+    finally:
+        done.set()
+        for thread in jumpers:
+            thread.join()
+    assert not errors, errors[:5]
+    assert digest.hexdigest() == hashlib.md5(big.data).hexdigest()
+
+
+def _ahead_threads() -> int:
+    return sum(thread.name == "bioscanfs-ahead" for thread in threading.enumerate())
+
+
+def test_decoding_ahead_stops_when_the_reader_stops(big: BigMember, tmp_path: Path) -> None:
+    """A sequential reader gets a decoder ahead of it; when the reader stops halfway, the
+    decoder stops too (within its idle time of 2 s), so nothing decodes for no one."""
+    with Collection(str(big.folder), index_dir=str(tmp_path / "index")) as c:
+        assert _ahead_threads() == 0
+        for offset in range(0, 8 << 20, 128 << 10):
+            assert c.read(big.name, 128 << 10, offset) == big.data[offset:offset + (128 << 10)]
+        assert _ahead_threads() == 1
+        for _ in range(100):
+            if not _ahead_threads():
+                break
+            threading.Event().wait(0.1)
+        assert _ahead_threads() == 0
+        offset = (8 << 20) + 12345
+        assert c.read(big.name, 4096, offset) == big.data[offset:offset + 4096]
+
+
 # -- a damaged stream -------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Damage:
