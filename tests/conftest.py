@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import calendar
 import contextlib
+import errno
 import importlib.util
 import os
 import re
@@ -22,9 +23,11 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Pattern, Sequence, Set
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Pattern, Sequence, Set, Tuple
 
 import pytest
+
+from bioscanfs import store
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -145,6 +148,21 @@ def expected_tree(paths: Iterable[str]) -> Dict[str, Set[str]]:
     return tree
 
 
+def listing(tree: Dict[str, Set[str]], folder: str) -> List[str]:
+    """A folder's names as bioscanfs lists them (``ls``, Collection.listdir): subdirectories
+    first, then files, each sorted."""
+    join = (lambda name: f"{folder}/{name}") if folder else (lambda name: name)
+    names = tree[folder]
+    return sorted(n for n in names if join(n) in tree) + sorted(n for n in names if join(n) not in tree)
+
+
+def largest_image(members: Dict[str, "Member"], deflated: bool) -> str:
+    """The path of the largest image member stored (or deflated): deterministic, and
+    several pages long in the generated sets."""
+    return max((m.info.file_size, p) for p, m in members.items()
+               if p.startswith("bioscan5m/images/") and m.deflated == deflated)[1]
+
+
 def walk_mount(root: Path) -> Dict[str, Set[str]]:
     """Directory -> names, as the kernel lists them (os.listdir, os.lstat)."""
     tree: Dict[str, Set[str]] = {}
@@ -235,10 +253,16 @@ def copy_archives(src: Path, dst: Path, names: Optional[Sequence[str]] = None) -
 
 
 # -- the CLI and the mount table -----------------------------------------------------------
-def run_cli(*args: object, timeout: float = MOUNT_TIMEOUT) -> subprocess.CompletedProcess:
-    """Run ``python -m bioscanfs ARGS`` and capture its output."""
+def run_cli(*args: object, timeout: float = MOUNT_TIMEOUT, stdin: Optional[str] = None,
+            env: Optional[Dict[str, str]] = None, binary: bool = False) -> subprocess.CompletedProcess:
+    """Run ``python -m bioscanfs ARGS`` and capture its output: text (undecodable bytes
+    replaced, so a wrong byte cannot raise here), or bytes with ``binary`` (what `cat`
+    writes). ``stdin`` is fed to the command (none by default); ``env`` replaces the
+    environment (a test's own XDG_CACHE_HOME)."""
+    text = {} if binary else {"encoding": "utf-8", "errors": "replace"}
+    feed = {"stdin": subprocess.DEVNULL} if stdin is None else {"input": stdin}
     return subprocess.run([PYTHON, "-m", "bioscanfs", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+                          timeout=timeout, env=env, **text, **feed)
 
 
 def _unescape(field_text: str) -> str:
@@ -305,6 +329,32 @@ def rss(pid: int, field_name: str = "VmRSS") -> int:
     raise AssertionError(f"no {field_name} for {pid}")
 
 
+def index_files(index_dir: Path) -> Dict[str, Tuple[int, int]]:
+    """Index file name -> (inode, mtime): any rewrite or new file shows up as a change."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in index_dir.iterdir()
+            if p.suffix in store.SUFFIXES}
+
+
+def read_windows(size: int) -> List[Tuple[int, int]]:
+    """(offset, length) pairs around page and kernel read-size boundaries and the end of a
+    ``size``-byte file, past it included."""
+    offsets = {0, 1, 4095, 4096, 4097, size // 3, 131071, 131072, 131073, size - 4097,
+               size - 1, size, size + 1, size + 100_000}
+    lengths = {0, 1, 2, 4095, 4096, 4097, 65536, 131072, 131073, 300_000, size}
+    return sorted((o, n) for o in offsets for n in lengths if o >= 0)
+
+
+def assert_preads(path: Path, data: bytes, windows: Sequence[Tuple[int, int]], flags: int = 0) -> None:
+    """os.pread of each window through one descriptor (opened with ``flags``, e.g. O_DIRECT)
+    equals the slice of ``data``."""
+    fd = os.open(path, os.O_RDONLY | flags)
+    try:
+        for offset, length in windows:
+            assert os.pread(fd, length, offset) == data[offset:offset + length], (path, offset, length)
+    finally:
+        os.close(fd)
+
+
 def read_direct(path: Path, chunk: int = 1 << 20) -> bytes:
     """A whole file read with O_DIRECT: every byte comes from the daemon, not the page cache."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
@@ -327,6 +377,13 @@ def errno_of(call: Callable[[], object]) -> int:
     except OSError as err:
         return err.errno
     return 0
+
+
+def assert_eio(read: Callable[[], object], what: object) -> None:
+    """``read()`` fails with EIO: no bytes, and no other error (``what`` names the case)."""
+    with pytest.raises(OSError) as err:
+        read()
+    assert err.value.errno == errno.EIO, (what, err.value)
 
 
 def assert_one_error_line(done: subprocess.CompletedProcess, mentions: str) -> None:

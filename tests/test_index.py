@@ -13,7 +13,7 @@ import shutil
 import zipfile
 from pathlib import Path
 from types import ModuleType
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import pytest
@@ -24,7 +24,7 @@ from bioscanfs.sources import open_sources
 from conftest import (
     assert_serves_members,
     Member, Mount, MountFactory, copy_archives, expected_tree, is_mounted, replace_name_bytes, run_cli,
-    zip_members, zip_paths,
+    index_files, zip_members, zip_paths,
 )
 
 SMALL_ZIPS = ["BIOSCAN_5M_cropped_256_eval.zip", "BIOSCAN_5M_cropped_256_train.zip"]
@@ -39,12 +39,6 @@ def load(zips: Sequence[Path], index_dir: Optional[Path]) -> Tree:
         for src in sources:
             src.close()
     return tree
-
-
-def index_files(index_dir: Path) -> Dict[str, Tuple[int, int]]:
-    """Index file name -> (inode, mtime): any rewrite or new file shows up as a change."""
-    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in index_dir.iterdir()
-            if p.suffix in (".tree", ".members")}
 
 
 def assert_same_tree(got: Tree, want: Tree) -> None:
