@@ -23,7 +23,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Pattern, Sequence, Set, Tuple
+from typing import IO, Callable, Dict, Iterable, Iterator, List, Optional, Pattern, Sequence, Set, Tuple, Union
 
 import pytest
 
@@ -253,16 +253,22 @@ def copy_archives(src: Path, dst: Path, names: Optional[Sequence[str]] = None) -
 
 
 # -- the CLI and the mount table -----------------------------------------------------------
-def run_cli(*args: object, timeout: float = MOUNT_TIMEOUT, stdin: Optional[str] = None,
-            env: Optional[Dict[str, str]] = None, binary: bool = False) -> subprocess.CompletedProcess:
-    """Run ``python -m bioscanfs ARGS`` and capture its output: text (undecodable bytes
-    replaced, so a wrong byte cannot raise here), or bytes with ``binary`` (what `cat`
-    writes). ``stdin`` is fed to the command (none by default); ``env`` replaces the
-    environment (a test's own XDG_CACHE_HOME)."""
-    text = {} if binary else {"encoding": "utf-8", "errors": "replace"}
-    feed = {"stdin": subprocess.DEVNULL} if stdin is None else {"input": stdin}
-    return subprocess.run([PYTHON, "-m", "bioscanfs", *map(str, args)], capture_output=True,
-                          timeout=timeout, env=env, **text, **feed)
+def run_cli(*args: object, timeout: float = MOUNT_TIMEOUT, stdin: Union[str, bytes, None] = None,
+            env: Optional[Dict[str, str]] = None, binary: bool = False, prefix: Sequence[str] = (),
+            stdout: Union[int, IO[bytes]] = subprocess.PIPE) -> subprocess.CompletedProcess:
+    """Run ``python -m bioscanfs ARGS`` (after ``prefix``, e.g. setpriv) and capture its
+    output: text, undecodable bytes replaced so that a wrong byte cannot raise here, or
+    bytes with ``binary`` (what `cat` writes). ``stdin`` is fed to the command (nothing by
+    default); ``env`` replaces the environment (a test's own XDG_CACHE_HOME); ``stdout``
+    may be a file to write to instead (/dev/full)."""
+    feed = {"stdin": subprocess.DEVNULL} if stdin is None else {
+        "input": stdin.encode() if isinstance(stdin, str) else stdin}
+    done = subprocess.run([*prefix, PYTHON, "-m", "bioscanfs", *map(str, args)], stdout=stdout,
+                          stderr=subprocess.PIPE, timeout=timeout, env=env, **feed)
+    if binary:
+        return done
+    return subprocess.CompletedProcess(done.args, done.returncode, (done.stdout or b"").decode(errors="replace"),
+                                       done.stderr.decode(errors="replace"))
 
 
 def _unescape(field_text: str) -> str:
@@ -538,7 +544,12 @@ def mounted(sources: Sequence[Path], workdir: Path, args: Sequence[str] = (),
 MountFactory = Callable[..., Mount]
 
 
-@pytest.fixture(scope="module", params=["native", "python"])
+#: The engines mount tests run on: both, unless BIOSCANFS_TEST_ENGINES names fewer (the
+#: sanitizer pass of scripts/test runs the C one alone: no Python engine code is instrumented).
+ENGINES = os.environ.get("BIOSCANFS_TEST_ENGINES", "native,python").split(",")
+
+
+@pytest.fixture(scope="module", params=ENGINES)
 def engine(request: pytest.FixtureRequest) -> str:
     """Each test that mounts runs once per engine: the C loop and the mfusepy one."""
     return request.param
