@@ -199,6 +199,7 @@ def scale_members(scale_set: Path) -> Dict[str, Member]:
     return zip_members(scale_set)
 
 
+@pytest.mark.slow
 def test_zip64_scale_set_through_mount(mount: MountFactory, scale_set: Path,
                                        scale_members: Dict[str, Member]) -> None:
     """Counts, listings and sampled bytes of a > 65,535-member ZIP64 set, vs zipfile."""
@@ -225,6 +226,7 @@ def test_zip64_scale_set_through_mount(mount: MountFactory, scale_set: Path,
                 assert live.path(path).read_bytes() == zf.read(scale_members[path].info), path
 
 
+@pytest.mark.slow
 def test_zip64_scale_set_index_matches_zipfile(scale_set: Path, tmp_path: Path) -> None:
     """The persisted tree of the scale set equals zipfile's member table, row by row."""
     load(zip_paths(scale_set), tmp_path / "index")

@@ -363,6 +363,7 @@ def test_index_command_summarises_bad_names(bad_names_set: Path, tmp_path: Path)
     assert_one_whole_index(tmp_path / "index", 1)
 
 
+@pytest.mark.slow
 def test_index_command_with_many_conflicts_maps_or_says_why(tmp_path: Path) -> None:
     """Two releases of one package side by side (80,000 paths whose content differs): the
     index either maps on the next run, or `bioscanfs index` fails with the warning it

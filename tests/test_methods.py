@@ -340,6 +340,7 @@ def bomb_archive(tmp_path_factory: pytest.TempPathFactory, sources: Dict[str, by
     return build
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(BOMBS))
 def test_bomb_in_another_method_stops_at_the_declared_size(case: str, sources: Dict[str, bytes],
                                                            mount: MountFactory,

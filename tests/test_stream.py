@@ -40,6 +40,8 @@ MAX_POINTS = 256
 #: Far beyond the 32 MiB decoded whole into the cache: the member must stream.
 BIG = 100_000_000
 MODES = {"page-cache": 0, "O_DIRECT": os.O_DIRECT}
+#: Every test here reads a > 100 MB member, most of them whole, some several times.
+pytestmark = pytest.mark.slow
 
 
 @dataclass(frozen=True)
