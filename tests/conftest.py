@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import calendar
 import contextlib
+import errno
 import importlib.util
 import os
 import re
@@ -22,9 +23,13 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Pattern, Sequence, Set
+from typing import IO, Callable, Dict, Iterable, Iterator, List, Optional, Pattern, Sequence, Set, Tuple, Union
 
+import click.testing
 import pytest
+
+from bioscanfs import store
+from bioscanfs.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -145,6 +150,21 @@ def expected_tree(paths: Iterable[str]) -> Dict[str, Set[str]]:
     return tree
 
 
+def listing(tree: Dict[str, Set[str]], folder: str) -> List[str]:
+    """A folder's names as bioscanfs lists them (``ls``, Collection.listdir): subdirectories
+    first, then files, each sorted."""
+    join = (lambda name: f"{folder}/{name}") if folder else (lambda name: name)
+    names = tree[folder]
+    return sorted(n for n in names if join(n) in tree) + sorted(n for n in names if join(n) not in tree)
+
+
+def largest_image(members: Dict[str, "Member"], deflated: bool) -> str:
+    """The path of the largest image member stored (or deflated): deterministic, and
+    several pages long in the generated sets."""
+    return max((m.info.file_size, p) for p, m in members.items()
+               if p.startswith("bioscan5m/images/") and m.deflated == deflated)[1]
+
+
 def walk_mount(root: Path) -> Dict[str, Set[str]]:
     """Directory -> names, as the kernel lists them (os.listdir, os.lstat)."""
     tree: Dict[str, Set[str]] = {}
@@ -235,10 +255,22 @@ def copy_archives(src: Path, dst: Path, names: Optional[Sequence[str]] = None) -
 
 
 # -- the CLI and the mount table -----------------------------------------------------------
-def run_cli(*args: object, timeout: float = MOUNT_TIMEOUT) -> subprocess.CompletedProcess:
-    """Run ``python -m bioscanfs ARGS`` and capture its output."""
-    return subprocess.run([PYTHON, "-m", "bioscanfs", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+def run_cli(*args: object, timeout: float = MOUNT_TIMEOUT, stdin: Union[str, bytes, None] = None,
+            env: Optional[Dict[str, str]] = None, binary: bool = False, prefix: Sequence[str] = (),
+            stdout: Union[int, IO[bytes]] = subprocess.PIPE) -> subprocess.CompletedProcess:
+    """Run ``python -m bioscanfs ARGS`` (after ``prefix``, e.g. setpriv) and capture its
+    output: text, undecodable bytes replaced so that a wrong byte cannot raise here, or
+    bytes with ``binary`` (what `cat` writes). ``stdin`` is fed to the command (nothing by
+    default); ``env`` replaces the environment (a test's own XDG_CACHE_HOME); ``stdout``
+    may be a file to write to instead (/dev/full)."""
+    feed = {"stdin": subprocess.DEVNULL} if stdin is None else {
+        "input": stdin.encode() if isinstance(stdin, str) else stdin}
+    done = subprocess.run([*prefix, PYTHON, "-m", "bioscanfs", *map(str, args)], stdout=stdout,
+                          stderr=subprocess.PIPE, timeout=timeout, env=env, **feed)
+    if binary:
+        return done
+    return subprocess.CompletedProcess(done.args, done.returncode, (done.stdout or b"").decode(errors="replace"),
+                                       done.stderr.decode(errors="replace"))
 
 
 def _unescape(field_text: str) -> str:
@@ -305,6 +337,32 @@ def rss(pid: int, field_name: str = "VmRSS") -> int:
     raise AssertionError(f"no {field_name} for {pid}")
 
 
+def index_files(index_dir: Path) -> Dict[str, Tuple[int, int]]:
+    """Index file name -> (inode, mtime): any rewrite or new file shows up as a change."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in index_dir.iterdir()
+            if p.suffix in store.SUFFIXES}
+
+
+def read_windows(size: int) -> List[Tuple[int, int]]:
+    """(offset, length) pairs around page and kernel read-size boundaries and the end of a
+    ``size``-byte file, past it included."""
+    offsets = {0, 1, 4095, 4096, 4097, size // 3, 131071, 131072, 131073, size - 4097,
+               size - 1, size, size + 1, size + 100_000}
+    lengths = {0, 1, 2, 4095, 4096, 4097, 65536, 131072, 131073, 300_000, size}
+    return sorted((o, n) for o in offsets for n in lengths if o >= 0)
+
+
+def assert_preads(path: Path, data: bytes, windows: Sequence[Tuple[int, int]], flags: int = 0) -> None:
+    """os.pread of each window through one descriptor (opened with ``flags``, e.g. O_DIRECT)
+    equals the slice of ``data``."""
+    fd = os.open(path, os.O_RDONLY | flags)
+    try:
+        for offset, length in windows:
+            assert os.pread(fd, length, offset) == data[offset:offset + length], (path, offset, length)
+    finally:
+        os.close(fd)
+
+
 def read_direct(path: Path, chunk: int = 1 << 20) -> bytes:
     """A whole file read with O_DIRECT: every byte comes from the daemon, not the page cache."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
@@ -327,6 +385,13 @@ def errno_of(call: Callable[[], object]) -> int:
     except OSError as err:
         return err.errno
     return 0
+
+
+def assert_eio(read: Callable[[], object], what: object) -> None:
+    """``read()`` fails with EIO: no bytes, and no other error (``what`` names the case)."""
+    with pytest.raises(OSError) as err:
+        read()
+    assert err.value.errno == errno.EIO, (what, err.value)
 
 
 def assert_one_error_line(done: subprocess.CompletedProcess, mentions: str) -> None:
@@ -431,14 +496,23 @@ def _wait_gone(pid: int) -> bool:
     return True
 
 
+def umount_in_process(point: Path) -> click.testing.Result:
+    """`bioscanfs umount POINT`, the command's own code run in this process: every mount's
+    teardown goes through it, and a new interpreter per teardown (numpy and all, ~0.6 s of
+    CPU) would cost more than the rest of most tests. Tests of the command as users start
+    it (exit code, output, a busy or stale mount) run it with run_cli."""
+    return click.testing.CliRunner().invoke(cli_main, ["umount", str(point)])
+
+
 def _stop(mount: Mount) -> List[str]:
     """Unmount through the CLI; the problems found (bad exit, leftover mount, bad log lines)."""
     problems: List[str] = []
     try:
         if is_mounted(mount.point):
-            done = run_cli("umount", mount.point)
-            if done.returncode != 0 or is_mounted(mount.point):
-                problems.append(f"bioscanfs umount returned {done.returncode}: {done.stderr.strip()}")
+            done = umount_in_process(mount.point)
+            if done.exit_code != 0 or is_mounted(mount.point):
+                problems.append(f"bioscanfs umount returned {done.exit_code}: {done.output.strip()} "
+                                f"{done.exception!r}")
         if mount.proc is not None:
             try:
                 code = mount.proc.wait(timeout=EXIT_TIMEOUT)
@@ -481,7 +555,12 @@ def mounted(sources: Sequence[Path], workdir: Path, args: Sequence[str] = (),
 MountFactory = Callable[..., Mount]
 
 
-@pytest.fixture(scope="module", params=["native", "python"])
+#: The engines mount tests run on: both, unless BIOSCANFS_TEST_ENGINES names fewer (the
+#: sanitizer pass of scripts/test runs the C one alone: no Python engine code is instrumented).
+ENGINES = os.environ.get("BIOSCANFS_TEST_ENGINES", "native,python").split(",")
+
+
+@pytest.fixture(scope="module", params=ENGINES)
 def engine(request: pytest.FixtureRequest) -> str:
     """Each test that mounts runs once per engine: the C loop and the mfusepy one."""
     return request.param

@@ -414,6 +414,7 @@ def test_a_failed_member_is_remembered_until_remount(mount: MountFactory, tmp_pa
 PREAD_MAX = 0x7FFFF000
 
 
+@pytest.mark.slow
 def test_collection_reads_a_stored_member_over_one_pread(tmp_path: Path) -> None:
     """Collection.read of a valid 2 GiB stored member of zeros (a hole on disk) returns
     every byte: one pread(2) returns at most 0x7ffff000, so the source must loop. Runs in

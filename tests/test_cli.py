@@ -1,5 +1,5 @@
 """The command line without a mount (issue 9: info, ls, cat, verify, path, index, --help,
-user errors) and the Python API it is built on (``bioscanfs.Collection``).
+user errors); the Python API it is built on is tested in test_collection.py.
 
 Commands run as ``python -m bioscanfs`` in a subprocess on the generated set, with the
 index cache in a temporary folder; what they print is compared with zipfile's view of
@@ -8,32 +8,29 @@ the same archives.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import os
-import random
 import re
-import stat
 import subprocess
 import time
 import zipfile
 import zlib
 from collections import Counter, defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import pytest
 
-from bioscanfs import Collection, NotFound
 from bioscanfs.cli import main as cli_group
 from bioscanfs.layout import image_path
 from conftest import (
-    MOUNT_TIMEOUT, PYTHON, Member, assert_one_error_line, copy_archives, data_offset, expected_tree,
-    flip_byte, zip_contents, zip_members, zip_paths,
+    Member, assert_one_error_line, copy_archives, data_offset, expected_tree, flip_byte, largest_image, listing,
+    run_cli, zip_members, zip_paths,
 )
 
 METHOD_NAMES = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate"}
@@ -50,25 +47,13 @@ def cache_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("xdg_cache")
 
 
-class Cli:
-    """Runs ``python -m bioscanfs ARGS`` with the test's cache folder and optional stdin."""
-
-    def __init__(self, cache_home: Path) -> None:
-        self.env = dict(os.environ, XDG_CACHE_HOME=str(cache_home))
-
-    def __call__(self, *args: object, stdin: Optional[str] = None) -> subprocess.CompletedProcess:
-        return subprocess.run([PYTHON, "-m", "bioscanfs", *map(str, args)], capture_output=True,
-                              encoding="utf-8", errors="replace", input=stdin if stdin is not None else "",
-                              timeout=MOUNT_TIMEOUT, env=self.env)
-
-    def binary(self, *args: object) -> subprocess.CompletedProcess:
-        return subprocess.run([PYTHON, "-m", "bioscanfs", *map(str, args)], capture_output=True,
-                              stdin=subprocess.DEVNULL, timeout=MOUNT_TIMEOUT, env=self.env)
+#: ``run_cli`` with the module's cache folder (the default index folder lives under it).
+Cli = Callable[..., subprocess.CompletedProcess]
 
 
 @pytest.fixture(scope="module")
 def cli(cache_home: Path) -> Cli:
-    return Cli(cache_home)
+    return functools.partial(run_cli, env=dict(os.environ, XDG_CACHE_HOME=str(cache_home)))
 
 
 def _ok(done: subprocess.CompletedProcess) -> str:
@@ -143,13 +128,6 @@ def test_info_table_equals_zipfile(cli: Cli, fake_set: Path, fake_members: Dict[
 
 
 # -- ls ---------------------------------------------------------------------------------------
-def _listing(tree: Dict[str, Set[str]], folder: str) -> List[str]:
-    """Subdirectories first, then files, each sorted (as documented for Collection.listdir)."""
-    join = (lambda name: f"{folder}/{name}") if folder else (lambda name: name)
-    names = tree[folder]
-    return sorted(n for n in names if join(n) in tree) + sorted(n for n in names if join(n) not in tree)
-
-
 def _largest_chunk_folder(members: Dict[str, Member]) -> str:
     counts = Counter(path.rpartition("/")[0] for path in members if _image_parts(path)
                      and _image_parts(path)[1] == "pretrain")  # type: ignore[index]
@@ -161,7 +139,7 @@ def test_ls_root_splits_and_chunk_folder(cli: Cli, fake_set: Path, fake_members:
     chunk = _largest_chunk_folder(fake_members)
     for folder in ("", "bioscan5m/images/cropped_256", "bioscan5m/images/cropped_256/pretrain", chunk):
         args = ("ls", fake_set, folder) if folder else ("ls", fake_set)
-        assert _ok(cli(*args)).splitlines() == _listing(tree, folder), folder
+        assert _ok(cli(*args)).splitlines() == listing(tree, folder), folder
 
 
 def test_ls_long_and_a_file(cli: Cli, fake_set: Path, fake_members: Dict[str, Member]) -> None:
@@ -182,21 +160,15 @@ def test_ls_long_and_a_file(cli: Cli, fake_set: Path, fake_members: Dict[str, Me
 
 
 # -- cat --------------------------------------------------------------------------------------
-def _pick(members: Dict[str, Member], deflated: bool) -> str:
-    """The largest image member stored (or deflated)."""
-    return max((m.info.file_size, p) for p, m in members.items()
-               if _image_parts(p) and m.deflated == deflated)[1]
-
-
 @pytest.mark.parametrize("which", ["stored", "deflated", "metadata-csv"])
 def test_cat_writes_the_member_bytes(cli: Cli, fake_set: Path, fake_members: Dict[str, Member], which: str) -> None:
     if which == "metadata-csv":
         path = next(p for p in fake_members if p.endswith(".csv"))
     else:
-        path = _pick(fake_members, deflated=which == "deflated")
+        path = largest_image(fake_members, deflated=which == "deflated")
     member = fake_members[path]
     assert member.deflated == (which != "stored")
-    done = cli.binary("cat", fake_set, path)
+    done = cli("cat", fake_set, path, binary=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout == member.read()
 
@@ -229,7 +201,7 @@ def corrupt_set(fake_set: Path, bench_scale: ModuleType, tmp_path_factory: pytes
                                  [payload, b"small\n"], 0x4A00, 0x58AE)
     members = zip_members(folder)
     bad = {path: members[path].archive for path in
-           (_pick(images, deflated=False), _pick(images, deflated=True), "big/stored.bin")}
+           (largest_image(images, deflated=False), largest_image(images, deflated=True), "big/stored.bin")}
     for path, archive in bad.items():
         info = members[path].info
         flip_byte(archive, data_offset(archive, info) + info.compress_size // 2)
@@ -395,97 +367,6 @@ def test_user_errors_are_one_line(cli: Cli, case: str, fake_set: Path, fake_memb
                                   no_zips: Path, garbage: Path, tmp_path: Path) -> None:
     """Non-zero exit, one 'Error:' line naming the problem, no traceback."""
     values = {"set": str(fake_set), "missing": str(tmp_path / "missing"), "empty": str(no_zips),
-              "garbage": str(garbage), "file": _pick(fake_members, deflated=False)}
+              "garbage": str(garbage), "file": largest_image(fake_members, deflated=False)}
     args, mentions = ERRORS[case]
     assert_one_error_line(cli(*[a.format(**values) for a in args]), mentions.format(**values))
-
-
-# -- the Python API ---------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def collection(fake_set: Path, tmp_path_factory: pytest.TempPathFactory):
-    with Collection(str(fake_set), index_dir=str(tmp_path_factory.mktemp("api_index"))) as c:
-        yield c
-
-
-def test_collection_listdir_stat_paths(collection: Collection, fake_members: Dict[str, Member]) -> None:
-    """Listings (directories first, each sorted), file and directory stats, and paths()."""
-    tree = expected_tree(fake_members)
-    for folder in tree:
-        assert collection.listdir(folder) == _listing(tree, folder), folder
-        st = collection.stat(folder)
-        subdirs = sum(1 for name in tree[folder] if (f"{folder}/{name}" if folder else name) in tree)
-        assert (st.mode, st.size, st.nlink) == (stat.S_IFDIR | 0o555, 0, 2 + subdirs), folder
-    for path, member in fake_members.items():
-        assert collection.stat(path) == (stat.S_IFREG | 0o444, member.info.file_size, member.mtime, 1), path
-        assert collection.stat("/" + path) == collection.stat(path)
-    every = list(collection.paths())
-    assert len(every) == len(set(every)) and set(every) == set(fake_members)
-    for folder in ("bioscan5m/images/cropped", "bioscan5m/images/cropped_256/pretrain", "bioscan5m/metadata"):
-        assert set(collection.paths(folder)) == {p for p in fake_members if p.startswith(folder + "/")}, folder
-
-
-def test_collection_directory_mtime_is_its_newest_file(collection: Collection,
-                                                       fake_members: Dict[str, Member]) -> None:
-    newest: Dict[str, int] = defaultdict(int)
-    for path, member in fake_members.items():
-        parts = path.split("/")
-        for depth in range(len(parts)):
-            folder = "/".join(parts[:depth])
-            newest[folder] = max(newest[folder], member.mtime)
-    wrong = {folder: (collection.stat(folder).mtime, mtime) for folder, mtime in newest.items()
-             if collection.stat(folder).mtime != mtime}
-    assert not wrong, wrong
-
-
-def test_collection_read_and_open(collection: Collection, fake_members: Dict[str, Member]) -> None:
-    """read() whole and in windows, open() with seek/tell, for every member."""
-    expected = zip_contents(fake_members)
-    for path, data in expected.items():
-        assert collection.read(path) == data, path
-        size = len(data)
-        for offset, length in ((0, 1), (size // 2, 4097), (size - 1, 10), (size, 1), (size + 5, 1)):
-            assert collection.read(path, length, offset) == data[offset:offset + length], (path, offset)
-        with collection.open(path) as f:
-            assert f.seek(size // 3) == size // 3
-            assert f.read(100) == data[size // 3:size // 3 + 100]
-            assert f.seek(-7, io.SEEK_END) == size - 7 and f.read() == data[-7:]
-            assert f.seek(0) == 0 and f.read() == data and f.tell() == size
-
-
-def test_collection_errors(collection: Collection, fake_members: Dict[str, Member]) -> None:
-    file_path = _pick(fake_members, deflated=True)
-    for call in (lambda: collection.read("bioscan5m/no/such.jpg"), lambda: collection.stat("nosuch"),
-                 lambda: collection.listdir(file_path), lambda: collection.read("bioscan5m/images"),
-                 lambda: collection.open("bioscan5m"), lambda: collection.listdir(file_path + "/x")):
-        with pytest.raises(NotFound):
-            call()
-
-
-@pytest.mark.parametrize("cache_size", [256 << 20, 1024], ids=["cache", "no-cache"])
-def test_collection_from_many_threads(fake_set: Path, fake_members: Dict[str, Member], tmp_path: Path,
-                                      cache_size: int) -> None:
-    """One Collection, eight threads reading every member three times in random order,
-    whole and through open(); with a cache too small to keep any decoded member too."""
-    expected = zip_contents(fake_members)
-    jobs = [(path, how) for path in expected for how in ("read", "open", "window")]
-    random.Random(5).shuffle(jobs)
-
-    def read(job: Tuple[str, str]) -> Tuple[str, str, bool]:
-        path, how = job
-        data = expected[path]
-        if how == "read":
-            got = c.read(path)
-        elif how == "open":
-            with c.open(path) as f:
-                got = f.read()
-        else:
-            got = c.read(path, len(data) // 2 + 1, len(data) // 3)
-            data = data[len(data) // 3:len(data) // 3 + len(data) // 2 + 1]
-        return path, how, got == data
-
-    with Collection(str(fake_set), index_dir=str(tmp_path / "index"), cache_size=cache_size) as c, \
-            ThreadPoolExecutor(max_workers=8) as pool:
-        results = list(pool.map(read, jobs))
-    wrong = [(path, how) for path, how, ok in results if not ok]
-    assert not wrong, wrong[:10]
-    assert len(results) == 3 * len(fake_members)

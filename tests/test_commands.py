@@ -19,13 +19,13 @@ import shutil
 import subprocess
 import zlib
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Iterator, List
 
 import pytest
 
 from conftest import (
-    MOUNT_TIMEOUT, PYTHON, MountFactory, assert_one_error_line, expected_tree, force_unmount, is_mounted,
-    walk_mount, zip_members, zip_paths,
+    MountFactory, assert_one_error_line, expected_tree, force_unmount, is_mounted, run_cli, walk_mount, zip_members,
+    zip_paths,
 )
 from craft import Entry, write_zip
 
@@ -37,20 +37,6 @@ needs_permission_checks = pytest.mark.skipif(bool(_NO_OVERRIDE) and shutil.which
 #: The open-file limit the child commands get, and enough archives to need more.
 FILE_LIMIT = 160
 MANY = 100
-
-
-def run(*args: object, stdin: bytes = b"", stdout: object = subprocess.PIPE, limit: Optional[int] = None,
-        prefix: Sequence[str] = (), env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
-    """``python -m bioscanfs ARGS`` with text output; ``limit`` sets the child's RLIMIT_NOFILE."""
-    def lower_limit() -> None:
-        if limit is not None:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
-
-    done = subprocess.run([*prefix, PYTHON, "-m", "bioscanfs", *map(str, args)], input=stdin, stdout=stdout,
-                          stderr=subprocess.PIPE, timeout=MOUNT_TIMEOUT, preexec_fn=lower_limit, env=env)
-    return subprocess.CompletedProcess(done.args, done.returncode,
-                                       done.stdout.decode(errors="replace") if done.stdout else "",
-                                       done.stderr.decode(errors="replace"))
 
 
 def small_zips(folder: Path, count: int) -> Path:
@@ -78,7 +64,7 @@ def one_unreadable(tmp_path: Path) -> Iterator[Path]:
 @needs_permission_checks
 @pytest.mark.parametrize("command", ["info", "ls", "index"])
 def test_unreadable_archive_refused_in_one_line(one_unreadable: Path, tmp_path: Path, command: str) -> None:
-    done = run(command, one_unreadable, "--index-dir", tmp_path / "index", prefix=_NO_OVERRIDE)
+    done = run_cli(command, one_unreadable, "--index-dir", tmp_path / "index", prefix=_NO_OVERRIDE)
     assert_one_error_line(done, f"{one_unreadable / 'a001.zip'}: Permission denied")
 
 
@@ -87,7 +73,7 @@ def test_unreadable_archive_refused_in_one_line(one_unreadable: Path, tmp_path: 
 def test_skip_bad_skips_an_unreadable_archive(one_unreadable: Path, tmp_path: Path, command: str) -> None:
     """One warning naming the archive and why; the other two are used."""
     args = ["--json"] if command == "info" else ["d"] if command == "ls" else []
-    done = run(command, one_unreadable, *args, "--index-dir", tmp_path / "index", "--skip-bad",
+    done = run_cli(command, one_unreadable, *args, "--index-dir", tmp_path / "index", "--skip-bad",
                prefix=_NO_OVERRIDE)
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
     warnings = [line for line in stderr_lines(done) if not line.startswith("indexing")]
@@ -112,7 +98,8 @@ def test_too_many_archives_for_the_limit_is_one_line(many: Path, tmp_path: Path,
                                                     command: str) -> None:
     """One line naming the limit and both ways out; no traceback, nothing mounted."""
     args = {"cat": ["d/f000.txt"], "mount": [mountpoint]}.get(command, [])
-    done = run(command, many, *args, "--index-dir", tmp_path / "index", limit=FILE_LIMIT)
+    with file_limit(FILE_LIMIT):
+        done = run_cli(command, many, *args, "--index-dir", tmp_path / "index")
     assert_one_error_line(done, f"{MANY} archives need")
     assert f"ulimit -n {FILE_LIMIT}" in done.stderr and "--skip-bad" in done.stderr, done.stderr
 
@@ -180,10 +167,10 @@ def test_umount_refuses_a_tmpfs(tmp_path: Path, busy: bool) -> None:
     with tmpfs(tmp_path / "tmpfs") as point, contextlib.ExitStack() as stack:
         if busy:
             stack.enter_context(open(point / "open-file", "w"))
-        done = run("umount", point)
+        done = run_cli("umount", point)
         assert is_mounted(point), "the tmpfs was unmounted"
         assert_one_error_line(done, f"{point}: not a bioscanfs mount (tmpfs")
-        for lazy in run("umount", "--lazy", point), run("umount", tmp_path / "tmpfs" / ".." / "tmpfs"):
+        for lazy in run_cli("umount", "--lazy", point), run_cli("umount", tmp_path / "tmpfs" / ".." / "tmpfs"):
             assert_one_error_line(lazy, "not a bioscanfs mount")
         assert is_mounted(point)
 
@@ -194,11 +181,11 @@ def test_umount_of_a_busy_mount_needs_lazy(mount: MountFactory, tmp_path: Path) 
     small_zips(tmp_path / "zips", 2)
     live = mount(tmp_path / "zips")
     with open(live.path("d/f000.txt"), "rb") as held:
-        done = run("umount", live.point)
+        done = run_cli("umount", live.point)
         assert_one_error_line(done, "busy")
         assert "--lazy" in done.stderr and is_mounted(live.point)
         assert live.path("d/f001.txt").read_bytes() == b"member 1\n"
-        done = run("umount", "--lazy", live.point)
+        done = run_cli("umount", "--lazy", live.point)
         assert done.returncode == 0 and not is_mounted(live.point), done.stderr
         assert held.read() == b"member 0\n"
 
@@ -210,10 +197,10 @@ def test_mount_point_through_a_symlink(mount: MountFactory, tmp_path: Path) -> N
     link = tmp_path / "link"
     link.symlink_to(live.point)
     for again in (link, live.point):
-        assert_one_error_line(run("mount", zips, again, "--index-dir", live.index_dir),
+        assert_one_error_line(run_cli("mount", zips, again, "--index-dir", live.index_dir),
                               f"{live.point}: already a mount point")
     assert sum(" " + str(live.point) + " " in line for line in Path("/proc/self/mountinfo").read_text().splitlines()) == 1
-    done = run("umount", link)
+    done = run_cli("umount", link)
     assert (done.returncode, done.stdout.strip()) == (0, f"unmounted {live.point}"), done.stderr
     assert not is_mounted(live.point)
 
@@ -225,11 +212,11 @@ def test_mount_through_a_symlink_lands_on_its_folder(tmp_path: Path, engine: str
     link = tmp_path / "link"
     link.symlink_to(point)
     try:
-        done = run("mount", zips, link, "--engine", engine, "--index-dir", tmp_path / "index")
+        done = run_cli("mount", zips, link, "--engine", engine, "--index-dir", tmp_path / "index")
         assert done.returncode == 0 and f"at {point}" in done.stdout, done.stderr
         assert is_mounted(point) and (link / "d" / "f000.txt").read_bytes() == b"member 0\n"
-        assert_one_error_line(run("mount", zips, link, "--index-dir", tmp_path / "index"), "already a mount point")
-        assert run("umount", link).returncode == 0 and not is_mounted(point)
+        assert_one_error_line(run_cli("mount", zips, link, "--index-dir", tmp_path / "index"), "already a mount point")
+        assert run_cli("umount", link).returncode == 0 and not is_mounted(point)
     finally:
         force_unmount(point)
 
@@ -239,7 +226,7 @@ def test_mount_through_a_symlink_lands_on_its_folder(tmp_path: Path, engine: str
 @pytest.mark.parametrize("option", ["--cache-size", "--cache-max"])
 def test_bad_sizes_are_one_line(tmp_path: Path, mountpoint: Path, option: str, value: str) -> None:
     zips = small_zips(tmp_path / "zips", 1)
-    done = run("mount", zips, mountpoint, f"{option}={value}", "--index-dir", tmp_path / "index")
+    done = run_cli("mount", zips, mountpoint, f"{option}={value}", "--index-dir", tmp_path / "index")
     assert_one_error_line(done, option)
     assert not is_mounted(mountpoint)
 
@@ -248,7 +235,7 @@ def test_bad_sizes_are_one_line(tmp_path: Path, mountpoint: Path, option: str, v
 def test_output_to_a_full_device_is_one_line(tmp_path: Path, command: List[str]) -> None:
     zips = small_zips(tmp_path / "zips", 1)
     with open("/dev/full", "wb") as full:
-        done = run(command[0], zips, *command[1:], "--index-dir", tmp_path / "index", stdout=full)
+        done = run_cli(command[0], zips, *command[1:], "--index-dir", tmp_path / "index", stdout=full)
     assert_one_error_line(done, "cannot write to standard output: No space left on device")
 
 
@@ -264,12 +251,12 @@ CSV_CASES = {  # id -> (stdin, what the one line names)
 @pytest.mark.parametrize("case", sorted(CSV_CASES))
 def test_path_csv_bad_input_is_one_line(case: str) -> None:
     stdin, mentions = CSV_CASES[case]
-    assert_one_error_line(run("path", "--csv", "--split", "val", stdin=stdin), mentions)
+    assert_one_error_line(run_cli("path", "--csv", "--split", "val", stdin=stdin), mentions)
 
 
 def test_path_csv_header_with_bom_and_crlf() -> None:
     """A spreadsheet's export: byte order mark, CRLF, the split column first."""
-    done = run("path", "--csv", stdin=b"\xef\xbb\xbfsplit,processid\r\nval,AACTA161-20\r\n\r\n")
+    done = run_cli("path", "--csv", stdin=b"\xef\xbb\xbfsplit,processid\r\nval,AACTA161-20\r\n\r\n")
     assert (done.returncode, done.stdout, done.stderr) == (0, "bioscan5m/images/cropped_256/val/AACTA161-20.jpg\n", "")
 
 
@@ -285,7 +272,7 @@ def test_index_names_an_unwritable_folder(tmp_path: Path, cause: str) -> None:
             pytest.skip("root without setpriv: permission bits are not enforced")
         (tmp_path / "ro").mkdir(mode=0o555)
         folder, reason, prefix = tmp_path / "ro" / "index", "Permission denied", _NO_OVERRIDE
-    done = run("index", zips, "--index-dir", folder, prefix=prefix)
+    done = run_cli("index", zips, "--index-dir", folder, prefix=prefix)
     assert_one_error_line(done, f"{folder}: cannot write the index there ({reason})")
 
 

@@ -600,6 +600,8 @@ def _soak_process(seed: int, deadline: float, results: "multiprocessing.Queue") 
     results.put(_soak_worker(seed, deadline))
 
 
+@pytest.mark.slow
+@pytest.mark.soak
 def test_soak_threads_and_processes(mount: MountFactory, soak_set: Path) -> None:
     """16 threads and 4 processes read and list for BIOSCANFS_SOAK_SECONDS: no error, every
     byte right, and the daemon's memory flat after warm-up."""

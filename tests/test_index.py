@@ -13,7 +13,7 @@ import shutil
 import zipfile
 from pathlib import Path
 from types import ModuleType
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import pytest
@@ -24,7 +24,7 @@ from bioscanfs.sources import open_sources
 from conftest import (
     assert_serves_members,
     Member, Mount, MountFactory, copy_archives, expected_tree, is_mounted, replace_name_bytes, run_cli,
-    zip_members, zip_paths,
+    index_files, zip_members, zip_paths,
 )
 
 SMALL_ZIPS = ["BIOSCAN_5M_cropped_256_eval.zip", "BIOSCAN_5M_cropped_256_train.zip"]
@@ -39,12 +39,6 @@ def load(zips: Sequence[Path], index_dir: Optional[Path]) -> Tree:
         for src in sources:
             src.close()
     return tree
-
-
-def index_files(index_dir: Path) -> Dict[str, Tuple[int, int]]:
-    """Index file name -> (inode, mtime): any rewrite or new file shows up as a change."""
-    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in index_dir.iterdir()
-            if p.suffix in (".tree", ".members")}
 
 
 def assert_same_tree(got: Tree, want: Tree) -> None:
@@ -205,6 +199,7 @@ def scale_members(scale_set: Path) -> Dict[str, Member]:
     return zip_members(scale_set)
 
 
+@pytest.mark.slow
 def test_zip64_scale_set_through_mount(mount: MountFactory, scale_set: Path,
                                        scale_members: Dict[str, Member]) -> None:
     """Counts, listings and sampled bytes of a > 65,535-member ZIP64 set, vs zipfile."""
@@ -231,6 +226,7 @@ def test_zip64_scale_set_through_mount(mount: MountFactory, scale_set: Path,
                 assert live.path(path).read_bytes() == zf.read(scale_members[path].info), path
 
 
+@pytest.mark.slow
 def test_zip64_scale_set_index_matches_zipfile(scale_set: Path, tmp_path: Path) -> None:
     """The persisted tree of the scale set equals zipfile's member table, row by row."""
     load(zip_paths(scale_set), tmp_path / "index")

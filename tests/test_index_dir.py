@@ -19,7 +19,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, Iterator, List, Tuple
+from typing import Iterator, List
 
 import numpy as np
 import pytest
@@ -30,7 +30,7 @@ from bioscanfs.index import load_tree
 from bioscanfs.sources import open_sources
 from conftest import (
     PYTHON, MountFactory, assert_one_error_line, assert_serves_members, copy_archives, is_mounted,
-    run_cli, zip_members, zip_paths,
+    index_files, run_cli, zip_members, zip_paths,
 )
 from craft import Entry, write_zip
 
@@ -43,12 +43,6 @@ HOUR, DAY = 3600, 86400
 def small_set(fake_set: Path, tmp_path: Path) -> Path:
     """A private copy of two small generated zips, free to be touched."""
     return copy_archives(fake_set, tmp_path / "set", SMALL_ZIPS)
-
-
-def index_files(index_dir: Path) -> Dict[str, Tuple[int, int]]:
-    """Index file name -> (inode, mtime): any rewrite or new file shows up as a change."""
-    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in index_dir.iterdir()
-            if p.suffix in store.SUFFIXES}
 
 
 def temporaries(index_dir: Path) -> List[str]:
@@ -369,6 +363,7 @@ def test_index_command_summarises_bad_names(bad_names_set: Path, tmp_path: Path)
     assert_one_whole_index(tmp_path / "index", 1)
 
 
+@pytest.mark.slow
 def test_index_command_with_many_conflicts_maps_or_says_why(tmp_path: Path) -> None:
     """Two releases of one package side by side (80,000 paths whose content differs): the
     index either maps on the next run, or `bioscanfs index` fails with the warning it

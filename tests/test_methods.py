@@ -15,6 +15,7 @@ from __future__ import annotations
 import bz2
 import collections
 import errno
+import functools
 import importlib
 import json
 import lzma
@@ -34,8 +35,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import pytest
 
 from conftest import (
-    PYTHON, MountFactory, data_offset, edit_headers, expected_tree, flip_byte, force_unmount, is_mounted, run_cli,
-    walk_mount, zip_members,
+    PYTHON, MountFactory, assert_preads, data_offset, edit_headers, expected_tree, flip_byte, force_unmount,
+    is_mounted, read_windows, rss, run_cli, walk_mount, zip_members,
 )
 
 needs_7z = pytest.mark.skipif(shutil.which("7z") is None, reason="7z (p7zip-full) is not installed")
@@ -151,17 +152,26 @@ METHODS: Dict[str, Tuple[Callable[[Path, Dict[str, bytes], Path], Path], int]] =
 ARCHIVE = "BIOSCAN_5M_cropped_256_eval.zip"
 
 
-def _windows(size: int) -> List[Tuple[int, int]]:
-    return [(0, 1), (0, 4096), (1, 131072), (size // 3, 100_000), (size - 10, 4096), (size, 10),
-            (size // 2, 1 << 20)]
+@pytest.fixture(scope="module")
+def method_archive(tmp_path_factory: pytest.TempPathFactory,
+                   sources: Dict[str, bytes]) -> Callable[[str], Path]:
+    """case -> the archive of the sources that METHODS[case] builds, built on first use and
+    shared by the module's tests and both engines (7-Zip and the compressors are the slow
+    part). Tests only read it: one that edits bytes edits a copy."""
+    work = tmp_path_factory.mktemp("methods")
+
+    @functools.lru_cache(maxsize=None)
+    def build(case: str) -> Path:
+        return METHODS[case][0](work / case / "zips" / ARCHIVE, sources, work / case)
+    return build
 
 
 @pytest.mark.parametrize("case", sorted(METHODS))
 def test_method_reads_back_the_source_bytes(case: str, sources: Dict[str, bytes], mount: MountFactory,
-                                            tmp_path: Path) -> None:
+                                            method_archive: Callable[[str], Path], tmp_path: Path) -> None:
     """Whole reads and O_DIRECT preads equal the source; the tree is complete; `info` names the method."""
-    build, method = METHODS[case]
-    archive = build(tmp_path / "zips" / ARCHIVE, sources, tmp_path)
+    method = METHODS[case][1]
+    archive = method_archive(case)
     with zipfile.ZipFile(archive) as zf:
         infos = [info for info in zf.infolist() if not info.is_dir()]
     methods = collections.Counter(info.compress_type for info in infos)
@@ -173,12 +183,7 @@ def test_method_reads_back_the_source_bytes(case: str, sources: Dict[str, bytes]
     assert walk_mount(live.point) == expected_tree(sources)
     for path, data in sources.items():
         assert live.path(path).read_bytes() == data, path
-    fd = os.open(live.path(big), os.O_RDONLY | os.O_DIRECT)
-    try:
-        for offset, size in _windows(len(sources[big])):
-            assert os.pread(fd, size, offset) == sources[big][offset:offset + size], (offset, size)
-    finally:
-        os.close(fd)
+    assert_preads(live.path(big), sources[big], read_windows(len(sources[big])), os.O_DIRECT)
 
     done = run_cli("info", "--json", archive.parent, "--index-dir", tmp_path / "info-index")
     assert done.returncode == 0, done.stderr
@@ -278,12 +283,12 @@ def test_encrypted_members(scheme: str, password: str, encrypted: Dict[str, Path
 
 @pytest.mark.parametrize("case", sorted(METHODS))
 def test_corrupt_member_of_each_method_gets_eio(case: str, sources: Dict[str, bytes], mount: MountFactory,
-                                                tmp_path: Path) -> None:
+                                                method_archive: Callable[[str], Path], tmp_path: Path) -> None:
     """A flipped byte in the middle of the large member's compressed data: every read of
     it, whole or partial, gets EIO (it is decoded and CRC-checked before any byte is
     served), the log names it, and its neighbours still read."""
-    build, method = METHODS[case]
-    archive = build(tmp_path / "zips" / ARCHIVE, sources, tmp_path)
+    (tmp_path / "zips").mkdir()
+    archive = Path(shutil.copy(method_archive(case), tmp_path / "zips" / ARCHIVE))
     big = max(sources, key=lambda p: len(sources[p]))
     with zipfile.ZipFile(archive) as zf:
         info = zf.getinfo(big)
@@ -309,41 +314,49 @@ def test_corrupt_member_of_each_method_gets_eio(case: str, sources: Dict[str, by
 #: Real output of the bombs below, and the daemon's peak RSS bound (it idles near 50 MB).
 BOMB = 300 << 20
 BOMB_PEAK_LIMIT = 200 << 20
+BOMB_MEMBER = "bioscan5m/extra/bomb.bin"
 BOMBS: Dict[str, Tuple[int, Callable[[bytes], bytes]]] = {
     "bzip2": (12, lambda data: bz2.compress(data, 1)),                             # the standard library's decoder
     "xz": (95, lambda data: lzma.compress(data, format=lzma.FORMAT_XZ, preset=0)),  # libarchive's
 }
 
 
-def peak_rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmHWM for {pid}")
+@pytest.fixture(scope="module")
+def bomb_archive(tmp_path_factory: pytest.TempPathFactory, sources: Dict[str, bytes]) -> Callable[[str], Path]:
+    """case -> an archive of the small sources (deflated) plus BOMB_MEMBER: BOMB zeros
+    compressed by BOMBS[case], declared as 1000 bytes with the CRC of 1000 zeros. Built on
+    first use and shared by both engines (compressing 300 MiB is the slow part); read only."""
+    work = tmp_path_factory.mktemp("bombs")
+
+    @functools.lru_cache(maxsize=None)
+    def build(case: str) -> Path:
+        method, compress = BOMBS[case]
+        small = {p: d for p, d in sources.items() if len(d) < BIG}
+        archive = _zipfile(zipfile.ZIP_DEFLATED)(work / case / ARCHIVE, small, work)
+        with zipfile.ZipFile(archive, "a") as zf:
+            zf.writestr(BOMB_MEMBER, compress(bytes(BOMB)))
+        edit_headers(archive, BOMB_MEMBER, method=method, size=1000, crc32=zlib.crc32(bytes(1000)))
+        return archive
+    return build
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(BOMBS))
 def test_bomb_in_another_method_stops_at_the_declared_size(case: str, sources: Dict[str, bytes],
-                                                           mount: MountFactory, tmp_path: Path) -> None:
+                                                           mount: MountFactory,
+                                                           bomb_archive: Callable[[str], Path]) -> None:
     """300 MiB of zeros declared as 1000 bytes (with the CRC of 1000 zeros): EIO, the
     daemon's peak memory stays far below the real size, the neighbours still read."""
-    method, compress = BOMBS[case]
     small = {p: d for p, d in sources.items() if len(d) < BIG}
-    bomb = "bioscan5m/extra/bomb.bin"
-    archive = _zipfile(zipfile.ZIP_DEFLATED)(tmp_path / "zips" / ARCHIVE, small, tmp_path)
-    with zipfile.ZipFile(archive, "a") as zf:
-        zf.writestr(bomb, compress(bytes(BOMB)))
-    edit_headers(archive, bomb, method=method, size=1000, crc32=zlib.crc32(bytes(1000)))
-
-    live = mount(archive.parent)
-    live.expect_log(re.escape(bomb))
-    assert os.stat(live.path(bomb)).st_size == 1000
+    live = mount(bomb_archive(case).parent)
+    live.expect_log(re.escape(BOMB_MEMBER))
+    assert os.stat(live.path(BOMB_MEMBER)).st_size == 1000
     for _ in range(2):
         with pytest.raises(OSError) as err:
-            live.path(bomb).read_bytes()
+            live.path(BOMB_MEMBER).read_bytes()
         assert err.value.errno == errno.EIO, err.value
-    assert peak_rss(live.pid) < BOMB_PEAK_LIMIT, peak_rss(live.pid)
-    assert any(bomb in line and "ERROR" in line for line in live.log_text().splitlines()), live.log_text()
+    assert rss(live.pid, "VmHWM") < BOMB_PEAK_LIMIT, rss(live.pid, "VmHWM")
+    assert any(BOMB_MEMBER in line and "ERROR" in line for line in live.log_text().splitlines()), live.log_text()
     for path, data in small.items():
         assert live.path(path).read_bytes() == data, path
 

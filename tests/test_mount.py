@@ -17,14 +17,15 @@ import zipfile
 import zlib
 from pathlib import Path
 from types import ModuleType
-from typing import Callable, Dict, Iterator, List, Tuple
+from typing import Callable, Dict, Iterator, List
 
 import numpy as np
 import pytest
 
 from conftest import (
-    EXIT_TIMEOUT, Member, Mount, MountFactory, assert_one_error_line, copy_archives, data_offset, expected_tree,
-    flip_byte, is_mounted, run_cli, walk_mount, zip_contents, zip_members,
+    EXIT_TIMEOUT, Member, Mount, MountFactory, assert_eio, assert_one_error_line, assert_preads, copy_archives,
+    data_offset, expected_tree, flip_byte, is_mounted, largest_image, read_windows, run_cli, walk_mount,
+    zip_contents, zip_members,
 )
 
 IMGTYPES = ("original_full", "cropped", "original_256", "cropped_256")
@@ -32,14 +33,6 @@ IMGTYPES = ("original_full", "cropped", "original_256", "cropped_256")
 CHUNK_WIDTH = {"pretrain": 2, "train": 1, "other_heldout": 1, "val": 0, "test": 0,
                "val_unseen": 0, "test_unseen": 0, "key_unseen": 0}
 METADATA_CSV = "bioscan5m/metadata/csv/BIOSCAN_5M_Insect_Dataset_metadata.csv"
-
-
-def _pick(members: Dict[str, Member], deflated: bool) -> Tuple[str, Member]:
-    """The largest image member stored (or deflated): deterministic and multi-page."""
-    images = [(m.info.file_size, p) for p, m in members.items()
-              if p.endswith(".jpg") and m.deflated == deflated]
-    path = max(images)[1]
-    return path, members[path]
 
 
 # -- bytes and attributes ---------------------------------------------------------------------
@@ -123,27 +116,12 @@ def big_stored_set(tmp_path_factory: pytest.TempPathFactory, bench_scale: Module
     return out
 
 
-def _windows(size: int) -> List[Tuple[int, int]]:
-    """(offset, length) pairs around page and kernel read-size boundaries and the end."""
-    offsets = {0, 1, 4095, 4096, 4097, size // 3, 131071, 131072, 131073, size - 4097,
-               size - 1, size, size + 1, size + 100_000}
-    lengths = {0, 1, 2, 4095, 4096, 4097, 65536, 131072, 131073, 300_000, size}
-    return sorted((o, n) for o in offsets for n in lengths if o >= 0)
-
-
-def _preads(path: Path, windows: List[Tuple[int, int]], flags: int) -> List[bytes]:
-    fd = os.open(path, os.O_RDONLY | flags)
-    try:
-        return [os.pread(fd, n, o) for o, n in windows]
-    finally:
-        os.close(fd)
-
-
 @pytest.fixture(scope="module")
 def pread_cases(fake_members: Dict[str, Member], big_stored_set: Path) -> Dict[str, Member]:
     """Stored and deflated images, the deflated CSV (> 128 KiB) and a > 1 MiB stored member."""
     big = zip_members(big_stored_set)["big/stored.bin"]
-    cases = dict([_pick(fake_members, deflated=False), _pick(fake_members, deflated=True)])
+    cases = {path: fake_members[path] for path in (largest_image(fake_members, deflated=False),
+                                                 largest_image(fake_members, deflated=True))}
     cases[METADATA_CSV] = fake_members[METADATA_CSV]
     cases["big/stored.bin"] = big
     assert fake_members[METADATA_CSV].deflated and fake_members[METADATA_CSV].info.file_size > 131072
@@ -161,10 +139,7 @@ def test_partial_reads(mount: MountFactory, fake_set: Path, big_stored_set: Path
     live = mount(fake_set, big_stored_set)
     for path, member in pread_cases.items():
         data = member.read()
-        windows = _windows(len(data))
-        got = _preads(live.path(path), windows, os.O_DIRECT if direct else 0)
-        for (offset, length), chunk in zip(windows, got):
-            assert chunk == data[offset:offset + length], (path, offset, length)
+        assert_preads(live.path(path), data, read_windows(len(data)), os.O_DIRECT if direct else 0)
 
 
 # -- read-only ------------------------------------------------------------------------------
@@ -189,7 +164,8 @@ _WRITES: Dict[str, Callable[[Path, Path], object]] = {
 @pytest.mark.parametrize("operation", sorted(_WRITES))
 def test_writes_get_erofs(fake_mount: Mount, fake_members: Dict[str, Member], operation: str) -> None:
     """Every write-type call fails with EROFS and leaves the member as it was."""
-    path, member = _pick(fake_members, deflated=False)
+    path = largest_image(fake_members, deflated=False)
+    member = fake_members[path]
     target = fake_mount.path(path)
     with pytest.raises(OSError) as err:
         _WRITES[operation](target, target.parent)
@@ -209,12 +185,6 @@ def test_statvfs(fake_mount: Mount, fake_members: Dict[str, Member]) -> None:
 
 
 # -- corrupt members --------------------------------------------------------------------------
-def _assert_eio(path: Path) -> None:
-    with pytest.raises(OSError) as err:
-        path.read_bytes()
-    assert err.value.errno == errno.EIO, err.value
-
-
 def test_corrupt_members_get_eio_and_neighbours_read(mount: MountFactory, fake_set: Path, tmp_path: Path) -> None:
     """A flipped data byte (stored and deflated) and a destroyed local header give EIO;
     the log names the archive and the member; every other member still reads."""
@@ -239,7 +209,7 @@ def test_corrupt_members_get_eio_and_neighbours_read(mount: MountFactory, fake_s
     live = mount(folder)
     for path in sorted(bad_data | bad_header):
         live.expect_log(re.escape(path))
-        _assert_eio(live.path(path))
+        assert_eio(live.path(path).read_bytes, path)
         lines = [line for line in live.log_text().splitlines() if path in line]
         assert lines and str(archive) in lines[0] and "ERROR" in lines[0], live.log_text()
     for path, data in expected.items():
@@ -255,7 +225,7 @@ def test_corrupt_large_stored_member_gets_eio(mount: MountFactory, big_stored_se
     flip_byte(archive, data_offset(archive, info) + info.compress_size // 2)
     live = mount(folder)
     live.expect_log("big/stored.bin")
-    _assert_eio(live.path("big/stored.bin"))
+    assert_eio(live.path("big/stored.bin").read_bytes, "big/stored.bin")
 
 
 # -- the CLI: daemon mode, errors, stale mounts, signals ---------------------------------------
@@ -378,7 +348,8 @@ def test_pillow_opens_a_jpeg(fake_mount: Mount, fake_members: Dict[str, Member])
     from PIL import Image
 
     for deflated in (False, True):
-        path, member = _pick(fake_members, deflated)
+        path = largest_image(fake_members, deflated)
+        member = fake_members[path]
         with Image.open(fake_mount.path(path)) as through_mount, Image.open(io.BytesIO(member.read())) as direct:
             assert through_mount.format == "JPEG"
             assert through_mount.size == direct.size
@@ -402,6 +373,6 @@ def test_archive_truncated_under_a_live_mount_gives_eio(mount: MountFactory, fak
     assert kept and any(members[p].info.header_offset < cut for p in lost)
     live.expect_log("cannot read")
     for path in lost:
-        _assert_eio(live.path(path))
+        assert_eio(live.path(path).read_bytes, path)
     for path in kept:
         assert live.path(path).read_bytes() == expected[path], path

@@ -22,7 +22,7 @@ import zipfile
 import zlib
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import pytest
 
@@ -30,7 +30,7 @@ from bioscanfs import cli, nativefs
 from bioscanfs.reader import WHOLE_READ_MAX
 from craft import Entry, deflated, raw_deflate, write_zip
 from conftest import (
-    Member, Mount, assert_serves_members, copy_archives, data_offset, expected_tree, flip_byte, mounted,
+    Member, Mount, assert_eio, assert_serves_members, copy_archives, data_offset, expected_tree, flip_byte, mounted,
     zip_contents, zip_members, zip_paths,
 )
 
@@ -184,7 +184,7 @@ def _sample(members: Dict[str, Member], rng: random.Random) -> Dict[str, Member]
     return {p: members[p] for p in sorted(picks)}
 
 
-def _windows(size: int, rng: random.Random) -> List[Tuple[int, int]]:
+def _random_windows(size: int, rng: random.Random) -> List[Tuple[int, int]]:
     """(offset, length): the whole member, then random windows, some reaching past its end."""
     return [(0, size), (0, size + 1)] + [
         (rng.randrange(size + 2), rng.choice([1, 4096, rng.randrange(1, size + 8192)])) for _ in range(40)]
@@ -202,14 +202,8 @@ def test_preads_equal_zipfile(fresh_mount: Mount, fake_members: Dict[str, Member
     assert {m.info.compress_type for m in sample.values()} == {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED}
     for path, data in zip_contents(sample).items():
         with open(fresh_mount.path(path), "rb", opener=lambda p, f: os.open(p, f | flags)) as f:
-            for offset, length in _windows(len(data), rng):
+            for offset, length in _random_windows(len(data), rng):
                 assert os.pread(f.fileno(), length, offset) == data[offset:offset + length], (path, offset, length)
-
-
-def _assert_eio(read: Callable[[], object], path: str) -> None:
-    with pytest.raises(OSError) as err:
-        read()
-    assert err.value.errno == errno.EIO, (path, err.value)
 
 
 @pytest.mark.parametrize("deflated", [False, True], ids=["stored", "deflated"])
@@ -240,10 +234,10 @@ def test_corrupt_member_gets_eio(fake_set: Path, tmp_path: Path, engine: str, de
     with mounted([folder], tmp_path / engine, engine=engine) as live:
         for path in bad:
             live.expect_log(re.escape(path))
-            _assert_eio(live.path(path).read_bytes, path)
+            assert_eio(live.path(path).read_bytes, path)
             fd = os.open(live.path(path), os.O_RDONLY | os.O_DIRECT)
             try:
-                _assert_eio(functools.partial(os.pread, fd, 1, 0), path)
+                assert_eio(functools.partial(os.pread, fd, 1, 0), path)
             finally:
                 os.close(fd)
             lines = [line for line in live.log_text().splitlines() if path in line]
@@ -336,7 +330,7 @@ def test_archive_on_a_filesystem_without_o_direct(fake_set: Path, tmp_path: Path
             rng = random.Random(7)
             for path, data in zip_contents(_sample(members, rng)).items():
                 with open(live.path(path), "rb") as f:
-                    for offset, length in _windows(len(data), rng):
+                    for offset, length in _random_windows(len(data), rng):
                         assert os.pread(f.fileno(), length, offset) == data[offset:offset + length], path
     finally:
         subprocess.run(["umount", str(ramfs)], check=True, capture_output=True)
@@ -367,5 +361,5 @@ def test_bad_deflate_stream_gets_eio(case: str, tmp_path: Path, engine: str) -> 
     write_zip(folder / "streams.zip", [good[0], _bad_deflate_members()[case], *good[1:]])
     with mounted([folder], tmp_path / engine, engine=engine) as live:
         live.expect_log(re.escape(f"bad/{case}"))
-        _assert_eio(live.path(f"bad/{case}").read_bytes, case)
+        assert_eio(live.path(f"bad/{case}").read_bytes, case)
         assert [live.path(f"good/{i}").read_bytes() for i in range(3)] == [bytes([i]) * 5000 + b"tail" for i in range(3)]

@@ -66,6 +66,7 @@ def _stored_members(site: Site) -> List[str]:
                   and m.info.header_offset + (1 << 17) < m.archive.stat().st_size)
 
 
+@pytest.mark.slow
 def test_cold_then_warm_daemon_mount_serves_every_member(site: Site, mount: MountFactory,
                                                           tmp_path: Path, engine: str) -> None:
     index_dir = tmp_path / "index"

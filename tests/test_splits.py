@@ -27,7 +27,7 @@ import pytest
 from bioscanfs.layout import EVAL_SPLITS
 from conftest import (
     assert_serves_members,
-    Member, MountFactory, assert_one_error_line, copy_archives, data_offset, expected_tree, is_mounted,
+    Member, MountFactory, assert_one_error_line, copy_archives, data_offset, expected_tree, index_files, is_mounted,
     mounted, run_cli, walk_mount, zip_contents, zip_members, zip_paths,
 )
 
@@ -384,11 +384,6 @@ def test_info_counts_same_content_duplicates_apart_from_conflicts(fake_set: Path
 
 
 # -- the persistent index of split archives ----------------------------------------------------
-def _index_files(index_dir: Path) -> Dict[str, Tuple[int, int]]:
-    """Every file of the index folder -> (inode, mtime): a rewrite or a new file shows."""
-    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in index_dir.iterdir()}
-
-
 def test_index_covers_split_and_spanned_archives(raw_split: RawSplit, spanned: Spanned, fake_set: Path,
                                                 tmp_path: Path, engine: str) -> None:
     """A folder with a raw split, a spanned set and a plain zip: the first mount writes one
@@ -403,10 +398,12 @@ def test_index_covers_split_and_spanned_archives(raw_split: RawSplit, spanned: S
     index_dir = tmp_path / "index"
     with mounted([folder], tmp_path / "first", index_dir=index_dir, engine=engine) as live:
         assert walk_mount(live.point) == expected_tree(expected)
-    before = _index_files(index_dir)
+    before = index_files(index_dir)
     assert sorted(Path(name).suffix for name in before) == [".members"] * 3 + [".tree"]
+    assert sorted(os.listdir(index_dir)) == sorted(before)
     with mounted([folder], tmp_path / "second", index_dir=index_dir, engine=engine) as live:
         assert walk_mount(live.point) == expected_tree(expected)
         for path, data in expected.items():
             assert live.path(path).read_bytes() == data, path
-    assert _index_files(index_dir) == before
+    assert index_files(index_dir) == before
+    assert sorted(os.listdir(index_dir)) == sorted(before)

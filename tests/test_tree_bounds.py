@@ -126,6 +126,7 @@ def test_name_twice_in_one_archive_serves_the_last_as_zipfile_does(mount: MountF
     assert os.stat(live.point / "a.txt").st_size == 7
 
 
+@pytest.mark.slow
 def test_more_archives_than_the_archive_column_holds_are_refused(tmp_path: Path) -> None:
     """Row 6: archive numbers are 16 bits; 65,537 archives are refused in one line, not
     served from the wrong archive."""
