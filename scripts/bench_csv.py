@@ -29,15 +29,9 @@ import zipfile
 from pathlib import Path
 from typing import Dict, List, Optional
 
-_HERE = Path(__file__).resolve().parent
-for _path in (str(_HERE.parent), str(_HERE)):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
-
-from bench import MountTarget, _fusermount, can_drop_caches, drop_caches  # noqa: E402
-from _benchutil import rss, server_pid  # noqa: E402
-from bioscanfs.layout import METADATA_CSV, METADATA_ZIP  # noqa: E402
-from make_fake_bioscan import make_set  # noqa: E402
+from _benchutil import bioscanfs_target, can_drop_caches, drop_caches, rss, server_pid
+from bioscanfs.layout import METADATA_CSV, METADATA_ZIP
+from make_fake_bioscan import make_set
 
 CHUNK = 1 << 20
 
@@ -123,8 +117,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-csv-"))
     root = work / "mnt"
     root.mkdir()
-    target = MountTarget("bioscanfs", root, [sys.executable, "-m", "bioscanfs", "mount", str(args.dir), str(root),
-                                             "--index-dir", str(work / "index")], _fusermount(root))
+    target = bioscanfs_target("bioscanfs", [args.dir], root, work / "index")
     drop = can_drop_caches()
     results: Dict[str, object] = {"csv_bytes": size, "compressed_bytes": info.compress_size,
                                   "caches_dropped": drop}
