@@ -8,6 +8,7 @@ bioscanfs is installed.
 """
 from __future__ import annotations
 
+import argparse
 import multiprocessing as mp
 import os
 import shlex
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple, TypeVar
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 from bioscanfs.cli import is_mounted
 
@@ -26,6 +27,7 @@ MOUNT_TIMEOUT = 600.0
 HALT_POLL = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 class BenchError(Exception):
@@ -35,6 +37,26 @@ class BenchError(Exception):
 def log(message: str) -> None:
     """Progress goes to stderr so that stdout holds only the table or the JSON."""
     print(message, file=sys.stderr, flush=True)
+
+
+def run_main(main: Callable[[], int], name: str) -> None:
+    """Exit with ``main()``'s status; a BenchError is one line on stderr and exit status 2."""
+    try:
+        sys.exit(main())
+    except BenchError as err:
+        print(f"{name}: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_counts(text: str) -> List[int]:
+    """'0,2,4' -> [0, 2, 4]: thread, process or worker counts from the command line."""
+    try:
+        counts = [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected counts such as 1,4,8") from None
+    if any(n < 0 for n in counts):
+        raise argparse.ArgumentTypeError(f"{text!r}: counts cannot be negative")
+    return counts
 
 
 # ---------------------------------------------------------------- tools
@@ -214,6 +236,25 @@ def ratarmount_target(name: str, program: str, zips: Sequence[Path], root: Path,
 
 
 # ---------------------------------------------------------------- timing
+
+def interleaved(rows: Sequence[R], targets: Sequence[Target], drop: bool) -> Iterator[Tuple[R, Target, str]]:
+    """Yield (row, target, "cold") then (row, target, "warm") for each row and each target in
+    turn, so that the noise of a shared machine hits the targets alike.
+
+    Before the cold pass the target is made cold (a fresh mount, caches dropped when
+    ``drop``); after the warm pass it is closed: one mount live at a time, so an idle
+    server keeps its memory and threads out of the others' way. The first target is
+    the reference the others' ratios are taken against.
+    """
+    for row in rows:
+        for target in targets:
+            target.make_cold(drop)
+            try:
+                yield row, target, "cold"
+                yield row, target, "warm"
+            finally:
+                target.close()
+
 
 def _forked_worker(work: Callable[[Sequence[str]], T], share: Sequence[str], barrier, results) -> None:
     """Forked worker: starts with the others, reports ``work(share)`` or the error."""

@@ -42,7 +42,7 @@ import numpy as np
 
 from _benchutil import (
     BenchError, Target, bioscanfs_target, can_drop_caches, filesystem_type, find_ratarmount,
-    guest_halt_poll_ns, log, page_cache_bytes, ratarmount_target, time_forked,
+    guest_halt_poll_ns, interleaved, log, page_cache_bytes, parse_counts, ratarmount_target, run_main, time_forked,
 )
 from _fakeids import ProcessIds
 from _zipkit import dos_stamp, make_jpeg, packages, random_payloads, split_ids, write_image_zip
@@ -243,34 +243,28 @@ def make_rows(sample: List[str], sample_bytes: int, threads: List[int], processe
         return run
 
     rows = [Row("walk+stat", "walk+stat", walk_stat)]
-    rows += [Row(f"read {n} thread{'s' * (n > 1)}", "random whole-file reads", reader(n, False)) for n in threads]
-    rows += [Row(f"read {n} process{'es' * (n > 1)}", "random whole-file reads", reader(n, True)) for n in processes]
+    rows += [Row(f"read {n} thread{'s' * (n > 1)}", "random whole-file reads", reader(n, False)) for n in threads if n]
+    rows += [Row(f"read {n} process{'es' * (n > 1)}", "random whole-file reads", reader(n, True))
+             for n in processes if n]
     return rows
 
 
 def run_all(rows: List[Row], targets: List[Target], drop: bool) -> List[Result]:
-    """For each row and target: make cold, cold pass, warm pass, unmount; ratios against extracted
-    files. After dropped caches, a cold read pass also records how much the page cache grew:
+    """Every row on every target in turn, cold then warm; ratios against extracted files.
+    After dropped caches, a cold read pass also records how much the page cache grew:
     a mount that caches archive pages besides its files' pages holds each file twice."""
     results: List[Result] = []
-    for row in rows:
-        reference: Dict[str, float] = {}
-        for target in targets:
-            target.make_cold(drop)
-            for pass_ in ("cold", "warm"):
-                cached = page_cache_bytes()
-                files, nbytes, seconds = row.run(target.root)
-                result = Result(row.label, pass_, target.name, files, nbytes, seconds)
-                if drop and pass_ == "cold" and nbytes:
-                    result.cache_growth = page_cache_bytes() - cached
-                if target.name == "extracted":
-                    reference[pass_] = result.files_per_s
-                result.ratio = result.files_per_s / reference[pass_]
-                results.append(result)
-                log(f"  {row.label:<18} {pass_}  {target.name:<10} {result.files_per_s:>10,.0f} files/s"
-                    + (f"  ratio {result.ratio:.2f}" if target.name != "extracted" else ""))
-            # One mount live at a time: an idle server keeps its memory and threads out of the others' way.
-            target.close()
+    reference: Dict[Tuple[str, str], float] = {}
+    for row, target, pass_ in interleaved(rows, targets, drop):
+        cached = page_cache_bytes()
+        files, nbytes, seconds = row.run(target.root)
+        result = Result(row.label, pass_, target.name, files, nbytes, seconds)
+        if drop and pass_ == "cold" and nbytes:
+            result.cache_growth = page_cache_bytes() - cached
+        result.ratio = result.files_per_s / reference.setdefault((row.label, pass_), result.files_per_s)
+        results.append(result)
+        log(f"  {row.label:<18} {pass_}  {target.name:<10} {result.files_per_s:>10,.0f} files/s"
+            + (f"  ratio {result.ratio:.2f}" if target.name != "extracted" else ""))
     return results
 
 
@@ -349,17 +343,6 @@ def names_of(targets: List[Target]) -> List[str]:
     return [t.name for t in targets]
 
 
-def parse_counts(text: str) -> List[int]:
-    """'1,4,8' -> [1, 4, 8]; '' or '0' -> [] (the rows are left out)."""
-    try:
-        counts = [int(item) for item in text.split(",") if item.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected numbers such as 1,4,8") from None
-    if any(n < 0 for n in counts):
-        raise argparse.ArgumentTypeError(f"{text!r}: counts cannot be negative")
-    return [n for n in counts if n]
-
-
 def default_set_folder(images: Optional[int], deflate_fraction: Optional[float]) -> Path:
     """A cache folder per set shape, so later runs reuse the set and its extracted copy."""
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
@@ -378,8 +361,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--deflate-fraction", type=float,
                         help="share of members deflated rather than stored when building the set (default 0)")
     parser.add_argument("--files", type=int, default=20_000, help="files in the read sample (default 20,000)")
-    parser.add_argument("--threads", type=parse_counts, default=[1, 4, 8], help="thread counts (default 1,4,8)")
-    parser.add_argument("--processes", type=parse_counts, default=[4], help="process counts (default 4)")
+    parser.add_argument("--threads", type=parse_counts, default=[1, 4, 8], help="thread counts, 0 for none (default 1,4,8)")
+    parser.add_argument("--processes", type=parse_counts, default=[4], help="process counts, 0 for none (default 4)")
     parser.add_argument("--extra-mount-args", default="", help="more arguments for `bioscanfs mount`, e.g. \"-o allow_other\"")
     parser.add_argument("--opener", choices=sorted(OPENERS), default="open",
                         help="open: as PIL does (asks isatty, one ioctl per open); unbuffered: buffering=0, "
@@ -553,9 +536,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         print_report(run, summary)
     return 0 if summary["passed"] else 1
 
+
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as err:
-        print(f"bench: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main, "bench")
