@@ -361,7 +361,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--deflate-fraction", type=float,
                         help="share of members deflated rather than stored when building the set (default 0)")
     parser.add_argument("--files", type=int, default=20_000, help="files in the read sample (default 20,000)")
-    parser.add_argument("--threads", type=parse_counts, default=[1, 4, 8], help="thread counts, 0 for none (default 1,4,8)")
+    parser.add_argument("--threads", type=parse_counts, default=[1, 4, 8],
+                        help="thread counts, 0 for none (default 1,4,8)")
     parser.add_argument("--processes", type=parse_counts, default=[4], help="process counts, 0 for none (default 4)")
     parser.add_argument("--extra-mount-args", default="", help="more arguments for `bioscanfs mount`, e.g. \"-o allow_other\"")
     parser.add_argument("--opener", choices=sorted(OPENERS), default="open",
@@ -466,7 +467,8 @@ def summarize(run: Run) -> dict:
         "first_mount_seconds": {name: round(s, 2) for name, s in run.setup.items()},
         "results": [r.as_dict() for r in run.results], "checks": checks,
         "passed": all(c["passed"] for c in checks),
-        "isatty_us": {name: {"back_to_back": round(s[0] * 1e6, 2), f"after_{ISATTY_WORK_US}us_work": round(s[1] * 1e6, 2)}
+        "isatty_us": {name: {"back_to_back": round(s[0] * 1e6, 2),
+                             f"after_{ISATTY_WORK_US}us_work": round(s[1] * 1e6, 2)}
                       for name, s in run.isatty.items()}, "notes": notes_of(run, fstype),
     }
 

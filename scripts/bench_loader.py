@@ -257,9 +257,12 @@ def print_report(summary: dict, names: List[str]) -> None:
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--set", type=Path, dest="set_dir",
-                        help="folder of the set, built there when absent [default: ~/.cache/bioscanfs-bench/loader-IMAGES]")
-    parser.add_argument("--images", type=int, default=DEFAULT_IMAGES, help=f"JPEGs in the set (default {DEFAULT_IMAGES:,})")
-    parser.add_argument("--workers", type=parse_counts, default=[0, 2, 4], help="worker processes per row (default 0,2,4)")
+                        help="folder of the set, built there when absent "
+                             "[default: ~/.cache/bioscanfs-bench/loader-IMAGES]")
+    parser.add_argument("--images", type=int, default=DEFAULT_IMAGES,
+                        help=f"JPEGs in the set (default {DEFAULT_IMAGES:,})")
+    parser.add_argument("--workers", type=parse_counts, default=[0, 2, 4],
+                        help="worker processes per row (default 0,2,4)")
     parser.add_argument("--rounds", type=int, default=1, help="repeat the whole table, report medians (default 1)")
     parser.add_argument("--no-ratarmount", action="store_true", help="leave ratarmount out")
     parser.add_argument("--no-mount-zip", action="store_true", help="leave mount-zip out")
