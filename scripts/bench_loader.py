@@ -23,7 +23,9 @@ and put it on PATH (never commit it)::
     git clone https://github.com/google/mount-zip /work/ext/mount-zip
     make -C /work/ext/mount-zip && cp /work/ext/mount-zip/mount-zip /usr/local/bin/
 
-It is mounted with ``-o notrim`` so its tree keeps the members' full paths.
+It is mounted with ``-o notrim`` so its tree keeps the members' full paths. ratarmount and
+Pillow come with the ``bench`` extra (``.venv/bin/pip install -e .[test,bench]``). Run as
+root, so that cold passes can drop the page cache.
 
     python scripts/bench_loader.py [--set DIR] [--images N] [--workers 0,2,4] [--rounds N]
         [--no-ratarmount] [--no-mount-zip] [--json]
@@ -45,6 +47,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+from PIL import Image
 
 from _benchutil import (
     BenchError, MountTarget, Target, bioscanfs_target, can_drop_caches, filesystem_type, find_ratarmount,
@@ -115,9 +118,8 @@ def open_set(folder: Path, images: int) -> Dict[str, int]:
 
 def load_images(paths: Sequence[str]) -> int:
     """Decode each image to an RGB array as torchvision's pil_loader (and ToTensor) do;
-    returns the pixels decoded, which every tree must match."""
-    from PIL import Image
-
+    returns the pixels decoded, which every tree must match. PIL is imported with this
+    module, so no pass pays for the import."""
     pixels = 0
     for path in paths:
         with open(path, "rb") as fh:
