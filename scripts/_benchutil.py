@@ -243,8 +243,7 @@ def interleaved(rows: Sequence[R], targets: Sequence[Target], drop: bool) -> Ite
 
     Before the cold pass the target is made cold (a fresh mount, caches dropped when
     ``drop``); after the warm pass it is closed: one mount live at a time, so an idle
-    server keeps its memory and threads out of the others' way. The first target is
-    the reference the others' ratios are taken against.
+    server keeps its memory and threads out of the others' way.
     """
     for row in rows:
         for target in targets:

@@ -13,8 +13,9 @@ workers (the main process) and 2 and 4 forked worker processes, as a DataLoader'
 Every row runs on every tree in turn (extracted files; bioscanfs, native engine;
 ratarmount; mount-zip when it is on PATH; each mount on the stored and on the deflated
 zip): a cold pass (caches dropped, mounts fresh) and a warm pass over the same list.
-``--rounds N`` repeats the whole table and reports each figure's median. Ratios are
-files/s over the extracted copy's in the same row and round.
+``--rounds N`` repeats the whole table, odd rounds in reverse tree order, and reports
+each figure's median. Ratios are files/s over the extracted copy's in the same row and
+round.
 
 mount-zip is not packaged in Debian 12. To include it, build it outside this repository
 and put it on PATH (never commit it)::
@@ -27,7 +28,7 @@ It is mounted with ``-o notrim`` so its tree keeps the members' full paths. rata
 Pillow come with the ``bench`` extra (``.venv/bin/pip install -e .[test,bench]``). Run as
 root, so that cold passes can drop the page cache.
 
-    python scripts/bench_loader.py [--set DIR] [--images N] [--workers 0,2,4] [--rounds N]
+    python scripts/bench_loader.py [--set DIR] [--images N] [--files N] [--workers 0,2,4] [--rounds N]
         [--no-ratarmount] [--no-mount-zip] [--json]
 """
 from __future__ import annotations
@@ -190,18 +191,21 @@ class Result:
 
 def run_round(round_: int, workers_list: Sequence[int], targets: Sequence[Target], sample: Sequence[str],
               drop: bool, expected: Dict[str, int]) -> List[Result]:
-    """Every row on every tree in turn, cold then warm; ratios against the extracted copy."""
+    """Every row on every tree in turn, cold then warm; ratios against the extracted copy's
+    pass in the same row. Odd rounds take the trees in reverse order, so that a load that
+    drifts during a round does not favour the trees measured last."""
     results: List[Result] = []
-    reference: Dict[Tuple[int, str], float] = {}
-    for workers, target, pass_ in interleaved(workers_list, targets, drop):
+    order = list(targets)[::-1] if round_ % 2 else list(targets)
+    for workers, target, pass_ in interleaved(workers_list, order, drop):
         pixels, seconds = run_loader(target.root, sample, workers)
         if expected.setdefault("pixels", pixels) != pixels:
             raise BenchError(f"{target.name}: decoded {pixels:,} pixels, extracted {expected['pixels']:,}")
-        result = Result(workers, pass_, target.name, round_, len(sample) / seconds)
-        result.ratio = result.files_per_s / reference.setdefault((workers, pass_), result.files_per_s)
-        results.append(result)
+        results.append(Result(workers, pass_, target.name, round_, len(sample) / seconds))
         log(f"  round {round_} {workers} workers {pass_:<4} {target.name:<20} "
-            f"{result.files_per_s:>8,.0f} files/s  ratio {result.ratio:.2f}")
+            f"{results[-1].files_per_s:>8,.0f} files/s  (load {load_average()})")
+    reference = {(r.workers, r.pass_): r.files_per_s for r in results if r.target == EXTRACTED}
+    for r in results:
+        r.ratio = r.files_per_s / reference[(r.workers, r.pass_)]
     return results
 
 
@@ -241,8 +245,8 @@ def print_report(summary: dict, names: List[str]) -> None:
           f"extracted copy on {s['extracted_filesystem']}")
     print(f"machine: {summary['cpus']} CPUs, load average {summary['load_before']} before, "
           f"{summary['load_after']} after; guest halt polling {summary['guest_halt_poll_ns']} ns")
-    print("loader: open(path, 'rb'), PIL.Image.open(f).convert('RGB'), np.asarray; every image once per pass, "
-          "one shuffled list for every tree")
+    print("loader: open(path, 'rb'), PIL.Image.open(f).convert('RGB'), np.asarray; each sampled image once "
+          f"per pass ({summary['sample_files']:,} images), one shuffled list for every tree")
     print("cold = " + ("caches dropped" if summary["caches_dropped"] else "caches NOT dropped (needs root)")
           + ", mounts fresh; warm = the same pass again; files/s (ratio vs extracted, same row and round)"
           + f"; median of {summary['rounds']} round(s)")
@@ -263,12 +267,13 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                              "[default: ~/.cache/bioscanfs-bench/loader-IMAGES]")
     parser.add_argument("--images", type=int, default=DEFAULT_IMAGES,
                         help=f"JPEGs in the set (default {DEFAULT_IMAGES:,})")
+    parser.add_argument("--files", type=int, help="images per pass, a seeded random sample (default: all)")
     parser.add_argument("--workers", type=parse_counts, default=[0, 2, 4],
                         help="worker processes per row (default 0,2,4)")
     parser.add_argument("--rounds", type=int, default=1, help="repeat the whole table, report medians (default 1)")
     parser.add_argument("--no-ratarmount", action="store_true", help="leave ratarmount out")
     parser.add_argument("--no-mount-zip", action="store_true", help="leave mount-zip out")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the shuffled list (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the shuffled sample (default 0)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     return parser.parse_args(argv)
 
@@ -317,11 +322,12 @@ def main(argv: Optional[List[str]] = None) -> int:
               / "bioscanfs-bench" / f"loader-{args.images}").absolute()
     sizes = open_set(folder, args.images)
     names = sorted(sizes)
-    sample = [names[i] for i in np.random.default_rng(args.seed).permutation(len(names)).tolist()]
+    picks = np.random.default_rng(args.seed).permutation(len(names))[:args.files]
+    sample = [names[i] for i in picks.tolist()]
     summary: dict = {
         "command": shlex.join([sys.executable, sys.argv[0], *(sys.argv[1:] if argv is None else argv)]),
         "set": set_summary(folder, sizes), "cpus": os.cpu_count(), "guest_halt_poll_ns": guest_halt_poll_ns(),
-        "rounds": args.rounds, "load_before": load_average(), "notes": [],
+        "rounds": args.rounds, "sample_files": len(sample), "load_before": load_average(), "notes": [],
     }
     targets = measure(args, folder, sample, summary)
     summary["load_after"] = load_average()
