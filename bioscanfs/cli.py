@@ -193,7 +193,7 @@ def mount(sources, mountpoint, foreground, options, cache_size, log_file, verbos
 
     serve = _engine(engine)
     mountpoint = os.path.realpath(mountpoint)
-    if _is_mounted(mountpoint):
+    if is_mounted(mountpoint):
         raise click.ClickException(f"{mountpoint}: already a mount point (bioscanfs umount {mountpoint})")
     _setup_logging(verbose, None)
     if not foreground:
@@ -318,7 +318,7 @@ def _mounts_at(point: str) -> List[_MountEntry]:
     return found
 
 
-def _is_mounted(mountpoint: str) -> bool:
+def is_mounted(mountpoint: str) -> bool:
     """True for live and dead (ENOTCONN) mounts alike, unlike os.path.ismount; a path
     through a symlink counts as the folder it leads to."""
     return bool(_mounts_at(os.path.realpath(mountpoint)))

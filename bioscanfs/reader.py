@@ -218,7 +218,7 @@ class Reader:
         method = member.method
         if member.flags & FLAG_ENCRYPTED or method not in (STORED, DEFLATED, DEFLATE64, BZIP2):
             header, data, _ = self._read_with_header(src, member, label, member.compressed_size)
-            return _libarchive_decode(src, member, label, header, data, self.password)
+            return libarchive_decode(src, member, label, header, data, self.password)
         if method == STORED:
             return self._read_with_header(src, member, label, member.compressed_size)[1]
         _, first, data_offset = self._read_with_header(src, member, label, INPUT_PIECE)
@@ -398,8 +398,8 @@ def one_member_archive(member: Member, header: bytes, data: bytes) -> bytes:
     return local + data + directory + end
 
 
-def _libarchive_decode(src: Source, member: Member, label: str, header: bytes, data: bytes,
-                       password: Optional[bytes]) -> bytes:
+def libarchive_decode(src: Source, member: Member, label: str, header: bytes, data: bytes,
+                      password: Optional[bytes]) -> bytes:
     """Decode one member with libarchive, from ``one_member_archive``: at most one byte
     past its declared size; libarchive's own checks (CRC, AES authentication code, sizes)
     are errors."""

@@ -24,12 +24,11 @@ Exit status: 0 when bioscanfs meets every target, 1 when it misses one, 2 on err
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import multiprocessing as mp
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,41 +40,26 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-_HERE = Path(__file__).resolve().parent
-for _path in (str(_HERE.parent), str(_HERE)):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
-
-from _fakeids import ProcessIds  # noqa: E402
-from _benchutil import find_ratarmount  # noqa: E402
-from bench_scale import _dos_stamp, write_stored_zip  # noqa: E402
-from bioscanfs.cli import _is_mounted  # noqa: E402
-from bioscanfs.layout import image_path  # noqa: E402
-from make_fake_bioscan import _packages, _write_image_zip, make_jpeg, split_counts  # noqa: E402
+from _benchutil import (
+    BenchError, Target, bioscanfs_target, can_drop_caches, filesystem_type, find_ratarmount,
+    guest_halt_poll_ns, interleaved, log, page_cache_bytes, parse_counts, ratarmount_target, run_main, time_forked,
+)
+from _fakeids import ProcessIds
+from _zipkit import dos_stamp, make_jpeg, packages, random_payloads, split_ids, write_image_zip
+from bench_scale import write_stored_zip
+from bioscanfs.layout import image_path
 
 IMGTYPE = "cropped_256"
 DEFAULT_IMAGES = 91_000
-#: Member sizes are uniform in this range (bytes): a mean of 8 KiB, like cropped_256 JPEGs.
-PAYLOAD_SIZES = (4 << 10, 12 << 10)
 MARKER = "bench-set.json"
 EXTRACTED = "extracted"
 #: Files of the sample compared byte for byte with the extracted copy on every mount.
 BYTE_CHECK_FILES = 200
-MOUNT_TIMEOUT = 600.0
 #: (name, pass, threshold): bioscanfs files/s over extracted files/s, same run.
 TARGETS = (("random whole-file reads", "cold", 0.9),
            ("random whole-file reads", "warm", 0.8),
            ("walk+stat", "cold", 0.25))
 MB = 1e6
-
-
-class BenchError(Exception):
-    """Something that makes the run's figures meaningless: reported in one line, exit status 2."""
-
-
-def log(message: str) -> None:
-    """Progress goes to stderr so that stdout holds only the table or the JSON."""
-    print(message, file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------- the package set
@@ -94,13 +78,6 @@ class PackageSet:
         return self.folder / EXTRACTED
 
 
-def _random_payloads(rng: np.random.Generator, count: int) -> List[bytes]:
-    sizes = rng.integers(PAYLOAD_SIZES[0], PAYLOAD_SIZES[1] + 1, count)
-    blob = rng.bytes(int(sizes.sum()))
-    ends = np.cumsum(sizes).tolist()
-    return [blob[end - size:end] for end, size in zip(ends, sizes.tolist())]
-
-
 def _jpegs(rng: np.random.Generator, count: int) -> List[bytes]:
     """Synthetic JPEGs of about 9 KB (160 x 120, quality 70-95), which deflate by 1-3 % as
     real ones do."""
@@ -111,26 +88,20 @@ def _build_set(folder: Path, images: int, deflate_fraction: float, seed: int = 0
     """Write the cropped_256 zips as the real package splits them, members in random order.
 
     Stored-only sets use bench_scale's bulk writer (seconds for ~100,000 members); sets with
-    deflated members go through make_fake_bioscan's zipfile writer, which can deflate.
+    deflated members go through _zipkit's zipfile writer, which can deflate.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    pids = ProcessIds(seed).take(images)
-    order = np.random.default_rng([seed, 1]).permutation(images).tolist()
-    by_split: Dict[str, List[str]] = {}
-    start = 0
-    for split, count in split_counts(images).items():
-        by_split[split] = [pids[i] for i in order[start:start + count]]
-        start += count
+    by_split = split_ids(ProcessIds(seed).take(images), images, seed)
     rng = np.random.default_rng([seed, 2])
-    dos_time, dos_date = _dos_stamp(2024, 5, 14, 9, 30)
+    dos_time, dos_date = dos_stamp(2024, 5, 14, 9, 30)
     names = []
-    for filename, group in _packages(IMGTYPE, by_split, rng).items():
+    for filename, group in packages(IMGTYPE, by_split, rng).items():
         group = [group[i] for i in rng.permutation(len(group)).tolist()]
-        payloads = _jpegs(rng, len(group)) if deflate_fraction > 0 else _random_payloads(rng, len(group))
+        payloads = _jpegs(rng, len(group)) if deflate_fraction > 0 else random_payloads(rng, len(group))
         members = [image_path(pid, split, IMGTYPE) for split, pid in group]
         log(f"writing {filename}: {len(members):,} members")
         if deflate_fraction > 0:
-            _write_image_zip(folder / filename, list(zip(members, payloads)), rng, deflate_fraction)
+            write_image_zip(folder / filename, list(zip(members, payloads)), rng, deflate_fraction)
         else:
             write_stored_zip(folder / filename, [m.encode() for m in members], payloads, dos_time, dos_date)
         names.append(filename)
@@ -173,132 +144,6 @@ def extract(pset: PackageSet) -> None:
     partial.rename(pset.extracted)
 
 
-def filesystem_type(path: Path) -> str:
-    """The type of the filesystem holding ``path`` (tmpfs would make "cold" reads come from RAM)."""
-    best, kind = "", "?"
-    resolved = str(path.resolve())
-    with open("/proc/self/mounts") as mounts:
-        for line in mounts:
-            fields = line.split()
-            target = fields[1].replace("\\040", " ")
-            inside = resolved == target or resolved.startswith(target.rstrip("/") + "/")
-            if inside and len(target) >= len(best):
-                best, kind = target, fields[2]
-    return kind
-
-
-#: KVM guests' idle-loop polling (cpuidle-haltpoll): how long an idle core polls before it halts.
-HALT_POLL = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
-
-
-def guest_halt_poll_ns() -> Optional[int]:
-    """The guest halt-polling window, or None off KVM. A core that has halted takes tens of
-    microseconds to wake in a VM, and each FUSE round trip wakes one or two cores (README,
-    Tuning), so figures from runs with different windows do not compare."""
-    try:
-        return int(HALT_POLL.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-# ---------------------------------------------------------------- caches and targets
-
-def can_drop_caches() -> bool:
-    """Only root may write drop_caches, and some containers refuse even root."""
-    return os.geteuid() == 0 and os.access("/proc/sys/vm/drop_caches", os.W_OK)
-
-
-def drop_caches() -> None:
-    """Write dirty pages out, then drop the page cache, dentries and inodes."""
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as fh:
-        fh.write("3\n")
-
-
-class Target:
-    """A tree to measure: the extracted copy, or a FUSE mount that is remounted for each cold pass."""
-
-    def __init__(self, name: str, root: Path) -> None:
-        self.name = name
-        self.root = root
-
-    def make_cold(self, drop: bool) -> None:
-        """Drop the caches (when allowed) so that the next pass reads from disk."""
-        if drop:
-            drop_caches()
-
-    def close(self) -> None:
-        """Nothing to release for a plain folder."""
-
-
-class MountTarget(Target):
-    """A FUSE filesystem started by ``mount_command`` at ``root``."""
-
-    def __init__(self, name: str, root: Path, mount_command: List[str], unmount_commands: List[List[str]]) -> None:
-        super().__init__(name, root)
-        self.mount_command = mount_command
-        self.unmount_commands = unmount_commands
-
-    def mount(self) -> float:
-        """Mount and wait until the tree is served; returns the seconds it took."""
-        started = time.perf_counter()
-        done = subprocess.run(self.mount_command, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise BenchError(f"{self.name}: mount failed ({shlex.join(self.mount_command)}):\n"
-                             f"{done.stdout}{done.stderr}")
-        deadline = time.monotonic() + MOUNT_TIMEOUT
-        while not (_is_mounted(str(self.root)) and os.listdir(self.root)):
-            if time.monotonic() > deadline:
-                raise BenchError(f"{self.name}: {self.root} not live {MOUNT_TIMEOUT:.0f} s after mounting")
-            time.sleep(0.05)
-        return time.perf_counter() - started
-
-    def unmount(self) -> None:
-        """Try each unmount command until the mount point is gone."""
-        for command in self.unmount_commands:
-            if not _is_mounted(str(self.root)):
-                return
-            subprocess.run(command, capture_output=True)
-        deadline = time.monotonic() + 30
-        while _is_mounted(str(self.root)):
-            if time.monotonic() > deadline:
-                raise BenchError(f"{self.name}: cannot unmount {self.root}")
-            time.sleep(0.05)
-
-    def make_cold(self, drop: bool) -> None:
-        """A fresh mount, then dropped caches: nothing read while mounting stays cached either."""
-        self.unmount()
-        self.mount()
-        super().make_cold(drop)
-
-    def close(self) -> None:
-        self.unmount()
-
-
-def _fusermount(root: Path) -> List[List[str]]:
-    return [[tool, "-u", str(root)] for tool in ("fusermount3", "fusermount") if shutil.which(tool)]
-
-
-def bioscanfs_target(pset: PackageSet, work: Path, extra_args: List[str]) -> MountTarget:
-    """bioscanfs on the set folder, run by this interpreter so that it follows the venv."""
-    root = work / "mnt-bioscanfs"
-    root.mkdir()
-    command = [sys.executable, "-m", "bioscanfs", "mount", str(pset.folder), str(root),
-               "--index-dir", str(work / "index-bioscanfs"), *extra_args]
-    return MountTarget("bioscanfs", root, command,
-                       [[sys.executable, "-m", "bioscanfs", "umount", str(root)], *_fusermount(root)])
-
-
-def ratarmount_target(program: str, pset: PackageSet, work: Path) -> MountTarget:
-    """ratarmount merging all zips into one tree, its indexes kept in the run's folder."""
-    root = work / "mnt-ratarmount"
-    root.mkdir()
-    index = work / "index-ratarmount"
-    index.mkdir()
-    command = [program, "--index-folders", str(index), *map(str, pset.zips), str(root)]
-    return MountTarget("ratarmount", root, command, _fusermount(root))
-
-
 # ---------------------------------------------------------------- workloads
 
 Measured = Tuple[int, Optional[int], float]  #: files, bytes read (None: none read), seconds
@@ -338,37 +183,11 @@ def read_threads(paths: Sequence[str], threads: int, buffering: int) -> Tuple[in
     return total, time.perf_counter() - started
 
 
-def _process_worker(paths: Sequence[str], buffering: int, barrier, results) -> None:
-    """Forked reader: starts with the others, reports bytes read or the error."""
-    barrier.wait()
-    try:
-        results.put(read_files(paths, buffering))
-    except Exception as err:  # reported to the parent, which stops the run
-        results.put(f"{type(err).__name__}: {err}")
-
-
 def read_processes(paths: Sequence[str], processes: int, buffering: int) -> Tuple[int, float]:
-    """Each forked process reads an interleaved share; returns (bytes, seconds).
-
-    The clock starts when all children are forked and waiting, so forking is not timed.
-    """
-    ctx = mp.get_context("fork")
-    barrier = ctx.Barrier(processes + 1)
-    results = ctx.Queue()
-    workers = [ctx.Process(target=_process_worker, args=(paths[i::processes], buffering, barrier, results))
-               for i in range(processes)]
-    for worker in workers:
-        worker.start()
-    barrier.wait()
-    started = time.perf_counter()
-    got = [results.get() for _ in workers]
-    seconds = time.perf_counter() - started
-    for worker in workers:
-        worker.join()
-    errors = [item for item in got if isinstance(item, str)]
-    if errors:
-        raise BenchError(f"a reader process failed: {errors[0]}")
-    return sum(got), seconds
+    """Each forked process reads an interleaved share; returns (bytes, seconds), forking not timed."""
+    shares = [paths[i::processes] for i in range(processes)]
+    totals, seconds = time_forked(functools.partial(read_files, buffering=buffering), shares)
+    return sum(totals), seconds
 
 
 # ---------------------------------------------------------------- running
@@ -424,43 +243,28 @@ def make_rows(sample: List[str], sample_bytes: int, threads: List[int], processe
         return run
 
     rows = [Row("walk+stat", "walk+stat", walk_stat)]
-    rows += [Row(f"read {n} thread{'s' * (n > 1)}", "random whole-file reads", reader(n, False)) for n in threads]
-    rows += [Row(f"read {n} process{'es' * (n > 1)}", "random whole-file reads", reader(n, True)) for n in processes]
+    rows += [Row(f"read {n} thread{'s' * (n > 1)}", "random whole-file reads", reader(n, False)) for n in threads if n]
+    rows += [Row(f"read {n} process{'es' * (n > 1)}", "random whole-file reads", reader(n, True))
+             for n in processes if n]
     return rows
 
 
-def page_cache_bytes() -> int:
-    """The kernel's page cache ("Cached" in /proc/meminfo), in bytes."""
-    with open("/proc/meminfo") as fh:
-        for line in fh:
-            if line.startswith("Cached:"):
-                return int(line.split()[1]) * 1024
-    raise BenchError("/proc/meminfo has no Cached line")
-
-
 def run_all(rows: List[Row], targets: List[Target], drop: bool) -> List[Result]:
-    """For each row and target: make cold, cold pass, warm pass, unmount; ratios against extracted
-    files. After dropped caches, a cold read pass also records how much the page cache grew:
+    """Every row on every target in turn, cold then warm; ratios against extracted files.
+    After dropped caches, a cold read pass also records how much the page cache grew:
     a mount that caches archive pages besides its files' pages holds each file twice."""
     results: List[Result] = []
-    for row in rows:
-        reference: Dict[str, float] = {}
-        for target in targets:
-            target.make_cold(drop)
-            for pass_ in ("cold", "warm"):
-                cached = page_cache_bytes()
-                files, nbytes, seconds = row.run(target.root)
-                result = Result(row.label, pass_, target.name, files, nbytes, seconds)
-                if drop and pass_ == "cold" and nbytes:
-                    result.cache_growth = page_cache_bytes() - cached
-                if target.name == "extracted":
-                    reference[pass_] = result.files_per_s
-                result.ratio = result.files_per_s / reference[pass_]
-                results.append(result)
-                log(f"  {row.label:<18} {pass_}  {target.name:<10} {result.files_per_s:>10,.0f} files/s"
-                    + (f"  ratio {result.ratio:.2f}" if target.name != "extracted" else ""))
-            # One mount live at a time: an idle server keeps its memory and threads out of the others' way.
-            target.close()
+    reference: Dict[Tuple[str, str], float] = {}
+    for row, target, pass_ in interleaved(rows, targets, drop):
+        cached = page_cache_bytes()
+        files, nbytes, seconds = row.run(target.root)
+        result = Result(row.label, pass_, target.name, files, nbytes, seconds)
+        if drop and pass_ == "cold" and nbytes:
+            result.cache_growth = page_cache_bytes() - cached
+        result.ratio = result.files_per_s / reference.setdefault((row.label, pass_), result.files_per_s)
+        results.append(result)
+        log(f"  {row.label:<18} {pass_}  {target.name:<10} {result.files_per_s:>10,.0f} files/s"
+            + (f"  ratio {result.ratio:.2f}" if target.name != "extracted" else ""))
     return results
 
 
@@ -539,17 +343,6 @@ def names_of(targets: List[Target]) -> List[str]:
     return [t.name for t in targets]
 
 
-def parse_counts(text: str) -> List[int]:
-    """'1,4,8' -> [1, 4, 8]; '' or '0' -> [] (the rows are left out)."""
-    try:
-        counts = [int(item) for item in text.split(",") if item.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected numbers such as 1,4,8") from None
-    if any(n < 0 for n in counts):
-        raise argparse.ArgumentTypeError(f"{text!r}: counts cannot be negative")
-    return [n for n in counts if n]
-
-
 def default_set_folder(images: Optional[int], deflate_fraction: Optional[float]) -> Path:
     """A cache folder per set shape, so later runs reuse the set and its extracted copy."""
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
@@ -568,8 +361,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--deflate-fraction", type=float,
                         help="share of members deflated rather than stored when building the set (default 0)")
     parser.add_argument("--files", type=int, default=20_000, help="files in the read sample (default 20,000)")
-    parser.add_argument("--threads", type=parse_counts, default=[1, 4, 8], help="thread counts (default 1,4,8)")
-    parser.add_argument("--processes", type=parse_counts, default=[4], help="process counts (default 4)")
+    parser.add_argument("--threads", type=parse_counts, default=[1, 4, 8],
+                        help="thread counts, 0 for none (default 1,4,8)")
+    parser.add_argument("--processes", type=parse_counts, default=[4], help="process counts, 0 for none (default 4)")
     parser.add_argument("--extra-mount-args", default="", help="more arguments for `bioscanfs mount`, e.g. \"-o allow_other\"")
     parser.add_argument("--opener", choices=sorted(OPENERS), default="open",
                         help="open: as PIL does (asks isatty, one ioctl per open); unbuffered: buffering=0, "
@@ -580,114 +374,170 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = parse_args(argv)
-    command = shlex.join([sys.executable, sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
+@dataclass
+class Run:
+    """One run's inputs and what it measured, filled in step by step by ``main``."""
+
+    args: argparse.Namespace
+    command: str
+    pset: PackageSet
+    sample: List[str]
+    drop: bool
+    ratarmount: Optional[str]
+    rows: List[Row]
+    targets: List[Target]
+    setup: Dict[str, float]
+    results: List[Result]
+    isatty: Dict[str, List[float]]
+
+    @property
+    def sample_bytes(self) -> int:
+        return sum(self.pset.sizes[rel] for rel in self.sample)
+
+
+def start(args: argparse.Namespace, command: str) -> Run:
+    """Open (or build) the set and its extracted copy, draw the sample, plan the rows."""
     folder = (args.set_dir or default_set_folder(args.images, args.deflate_fraction)).absolute()
     pset = open_set(folder, args.images, args.deflate_fraction)
     extract(pset)
     names = sorted(pset.sizes)
     picks = np.random.default_rng(args.seed).permutation(len(names))[:min(args.files, len(names))]
     sample = [names[i] for i in picks.tolist()]
-    sample_bytes = sum(pset.sizes[rel] for rel in sample)
-    drop = can_drop_caches()
     ratarmount = None if args.no_ratarmount else find_ratarmount()
+    run = Run(args, command, pset, sample, can_drop_caches(), ratarmount, [],
+              [Target("extracted", pset.extracted)], {}, [], {})
+    run.rows = make_rows(sample, run.sample_bytes, args.threads, args.processes, OPENERS[args.opener])
+    return run
 
-    rows = make_rows(sample, sample_bytes, args.threads, args.processes, OPENERS[args.opener])
-    targets: List[Target] = [Target("extracted", pset.extracted)]
-    setup: Dict[str, float] = {}
-    with tempfile.TemporaryDirectory(prefix=".run-", dir=folder) as tmp:
-        # On the set's own disk: an index in a tmpfs would dodge drop_caches.
+
+def measure(run: Run) -> None:
+    """First mounts (index builds, byte check), every row on every target, then isatty."""
+    # On the set's own disk: an index in a tmpfs would dodge drop_caches.
+    with tempfile.TemporaryDirectory(prefix=".run-", dir=run.pset.folder) as tmp:
         work = Path(tmp)
-        mounts = [bioscanfs_target(pset, work, shlex.split(args.extra_mount_args))]
-        if ratarmount:
-            mounts.append(ratarmount_target(ratarmount, pset, work))
+        mounts = [bioscanfs_target("bioscanfs", [run.pset.folder], work / "mnt-bioscanfs", work / "index-bioscanfs",
+                                   shlex.split(run.args.extra_mount_args))]
+        if run.ratarmount:
+            mounts.append(ratarmount_target("ratarmount", run.ratarmount, run.pset.zips, work / "mnt-ratarmount",
+                                            work / "index-ratarmount"))
         try:
             for target in mounts:
+                target.root.mkdir()
                 log(f"first mount of {target.name} (builds its index)")
-                setup[target.name] = target.mount()
-                check_bytes(target, pset.extracted, sample)
+                run.setup[target.name] = target.mount()
+                check_bytes(target, run.pset.extracted, run.sample)
                 target.unmount()
-                targets.append(target)
-            log(f"measuring {len(rows)} rows x {len(targets)} targets x cold+warm")
-            results = run_all(rows, targets, drop)
+                run.targets.append(target)
+            log(f"measuring {len(run.rows)} rows x {len(run.targets)} targets x cold+warm")
+            run.results = run_all(run.rows, run.targets, run.drop)
             mounts[0].mount()
-            isatty = {name: [isatty_seconds(root / sample[0], work) for work in (0, ISATTY_WORK_US)]
-                      for name, root in (("extracted", pset.extracted), (mounts[0].name, mounts[0].root))}
+            run.isatty = {name: [isatty_seconds(root / run.sample[0], us) for us in (0, ISATTY_WORK_US)]
+                          for name, root in (("extracted", run.pset.extracted), (mounts[0].name, mounts[0].root))}
         finally:
             for target in mounts:
                 target.close()
 
-    walk_files = {r.target: r.files for r in results if r.row == "walk+stat"}
-    notes = [f"{name}: walk found {count:,} files, the set holds {len(names):,}"
-             for name, count in walk_files.items() if count != len(names)]
-    if not drop:
+
+def notes_of(run: Run, fstype: str) -> List[str]:
+    """What a reader of the figures must know: files missing from a walk, caches kept, tmpfs."""
+    walk_files = {r.target: r.files for r in run.results if r.row == "walk+stat"}
+    notes = [f"{name}: walk found {count:,} files, the set holds {len(run.pset.sizes):,}"
+             for name, count in walk_files.items() if count != len(run.pset.sizes)]
+    if not run.drop:
         notes.append("caches NOT dropped (needs root): cold passes only follow a fresh mount")
-    fstype = filesystem_type(pset.extracted)
     if fstype == "tmpfs":
         notes.append("the extracted copy is on tmpfs: its cold passes read from RAM")
-    if not ratarmount and not args.no_ratarmount:
+    if not run.ratarmount and not run.args.no_ratarmount:
         notes.append("ratarmount not installed (ratarmount --help failed): its columns are left out")
-    checks = check_targets(results, {row.label: row.kind for row in rows})
-    passed = all(c["passed"] for c in checks)
-    summary = {
-        "command": command,
-        "set": {"folder": str(folder), "zips": [p.name for p in pset.zips], "files": len(names),
+    return notes
+
+
+def summarize(run: Run) -> dict:
+    """Everything the run found, as the JSON output holds it."""
+    pset, args = run.pset, run.args
+    fstype = filesystem_type(pset.extracted)
+    checks = check_targets(run.results, {row.label: row.kind for row in run.rows})
+    return {
+        "command": run.command,
+        "set": {"folder": str(pset.folder), "zips": [p.name for p in pset.zips], "files": len(pset.sizes),
                 "bytes": sum(pset.sizes.values()), "deflate_fraction": pset.deflate_fraction,
                 "extracted": str(pset.extracted), "extracted_filesystem": fstype},
-        "sample": {"files": len(sample), "bytes": sample_bytes, "seed": args.seed, "opener": args.opener},
-        "cpus": os.cpu_count(), "guest_halt_poll_ns": guest_halt_poll_ns(), "caches_dropped": drop,
-        "first_mount_seconds": {name: round(s, 2) for name, s in setup.items()},
-        "results": [r.as_dict() for r in results], "checks": checks, "passed": passed,
-        "isatty_us": {name: {"back_to_back": round(s[0] * 1e6, 2), f"after_{ISATTY_WORK_US}us_work": round(s[1] * 1e6, 2)}
-                      for name, s in isatty.items()}, "notes": notes,
+        "sample": {"files": len(run.sample), "bytes": run.sample_bytes, "seed": args.seed, "opener": args.opener},
+        "cpus": os.cpu_count(), "guest_halt_poll_ns": guest_halt_poll_ns(), "caches_dropped": run.drop,
+        "first_mount_seconds": {name: round(s, 2) for name, s in run.setup.items()},
+        "results": [r.as_dict() for r in run.results], "checks": checks,
+        "passed": all(c["passed"] for c in checks),
+        "isatty_us": {name: {"back_to_back": round(s[0] * 1e6, 2),
+                             f"after_{ISATTY_WORK_US}us_work": round(s[1] * 1e6, 2)}
+                      for name, s in run.isatty.items()}, "notes": notes_of(run, fstype),
     }
-    if args.json:
-        print(json.dumps(summary, indent=1))
-        return 0 if passed else 1
 
-    total_mb = summary["set"]["bytes"] / MB
-    print(f"set: {folder}: {len(names):,} files, {total_mb:,.0f} MB in {len(pset.zips)} zips "
-          f"(deflated share {pset.deflate_fraction:g}); extracted copy on {fstype}; {os.cpu_count()} CPUs"
-          + ("" if summary["guest_halt_poll_ns"] is None else f"; guest halt polling {summary['guest_halt_poll_ns']:,} ns"))
-    print(f"sample: {len(sample):,} files, {sample_bytes / MB:,.1f} MB, the same shuffled list for every target; "
-          f"opened with {args.opener!r}")
-    print("cold = " + ("caches dropped" if drop else "caches NOT dropped")
+
+def print_header(run: Run, summary: dict) -> None:
+    """The set, the sample and the conditions of the run."""
+    pset, halt = run.pset, summary["guest_halt_poll_ns"]
+    print(f"set: {pset.folder}: {len(pset.sizes):,} files, {summary['set']['bytes'] / MB:,.0f} MB in "
+          f"{len(pset.zips)} zips (deflated share {pset.deflate_fraction:g}); extracted copy on "
+          f"{summary['set']['extracted_filesystem']}; {os.cpu_count()} CPUs"
+          + ("" if halt is None else f"; guest halt polling {halt:,} ns"))
+    print(f"sample: {len(run.sample):,} files, {run.sample_bytes / MB:,.1f} MB, the same shuffled list for every "
+          f"target; opened with {run.args.opener!r}")
+    print("cold = " + ("caches dropped" if run.drop else "caches NOT dropped")
           + ", mounts remounted; warm = the same pass again. MB = 10^6 bytes; ratio = files/s vs extracted")
-    print("first mount (index build): " + ", ".join(f"{n} {s:.1f} s" for n, s in setup.items()))
-    print()
-    print(table(results, names_of(targets)))
-    print()
-    print("targets (bioscanfs vs extracted files, same run):")
-    for c in checks:
-        print(f"  {c['target']:<32} >= {c['threshold']:.2f}: {'PASS' if c['passed'] else 'FAIL'}"
-              f"  (worst {c['worst_ratio']:.2f}, {c['worst_row']})")
-    growth = {name: [r.cache_growth / r.bytes for r in results
-                     if r.target == name and r.cache_growth is not None and r.bytes] for name in names_of(targets)}
-    if any(growth.values()):
-        print("page cache grown by a cold read pass, per byte read: " + ", ".join(
-            f"{name} {min(g):.2f}-{max(g):.2f}" for name, g in growth.items() if g))
+    print("first mount (index build): " + ", ".join(f"{n} {s:.1f} s" for n, s in run.setup.items()))
+
+
+def print_isatty(run: Run) -> None:
+    """isatty's cost on both trees, and what one round trip per open predicts for 1 thread warm."""
+    isatty = run.isatty
     round_trip = isatty["bioscanfs"][0] - isatty["extracted"][0]
     print(f"isatty (p50, back to back / after {ISATTY_WORK_US} us of work): " + ", ".join(
         f"{name} {s[0] * 1e6:.1f} / {s[1] * 1e6:.1f} us" for name, s in isatty.items()), end="")
-    single = {r.target: r for r in results if r.row == "read 1 thread" and r.pass_ == "warm"}
-    if args.opener == "open" and len(single) > 1:
+    single = {r.target: r for r in run.results if r.row == "read 1 thread" and r.pass_ == "warm"}
+    if run.args.opener == "open" and len(single) > 1:
         per_file = 1 / single["extracted"].files_per_s
         print(f"; one back-to-back round trip per open added to an extracted file's {per_file * 1e6:.1f} us "
               f"predicts {per_file / (per_file + round_trip):.2f} for read 1 thread warm "
               f"(measured {single['bioscanfs'].ratio:.2f})", end="")
     print()
-    print(f"byte check: first {min(BYTE_CHECK_FILES, len(sample))} sample files identical on every mount; "
+
+
+def print_report(run: Run, summary: dict) -> None:
+    """The table, the targets, page cache growth, isatty, and the notes."""
+    print_header(run, summary)
+    print()
+    print(table(run.results, names_of(run.targets)))
+    print()
+    print("targets (bioscanfs vs extracted files, same run):")
+    for c in summary["checks"]:
+        print(f"  {c['target']:<32} >= {c['threshold']:.2f}: {'PASS' if c['passed'] else 'FAIL'}"
+              f"  (worst {c['worst_ratio']:.2f}, {c['worst_row']})")
+    growth = {name: [r.cache_growth / r.bytes for r in run.results
+                     if r.target == name and r.cache_growth is not None and r.bytes] for name in names_of(run.targets)}
+    if any(growth.values()):
+        print("page cache grown by a cold read pass, per byte read: " + ", ".join(
+            f"{name} {min(g):.2f}-{max(g):.2f}" for name, g in growth.items() if g))
+    print_isatty(run)
+    print(f"byte check: first {min(BYTE_CHECK_FILES, len(run.sample))} sample files identical on every mount; "
           "every read pass returned the sample's exact byte total")
-    for note in notes:
+    for note in summary["notes"]:
         print(f"note: {note}")
-    print(f"command: {command}")
-    return 0 if passed else 1
+    print(f"command: {run.command}")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Set, measurements, summary, report; exit status 0 when every target is met."""
+    args = parse_args(argv)
+    command = shlex.join([sys.executable, sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
+    run = start(args, command)
+    measure(run)
+    summary = summarize(run)
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        print_report(run, summary)
+    return 0 if summary["passed"] else 1
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as err:
-        print(f"bench: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main, "bench")

@@ -27,17 +27,11 @@ import threading
 import time
 import zipfile
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
-_HERE = Path(__file__).resolve().parent
-for _path in (str(_HERE.parent), str(_HERE)):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
-
-from bench import MountTarget, _fusermount, can_drop_caches, drop_caches  # noqa: E402
-from _benchutil import rss, server_pid  # noqa: E402
-from bioscanfs.layout import METADATA_CSV, METADATA_ZIP  # noqa: E402
-from make_fake_bioscan import make_set  # noqa: E402
+from _benchutil import bioscanfs_target, can_drop_caches, drop_caches, rss, server_pid
+from bioscanfs.layout import METADATA_CSV, METADATA_ZIP
+from make_fake_bioscan import make_set
 
 CHUNK = 1 << 20
 
@@ -98,7 +92,73 @@ def percentiles(latencies: List[float]) -> Dict[str, float]:
     return {"p50_ms": pick(0.5), "p95_ms": pick(0.95), "max_ms": ordered[-1] * 1000}
 
 
+def zipfile_passes(archive: Path) -> Tuple[zipfile.ZipInfo, str, Dict[str, float]]:
+    """The CSV member's entry, its md5, and the seconds of reading it in-process with zipfile
+    (read only, and read + md5)."""
+    with zipfile.ZipFile(archive) as zf:
+        info = zf.getinfo(METADATA_CSV)
+        seconds = {}
+        for kind, consume in (("read", read_stream), ("md5", md5_stream)):
+            started = time.perf_counter()
+            with zf.open(info) as member:
+                expected = consume(member)
+            seconds[kind] = time.perf_counter() - started
+    return info, expected, seconds
+
+
+def mount_passes(folder: Path, size: int, expected: str, reads: int, drop: bool) -> Tuple[dict, Dict[str, float]]:
+    """Random reads on a fresh mount, the two sequential passes, random reads again, and the
+    daemon's RSS peak; returns (results, sequential seconds)."""
+    results: Dict[str, object] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-csv-") as tmp:
+        root = Path(tmp) / "mnt"
+        root.mkdir()
+        target = bioscanfs_target("bioscanfs", [folder], root, Path(tmp) / "index")
+        try:
+            target.mount()
+            sampler = RssSampler(server_pid(root, "bioscanfs"))
+            sampler.start()
+            path = root / METADATA_CSV
+            if drop:
+                drop_caches()
+            results["random_fresh_mount"] = percentiles(random_reads(path, size, reads, seed=1))
+            seconds = {}
+            for kind, consume in (("read", read_stream), ("md5", md5_stream)):
+                if drop:
+                    drop_caches()
+                started = time.perf_counter()
+                with open(path, "rb") as member:
+                    got = consume(member)
+                seconds[kind] = time.perf_counter() - started
+            if got != expected:
+                raise SystemExit(f"md5 through the mount {got} != zipfile {expected}")
+            if drop:
+                drop_caches()
+            results["random_after_sequential"] = percentiles(random_reads(path, size, reads, seed=2))
+            results["daemon_rss_peak_mb"] = sampler.stop() / 2**20
+        finally:
+            target.close()
+    return results, seconds
+
+
+def print_results(results: dict, reads: int) -> None:
+    """One line per measurement, with its target."""
+    print(f"CSV member: {results['csv_bytes']:,} bytes ({results['compressed_bytes']:,} deflated); "
+          f"caches dropped: {results['caches_dropped']}")
+    for kind, what in (("read", "sequential read"), ("md5", "sequential read + md5")):
+        seq = results[f"sequential_{kind}"]
+        print(f"{what}: zipfile in-process {seq['zipfile_mb_s']:.0f} MB/s, "
+              f"through the mount {seq['mount_mb_s']:.0f} MB/s, ratio {seq['ratio']:.2f} (target >= 0.7)")
+    for key in ("random_fresh_mount", "random_after_sequential"):
+        r = results[key]
+        print(f"random 4 KiB reads ({key.replace('_', ' ')}, {reads}): p50 {r['p50_ms']:.1f} ms, "
+              f"p95 {r['p95_ms']:.1f} ms (target <= 100), max {r['max_ms']:.1f} ms")
+    print(f"daemon RSS peak (sampled every 20 ms): {results['daemon_rss_peak_mb']:.0f} MB (target <= 400)")
+    print("command: python scripts/bench_csv.py " + " ".join(sys.argv[1:]))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """Build or reuse the metadata zip, measure zipfile, then the mount; print or dump JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=Path.home() / ".cache/bioscanfs-bench/csv")
     parser.add_argument("--csv-bytes", type=int, default=1_500_000_000)
@@ -110,48 +170,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not archive.exists():
         print(f"writing a {args.csv_bytes:,}-byte CSV into {archive}", file=sys.stderr, flush=True)
         make_set(args.dir, images=16, imgtypes=(), csv_bytes=args.csv_bytes)
-    with zipfile.ZipFile(archive) as zf:
-        info = zf.getinfo(METADATA_CSV)
-        size = info.file_size
-        zipfile_seconds = {}
-        for kind, consume in (("read", read_stream), ("md5", md5_stream)):
-            started = time.perf_counter()
-            with zf.open(info) as member:
-                expected = consume(member)
-            zipfile_seconds[kind] = time.perf_counter() - started
-
-    work = Path(tempfile.mkdtemp(prefix="bench-csv-"))
-    root = work / "mnt"
-    root.mkdir()
-    target = MountTarget("bioscanfs", root, [sys.executable, "-m", "bioscanfs", "mount", str(args.dir), str(root),
-                                             "--index-dir", str(work / "index")], _fusermount(root))
-    drop = can_drop_caches()
-    results: Dict[str, object] = {"csv_bytes": size, "compressed_bytes": info.compress_size,
-                                  "caches_dropped": drop}
-    try:
-        target.mount()
-        sampler = RssSampler(server_pid(root, "bioscanfs"))
-        sampler.start()
-        path = root / METADATA_CSV
-        if drop:
-            drop_caches()
-        results["random_fresh_mount"] = percentiles(random_reads(path, size, args.reads, seed=1))
-        mount_seconds = {}
-        for kind, consume in (("read", read_stream), ("md5", md5_stream)):
-            if drop:
-                drop_caches()
-            started = time.perf_counter()
-            with open(path, "rb") as member:
-                got = consume(member)
-            mount_seconds[kind] = time.perf_counter() - started
-        if got != expected:
-            raise SystemExit(f"md5 through the mount {got} != zipfile {expected}")
-        if drop:
-            drop_caches()
-        results["random_after_sequential"] = percentiles(random_reads(path, size, args.reads, seed=2))
-        results["daemon_rss_peak_mb"] = sampler.stop() / 2**20
-    finally:
-        target.close()
+    info, expected, zipfile_seconds = zipfile_passes(archive)
+    size, drop = info.file_size, can_drop_caches()
+    results, mount_seconds = mount_passes(args.dir, size, expected, args.reads, drop)
+    results.update({"csv_bytes": size, "compressed_bytes": info.compress_size, "caches_dropped": drop})
     for kind in ("read", "md5"):
         results[f"sequential_{kind}"] = {
             "zipfile_mb_s": size / zipfile_seconds[kind] / 1e6, "mount_mb_s": size / mount_seconds[kind] / 1e6,
@@ -159,20 +181,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         }
     if args.json:
         print(json.dumps(results, indent=2))
-        return 0
-    print(f"CSV member: {size:,} bytes ({info.compress_size:,} deflated); caches dropped: {drop}")
-    for kind, what in (("read", "sequential read"), ("md5", "sequential read + md5")):
-        seq = results[f"sequential_{kind}"]
-        print(f"{what}: zipfile in-process {seq['zipfile_mb_s']:.0f} MB/s, "
-              f"through the mount {seq['mount_mb_s']:.0f} MB/s, ratio {seq['ratio']:.2f} (target >= 0.7)")
-    for key in ("random_fresh_mount", "random_after_sequential"):
-        r = results[key]
-        print(f"random 4 KiB reads ({key.replace('_', ' ')}, {args.reads}): p50 {r['p50_ms']:.1f} ms, "
-              f"p95 {r['p95_ms']:.1f} ms (target <= 100), max {r['max_ms']:.1f} ms")
-    print(f"daemon RSS peak (sampled every 20 ms): {results['daemon_rss_peak_mb']:.0f} MB (target <= 400)")
-    print("command: python scripts/bench_csv.py " + " ".join(sys.argv[1:]))
+    else:
+        print_results(results, args.reads)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

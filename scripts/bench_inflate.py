@@ -20,10 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-_HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(_HERE))
+from _zipkit import make_jpeg
 
-from make_fake_bioscan import make_jpeg  # noqa: E402
+_HERE = Path(__file__).resolve().parent
 
 
 def write_members(folder: Path, count: int) -> None:

@@ -18,15 +18,11 @@ import os
 import sys
 import time
 import zipfile
-from pathlib import Path
 from typing import Callable, Optional
 
-_HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(_HERE.parent))
-
-from bioscanfs.reader import _libarchive_decode  # noqa: E402
-from bioscanfs.sources import BytesSource  # noqa: E402
-from bioscanfs.zipdir import Member, read_local_header, read_members  # noqa: E402
+from bioscanfs.reader import libarchive_decode
+from bioscanfs.sources import BytesSource
+from bioscanfs.zipdir import Member, read_local_header, read_members
 
 
 def _stdlib(method: int) -> Callable[[bytes], bytes]:
@@ -60,7 +56,7 @@ def main(argv: Optional[list] = None) -> int:
             repeat = args.repeat if label == "8 KB" else max(3, args.repeat // 50)
             timings = {}
             for name, decode in (("stdlib", _stdlib(method)),
-                                 ("libarchive", lambda d: _libarchive_decode(src, member, "m", header, d, None))):
+                                 ("libarchive", lambda d: libarchive_decode(src, member, "m", header, d, None))):
                 assert decode(data) == payload, name
                 started = time.perf_counter()
                 for _ in range(repeat):

@@ -27,14 +27,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-_HERE = Path(__file__).resolve().parent
-for _path in (str(_HERE.parent), str(_HERE)):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
-
-from _rangeserver import Request, Site, serving  # noqa: E402
-from bench_scale import _dos_stamp, write_stored_zip  # noqa: E402
-from bioscanfs import Collection  # noqa: E402
+from _rangeserver import Request, Site, serving
+from _zipkit import dos_stamp
+from bench_scale import write_stored_zip
+from bioscanfs import Collection
 
 #: A member: (path in the tree, size, CRC-32) - what a read must return.
 Member = Tuple[str, int, int]
@@ -44,7 +40,7 @@ def write_set(folder: Path, members: int, archives: int, size: int, seed: int) -
     """``archives`` stored zips holding ``members`` members of ~``size`` random bytes in all."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    dos_time, dos_date = _dos_stamp(2024, 5, 14, 9, 30)
+    dos_time, dos_date = dos_stamp(2024, 5, 14, 9, 30)
     out: List[Member] = []
     per = -(-members // archives)
     for a in range(archives):

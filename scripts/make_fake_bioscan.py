@@ -12,7 +12,6 @@ varied timestamps and no directory entries. Deterministic for a given seed.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import io
 import json
 import sys
@@ -22,23 +21,11 @@ from typing import Iterable, Union
 
 import numpy as np
 
-_HERE = Path(__file__).resolve().parent
-for _path in (str(_HERE.parent), str(_HERE)):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
-
-from _fakeids import ProcessIds  # noqa: E402
-from bioscanfs.layout import (  # noqa: E402
-    CSV_COLUMNS, EVAL_SPLITS, IMGTYPES, METADATA_CSV, METADATA_JSONLD, METADATA_ZIP,
-    SPLIT_SIZES, SPLITS, chunk_of, image_path,
+from _fakeids import ProcessIds
+from _zipkit import MIN_IMAGES, date_time, make_jpeg, packages, split_ids, write_image_zip
+from bioscanfs.layout import (
+    CSV_COLUMNS, IMGTYPES, METADATA_CSV, METADATA_JSONLD, METADATA_ZIP, SPLIT_SIZES, chunk_of, image_path,
 )
-
-MIN_PER_SPLIT = 2
-MIN_IMAGES = MIN_PER_SPLIT * len(SPLITS)
-#: Share of image members written with a ZIP64 extra in their local header only (as
-#: zipfile's force_zip64 does), so readers must take the local extra length from the
-#: local header, not from the central directory.
-ZIP64_LOCAL_FRACTION = 0.2
 
 #: Image side lengths (pixels, inclusive range) per imgtype: larger for the larger packages.
 _SIDES = {
@@ -92,79 +79,6 @@ _PLACES = (
 _BARCODE_LEN = 658  # the COI-5P barcode region
 _ACGT = np.frombuffer(b"ACGT", np.uint8)
 _CSV_BATCH = 20_000
-
-
-def split_counts(images: int) -> dict[str, int]:
-    """Images per split: the real split sizes scaled to ``images``, at least 2 per split."""
-    if images < MIN_IMAGES:
-        raise ValueError(f"images must be at least {MIN_IMAGES} ({MIN_PER_SPLIT} per split)")
-    full = sum(SPLIT_SIZES.values())
-    counts = {s: max(MIN_PER_SPLIT, round(n * images / full)) for s, n in SPLIT_SIZES.items()}
-    counts["pretrain"] += images - sum(counts.values())
-    return counts
-
-
-def make_jpeg(rng: np.random.Generator, width: int, height: int, comment: str) -> bytes:
-    """A small real JPEG: a random colour gradient with noise, tagged with ``comment``.
-
-    The comment makes every image distinct even if two noise draws compressed alike.
-    """
-    from PIL import Image
-
-    y = np.linspace(0.0, 1.0, height)[:, None, None]
-    x = np.linspace(0.0, 1.0, width)[None, :, None]
-    corner, right, bottom = rng.uniform(0, 255, (3, 3))
-    base = corner + (right - corner) * x + (bottom - corner) * y
-    pixels = np.clip(base + rng.normal(0, rng.uniform(5, 60), (height, width, 3)), 0, 255)
-    out = io.BytesIO()
-    Image.fromarray(pixels.astype(np.uint8)).save(
-        out, "JPEG", quality=int(rng.integers(70, 96)), comment=comment)
-    return out.getvalue()
-
-
-def _date_time(rng: np.random.Generator) -> tuple[int, int, int, int, int, int]:
-    """A timestamp in 2023-2024 (even seconds: DOS time keeps two-second steps)."""
-    stamp = dt.datetime(2023, 1, 1) + dt.timedelta(seconds=2 * int(rng.integers(0, 365 * 86400)))
-    return stamp.timetuple()[:6]
-
-
-def _packages(imgtype: str, pids_by_split: dict[str, list[str]],
-              rng: np.random.Generator) -> dict[str, list[tuple[str, str]]]:
-    """Zip file name -> its (split, processid) members, packaged as the real ``imgtype`` is."""
-    everything = [(split, pid) for split, pids in pids_by_split.items() for pid in pids]
-    prefix = f"BIOSCAN_5M_{imgtype}"
-    if imgtype == "original_256":
-        return {f"{prefix}.zip": everything}
-    if imgtype in ("original_full", "cropped"):
-        parts = 5 if imgtype == "original_full" else 2
-        order = rng.permutation(len(everything))
-        return {f"{prefix}.{k + 1:02d}.zip": [everything[i] for i in chunk.tolist()]
-                for k, chunk in enumerate(np.array_split(order, parts))}
-    pretrain = [("pretrain", pid) for pid in pids_by_split["pretrain"]]
-    half = len(pretrain) // 2
-    return {
-        f"{prefix}_pretrain.01.zip": pretrain[:half],
-        f"{prefix}_pretrain.02.zip": pretrain[half:],
-        f"{prefix}_train.zip": [("train", pid) for pid in pids_by_split["train"]],
-        f"{prefix}_eval.zip": [(s, pid) for s in EVAL_SPLITS for pid in pids_by_split[s]],
-    }
-
-
-def _write_image_zip(path: Path, members: list[tuple[str, bytes]], rng: np.random.Generator,
-                     deflate_fraction: float) -> int:
-    """Write ``members`` (path, bytes) in shuffled order; returns how many were deflated."""
-    deflated = 0
-    with zipfile.ZipFile(path, "w") as zf:
-        for i in rng.permutation(len(members)).tolist():
-            name, data = members[i]
-            info = zipfile.ZipInfo(name, _date_time(rng))
-            info.external_attr = 0o100644 << 16
-            if rng.random() < deflate_fraction:
-                info.compress_type = zipfile.ZIP_DEFLATED
-                deflated += 1
-            with zf.open(info, "w", force_zip64=bool(rng.random() < ZIP64_LOCAL_FRACTION)) as fh:
-                fh.write(data)
-    return deflated
 
 
 def _csv_lines(rng: np.random.Generator, pids: list[str], splits: list[str],
@@ -261,7 +175,7 @@ def _write_metadata_zip(path: Path, rng: np.random.Generator, ids: ProcessIds,
                         image_rows: list[tuple[str, str]], csv_bytes: int) -> tuple[int, int]:
     """Write the metadata zip (deflated CSV, streamed, and JSON-LD); returns (csv rows, bytes)."""
     with zipfile.ZipFile(path, "w") as zf:
-        info = zipfile.ZipInfo(METADATA_CSV, _date_time(rng))
+        info = zipfile.ZipInfo(METADATA_CSV, date_time(rng))
         info.compress_type = zipfile.ZIP_DEFLATED
         # Level 1 deflates ~6x faster than the default 6 on barcode text (GB-sized CSVs).
         # zipfile takes a level per entry only through this attribute (kept as an alias of
@@ -270,7 +184,7 @@ def _write_metadata_zip(path: Path, rng: np.random.Generator, ids: ProcessIds,
         info.external_attr = 0o100644 << 16
         with zf.open(info, "w", force_zip64=True) as fh:
             rows, size = _write_csv(fh, rng, ids, image_rows, csv_bytes)
-        info = zipfile.ZipInfo(METADATA_JSONLD, _date_time(rng))
+        info = zipfile.ZipInfo(METADATA_JSONLD, date_time(rng))
         info.compress_type = zipfile.ZIP_DEFLATED
         info.external_attr = 0o100644 << 16
         zf.writestr(info, _jsonld(rows))
@@ -293,15 +207,9 @@ def make_set(outdir: Union[str, Path], images: int = 400, deflate_fraction: floa
         raise ValueError(f"unknown imgtypes {unknown}; expected some of {', '.join(IMGTYPES)}")
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    counts = split_counts(images)
     ids = ProcessIds(seed)
     pids = ids.take(images)
-    shuffled = np.random.default_rng([seed, 1]).permutation(images).tolist()
-    pids_by_split: dict[str, list[str]] = {}
-    start = 0
-    for split, count in counts.items():
-        pids_by_split[split] = [pids[i] for i in shuffled[start:start + count]]
-        start += count
+    pids_by_split = split_ids(pids, images, seed)
     split_of = {pid: split for split, group in pids_by_split.items() for pid in group}
 
     summary: dict = {"zips": [], "members": {}, "deflated": {}, "splits": split_of}
@@ -314,10 +222,10 @@ def make_set(outdir: Union[str, Path], images: int = 400, deflate_fraction: floa
         jpegs = {pid: make_jpeg(rng, int(rng.integers(low, high + 1)),
                                 int(rng.integers(low, high + 1)), f"{imgtype}/{pid}")
                  for pid in pids}
-        for filename, group in _packages(imgtype, pids_by_split, rng).items():
+        for filename, group in packages(imgtype, pids_by_split, rng).items():
             path = outdir / filename
             members = [(image_path(pid, split, imgtype), jpegs[pid]) for split, pid in group]
-            summary["deflated"][filename] = _write_image_zip(path, members, rng, deflate_fraction)
+            summary["deflated"][filename] = write_image_zip(path, members, rng, deflate_fraction)
             summary["members"][filename] = len(members)
             summary["zips"].append(path)
 
