@@ -91,6 +91,7 @@ typedef struct {
     uint64_t n_dirs, n_archives, whole_max, total_bytes;
     double timeout;             /* how long the kernel may keep names and attributes (Python's choice) */
     uint64_t block_size;        /* st_blksize and f_bsize (Python's choice) */
+    mode_t file_mode, dir_mode; /* st_mode of files and directories (Python's choice) */
     uid_t uid;
     gid_t gid;
     PyObject *read_cb, *attr_cb, *readlink_cb, *ready_cb;
@@ -165,12 +166,12 @@ static int fill_attr(server_t *s, fuse_ino_t ino, struct stat *st)
     st->st_blksize = (blksize_t)s->block_size;
     if (is_dir(s, ino)) {
         uint64_t d = ino - 1;
-        st->st_mode = S_IFDIR | 0555;
+        st->st_mode = s->dir_mode;
         st->st_nlink = 2 + (s->sub_hi[d] - s->sub_lo[d]);
         mtime = s->dir_mtime[d];
     } else if (is_file(s, ino)) {
         const member_t *m = &s->files[row_of(s, ino)];
-        st->st_mode = S_IFREG | 0444;
+        st->st_mode = s->file_mode;
         st->st_nlink = 1;
         size = m->size;
         mtime = m->mtime;
@@ -827,75 +828,55 @@ static PyObject *check(PyObject *self, PyObject *tables)
     Py_RETURN_NONE;
 }
 
-static PyObject *serve(PyObject *self, PyObject *args, PyObject *kwargs)
+/* Bounds the tables (check_tables) and sets up what serving needs besides them; NULL or why not. */
+static const char *prepare_server(server_t *s, PyObject *tables, int mapped)
 {
-    static char *keywords[] = {"mountpoint", "options", "tables", "mapped", "whole_max", "total_bytes", "timeout",
-                               "block_size", "read", "attr", "readlink", "ready", "threads", NULL};
-    const char *mountpoint, *options;
-    PyObject *tables;
-    server_t s;
-    int threads = 1, mapped = 0;
-    unsigned long long whole_max, total_bytes, block_size;
-    memset(&s, 0, sizeof s);
-    (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "ssOpKKdKOOOO|p", keywords, &mountpoint, &options, &tables,
-                                     &mapped, &whole_max, &total_bytes, &s.timeout, &block_size, &s.read_cb,
-                                     &s.attr_cb, &s.readlink_cb, &s.ready_cb, &threads))
-        return NULL;
-    if (block_size == 0 || block_size > (1u << 30)) {
-        PyErr_SetString(PyExc_ValueError, "block_size out of range");
-        return NULL;
-    }
-    s.block_size = block_size;
-    if (take_tables(&s, tables) < 0) {
-        release_tables(&s);
-        return NULL;
-    }
-    s.whole_max = whole_max;
-    s.total_bytes = total_bytes;
-    s.uid = getuid();
-    s.gid = getgid();
-    const char *problem = check_tables(&s);
-    if (!problem && (!(s.pushed = calloc(s.n_files / 8 + 1, 1))
-                     || !(s.direct = malloc(sizeof(int) * (s.n_archives + 1)))))
+    if (take_tables(s, tables) < 0)
+        return "";   /* a Python exception is set */
+    const char *problem = check_tables(s);
+    if (!problem && (!(s->pushed = calloc(s->n_files / 8 + 1, 1))
+                     || !(s->direct = malloc(sizeof(int) * (s->n_archives + 1)))))
         problem = "out of memory";
-    const int64_t *direct = s.views[B_DIRECT].buf;
-    for (uint64_t a = 0; !problem && a < s.n_archives; a++)
-        s.direct[a] = (int)direct[a];
-    if (problem) {
-        free(s.pushed);
-        free(s.direct);
-        release_tables(&s);
-        PyErr_Format(PyExc_ValueError, "native engine: %s", problem);
-        return NULL;
-    }
-    if (mapped)
-        release_mapped_pages(&s);
+    const int64_t *direct = s->views[B_DIRECT].buf;
+    for (uint64_t a = 0; !problem && a < s->n_archives; a++)
+        s->direct[a] = (int)direct[a];
+    if (!problem && mapped)
+        release_mapped_pages(s);
+    return problem;
+}
 
+static void free_server(server_t *s)
+{
+    free(s->pushed);
+    free(s->direct);
+    release_tables(s);
+}
+
+/* Mounts and runs libfuse's request loop until unmounted or signalled (called without the
+   GIL). Returns the loop's result; *failed says why when the mount could not be made. */
+static int run_session(server_t *s, const char *mountpoint, const char *options, int threads, const char **failed)
+{
     char *argv[] = {"bioscanfs", "-o", (char *)options, NULL};
     struct fuse_args fargs = FUSE_ARGS_INIT(3, argv);
     struct sigaction saved[3], dfl;
     memset(&dfl, 0, sizeof dfl);
     dfl.sa_handler = SIG_DFL;
-    const char *failed = NULL;
     int rc = 0;
-
-    Py_BEGIN_ALLOW_THREADS
     setup_message[0] = 0;
     fuse_set_log_func(keep_message);
-    struct fuse_session *se = fuse_session_new(&fargs, &OPS, sizeof OPS, &s);
-    s.se = se;
-    s.push = threads;
+    struct fuse_session *se = fuse_session_new(&fargs, &OPS, sizeof OPS, s);
+    s->se = se;
+    s->push = threads;
     if (!se) {
-        failed = "the mount options were refused";
+        *failed = "the mount options were refused";
     } else {
         for (int i = 0; i < 3; i++)
             sigaction(EXIT_SIGNALS[i], &dfl, &saved[i]);
         if (fuse_set_signal_handlers(se) != 0) {
-            failed = "cannot install signal handlers";
+            *failed = "cannot install signal handlers";
         } else {
             if (fuse_session_mount(se, mountpoint) != 0) {
-                failed = "cannot mount";
+                *failed = "cannot mount";
             } else {
                 fuse_set_log_func(NULL);   /* from now on libfuse logs to stderr (the log file) */
                 if (threads) {
@@ -912,13 +893,52 @@ static PyObject *serve(PyObject *self, PyObject *args, PyObject *kwargs)
             sigaction(EXIT_SIGNALS[i], &saved[i], NULL);
         fuse_session_destroy(se);
     }
-    Py_END_ALLOW_THREADS
-
     fuse_set_log_func(NULL);
     fuse_opt_free_args(&fargs);
-    free(s.pushed);
-    free(s.direct);
-    release_tables(&s);
+    return rc;
+}
+
+static PyObject *serve(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"mountpoint", "options", "tables", "mapped", "whole_max", "total_bytes", "timeout",
+                               "block_size", "file_mode", "dir_mode", "read", "attr", "readlink", "ready",
+                               "threads", NULL};
+    const char *mountpoint, *options;
+    PyObject *tables;
+    server_t s;
+    int threads = 1, mapped = 0;
+    unsigned int file_mode, dir_mode;
+    unsigned long long whole_max, total_bytes, block_size;
+    memset(&s, 0, sizeof s);
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "ssOpKKdKIIOOOO|p", keywords, &mountpoint, &options, &tables,
+                                     &mapped, &whole_max, &total_bytes, &s.timeout, &block_size, &file_mode,
+                                     &dir_mode, &s.read_cb, &s.attr_cb, &s.readlink_cb, &s.ready_cb, &threads))
+        return NULL;
+    if (block_size == 0 || block_size > (1u << 30) || !S_ISREG(file_mode) || !S_ISDIR(dir_mode)) {
+        PyErr_SetString(PyExc_ValueError, "block_size, file_mode or dir_mode out of range");
+        return NULL;
+    }
+    s.block_size = block_size;
+    s.file_mode = (mode_t)file_mode;
+    s.dir_mode = (mode_t)dir_mode;
+    s.whole_max = whole_max;
+    s.total_bytes = total_bytes;
+    s.uid = getuid();
+    s.gid = getgid();
+    const char *problem = prepare_server(&s, tables, mapped);
+    if (problem) {
+        free_server(&s);
+        if (*problem)
+            PyErr_Format(PyExc_ValueError, "native engine: %s", problem);
+        return NULL;
+    }
+    const char *failed = NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = run_session(&s, mountpoint, options, threads, &failed);
+    Py_END_ALLOW_THREADS
+    free_server(&s);
     if (failed) {   /* MountError in nativefs: one line for the user */
         PyErr_Format(PyExc_OSError, "%s (%s)", failed, setup_message[0] ? setup_message : "libfuse said nothing");
         return NULL;

@@ -17,7 +17,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .collection import BLOCK_SIZE, CACHE_SECONDS, Collection
+from .collection import BLOCK_SIZE, CACHE_SECONDS, DIR_MODE, FILE_MODE, Collection
 from .errors import MountError
 from .serving import options_text, read_or_errno
 from .names import NAME_MAX
@@ -115,7 +115,7 @@ def serve(collection: Collection, mountpoint: str, options: Dict[str, Union[bool
             mountpoint=mountpoint, options=option_string,
             tables=tables(tree.arrays, fds, direct, [src.size for src in c.sources]), mapped=tree.persisted,
             whole_max=WHOLE_READ_MAX, total_bytes=min(tree.total_bytes, (1 << 64) - 1),
-            timeout=float(CACHE_SECONDS), block_size=BLOCK_SIZE,
+            timeout=float(CACHE_SECONDS), block_size=BLOCK_SIZE, file_mode=FILE_MODE, dir_mode=DIR_MODE,
             read=read, attr=attr, readlink=readlink, ready=on_ready, threads=threads)
     except OSError as err:
         raise MountError(mountpoint, f"{err} with -o {option_string}") from None
