@@ -16,11 +16,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable, List, NamedTuple, Optional, TypeVar
+from typing import Any, Callable, List, Optional, TypeVar
 
 import click
 
 from . import mount_helper, store
+from .mounts import is_mounted, mounts_at
 from .collection import Collection, open_tree
 from .errors import BioscanError
 from .index import default_index_dir
@@ -189,7 +190,7 @@ def mount(sources, mountpoint, foreground, options, cache_size, log_file, verbos
     Returns once the tree can be read; the filesystem keeps running in the background
     until `bioscanfs umount MOUNTPOINT`.
     """
-    from .serving import mount_options
+    from .serving import mount_options, widen_readahead
 
     serve = _engine(engine)
     mountpoint = os.path.realpath(mountpoint)
@@ -223,6 +224,7 @@ def mount(sources, mountpoint, foreground, options, cache_size, log_file, verbos
     fuse_options = mount_options(list(options), mount_helper.source_name(sources))
 
     def announce() -> None:
+        widen_readahead(mountpoint)
         log.info("mounted %d files from %d archives at %s", len(collection.tree.files),
                  len(collection.sources), mountpoint)
 
@@ -294,36 +296,6 @@ def _return_freed_memory() -> None:
         pass
 
 
-class _MountEntry(NamedTuple):
-    """One line of /proc/self/mountinfo (proc(5)): ID PARENT MAJ:MIN ROOT POINT OPTIONS
-    [OPTIONAL...] - FSTYPE SOURCE SUPER-OPTIONS."""
-
-    id: int
-    fstype: str     #: ``fuse.bioscanfs`` for ours (serving.SUBTYPE), ``tmpfs``, ...
-    source: str
-
-
-def _mounts_at(point: str) -> List[_MountEntry]:
-    """The mounts at ``point`` (a resolved path), bottom first: the last one is on top."""
-    def unescape(text: str) -> str:
-        return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), text)
-
-    found = []
-    with open("/proc/self/mountinfo", errors="surrogateescape") as table:
-        for line in table:
-            head, _, tail = line.partition(" - ")
-            fields, rest = head.split(), tail.split()
-            if len(fields) >= 5 and len(rest) >= 2 and unescape(fields[4]) == point:
-                found.append(_MountEntry(int(fields[0]), unescape(rest[0]), unescape(rest[1])))
-    return found
-
-
-def is_mounted(mountpoint: str) -> bool:
-    """True for live and dead (ENOTCONN) mounts alike, unlike os.path.ismount; a path
-    through a symlink counts as the folder it leads to."""
-    return bool(_mounts_at(os.path.realpath(mountpoint)))
-
-
 @main.command()
 @click.argument("mountpoint", type=click.Path())
 @click.option("--lazy", is_flag=True, help="If it is busy, detach it now; it goes once its files are closed.")
@@ -333,7 +305,7 @@ def umount(mountpoint, lazy) -> None:
     from .serving import SUBTYPE
 
     point = os.path.realpath(mountpoint)
-    mounts = _mounts_at(point)
+    mounts = mounts_at(point)
     if not mounts:
         raise click.ClickException(f"{point}: not mounted")
     top = mounts[-1]
@@ -341,7 +313,7 @@ def umount(mountpoint, lazy) -> None:
         raise click.ClickException(f"{point}: not a bioscanfs mount ({top.fstype} from {top.source}); left alone")
     failure = _unmount(point, lazy)
     deadline = time.monotonic() + 10
-    while not failure and top in _mounts_at(point):
+    while not failure and top in mounts_at(point):
         if time.monotonic() > deadline:
             failure = "still mounted"
         time.sleep(0.05)

@@ -1,4 +1,5 @@
-"""What both engines share: the mount options, the cache timeouts, and the errno a failed read maps to.
+"""What both engines share: the mount options, the cache timeouts, the mount's readahead,
+and the errno a failed read maps to.
 
 Why a module of its own: the native engine (``nativefs``) and the mfusepy engine (``fs``)
 must answer alike, and the native one should not import mfusepy to get these.
@@ -7,10 +8,13 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
+import threading
 from typing import Dict, List, Union
 
 from .collection import CACHE_SECONDS, Collection
 from .errors import BioscanError
+from .mounts import mounts_at
 
 log = logging.getLogger(__name__)
 
@@ -62,3 +66,34 @@ def mount_options(user_options: List[str], fsname: str) -> Dict[str, Union[bool,
 def options_text(options: Dict[str, Union[bool, str, int]]) -> str:
     """Options in libfuse's ``-o`` syntax; a False flag is left out."""
     return ",".join(k if v is True else f"{k}={v}" for k, v in options.items() if v is not False)
+
+
+#: Readahead of the mount's own backing device, in KiB. The kernel's default (128 KiB)
+#: cuts a sequential read, such as the loader's md5 of the metadata CSV, into 128 KiB
+#: requests, each a round trip; 1 MiB, the largest request libfuse 3 takes, streams it
+#: faster (docs/performance.md). Small files are not read further: readahead stops at a
+#: file's end, and a random read starts with a small window whatever the maximum.
+READAHEAD_KB = 1024
+
+
+def widen_readahead(mountpoint: str) -> None:
+    """Set the readahead of the mount at ``mountpoint`` to READAHEAD_KB where this process
+    may (as root); otherwise the kernel's default stays, and the log says so at debug level.
+    Each FUSE mount has a backing device of its own, so no other filesystem is touched.
+
+    Called from the engines' init callback, it does its work on a thread of its own once
+    the kernel has taken the INIT reply, which sets the readahead to at most the kernel's
+    default (a statvfs of the mount waits for that)."""
+    threading.Thread(target=_widen_readahead, args=(mountpoint,), name="bioscanfs-readahead", daemon=True).start()
+
+
+def _widen_readahead(mountpoint: str) -> None:
+    try:
+        os.statvfs(mountpoint)
+        mounts = mounts_at(mountpoint)
+        knob = f"/sys/class/bdi/{mounts[-1].device}/read_ahead_kb" if mounts else None
+        if knob:
+            with open(knob, "w") as f:
+                f.write(f"{READAHEAD_KB}\n")
+    except OSError as err:
+        log.debug("readahead stays the kernel's: %s", err)

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
-from bioscanfs.cli import is_mounted
+from bioscanfs.mounts import is_mounted
 
 #: Seconds a mount may take to serve its tree (an index build of ~100,000 members included).
 MOUNT_TIMEOUT = 600.0

@@ -22,6 +22,8 @@ from typing import Callable, Dict, Iterator, List
 import numpy as np
 import pytest
 
+from bioscanfs.serving import READAHEAD_KB
+
 from conftest import (
     EXIT_TIMEOUT, Member, Mount, MountFactory, assert_eio, assert_one_error_line, assert_preads, copy_archives,
     data_offset, expected_tree, flip_byte, is_mounted, largest_image, read_windows, run_cli, walk_mount,
@@ -74,6 +76,15 @@ def test_directory_attributes(fake_mount: Mount, fake_members: Dict[str, Member]
         assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o555, folder
         assert st.st_nlink == 2 + subdirs, folder
         assert (st.st_uid, st.st_gid) == (os.getuid(), os.getgid()), folder
+
+
+def test_readahead_is_widened(fake_mount: Mount) -> None:
+    """As root the mount's own backing device reads ahead READAHEAD_KB, so a sequential
+    reader (the CSV's md5) gets 1 MiB requests instead of the kernel's 128 KiB."""
+    dev = os.stat(fake_mount.point).st_dev
+    assert os.geteuid() == 0, "the suite runs as root (FUSE mounts)"
+    knob = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+    assert int(knob.read_text()) == READAHEAD_KB
 
 
 # -- listings ---------------------------------------------------------------------------------
