@@ -1,25 +1,31 @@
-"""The persisted index: each archive's member table and the merged tree, built once,
-saved under the index folder and memory-mapped on every later mount.
+"""The persisted index: the merged tree of a set of archives, built once, saved under the
+index folder and memory-mapped on every later mount.
 
 Owns when an index is built, reused or rebuilt; the tree's layout and lookups live in
 ``tree``, its construction in ``merge``, the file container in ``store``.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import tempfile
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, BinaryIO, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from . import store, zipdir
 from .errors import ArchiveError
-from .merge import build_tree, summarise
-from .tree import BadTables, Tree, check, check_archive_count
+from .merge import Builder, summarise
+from .tree import Tree, check, check_archive_count
 from .sources import FileSource
 
 log = logging.getLogger(__name__)
 
-INDEX_VERSION = 4
+INDEX_VERSION = 5
+#: Archives parsed ahead of the merge: more would only hold more parsed archives in memory.
+PARSE_AHEAD = 2
+_COPY_BLOCK = 8 << 20
 
 
 def default_index_dir() -> str:
@@ -34,12 +40,6 @@ def default_index_dir() -> str:
     return folder
 
 
-def _members_path(index_dir: str, src: FileSource, key: Any) -> str:
-    """One archive's index file: its slot is the archive's paths (or URL), so a new key
-    for the same archive supersedes the old file."""
-    return store.file_path(index_dir, [entry[0] for entry in src.identity], key, ".members")
-
-
 def _tree_path(index_dir: str, sources: Sequence[FileSource], key: Any, skip_bad: bool,
                allow_incomplete: bool) -> str:
     """The merged tree's index file: its slot is the set of archives and the options."""
@@ -47,12 +47,10 @@ def _tree_path(index_dir: str, sources: Sequence[FileSource], key: Any, skip_bad
     return store.file_path(index_dir, slot, key, ".tree")
 
 
-
-
 def load_tree(sources: Sequence[FileSource], index_dir: Optional[str],
               on_archive: Optional[Callable[[str], None]] = None,
               skip_bad: bool = False, allow_incomplete: bool = False) -> Tuple[Tree, List[FileSource]]:
-    """Map the persisted tree of these archives, building what is missing or stale.
+    """Map the persisted tree of these archives, building it when missing or stale.
 
     Returns the tree and the sources it covers (a bad archive is dropped and closed when
     ``skip_bad``, or when it has several pieces and ``allow_incomplete``: its last piece
@@ -61,13 +59,12 @@ def load_tree(sources: Sequence[FileSource], index_dir: Optional[str],
     Raises UntrustedIndexError for an index folder or file another user could have written.
     """
     check_archive_count(len(sources))
-    keys = [[INDEX_VERSION, src.identity] for src in sources]
-    tree_key = ["tree", INDEX_VERSION, keys, skip_bad, allow_incomplete]
+    tree_key = ["tree", INDEX_VERSION, [src.identity for src in sources], skip_bad, allow_incomplete]
     path = None
     if index_dir:
         store.prepare_folder(index_dir)
         path = _tree_path(index_dir, sources, tree_key, skip_bad, allow_incomplete)
-        store.tidy(index_dir, [path] + [_members_path(index_dir, s, k) for s, k in zip(sources, keys)])
+        store.tidy(index_dir, [path])
     cached = store.load(path, tree_key) if path else None
     if cached is not None:
         try:
@@ -82,93 +79,151 @@ def load_tree(sources: Sequence[FileSource], index_dir: Optional[str],
                 if src not in kept:
                     src.close()
             return tree, kept
-    members, kept, from_index = _parse_all(sources, keys, index_dir, on_archive, skip_bad, allow_incomplete)
-    arrays, extra = build_tree(members, [s.name for s in kept])
+    return _build(sources, index_dir, path, tree_key, on_archive, skip_bad, allow_incomplete)
+
+
+def _build(sources: Sequence[FileSource], index_dir: Optional[str], path: Optional[str], key: Any,
+           on_archive: Optional[Callable[[str], None]], skip_bad: bool, allow_incomplete: bool
+           ) -> Tuple[Tree, List[FileSource]]:
+    """Parse the archives, merge them and write the tree to ``path`` (or keep it in
+    memory); the member rows wait in an unlinked spill file meanwhile (see ``merge``)."""
+    spill = _Spill(index_dir)
     try:
-        if from_index:  # a tree merged from member tables parsed just now needs no check
-            check(arrays, [s.size for s in kept])
-    except BadTables as err:  # only a forged member table in the index folder gets here
-        log.warning("index in %s is damaged (%s); parsing the archives again", index_dir, err)
-        members, kept, _ = _parse_all(kept, [[INDEX_VERSION, s.identity] for s in kept], None, None,
-                                      skip_bad, allow_incomplete)
-        arrays, extra = build_tree(members, [s.name for s in kept])
-    extra["kept"] = [s.name for s in kept]
-    del members
-    if path:
+        builder = Builder(spill)
+        kept = _add_all(builder, sources, on_archive, skip_bad, allow_incomplete)
+        layout = builder.merge()
+        extra_kept = {"kept": [s.name for s in kept]}
+        if path:
+            writer = None
+            try:
+                writer = store.ColumnWriter(path, layout)
+                extra = builder.write(writer)
+                writer.commit(key, dict(extra, **extra_kept))
+            except OSError as err:
+                if writer is not None:
+                    writer.abort()
+                log.warning("cannot write the index to %s (%s); keeping it in memory",
+                            index_dir, err.strerror or err)
+            else:
+                mapped = store.load(path, key)
+                if mapped is not None:
+                    return Tree(mapped, extra_kept["kept"], persisted=True), kept
+        writer = store.ColumnWriter(None, layout)
+        extra = builder.write(writer)
+        return Tree(writer.commit(key, dict(extra, **extra_kept)), extra_kept["kept"]), kept
+    finally:
+        spill.close()
+
+
+class _Spill:
+    """The unlinked file that holds the member rows while a tree is built (see ``merge``):
+    in the index folder, where the index will need more room than this; moved to the
+    system's temporary folder if the index folder runs out of room (the index is then
+    kept in memory: ``_build``)."""
+
+    def __init__(self, index_dir: Optional[str]) -> None:
+        self._file: Optional[BinaryIO] = None
+        self._in_tmp = True
+        self.size = 0
+        if index_dir:
+            try:
+                self._file, self._in_tmp = tempfile.TemporaryFile(dir=index_dir, buffering=0), False
+            except OSError:
+                pass
+        if self._file is None:
+            self._file = tempfile.TemporaryFile(buffering=0)
+
+    def write(self, data: Any) -> None:
         try:
-            store.save(path, tree_key, arrays, extra)
-        except OSError as err:
-            log.warning("cannot write the index to %s (%s); keeping it in memory", index_dir, err.strerror or err)
-        else:
-            mapped = store.load(path, tree_key)
-            if mapped is not None:
-                return Tree(mapped, extra["kept"], persisted=True), kept
-    arrays["__extra__"] = extra
-    return Tree(arrays, extra["kept"]), kept
+            _write_all(self._file, data)
+        except OSError:
+            if self._in_tmp:
+                raise
+            moved = tempfile.TemporaryFile(buffering=0)
+            for at in range(0, self.size, _COPY_BLOCK):
+                _write_all(moved, os.pread(self._file.fileno(), min(_COPY_BLOCK, self.size - at), at), at)
+            self._file.close()
+            self._file, self._in_tmp = moved, True
+            _write_all(self._file, data, self.size)
+        self.size += len(memoryview(data).cast("B"))
+
+    def flush(self) -> None:
+        pass
+
+    def fileno(self) -> int:
+        return self._file.fileno()
+
+    def close(self) -> None:
+        self._file.close()
 
 
-def _parse_all(sources: Sequence[FileSource], keys: List[Any], index_dir: Optional[str],
-               on_archive: Optional[Callable[[str], None]], skip_bad: bool, allow_incomplete: bool
-               ) -> Tuple[List[zipdir.Members], List[FileSource], bool]:
-    """Every archive's member table, the archives kept, and whether any table came from the
-    index folder; numpy releases the GIL, so archives parse in parallel."""
-    def parse(job: Tuple[FileSource, Any]) -> Union[Tuple[zipdir.Members, bool], ArchiveError]:
-        try:
-            return _archive_members(job[0], job[1], index_dir)
-        except ArchiveError as err:
-            return err
-        except OSError as err:  # an archive that opened but cannot be read (an I/O error)
-            return ArchiveError(job[0].name, f"cannot be read ({err.strerror or err})")
-        finally:
-            if on_archive:
-                on_archive(job[0].name)
+def _write_all(file: Any, data: Any, at: Optional[int] = None) -> None:
+    view = memoryview(data).cast("B")
+    position = file.tell() if at is None else at
+    while len(view):
+        done = os.pwrite(file.fileno(), view, position)
+        view, position = view[done:], position + done
+    file.seek(position)
 
-    members: List[zipdir.Members] = []
+
+def _add_all(builder: Builder, sources: Sequence[FileSource], on_archive: Optional[Callable[[str], None]],
+             skip_bad: bool, allow_incomplete: bool) -> List[FileSource]:
+    """Parse every archive (PARSE_AHEAD at once, in threads: numpy releases the GIL) and
+    add it to ``builder`` in order; returns the archives kept."""
     kept: List[FileSource] = []
-    from_index = False
     refused: List[ArchiveError] = []
-    with ThreadPoolExecutor(max_workers=min(len(sources), os.cpu_count() or 1) or 1) as pool:
-        for src, result in zip(sources, pool.map(parse, zip(sources, keys))):
-            if isinstance(result, ArchiveError):
-                pieces = len(src.identity) > 1
-                if skip_bad or (allow_incomplete and pieces):
-                    log.warning("skipping %s%s", result, "; a piece may be missing" if pieces else "")
-                else:
-                    refused.append(result)
-                src.close()
-                continue
-            members.append(result[0])
-            from_index |= result[1]
-            kept.append(src)
+    for src, result in _parsed(sources, on_archive):
+        if isinstance(result, ArchiveError):
+            pieces = len(src.identity) > 1
+            if skip_bad or (allow_incomplete and pieces):
+                log.warning("skipping %s%s", result, "; a piece may be missing" if pieces else "")
+            else:
+                refused.append(result)
+            src.close()
+            continue
+        if not refused:
+            builder.add(result)
+        kept.append(src)
     if refused:
         raise refused[0] if len(refused) == 1 else ArchiveError(
             f"{len(refused)} archives", "cannot be used (--skip-bad mounts the rest):\n" +
             "\n".join(str(err) for err in refused))
-    return members, kept, from_index
+    return kept
 
 
-def _archive_members(src: FileSource, key: Any, index_dir: Optional[str]) -> Tuple[zipdir.Members, bool]:
-    """One archive's parsed central directory, and whether it came from its own persisted
-    index (whose values are then not to be trusted before the tree's check).
+def _parsed(sources: Sequence[FileSource], on_archive: Optional[Callable[[str], None]]
+            ) -> Iterator[Tuple[FileSource, Union[zipdir.Members, ArchiveError]]]:
+    """(archive, its members or why not) in order, at most PARSE_AHEAD parsed ahead of
+    the consumer: memory holds a bounded number of parsed archives, whatever their count."""
+    def parse(src: FileSource) -> Union[zipdir.Members, ArchiveError]:
+        try:
+            return _read_members(src)
+        except ArchiveError as err:
+            return err
+        except OSError as err:  # an archive that opened but cannot be read (an I/O error)
+            return ArchiveError(src.name, f"cannot be read ({err.strerror or err})")
+        finally:
+            if on_archive:
+                on_archive(src.name)
 
-    Its warnings are summarised before they are logged or saved: an archive of 200,000
-    bad names gives 11 lines, and its index header stays small enough to be read back."""
-    path = _members_path(index_dir, src, key) if index_dir else None
-    if path:
-        cached = store.load(path, key)
-        if cached is not None:
-            return zipdir.Members(cached["table"], cached["names"], cached["name_ends"],
-                                  cached["is_dir"], cached["__extra__"]), True
+    with ThreadPoolExecutor(max_workers=PARSE_AHEAD) as pool:
+        waiting = iter(sources)
+        pending = deque((src, pool.submit(parse, src)) for src in itertools.islice(waiting, PARSE_AHEAD))
+        while pending:
+            src, future = pending.popleft()
+            result = future.result()
+            for following in itertools.islice(waiting, 1):
+                pending.append((following, pool.submit(parse, following)))
+            yield src, result
+
+
+def _read_members(src: FileSource) -> zipdir.Members:
+    """One archive's parsed central directory. Its warnings are summarised before they are
+    logged or saved: an archive of 200,000 bad names gives 11 lines, and the index header
+    stays small enough to be read back."""
     members = zipdir.read_members(src)
     members = members._replace(warnings=summarise(
         members.warnings, lambda rest: f"{src.name}: {rest:,} more members whose names were skipped or changed"))
     for line in members.warnings:
         log.warning("%s", line)
-    if path:
-        try:
-            store.save(path, key, {"table": members.table, "names": members.names,
-                                   "name_ends": members.name_ends, "is_dir": members.is_dir},
-                       members.warnings)
-        except OSError:
-            pass  # load_tree reports the unwritable folder once
-    return members, False
+    return members
