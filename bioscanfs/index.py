@@ -23,8 +23,9 @@ from .sources import FileSource
 log = logging.getLogger(__name__)
 
 INDEX_VERSION = 5
-#: Archives parsed ahead of the merge: more would only hold more parsed archives in memory.
-PARSE_AHEAD = 2
+#: Archives parsed ahead of the merge (one while the previous one is merged in): each parsed
+#: archive waiting holds its whole member table, the largest cost of a build (docs/scale.md).
+PARSE_AHEAD = 1
 _COPY_BLOCK = 8 << 20
 
 

@@ -29,7 +29,8 @@ import numpy as np
 
 from . import zipdir
 from .bulk import for_chunks
-from .tree import ARRAY_TYPES, FILE_DTYPE, find_name
+from .errors import SourceError
+from .tree import ARRAY_TYPES, FILE_DTYPE, NAMES_MAX, find_name
 
 #: Bytes of each name that numpy sorts on; longer names that tie on them are ordered in Python.
 SORT_PREFIX = 24
@@ -37,8 +38,10 @@ SORT_PREFIX = 24
 MAX_WARNINGS = 10
 #: A warning can quote a 64 KiB name; it is cut to this.
 MAX_WARNING_CHARS = 1000
-#: Rows per chunk of the output pass: its gathers stay a few MB.
-_WRITE_ROWS = 1 << 18
+#: Rows per chunk of the output pass: its gathers stay tens of MB, and the spill file's
+#: pages are mapped again once per chunk (each chunk's rows lie all over it).
+_WRITE_ROWS = 1 << 20
+_RECORD = np.dtype((np.void, FILE_DTYPE.itemsize))  #: a row as opaque bytes: fast to copy and gather
 
 
 def summarise(lines: List[str], rest: Callable[[int], str], keep: int = MAX_WARNINGS) -> List[str]:
@@ -116,6 +119,9 @@ class Builder:
         n_files = int(self._keep.sum())
         name_bytes = int(sum(int(self._lens[self._order[rows]][self._keep[rows]].sum())
                              for rows in _slices(len(self._order))))
+        if name_bytes > NAMES_MAX:
+            raise SourceError(f"{n_files:,} files: their names take {name_bytes:,} bytes, a mount holds at most "
+                              f"{NAMES_MAX:,} (mount fewer archives together)")
         conflicts = self._conflicts.arrays()
         sizes = dict({"files": n_files, "names": name_bytes, "name_ends": n_files},
                      **{name: self._dirs.count for name in ("dir_lo", "dir_hi", "dir_mtime")},
@@ -156,7 +162,7 @@ class Builder:
     def _rows(self, positions: np.ndarray) -> np.ndarray:
         """The member rows at sorted positions, archive column set."""
         picks = self._order[positions]
-        out = self._records[picks]
+        out = np.take(self._records.view(_RECORD), picks).view(FILE_DTYPE)  # 8x faster than by fields
         out["archive"] = np.searchsorted(self._starts, picks, side="right") - 1
         return out
 

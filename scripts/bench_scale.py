@@ -225,10 +225,10 @@ def _cmd_write(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_timed(command: list[str], env: Optional[dict] = None) -> tuple[float, int]:
+def _run_timed(command: list[str], env: Optional[dict] = None, cwd: Optional[Path] = None) -> tuple[float, int]:
     """(wall seconds, peak RSS in bytes) of a command run to completion; fails loudly."""
     started = time.perf_counter()
-    proc = subprocess.Popen(command, env=env)
+    proc = subprocess.Popen(command, env=env, cwd=cwd)
     _, status, usage = os.wait4(proc.pid, 0)
     elapsed = time.perf_counter() - started
     if os.waitstatus_to_exitcode(status) != 0:
@@ -267,14 +267,15 @@ def _drop_page_cache() -> bool:
 
 
 def _measure_mounts(label: str, command: list[str], mountpoint: Path, server: str, index_dir: Optional[Path],
-                    members: int, env: Optional[dict] = None) -> list[dict]:
+                    members: int, checkout: Optional[Path] = None) -> list[dict]:
     """Cold mount (index built), warm remount, remount with a dropped page cache; each
     with the daemon's RSS after listing a chunk, the cold one with the index's size."""
     rows = []
     for phase in ("cold mount", "warm remount", "page cache dropped"):
         if phase == "page cache dropped" and not _drop_page_cache():
             continue
-        seconds, peak = _run_timed(command, env)
+        # ``python -m`` imports from its working folder first: the checkout measured.
+        seconds, peak = _run_timed(command, dict(os.environ, PYTHONPATH=str(checkout)) if checkout else None, checkout)
         listing, entries = _list_chunk(mountpoint)
         resident = rss(server_pid(mountpoint, server))
         row = {"tool": label, "phase": phase, "seconds": seconds, "mount_command_peak_rss": peak,
@@ -300,15 +301,14 @@ def _bioscanfs_runs(sets: list[tuple[str, Path, int]], work: Path, compare: Opti
     """Every set mounted by this checkout (and by ``compare``'s, set by set, side by side)."""
     mountpoint = work / "mnt"
     mountpoint.mkdir(exist_ok=True)
-    checkouts = [("bioscanfs", None)] + ([(f"bioscanfs@{compare.name}", compare)] if compare else [])
+    checkouts = [("bioscanfs", _HERE.parent)] + ([(f"bioscanfs@{compare.name}", compare.resolve())] if compare else [])
     results = []
     for set_label, folder, members in sets:
         for label, checkout in checkouts:
-            env = dict(os.environ, PYTHONPATH=str(checkout)) if checkout else None
             index_dir = work / f"index-{len(results)}"
             rows = _measure_mounts(label, [sys.executable, "-m", "bioscanfs", "mount", str(folder), str(mountpoint),
                                            "--index-dir", str(index_dir)], mountpoint, "bioscanfs", index_dir,
-                                   members, env)
+                                   members, checkout)
             results += [dict(row, set=set_label, members=members) for row in rows]
             shutil.rmtree(index_dir, ignore_errors=True)
     return results
@@ -317,13 +317,13 @@ def _bioscanfs_runs(sets: list[tuple[str, Path, int]], work: Path, compare: Opti
 def _cmd_run(args: argparse.Namespace) -> int:
     """``run``: zipfile open vs bioscanfs cold mount, warm remount, remount after a dropped
     page cache, index size and RSS; with ``--packages 4`` next to the one-package figures."""
-    outdir = args.outdir
+    outdir = args.outdir.resolve()
     zips = sorted(outdir.glob("BIOSCAN_5M_*.zip"))
     if len(zips) != 4 * args.packages:
         print(f"writing the scale set ({args.total:,} members x {args.packages}) into {outdir}", flush=True)
         zips = write_scale_set(outdir, total=args.total, packages=args.packages)
     per_package = sum(split_counts(args.total).values())
-    work = Path(tempfile.mkdtemp(prefix="bench-scale-", dir=args.work))
+    work = Path(tempfile.mkdtemp(prefix="bench-scale-", dir=args.work)).resolve()
     try:
         sets = [(f"{args.packages} packages", outdir, per_package * args.packages)]
         if args.packages > 1:
