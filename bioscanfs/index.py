@@ -48,8 +48,13 @@ def _tree_path(index_dir: str, sources: Sequence[FileSource], key: Any, skip_bad
     return store.file_path(index_dir, slot, key, ".tree")
 
 
+#: Told of each archive parsed while an index is built: (its name, its members, archives
+#: done, archives in all); ``cli`` shows it on a terminal.
+Progress = Callable[[str, int, int, int], None]
+
+
 def load_tree(sources: Sequence[FileSource], index_dir: Optional[str],
-              on_archive: Optional[Callable[[str], None]] = None,
+              on_archive: Optional[Progress] = None,
               skip_bad: bool = False, allow_incomplete: bool = False) -> Tuple[Tree, List[FileSource]]:
     """Map the persisted tree of these archives, building it when missing or stale.
 
@@ -84,7 +89,7 @@ def load_tree(sources: Sequence[FileSource], index_dir: Optional[str],
 
 
 def _build(sources: Sequence[FileSource], index_dir: Optional[str], path: Optional[str], key: Any,
-           on_archive: Optional[Callable[[str], None]], skip_bad: bool, allow_incomplete: bool
+           on_archive: Optional[Progress], skip_bad: bool, allow_incomplete: bool
            ) -> Tuple[Tree, List[FileSource]]:
     """Parse the archives, merge them and write the tree to ``path`` (or keep it in
     memory); the member rows wait in an unlinked spill file meanwhile (see ``merge``)."""
@@ -167,13 +172,15 @@ def _write_all(file: Any, data: Any, at: Optional[int] = None) -> None:
     file.seek(position)
 
 
-def _add_all(builder: Builder, sources: Sequence[FileSource], on_archive: Optional[Callable[[str], None]],
+def _add_all(builder: Builder, sources: Sequence[FileSource], on_archive: Optional[Progress],
              skip_bad: bool, allow_incomplete: bool) -> List[FileSource]:
     """Parse every archive (PARSE_AHEAD at once, in threads: numpy releases the GIL) and
     add it to ``builder`` in order; returns the archives kept."""
     kept: List[FileSource] = []
     refused: List[ArchiveError] = []
-    for src, result in _parsed(sources, on_archive):
+    for done, (src, result) in enumerate(_parsed(sources), 1):
+        if on_archive:
+            on_archive(src.name, 0 if isinstance(result, ArchiveError) else len(result.table), done, len(sources))
         if isinstance(result, ArchiveError):
             pieces = len(src.identity) > 1
             if skip_bad or (allow_incomplete and pieces):
@@ -192,8 +199,7 @@ def _add_all(builder: Builder, sources: Sequence[FileSource], on_archive: Option
     return kept
 
 
-def _parsed(sources: Sequence[FileSource], on_archive: Optional[Callable[[str], None]]
-            ) -> Iterator[Tuple[FileSource, Union[zipdir.Members, ArchiveError]]]:
+def _parsed(sources: Sequence[FileSource]) -> Iterator[Tuple[FileSource, Union[zipdir.Members, ArchiveError]]]:
     """(archive, its members or why not) in order, at most PARSE_AHEAD parsed ahead of
     the consumer: memory holds a bounded number of parsed archives, whatever their count."""
     def parse(src: FileSource) -> Union[zipdir.Members, ArchiveError]:
@@ -203,9 +209,6 @@ def _parsed(sources: Sequence[FileSource], on_archive: Optional[Callable[[str], 
             return err
         except OSError as err:  # an archive that opened but cannot be read (an I/O error)
             return ArchiveError(src.name, f"cannot be read ({err.strerror or err})")
-        finally:
-            if on_archive:
-                on_archive(src.name)
 
     with ThreadPoolExecutor(max_workers=PARSE_AHEAD) as pool:
         waiting = iter(sources)
