@@ -6,13 +6,15 @@ Owns when an index is built, reused or rebuilt; the tree's layout and lookups li
 """
 from __future__ import annotations
 
+import glob
 import itertools
+import json
 import logging
 import os
 import tempfile
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, BinaryIO, Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, BinaryIO, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from . import store, zipdir
 from .errors import ArchiveError
@@ -85,20 +87,82 @@ def load_tree(sources: Sequence[FileSource], index_dir: Optional[str],
                 if src not in kept:
                     src.close()
             return tree, kept
-    return _build(sources, index_dir, path, tree_key, on_archive, skip_bad, allow_incomplete)
+    return _build(sources, index_dir, path, tree_key, on_archive, skip_bad, allow_incomplete,
+                  _earlier_tree(path, tree_key, sources) if path else None)
+
+
+class _Earlier(NamedTuple):
+    """A tree built before for the same archive paths, and what can be taken from it."""
+
+    tree: Tree
+    archive_of: Dict[str, int]      #: identity (JSON) of each unchanged archive -> its number there
+    warnings: List[List[str]]       #: each archive's warnings there
+
+
+def _identity(src: FileSource) -> str:
+    return json.dumps(src.identity)
+
+
+def _earlier_tree(path: str, key: Any, sources: Sequence[FileSource]) -> Optional[_Earlier]:
+    """The newest tree of the same slot (archive paths and options) built before, when some
+    of its archives are unchanged and it lost none of their files (see ``_lost_nothing``):
+    then only the others are parsed again. None otherwise, or when it is damaged."""
+    folder, name = os.path.split(path)
+    candidates = [p for p in glob.glob(os.path.join(glob.escape(folder), name.partition("-")[0] + "-*.tree"))
+                  if p != path]
+    if not candidates:
+        return None
+    newest = max(candidates, key=lambda p: os.stat(p).st_mtime_ns)
+    header = store.read_header(newest)
+    old_key = header.get("key") if header else None
+    if not (isinstance(old_key, list) and len(old_key) == len(key) and old_key[:2] == key[:2]
+            and old_key[3:] == key[3:]):
+        return None
+    arrays = store.load(newest, old_key)
+    if arrays is None:
+        return None
+    current = {_identity(src): src for src in sources}
+    try:
+        extra = arrays["__extra__"]
+        identities = [json.dumps(identity) for identity in extra["identities"]]
+        # Rows of changed archives are not used: their bound is left open.
+        check(arrays, [current[i].size if i in current else 1 << 62 for i in identities])
+        store.release_pages(arrays)
+        tree = Tree(arrays, extra["kept"], persisted=True)
+        if not _lost_nothing(tree, extra):
+            return None
+        archive_of = {identity: j for j, identity in enumerate(identities) if identity in current}
+        return _Earlier(tree, archive_of, extra["archive_warnings"]) if archive_of else None
+    except (KeyError, ValueError, IndexError, TypeError):  # BadTables is a ValueError
+        return None
+
+
+def _lost_nothing(tree: Tree, extra: Dict[str, Any]) -> bool:
+    """Whether every file of every archive is a row of the tree: no duplicate (the one
+    served hides the others), no file hidden by a folder, and no folder without files in
+    it (it may come from an explicit entry of a changed archive, which the tree does not
+    say)."""
+    if extra["duplicates"] or extra["hidden"] or len(tree.arrays["conflict_path_ends"]):
+        return False
+    needed = tree.dir_hi > tree.dir_lo
+    for dir_id in range(tree.n_dirs - 1, 0, -1):
+        needed[int(tree.dir_parent[dir_id])] |= needed[dir_id]
+    return bool(needed.all())
 
 
 def _build(sources: Sequence[FileSource], index_dir: Optional[str], path: Optional[str], key: Any,
-           on_archive: Optional[Progress], skip_bad: bool, allow_incomplete: bool
-           ) -> Tuple[Tree, List[FileSource]]:
-    """Parse the archives, merge them and write the tree to ``path`` (or keep it in
-    memory); the member rows wait in an unlinked spill file meanwhile (see ``merge``)."""
+           on_archive: Optional[Progress], skip_bad: bool, allow_incomplete: bool,
+           earlier: Optional[_Earlier] = None) -> Tuple[Tree, List[FileSource]]:
+    """Parse the archives (those unchanged since ``earlier`` are taken from it), merge
+    them and write the tree to ``path`` (or keep it in memory); the member rows wait in
+    an unlinked spill file meanwhile (see ``merge``)."""
     spill = _Spill(index_dir)
     try:
         builder = Builder(spill)
-        kept = _add_all(builder, sources, on_archive, skip_bad, allow_incomplete)
+        kept = _add_all(builder, sources, on_archive, skip_bad, allow_incomplete, earlier)
+        del earlier
         layout = builder.merge()
-        extra_kept = {"kept": [s.name for s in kept]}
+        extra_kept = {"kept": [s.name for s in kept], "identities": [s.identity for s in kept]}
         if path:
             writer = None
             try:
@@ -173,12 +237,24 @@ def _write_all(file: Any, data: Any, at: Optional[int] = None) -> None:
 
 
 def _add_all(builder: Builder, sources: Sequence[FileSource], on_archive: Optional[Progress],
-             skip_bad: bool, allow_incomplete: bool) -> List[FileSource]:
-    """Parse every archive (PARSE_AHEAD at once, in threads: numpy releases the GIL) and
-    add it to ``builder`` in order; returns the archives kept."""
+             skip_bad: bool, allow_incomplete: bool, earlier: Optional[_Earlier]) -> List[FileSource]:
+    """Parse every archive (PARSE_AHEAD at once, in threads: numpy releases the GIL), or
+    take its rows from ``earlier``, and add it to ``builder`` in order; returns the
+    archives kept."""
     kept: List[FileSource] = []
     refused: List[ArchiveError] = []
-    for done, (src, result) in enumerate(_parsed(sources), 1):
+    reuse = earlier.archive_of if earlier else {}
+    if reuse:
+        log.info("%d of %d archives are unchanged since the last index: only the others are parsed",
+                 sum(_identity(src) in reuse for src in sources), len(sources))
+    for done, (src, result) in enumerate(_parsed([s for s in sources if _identity(s) not in reuse], sources), 1):
+        if result is None and earlier is not None:  # unchanged
+            archive = reuse[_identity(src)]
+            members = builder.add_from_tree(earlier.tree, archive, earlier.warnings[archive])
+            kept.append(src)
+            if on_archive:
+                on_archive(src.name, members, done, len(sources))
+            continue
         if on_archive:
             on_archive(src.name, 0 if isinstance(result, ArchiveError) else len(result.table), done, len(sources))
         if isinstance(result, ArchiveError):
@@ -199,9 +275,11 @@ def _add_all(builder: Builder, sources: Sequence[FileSource], on_archive: Option
     return kept
 
 
-def _parsed(sources: Sequence[FileSource]) -> Iterator[Tuple[FileSource, Union[zipdir.Members, ArchiveError]]]:
-    """(archive, its members or why not) in order, at most PARSE_AHEAD parsed ahead of
-    the consumer: memory holds a bounded number of parsed archives, whatever their count."""
+def _parsed(to_parse: Sequence[FileSource], sources: Sequence[FileSource]
+            ) -> Iterator[Tuple[FileSource, Union[zipdir.Members, ArchiveError, None]]]:
+    """(archive, its members or why not; None for those not ``to_parse``) in order, at
+    most PARSE_AHEAD parsed ahead of the consumer: memory holds a bounded number of
+    parsed archives, whatever their count."""
     def parse(src: FileSource) -> Union[zipdir.Members, ArchiveError]:
         try:
             return _read_members(src)
@@ -211,11 +289,13 @@ def _parsed(sources: Sequence[FileSource]) -> Iterator[Tuple[FileSource, Union[z
             return ArchiveError(src.name, f"cannot be read ({err.strerror or err})")
 
     with ThreadPoolExecutor(max_workers=PARSE_AHEAD) as pool:
-        waiting = iter(sources)
+        waiting = iter(to_parse)
         pending = deque((src, pool.submit(parse, src)) for src in itertools.islice(waiting, PARSE_AHEAD))
-        while pending:
-            src, future = pending.popleft()
-            result = future.result()
+        for src in sources:
+            if not pending or pending[0][0] is not src:
+                yield src, None
+                continue
+            result = pending.popleft()[1].result()
             for following in itertools.islice(waiting, 1):
                 pending.append((following, pool.submit(parse, following)))
             yield src, result

@@ -30,7 +30,7 @@ import numpy as np
 from . import zipdir
 from .bulk import for_chunks
 from .errors import SourceError
-from .tree import ARRAY_TYPES, FILE_DTYPE, NAMES_MAX, find_name
+from .tree import ARRAY_TYPES, FILE_DTYPE, NAMES_MAX, Tree, find_name
 
 #: Bytes of each name that numpy sorts on; longer names that tie on them are ordered in Python.
 SORT_PREFIX = 24
@@ -67,14 +67,14 @@ class Builder:
         self._bases: List[np.ndarray] = []    #: per archive, each row's own name, end to end
         self._lengths: List[np.ndarray] = []  #: per archive, the length of each of those names
         self._starts = [0]                    #: first row of each archive
-        self.warnings: List[str] = []
+        self.warnings: List[List[str]] = []   #: per archive
 
     def add(self, members: zipdir.Members) -> None:
         """Reduce one archive to directory ids and own names, its rows to the spill file.
 
         Rows go in reverse, so that the last of two equal names in one archive sorts
         first and wins; explicit directory entries get no row."""
-        self.warnings += members.warnings
+        self.warnings.append(list(members.warnings))
         ends = np.asarray(members.name_ends, dtype=np.int64)
         begins = np.concatenate(([0], ends[:-1]))[:len(ends)].astype(np.int64)
         is_dir = np.asarray(members.is_dir, dtype=bool)
@@ -96,6 +96,26 @@ class Builder:
         self._lengths.append((ends - base_begin).astype(np.uint16))
         self._starts.append(self._starts[-1] + len(files))
 
+    def add_from_tree(self, tree: Tree, archive: int, warnings: List[str]) -> int:
+        """Add the files that archive number ``archive`` has in an earlier tree, unchanged
+        since: no parse, its rows and names are taken as they are (the caller has made
+        sure that tree lost none of them to a duplicate or a folder: ``reusable``).
+        Returns the number of files."""
+        rows = np.flatnonzero(tree.files["archive"] == archive)
+        self.warnings.append(list(warnings))
+        self._spill.write(np.take(tree.files.view(_RECORD), rows).view(np.uint8).data)
+        old_dir = np.searchsorted(tree.dir_hi, rows, side="right")
+        used = np.unique(old_dir)
+        new_dir = np.zeros(tree.n_dirs, dtype=np.uint32)
+        new_dir[used] = [self._dirs.add(tree.dir_path(int(d))) for d in used.tolist()]
+        self._dir_of.append(new_dir[old_dir])
+        ends = tree.name_ends.astype(np.int64)
+        begins = np.where(rows > 0, ends[np.maximum(rows - 1, 0)], 0)
+        self._bases.append(zipdir.gather_segments(tree.names, begins, ends[rows] - begins)[0])
+        self._lengths.append((ends[rows] - begins).astype(np.uint16))
+        self._starts.append(self._starts[-1] + len(rows))
+        return len(rows)
+
     def merge(self) -> Dict[str, Tuple[np.dtype, int]]:
         """Sort every row by (directory, name), find duplicates; the columns' layout."""
         self._spill.flush()
@@ -114,8 +134,9 @@ class Builder:
         self._conflicts = _conflicts(self._rows, self._name_at, self._file_dir[self._order], self._same,
                                      self._dirs)
         self._keep = ~self._same
-        self.hidden = summarise(_hide_files_that_are_dirs(self._dirs, self._bounds, self._name_at, self._keep),
-                                lambda rest: f"{rest:,} more files hidden by folders of the same path")
+        hidden = _hide_files_that_are_dirs(self._dirs, self._bounds, self._name_at, self._keep)
+        self.hidden = len(hidden)
+        self.hidden_warnings = summarise(hidden, lambda rest: f"{rest:,} more files hidden by folders of the same path")
         n_files = int(self._keep.sum())
         name_bytes = int(sum(int(self._lens[self._order[rows]][self._keep[rows]].sum())
                              for rows in _slices(len(self._order))))
@@ -156,8 +177,9 @@ class Builder:
                        **self._dirs.arrays(), **self._conflicts.arrays())
         for name, array in columns.items():
             out.write(name, array)
-        return {"warnings": self.warnings + self.hidden, "total_bytes": total,
-                "duplicates": int(self._same.sum()) - self._conflicts.rows}
+        return {"warnings": [w for ws in self.warnings for w in ws] + self.hidden_warnings, "total_bytes": total,
+                "duplicates": int(self._same.sum()) - self._conflicts.rows, "hidden": self.hidden,
+                "archive_warnings": self.warnings}
 
     def _rows(self, positions: np.ndarray) -> np.ndarray:
         """The member rows at sorted positions, archive column set."""

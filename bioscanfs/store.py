@@ -257,11 +257,14 @@ def _header(data: Any, size: int) -> Tuple[Optional[Dict[str, Any]], int]:
 def read_header(path: str) -> Optional[Dict[str, Any]]:
     """The JSON header of an index file (its key, each array's [dtype, shape, offset in the
     file], extra, CRCs), or None; for inspection: ``load`` is what checks a file."""
-    with open(path, "rb") as f:
-        data = f.read()
     try:
-        return _header(data, len(data))[0]
-    except ValueError:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < _DATA_START:
+                return None
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                return _header(data, size)[0]
+    except (OSError, ValueError):
         return None
 
 
