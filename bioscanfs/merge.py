@@ -123,7 +123,9 @@ class Builder:
         self._map = mmap.mmap(self._spill.fileno(), size, access=mmap.ACCESS_READ) if size else None
         self._records = np.frombuffer(self._map, dtype=FILE_DTYPE) if self._map else np.zeros(0, FILE_DTYPE)
         self._lens = _joined(self._lengths, np.uint16)
-        self._begins = np.cumsum(self._lens, dtype=np.int64) - self._lens
+        ends = np.cumsum(self._lens, dtype=np.int64)
+        self._begins = _narrow(ends - self._lens, int(ends[-1]) if len(ends) else 0)
+        del ends
         self._blob = _joined(self._bases + [np.zeros(SORT_PREFIX + 8, np.uint8)], np.uint8)
         new_id = self._dirs.number()
         dir_of = _joined(self._dir_of, np.uint32)
@@ -206,6 +208,13 @@ def _joined(parts: List[np.ndarray], dtype: Any) -> np.ndarray:
     return out
 
 
+def _narrow(positions: np.ndarray, bound: int) -> np.ndarray:
+    """Positions below ``bound`` as 32-bit when the bound fits (so that adding a length
+    to one cannot wrap either): half the memory of the largest arrays a merge holds (an
+    order and a name offset per member)."""
+    return positions.astype(np.uint32) if bound < 1 << 32 else positions
+
+
 def _slices(n: int, size: int = _WRITE_ROWS) -> List[slice]:
     return [slice(lo, min(lo + size, n)) for lo in range(0, n, size)]
 
@@ -274,7 +283,8 @@ def _order_by_dir_and_name(file_dir: np.ndarray, blob: np.ndarray, begins: np.nd
     runs that tie there and hold a longer name are put in order in Python (rare: BIOSCAN
     names are about 16 bytes).
     """
-    order = np.argsort(file_dir.astype(np.uint16) if n_dirs <= 1 << 16 else file_dir, kind="stable")
+    order = _narrow(np.argsort(file_dir.astype(np.uint16) if n_dirs <= 1 << 16 else file_dir, kind="stable"),
+                    len(file_dir))
     bounds = np.searchsorted(file_dir[order], np.arange(n_dirs + 1))
     same = np.zeros(len(order), dtype=bool)
 
