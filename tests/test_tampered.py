@@ -28,7 +28,7 @@ def _longer_name(a: Arrays) -> None:
     ends = a["name_ends"].astype(np.int64)
     a["names"] = np.concatenate((a["names"][:ends[0]], np.full(300 - ends[0], ord("x"), np.uint8),
                                  a["names"][ends[0]:]))
-    a["name_ends"] = (ends + 300 - ends[0]).astype(np.uint64)
+    a["name_ends"] = (ends + 300 - ends[0]).astype(a["name_ends"].dtype)
 
 
 def _longer_dir_name(a: Arrays) -> None:
@@ -62,7 +62,7 @@ def _dot_dot_dir(a: Arrays) -> None:
 CASES: Dict[str, Callable[[Arrays], None]] = {
     "name-over-255": _longer_name,
     "dir-name-over-255": _longer_dir_name,
-    "name-end-past-names": _set("name_ends", -1, 1 << 40),
+    "name-end-past-names": _set("name_ends", -1, (1 << 32) - 1),   # 32-bit ends
     "name-ends-backwards": _set("name_ends", 0, 1 << 20),
     "dir-end-past-names": _set("dir_ends", -1, 1 << 40),
     "slash-in-dir-name": _slash_in_dir_name,
