@@ -16,6 +16,8 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
+import numpy as np
+
 from . import store, zipdir
 from .errors import ArchiveError
 from .merge import Builder, summarise
@@ -97,6 +99,7 @@ class _Earlier(NamedTuple):
     tree: Tree
     archive_of: Dict[str, int]      #: identity (JSON) of each unchanged archive -> its number there
     warnings: List[List[str]]       #: each archive's warnings there
+    archives: np.ndarray            #: its archive column, copied once (not scanned in the mapping per archive)
 
 
 def _identity(src: FileSource) -> str:
@@ -132,7 +135,8 @@ def _earlier_tree(path: str, key: Any, sources: Sequence[FileSource]) -> Optiona
         if not _lost_nothing(tree, extra):
             return None
         archive_of = {identity: j for j, identity in enumerate(identities) if identity in current}
-        return _Earlier(tree, archive_of, extra["archive_warnings"]) if archive_of else None
+        return _Earlier(tree, archive_of, extra["archive_warnings"], np.array(tree.files["archive"])) \
+            if archive_of else None
     except (KeyError, ValueError, IndexError, TypeError):  # BadTables is a ValueError
         return None
 
@@ -250,10 +254,12 @@ def _add_all(builder: Builder, sources: Sequence[FileSource], on_archive: Option
     for done, (src, result) in enumerate(_parsed([s for s in sources if _identity(s) not in reuse], sources), 1):
         if result is None and earlier is not None:  # unchanged
             archive = reuse[_identity(src)]
-            members = builder.add_from_tree(earlier.tree, archive, earlier.warnings[archive])
+            rows = np.flatnonzero(earlier.archives == archive)
+            builder.add_from_tree(earlier.tree, rows, earlier.warnings[archive])
+            store.release_pages(earlier.tree.arrays)   # its pages stay cached, out of our RSS
             kept.append(src)
             if on_archive:
-                on_archive(src.name, members, done, len(sources))
+                on_archive(src.name, len(rows), done, len(sources))
             continue
         if on_archive:
             on_archive(src.name, 0 if isinstance(result, ArchiveError) else len(result.table), done, len(sources))

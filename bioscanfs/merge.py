@@ -96,12 +96,10 @@ class Builder:
         self._lengths.append((ends - base_begin).astype(np.uint16))
         self._starts.append(self._starts[-1] + len(files))
 
-    def add_from_tree(self, tree: Tree, archive: int, warnings: List[str]) -> int:
-        """Add the files that archive number ``archive`` has in an earlier tree, unchanged
-        since: no parse, its rows and names are taken as they are (the caller has made
-        sure that tree lost none of them to a duplicate or a folder: ``reusable``).
-        Returns the number of files."""
-        rows = np.flatnonzero(tree.files["archive"] == archive)
+    def add_from_tree(self, tree: Tree, rows: np.ndarray, warnings: List[str]) -> None:
+        """Add an archive unchanged since an earlier tree was built, from its ``rows``
+        there: no parse, its rows and names are taken as they are (the caller has made
+        sure that tree lost none of them to a duplicate or a folder: ``index._lost_nothing``)."""
         self.warnings.append(list(warnings))
         self._spill.write(np.take(tree.files.view(_RECORD), rows).view(np.uint8).data)
         old_dir = np.searchsorted(tree.dir_hi, rows, side="right")
@@ -114,7 +112,6 @@ class Builder:
         self._bases.append(zipdir.gather_segments(tree.names, begins, ends[rows] - begins)[0])
         self._lengths.append((ends[rows] - begins).astype(np.uint16))
         self._starts.append(self._starts[-1] + len(rows))
-        return len(rows)
 
     def merge(self) -> Dict[str, Tuple[np.dtype, int]]:
         """Sort every row by (directory, name), find duplicates; the columns' layout."""
