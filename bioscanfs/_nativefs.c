@@ -49,8 +49,7 @@ typedef struct {
     uint64_t header_offset, compressed_size, size;
     uint32_t crc32;
     int64_t mtime;
-    uint16_t method, flags;
-    uint32_t mode;
+    uint16_t method, flags, mode;
     uint16_t name_length, archive, extra_room;
 } member_t;
 #pragma pack(pop)
@@ -75,14 +74,14 @@ static const char *const TABLE_NAMES[N_BUFFERS] = {
     "files", "names", "name_ends", "dir_lo", "dir_hi", "dir_mtime", "dir_parent", "dir_names",
     "dir_ends", "fds", "direct", "archive_sizes"};
 /* Bytes per element of each table (0: raw bytes or rows, checked on their own). */
-static const Py_ssize_t TABLE_ITEM[N_BUFFERS] = {0, 1, 8, 8, 8, 8, 8, 1, 8, 8, 8, 8};
+static const Py_ssize_t TABLE_ITEM[N_BUFFERS] = {0, 1, 4, 8, 8, 8, 8, 1, 8, 8, 8, 8};
 
 typedef struct {
     Py_buffer views[N_BUFFERS];
     const member_t *files;
     uint64_t n_files;
     const char *names;          /* the files' own names end to end, sorted within each directory */
-    const uint64_t *name_ends;
+    const uint32_t *name_ends;  /* 32-bit: at most 4 GiB of names (tree.NAMES_MAX) */
     const uint64_t *dir_lo, *dir_hi, *dir_parent, *dir_ends, *archive_sizes;
     uint64_t *sub_lo, *sub_hi;  /* each directory's subdirectories: ids sub_lo..sub_hi (derived) */
     const int64_t *dir_mtime, *fds;
@@ -681,16 +680,24 @@ static int take_tables(server_t *s, PyObject *tables)
 
 static uint64_t count_of(const server_t *s, int b) { return (uint64_t)s->views[b].len / (uint64_t)TABLE_ITEM[b]; }
 
-/* ends[0..n) cut a blob of blob_len bytes into names of 1..NAME_MAX_BYTES bytes with no
- * '/' or NUL (the first name may be empty when first_may_be_empty: the root). */
-static const char *check_names(const char *blob, uint64_t blob_len, const uint64_t *ends, uint64_t n,
+/* Element i of an array of 4- or 8-byte ends. */
+static uint64_t end_at(const void *ends, size_t width, uint64_t i)
+{
+    return width == 4 ? ((const uint32_t *)ends)[i] : ((const uint64_t *)ends)[i];
+}
+
+/* ends[0..n) (of ``width`` bytes each) cut a blob of blob_len bytes into names of
+ * 1..NAME_MAX_BYTES bytes with no '/' or NUL (the first name may be empty when
+ * first_may_be_empty: the root). */
+static const char *check_names(const char *blob, uint64_t blob_len, const void *ends, size_t width, uint64_t n,
                                int first_may_be_empty)
 {
     uint64_t start = 0;
     for (uint64_t i = 0; i < n; i++) {
-        if (ends[i] < start || ends[i] > blob_len)
+        uint64_t end = end_at(ends, width, i);
+        if (end < start || end > blob_len)
             return "name ends out of order or past the names";
-        uint64_t len = ends[i] - start;
+        uint64_t len = end - start;
         if ((len == 0 && !(first_may_be_empty && i == 0)) || len > NAME_MAX_BYTES
             || memchr(blob + start, '/', len) || memchr(blob + start, 0, len))
             return "a name is empty, over 255 bytes, or holds '/' or NUL";
@@ -698,7 +705,7 @@ static const char *check_names(const char *blob, uint64_t blob_len, const uint64
             return "a name is '.' or '..'";
         if (first_may_be_empty && i == 0 && len != 0)
             return "the root has a name";
-        start = ends[i];
+        start = end;
     }
     return start == blob_len ? NULL : "names do not end where the blob does";
 }
@@ -768,9 +775,9 @@ static const char *check_tables(server_t *s)
     s->dir_ends = s->views[B_DIR_ENDS].buf;
     s->fds = s->views[B_FDS].buf;
     s->archive_sizes = s->views[B_ARCHIVE_SIZES].buf;
-    if ((problem = check_names(s->names, (uint64_t)s->views[B_NAMES].len, s->name_ends, s->n_files, 0)))
+    if ((problem = check_names(s->names, (uint64_t)s->views[B_NAMES].len, s->name_ends, 4, s->n_files, 0)))
         return problem;
-    if ((problem = check_names(s->dir_names, (uint64_t)s->views[B_DIR_NAMES].len, s->dir_ends, s->n_dirs, 1)))
+    if ((problem = check_names(s->dir_names, (uint64_t)s->views[B_DIR_NAMES].len, s->dir_ends, 8, s->n_dirs, 1)))
         return problem;
     if ((problem = check_dirs(s)))
         return problem;

@@ -101,9 +101,39 @@ def _setup_logging(verbose: int, log_file: Optional[str]) -> None:
 
 def _open(sources, index_dir, cache_size=256 << 20, skip_bad=False, allow_incomplete=False,
           password=None, cache_dir=None, cache_max=10 << 30) -> Collection:
-    return Collection(*sources, index_dir=index_dir or default_index_dir(), cache_size=cache_size,
-                      skip_bad=skip_bad, allow_incomplete=allow_incomplete, password=password,
-                      cache_dir=cache_dir, cache_max=cache_max)
+    with _Progress() as progress:
+        return Collection(*sources, index_dir=index_dir or default_index_dir(), cache_size=cache_size,
+                          skip_bad=skip_bad, allow_incomplete=allow_incomplete, password=password,
+                          cache_dir=cache_dir, cache_max=cache_max, on_archive=progress)
+
+
+class _Progress:
+    """While an index is built, one terminal line: archives parsed, members so far and
+    the time left (by archives: parsing them is most of a build). Nothing at all when
+    standard error is not a terminal (logs and pipes get no control characters)."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.members = 0
+        self.shown = sys.stderr.isatty()
+        self.written = False
+
+    def __call__(self, name: str, members: int, done: int, total: int) -> None:
+        if not self.shown:
+            return
+        self.members += members
+        left = (time.monotonic() - self.started) / done * (total - done)
+        line = f"indexing: {done}/{total} archives, {self.members:,} members" + \
+            (f", about {left:.0f} s left" if done < total else ", merging")
+        click.echo(f"\r{line:<79}", err=True, nl=False)
+        self.written = True
+
+    def __enter__(self) -> "_Progress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.written:
+            click.echo("\r" + " " * 79 + "\r", err=True, nl=False)
 
 
 def _engine(name: Optional[str]) -> Callable[..., None]:
@@ -357,9 +387,8 @@ def index(sources, index_dir, skip_bad, allow_incomplete) -> None:
     for line in warnings:
         click.echo(f"warning: {line}", err=True)
     started = time.monotonic()
-    with click.progressbar(length=len(specs), label="indexing", file=sys.stderr, hidden=not sys.stderr.isatty(),
-                           item_show_func=lambda name: os.path.basename(name) if name else None) as bar:
-        tree, kept = open_tree(specs, folder, skip_bad, allow_incomplete, on_archive=lambda name: bar.update(1, name))
+    with _Progress() as progress:
+        tree, kept = open_tree(specs, folder, skip_bad, allow_incomplete, on_archive=progress)
     for src in kept:
         src.close()
     if not tree.persisted:

@@ -10,7 +10,7 @@ import io
 import logging
 import stat as stat_mod
 import threading
-from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import cachetools
 import numpy as np
@@ -18,7 +18,7 @@ import numpy as np
 from .discover import ArchiveSpec, find_archives
 from .errors import BioscanError, NotFound
 from .names import PATH_MAX, link_stays_inside
-from .index import default_index_dir, load_tree
+from .index import Progress, default_index_dir, load_tree
 from .tree import Tree, check_archive_count
 from .reader import Reader
 from .sources import FileSource, open_sources
@@ -71,12 +71,13 @@ class Collection:
     def __init__(self, *inputs: str, index_dir: Optional[str] = "default", cache_size: int = 256 << 20,
                  skip_bad: bool = False, allow_incomplete: bool = False,
                  password: Optional[bytes] = None, cache_dir: Optional[str] = None,
-                 cache_max: int = 10 << 30) -> None:
+                 cache_max: int = 10 << 30, on_archive: Optional[Progress] = None) -> None:
         specs, warnings = find_archives(inputs, allow_incomplete)
         for line in warnings:
             log.warning("%s", line)
         self.index_dir = default_index_dir() if index_dir == "default" else index_dir
-        self.tree, self.sources = open_tree(specs, self.index_dir, skip_bad, allow_incomplete, cache_dir, cache_max)
+        self.tree, self.sources = open_tree(specs, self.index_dir, skip_bad, allow_incomplete, cache_dir, cache_max,
+                                            on_archive)
         kept = {src.name for src in self.sources}
         self.specs = [spec for spec in specs if spec.name in kept]
         self.warnings = warnings + self.tree.warnings
@@ -198,7 +199,7 @@ class Collection:
 
 def open_tree(specs: Sequence[ArchiveSpec], index_dir: Optional[str], skip_bad: bool = False,
               allow_incomplete: bool = False, cache_dir: Optional[str] = None, cache_max: int = 10 << 30,
-              on_archive: Optional[Callable[[str], None]] = None) -> Tuple[Tree, List[FileSource]]:
+              on_archive: Optional[Progress] = None) -> Tuple[Tree, List[FileSource]]:
     """Open the archives and map their tree (building and saving what is missing): the
     one way from discovered archives to a tree, for Collection and ``bioscanfs index``.
 

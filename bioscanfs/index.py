@@ -1,25 +1,36 @@
-"""The persisted index: each archive's member table and the merged tree, built once,
-saved under the index folder and memory-mapped on every later mount.
+"""The persisted index: the merged tree of a set of archives, built once, saved under the
+index folder and memory-mapped on every later mount.
 
 Owns when an index is built, reused or rebuilt; the tree's layout and lookups live in
 ``tree``, its construction in ``merge``, the file container in ``store``.
 """
 from __future__ import annotations
 
+import glob
+import itertools
+import json
 import logging
 import os
+import tempfile
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, BinaryIO, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import numpy as np
 
 from . import store, zipdir
 from .errors import ArchiveError
-from .merge import build_tree, summarise
-from .tree import BadTables, Tree, check, check_archive_count
+from .merge import Builder, summarise
+from .tree import Tree, check, check_archive_count
 from .sources import FileSource
 
 log = logging.getLogger(__name__)
 
-INDEX_VERSION = 4
+INDEX_VERSION = 5
+#: Archives parsed ahead of the merge (one while the previous one is merged in): each parsed
+#: archive waiting holds its whole member table, the largest cost of a build (docs/scale.md).
+PARSE_AHEAD = 1
+_COPY_BLOCK = 8 << 20
 
 
 def default_index_dir() -> str:
@@ -34,12 +45,6 @@ def default_index_dir() -> str:
     return folder
 
 
-def _members_path(index_dir: str, src: FileSource, key: Any) -> str:
-    """One archive's index file: its slot is the archive's paths (or URL), so a new key
-    for the same archive supersedes the old file."""
-    return store.file_path(index_dir, [entry[0] for entry in src.identity], key, ".members")
-
-
 def _tree_path(index_dir: str, sources: Sequence[FileSource], key: Any, skip_bad: bool,
                allow_incomplete: bool) -> str:
     """The merged tree's index file: its slot is the set of archives and the options."""
@@ -47,12 +52,15 @@ def _tree_path(index_dir: str, sources: Sequence[FileSource], key: Any, skip_bad
     return store.file_path(index_dir, slot, key, ".tree")
 
 
+#: Told of each archive parsed while an index is built: (its name, its members, archives
+#: done, archives in all); ``cli`` shows it on a terminal.
+Progress = Callable[[str, int, int, int], None]
 
 
 def load_tree(sources: Sequence[FileSource], index_dir: Optional[str],
-              on_archive: Optional[Callable[[str], None]] = None,
+              on_archive: Optional[Progress] = None,
               skip_bad: bool = False, allow_incomplete: bool = False) -> Tuple[Tree, List[FileSource]]:
-    """Map the persisted tree of these archives, building what is missing or stale.
+    """Map the persisted tree of these archives, building it when missing or stale.
 
     Returns the tree and the sources it covers (a bad archive is dropped and closed when
     ``skip_bad``, or when it has several pieces and ``allow_incomplete``: its last piece
@@ -61,13 +69,12 @@ def load_tree(sources: Sequence[FileSource], index_dir: Optional[str],
     Raises UntrustedIndexError for an index folder or file another user could have written.
     """
     check_archive_count(len(sources))
-    keys = [[INDEX_VERSION, src.identity] for src in sources]
-    tree_key = ["tree", INDEX_VERSION, keys, skip_bad, allow_incomplete]
+    tree_key = ["tree", INDEX_VERSION, [src.identity for src in sources], skip_bad, allow_incomplete]
     path = None
     if index_dir:
         store.prepare_folder(index_dir)
         path = _tree_path(index_dir, sources, tree_key, skip_bad, allow_incomplete)
-        store.tidy(index_dir, [path] + [_members_path(index_dir, s, k) for s, k in zip(sources, keys)])
+        store.tidy(index_dir, [path])
     cached = store.load(path, tree_key) if path else None
     if cached is not None:
         try:
@@ -82,93 +89,231 @@ def load_tree(sources: Sequence[FileSource], index_dir: Optional[str],
                 if src not in kept:
                     src.close()
             return tree, kept
-    members, kept, from_index = _parse_all(sources, keys, index_dir, on_archive, skip_bad, allow_incomplete)
-    arrays, extra = build_tree(members, [s.name for s in kept])
+    return _build(sources, index_dir, path, tree_key, on_archive, skip_bad, allow_incomplete,
+                  _earlier_tree(path, tree_key, sources) if path else None)
+
+
+class _Earlier(NamedTuple):
+    """A tree built before for the same archive paths, and what can be taken from it."""
+
+    tree: Tree
+    archive_of: Dict[str, int]      #: identity (JSON) of each unchanged archive -> its number there
+    warnings: List[List[str]]       #: each archive's warnings there
+    archives: np.ndarray            #: its archive column, copied once (not scanned in the mapping per archive)
+
+
+def _identity(src: FileSource) -> str:
+    return json.dumps(src.identity)
+
+
+def _earlier_tree(path: str, key: Any, sources: Sequence[FileSource]) -> Optional[_Earlier]:
+    """The newest tree of the same slot (archive paths and options) built before, when some
+    of its archives are unchanged and it lost none of their files (see ``_lost_nothing``):
+    then only the others are parsed again. None otherwise, or when it is damaged."""
+    folder, name = os.path.split(path)
+    candidates = [p for p in glob.glob(os.path.join(glob.escape(folder), name.partition("-")[0] + "-*.tree"))
+                  if p != path]
+    if not candidates:
+        return None
+    newest = max(candidates, key=lambda p: os.stat(p).st_mtime_ns)
+    header = store.read_header(newest)
+    old_key = header.get("key") if header else None
+    if not (isinstance(old_key, list) and len(old_key) == len(key) and old_key[:2] == key[:2]
+            and old_key[3:] == key[3:]):
+        return None
+    arrays = store.load(newest, old_key)
+    if arrays is None:
+        return None
+    current = {_identity(src): src for src in sources}
     try:
-        if from_index:  # a tree merged from member tables parsed just now needs no check
-            check(arrays, [s.size for s in kept])
-    except BadTables as err:  # only a forged member table in the index folder gets here
-        log.warning("index in %s is damaged (%s); parsing the archives again", index_dir, err)
-        members, kept, _ = _parse_all(kept, [[INDEX_VERSION, s.identity] for s in kept], None, None,
-                                      skip_bad, allow_incomplete)
-        arrays, extra = build_tree(members, [s.name for s in kept])
-    extra["kept"] = [s.name for s in kept]
-    del members
-    if path:
+        extra = arrays["__extra__"]
+        identities = [json.dumps(identity) for identity in extra["identities"]]
+        # Rows of changed archives are not used: their bound is left open.
+        check(arrays, [current[i].size if i in current else 1 << 62 for i in identities])
+        store.release_pages(arrays)
+        tree = Tree(arrays, extra["kept"], persisted=True)
+        if not _lost_nothing(tree, extra):
+            return None
+        archive_of = {identity: j for j, identity in enumerate(identities) if identity in current}
+        return _Earlier(tree, archive_of, extra["archive_warnings"], np.array(tree.files["archive"])) \
+            if archive_of else None
+    except (KeyError, ValueError, IndexError, TypeError):  # BadTables is a ValueError
+        return None
+
+
+def _lost_nothing(tree: Tree, extra: Dict[str, Any]) -> bool:
+    """Whether every file of every archive is a row of the tree: no duplicate (the one
+    served hides the others), no file hidden by a folder, and no folder without files in
+    it (it may come from an explicit entry of a changed archive, which the tree does not
+    say)."""
+    if extra["duplicates"] or extra["hidden"] or len(tree.arrays["conflict_path_ends"]):
+        return False
+    needed = tree.dir_hi > tree.dir_lo
+    for dir_id in range(tree.n_dirs - 1, 0, -1):
+        needed[int(tree.dir_parent[dir_id])] |= needed[dir_id]
+    return bool(needed.all())
+
+
+def _build(sources: Sequence[FileSource], index_dir: Optional[str], path: Optional[str], key: Any,
+           on_archive: Optional[Progress], skip_bad: bool, allow_incomplete: bool,
+           earlier: Optional[_Earlier] = None) -> Tuple[Tree, List[FileSource]]:
+    """Parse the archives (those unchanged since ``earlier`` are taken from it), merge
+    them and write the tree to ``path`` (or keep it in memory); the member rows wait in
+    an unlinked spill file meanwhile (see ``merge``)."""
+    spill = _Spill(index_dir)
+    try:
+        builder = Builder(spill)
+        kept = _add_all(builder, sources, on_archive, skip_bad, allow_incomplete, earlier)
+        del earlier
+        layout = builder.merge()
+        extra_kept = {"kept": [s.name for s in kept], "identities": [s.identity for s in kept]}
+        if path:
+            writer = None
+            try:
+                writer = store.ColumnWriter(path, layout)
+                extra = builder.write(writer)
+                writer.commit(key, dict(extra, **extra_kept))
+            except OSError as err:
+                if writer is not None:
+                    writer.abort()
+                log.warning("cannot write the index to %s (%s); keeping it in memory",
+                            index_dir, err.strerror or err)
+            else:
+                mapped = store.load(path, key)
+                if mapped is not None:
+                    return Tree(mapped, extra_kept["kept"], persisted=True), kept
+        writer = store.ColumnWriter(None, layout)
+        extra = builder.write(writer)
+        return Tree(writer.commit(key, dict(extra, **extra_kept)), extra_kept["kept"]), kept
+    finally:
+        spill.close()
+
+
+class _Spill:
+    """The unlinked file that holds the member rows while a tree is built (see ``merge``):
+    in the index folder, where the index will need more room than this; moved to the
+    system's temporary folder if the index folder runs out of room (the index is then
+    kept in memory: ``_build``)."""
+
+    def __init__(self, index_dir: Optional[str]) -> None:
+        self._file: Optional[BinaryIO] = None
+        self._in_tmp = True
+        self.size = 0
+        if index_dir:
+            try:
+                self._file, self._in_tmp = tempfile.TemporaryFile(dir=index_dir, buffering=0), False
+            except OSError:
+                pass
+        if self._file is None:
+            self._file = tempfile.TemporaryFile(buffering=0)
+
+    def write(self, data: Any) -> None:
         try:
-            store.save(path, tree_key, arrays, extra)
-        except OSError as err:
-            log.warning("cannot write the index to %s (%s); keeping it in memory", index_dir, err.strerror or err)
-        else:
-            mapped = store.load(path, tree_key)
-            if mapped is not None:
-                return Tree(mapped, extra["kept"], persisted=True), kept
-    arrays["__extra__"] = extra
-    return Tree(arrays, extra["kept"]), kept
+            _write_all(self._file, data)
+        except OSError:
+            if self._in_tmp:
+                raise
+            moved = tempfile.TemporaryFile(buffering=0)
+            for at in range(0, self.size, _COPY_BLOCK):
+                _write_all(moved, os.pread(self._file.fileno(), min(_COPY_BLOCK, self.size - at), at), at)
+            self._file.close()
+            self._file, self._in_tmp = moved, True
+            _write_all(self._file, data, self.size)
+        self.size += len(memoryview(data).cast("B"))
+
+    def flush(self) -> None:
+        pass
+
+    def fileno(self) -> int:
+        return self._file.fileno()
+
+    def close(self) -> None:
+        self._file.close()
 
 
-def _parse_all(sources: Sequence[FileSource], keys: List[Any], index_dir: Optional[str],
-               on_archive: Optional[Callable[[str], None]], skip_bad: bool, allow_incomplete: bool
-               ) -> Tuple[List[zipdir.Members], List[FileSource], bool]:
-    """Every archive's member table, the archives kept, and whether any table came from the
-    index folder; numpy releases the GIL, so archives parse in parallel."""
-    def parse(job: Tuple[FileSource, Any]) -> Union[Tuple[zipdir.Members, bool], ArchiveError]:
-        try:
-            return _archive_members(job[0], job[1], index_dir)
-        except ArchiveError as err:
-            return err
-        except OSError as err:  # an archive that opened but cannot be read (an I/O error)
-            return ArchiveError(job[0].name, f"cannot be read ({err.strerror or err})")
-        finally:
-            if on_archive:
-                on_archive(job[0].name)
+def _write_all(file: Any, data: Any, at: Optional[int] = None) -> None:
+    view = memoryview(data).cast("B")
+    position = file.tell() if at is None else at
+    while len(view):
+        done = os.pwrite(file.fileno(), view, position)
+        view, position = view[done:], position + done
+    file.seek(position)
 
-    members: List[zipdir.Members] = []
+
+def _add_all(builder: Builder, sources: Sequence[FileSource], on_archive: Optional[Progress],
+             skip_bad: bool, allow_incomplete: bool, earlier: Optional[_Earlier]) -> List[FileSource]:
+    """Parse every archive (PARSE_AHEAD at once, in threads: numpy releases the GIL), or
+    take its rows from ``earlier``, and add it to ``builder`` in order; returns the
+    archives kept."""
     kept: List[FileSource] = []
-    from_index = False
     refused: List[ArchiveError] = []
-    with ThreadPoolExecutor(max_workers=min(len(sources), os.cpu_count() or 1) or 1) as pool:
-        for src, result in zip(sources, pool.map(parse, zip(sources, keys))):
-            if isinstance(result, ArchiveError):
-                pieces = len(src.identity) > 1
-                if skip_bad or (allow_incomplete and pieces):
-                    log.warning("skipping %s%s", result, "; a piece may be missing" if pieces else "")
-                else:
-                    refused.append(result)
-                src.close()
-                continue
-            members.append(result[0])
-            from_index |= result[1]
+    reuse = earlier.archive_of if earlier else {}
+    if reuse:
+        log.info("%d of %d archives are unchanged since the last index: only the others are parsed",
+                 sum(_identity(src) in reuse for src in sources), len(sources))
+    for done, (src, result) in enumerate(_parsed([s for s in sources if _identity(s) not in reuse], sources), 1):
+        if result is None and earlier is not None:  # unchanged
+            archive = reuse[_identity(src)]
+            rows = np.flatnonzero(earlier.archives == archive)
+            builder.add_from_tree(earlier.tree, rows, earlier.warnings[archive])
+            store.release_pages(earlier.tree.arrays)   # its pages stay cached, out of our RSS
             kept.append(src)
+            if on_archive:
+                on_archive(src.name, len(rows), done, len(sources))
+            continue
+        if on_archive:
+            on_archive(src.name, 0 if isinstance(result, ArchiveError) else len(result.table), done, len(sources))
+        if isinstance(result, ArchiveError):
+            pieces = len(src.identity) > 1
+            if skip_bad or (allow_incomplete and pieces):
+                log.warning("skipping %s%s", result, "; a piece may be missing" if pieces else "")
+            else:
+                refused.append(result)
+            src.close()
+            continue
+        if not refused:
+            builder.add(result)
+        kept.append(src)
     if refused:
         raise refused[0] if len(refused) == 1 else ArchiveError(
             f"{len(refused)} archives", "cannot be used (--skip-bad mounts the rest):\n" +
             "\n".join(str(err) for err in refused))
-    return members, kept, from_index
+    return kept
 
 
-def _archive_members(src: FileSource, key: Any, index_dir: Optional[str]) -> Tuple[zipdir.Members, bool]:
-    """One archive's parsed central directory, and whether it came from its own persisted
-    index (whose values are then not to be trusted before the tree's check).
+def _parsed(to_parse: Sequence[FileSource], sources: Sequence[FileSource]
+            ) -> Iterator[Tuple[FileSource, Union[zipdir.Members, ArchiveError, None]]]:
+    """(archive, its members or why not; None for those not ``to_parse``) in order, at
+    most PARSE_AHEAD parsed ahead of the consumer: memory holds a bounded number of
+    parsed archives, whatever their count."""
+    def parse(src: FileSource) -> Union[zipdir.Members, ArchiveError]:
+        try:
+            return _read_members(src)
+        except ArchiveError as err:
+            return err
+        except OSError as err:  # an archive that opened but cannot be read (an I/O error)
+            return ArchiveError(src.name, f"cannot be read ({err.strerror or err})")
 
-    Its warnings are summarised before they are logged or saved: an archive of 200,000
-    bad names gives 11 lines, and its index header stays small enough to be read back."""
-    path = _members_path(index_dir, src, key) if index_dir else None
-    if path:
-        cached = store.load(path, key)
-        if cached is not None:
-            return zipdir.Members(cached["table"], cached["names"], cached["name_ends"],
-                                  cached["is_dir"], cached["__extra__"]), True
+    with ThreadPoolExecutor(max_workers=PARSE_AHEAD) as pool:
+        waiting = iter(to_parse)
+        pending = deque((src, pool.submit(parse, src)) for src in itertools.islice(waiting, PARSE_AHEAD))
+        for src in sources:
+            if not pending or pending[0][0] is not src:
+                yield src, None
+                continue
+            result = pending.popleft()[1].result()
+            for following in itertools.islice(waiting, 1):
+                pending.append((following, pool.submit(parse, following)))
+            yield src, result
+
+
+def _read_members(src: FileSource) -> zipdir.Members:
+    """One archive's parsed central directory. Its warnings are summarised before they are
+    logged or saved: an archive of 200,000 bad names gives 11 lines, and the index header
+    stays small enough to be read back."""
     members = zipdir.read_members(src)
     members = members._replace(warnings=summarise(
         members.warnings, lambda rest: f"{src.name}: {rest:,} more members whose names were skipped or changed"))
     for line in members.warnings:
         log.warning("%s", line)
-    if path:
-        try:
-            store.save(path, key, {"table": members.table, "names": members.names,
-                                   "name_ends": members.name_ends, "is_dir": members.is_dir},
-                       members.warnings)
-        except OSError:
-            pass  # load_tree reports the unwritable folder once
-    return members, False
+    return members

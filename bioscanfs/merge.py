@@ -1,4 +1,4 @@
-"""Merging the member tables of several archives into one tree's arrays (bulk numpy).
+"""Merging the member tables of several archives into one tree's columns (bulk numpy).
 
 Owns the duplicates policy and the tree's order (see ``tree`` for the layout); knows
 nothing of persistence, decoding or FUSE.
@@ -8,29 +8,40 @@ differ, the member of the archive listed first wins (archives are ordered by pat
 the conflict is recorded; inside one archive the last entry wins, as with zipfile and
 unzip. A file whose path is also a directory is hidden with a warning; the directory wins.
 
+Memory: archives are added one at a time (``Builder.add``) and each is reduced at once
+to what the merge needs: a directory id (4 bytes), its own name (its bytes plus 2) and
+its row, which goes to a spill file, not memory. The merged columns are then written
+out chunk by chunk (``Builder.write``), so the peak is about 40 bytes per member plus
+the names, never every column of every archive at once (docs/scale.md).
+
 Cost: every step is O(total name bytes) or O(members x a small constant): names are
 handled as one blob with begin/end offsets, never as a matrix as wide as the longest
 name, so one hostile 4 KB name does not cost 4 KB for every member.
 """
 from __future__ import annotations
 
+import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Dict, List, Sequence, Set, Tuple
+from typing import Any, BinaryIO, Callable, Dict, List, Tuple
 
 import numpy as np
 
 from . import zipdir
 from .bulk import for_chunks
-from .tree import ARRAY_TYPES, FILE_DTYPE, find_name
+from .errors import SourceError
+from .tree import ARRAY_TYPES, FILE_DTYPE, NAMES_MAX, Tree, find_name
 
-_RECORD = np.dtype((np.void, FILE_DTYPE.itemsize))  #: a row as opaque bytes: fast to copy and gather
 #: Bytes of each name that numpy sorts on; longer names that tie on them are ordered in Python.
 SORT_PREFIX = 24
 #: Warnings listed one by one, in the log and in the index; the rest are counted.
 MAX_WARNINGS = 10
 #: A warning can quote a 64 KiB name; it is cut to this.
 MAX_WARNING_CHARS = 1000
+#: Rows per chunk of the output pass: its gathers stay tens of MB, and the spill file's
+#: pages are mapped again once per chunk (each chunk's rows lie all over it).
+_WRITE_ROWS = 1 << 20
+_RECORD = np.dtype((np.void, FILE_DTYPE.itemsize))  #: a row as opaque bytes: fast to copy and gather
 
 
 def summarise(lines: List[str], rest: Callable[[int], str], keep: int = MAX_WARNINGS) -> List[str]:
@@ -41,79 +52,168 @@ def summarise(lines: List[str], rest: Callable[[int], str], keep: int = MAX_WARN
     return [line if len(line) <= MAX_WARNING_CHARS else line[:MAX_WARNING_CHARS] + "..." for line in lines]
 
 
-def build_tree(members: Sequence[zipdir.Members], archives: Sequence[str]) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
-    """Merge the member tables of several archives into the tree arrays."""
-    warnings: List[str] = [w for m in members for w in m.warnings]   # each archive's summarised
-    records, archive_of, blob, begins, ends, dirs_given = _concatenate(members)
-    cut = _last_slash(blob, begins, ends)
-    has_dir = cut >= 0
-    cut = np.where(has_dir, cut, begins)
-    base_begin = np.where(has_dir, cut + 1, begins)
-    group_first, group_of = _group_dirs(blob, begins, cut - begins)
-    dirs = _Dirs()
-    group_dir = [dirs.add(bytes(blob[begins[i]:cut[i]])) for i in group_first.tolist()]
-    for path in dirs_given:
-        dirs.add(path)
-    new_id = dirs.number()
-    file_dir = new_id[np.asarray(group_dir, dtype=np.int64)][group_of] if len(records) else np.zeros(0, np.int64)
-    order = _order_by_dir_and_name(file_dir, blob, base_begin, ends, len(new_id))
-    file_dir = file_dir[order]
-    names, name_ends = zipdir.gather_segments(blob, base_begin[order], (ends - base_begin)[order])
+class Builder:
+    """Merges archives added one at a time into the tree's columns.
 
-    def rows(sorted_rows: np.ndarray) -> np.ndarray:
-        """Member rows at sorted positions, gathered as raw records, archive column set."""
-        picks = order[sorted_rows]
-        out = np.take(records, picks).view(FILE_DTYPE)
-        out["archive"] = archive_of[picks]
+    ``add`` each archive's members in archive order, then ``merge`` (sorts; returns the
+    columns' types and lengths) and ``write`` into a ``store.ColumnWriter`` of that
+    layout (may be called again, into another writer, if the first one fails).
+    """
+
+    def __init__(self, spill: BinaryIO) -> None:
+        self._spill = spill                   #: every file row, archive after archive
+        self._dirs = _Dirs()
+        self._dir_of: List[np.ndarray] = []   #: per archive, each row's directory (ids before numbering)
+        self._bases: List[np.ndarray] = []    #: per archive, each row's own name, end to end
+        self._lengths: List[np.ndarray] = []  #: per archive, the length of each of those names
+        self._starts = [0]                    #: first row of each archive
+        self.warnings: List[List[str]] = []   #: per archive
+
+    def add(self, members: zipdir.Members) -> None:
+        """Reduce one archive to directory ids and own names, its rows to the spill file.
+
+        Rows go in reverse, so that the last of two equal names in one archive sorts
+        first and wins; explicit directory entries get no row."""
+        self.warnings.append(list(members.warnings))
+        ends = np.asarray(members.name_ends, dtype=np.int64)
+        begins = np.concatenate(([0], ends[:-1]))[:len(ends)].astype(np.int64)
+        is_dir = np.asarray(members.is_dir, dtype=bool)
+        blob = np.concatenate((np.asarray(members.names, dtype=np.uint8), np.zeros(_SLASH_WINDOW + 8, np.uint8)))
+        for i in np.flatnonzero(is_dir).tolist():
+            self._dirs.add(bytes(blob[begins[i]:ends[i]]))
+        files = np.flatnonzero(~is_dir)[::-1]
+        self._spill.write(np.ascontiguousarray(members.table[files]).view(np.uint8).data)
+        begins, ends = begins[files], ends[files]
+        cut = _last_slash(blob, begins, ends)
+        has_dir = cut >= 0
+        cut = np.where(has_dir, cut, begins)
+        base_begin = np.where(has_dir, cut + 1, begins)
+        group_first, group_of = _group_dirs(blob, begins, cut - begins)
+        group_dir = np.asarray([self._dirs.add(bytes(blob[begins[i]:cut[i]])) for i in group_first.tolist()],
+                               dtype=np.uint32)
+        self._dir_of.append(group_dir[group_of] if len(files) else np.zeros(0, np.uint32))
+        self._bases.append(zipdir.gather_segments(blob, base_begin, ends - base_begin)[0])
+        self._lengths.append((ends - base_begin).astype(np.uint16))
+        self._starts.append(self._starts[-1] + len(files))
+
+    def add_from_tree(self, tree: Tree, rows: np.ndarray, warnings: List[str]) -> None:
+        """Add an archive unchanged since an earlier tree was built, from its ``rows``
+        there: no parse, its rows and names are taken as they are (the caller has made
+        sure that tree lost none of them to a duplicate or a folder: ``index._lost_nothing``)."""
+        self.warnings.append(list(warnings))
+        self._spill.write(np.take(tree.files.view(_RECORD), rows).view(np.uint8).data)
+        old_dir = np.searchsorted(tree.dir_hi, rows, side="right")
+        used = np.unique(old_dir)
+        new_dir = np.zeros(tree.n_dirs, dtype=np.uint32)
+        new_dir[used] = [self._dirs.add(tree.dir_path(int(d))) for d in used.tolist()]
+        self._dir_of.append(new_dir[old_dir])
+        ends = tree.name_ends.astype(np.int64)
+        begins = np.where(rows > 0, ends[np.maximum(rows - 1, 0)], 0)
+        self._bases.append(zipdir.gather_segments(tree.names, begins, ends[rows] - begins)[0])
+        self._lengths.append((ends[rows] - begins).astype(np.uint16))
+        self._starts.append(self._starts[-1] + len(rows))
+
+    def merge(self) -> Dict[str, Tuple[np.dtype, int]]:
+        """Sort every row by (directory, name), find duplicates; the columns' layout."""
+        self._spill.flush()
+        size = os.fstat(self._spill.fileno()).st_size
+        self._map = mmap.mmap(self._spill.fileno(), size, access=mmap.ACCESS_READ) if size else None
+        self._records = np.frombuffer(self._map, dtype=FILE_DTYPE) if self._map else np.zeros(0, FILE_DTYPE)
+        self._lens = _joined(self._lengths, np.uint16)
+        ends = np.cumsum(self._lens, dtype=np.int64)
+        self._begins = _narrow(ends - self._lens, int(ends[-1]) if len(ends) else 0)
+        del ends
+        self._blob = _joined(self._bases + [np.zeros(SORT_PREFIX + 8, np.uint8)], np.uint8)
+        new_id = self._dirs.number()
+        dir_of = _joined(self._dir_of, np.uint32)
+        self._file_dir = new_id.astype(np.uint32)[dir_of] if len(dir_of) else dir_of
+        del dir_of
+        self._order, self._same, self._bounds = _order_by_dir_and_name(
+            self._file_dir, self._blob, self._begins, self._lens, self._dirs.count)
+        self._conflicts = _conflicts(self._rows, self._name_at, self._file_dir[self._order], self._same,
+                                     self._dirs)
+        self._keep = ~self._same
+        hidden = _hide_files_that_are_dirs(self._dirs, self._bounds, self._name_at, self._keep)
+        self.hidden = len(hidden)
+        self.hidden_warnings = summarise(hidden, lambda rest: f"{rest:,} more files hidden by folders of the same path")
+        n_files = int(self._keep.sum())
+        name_bytes = int(sum(int(self._lens[self._order[rows]][self._keep[rows]].sum())
+                             for rows in _slices(len(self._order))))
+        if name_bytes > NAMES_MAX:
+            raise SourceError(f"{n_files:,} files: their names take {name_bytes:,} bytes, a mount holds at most "
+                              f"{NAMES_MAX:,} (mount fewer archives together)")
+        conflicts = self._conflicts.arrays()
+        sizes = dict({"files": n_files, "names": name_bytes, "name_ends": n_files},
+                     **{name: self._dirs.count for name in ("dir_lo", "dir_hi", "dir_mtime")},
+                     **{name: len(array) for name, array in self._dirs.arrays().items()},
+                     **{name: len(array) for name, array in conflicts.items()})
+        return {name: (ARRAY_TYPES[name], sizes[name]) for name in ARRAY_TYPES}
+
+    def write(self, out: Any) -> Dict[str, Any]:
+        """Stream the columns into ``out`` (a ``store.ColumnWriter``); returns the extras."""
+        n_dirs = self._dirs.count
+        counts = np.zeros(n_dirs, dtype=np.int64)
+        mtime = np.full(n_dirs, np.iinfo(np.int64).min, dtype=np.int64)
+        total, name_end = 0, 0
+        for rows in _slices(len(self._order)):
+            picks = np.flatnonzero(self._keep[rows]) + rows.start
+            files = self._rows(picks)
+            dirs = self._file_dir[self._order[picks]]
+            counts += np.bincount(dirs, minlength=n_dirs)
+            np.maximum.at(mtime, dirs, files["mtime"])
+            total += _total(files["size"])
+            rows_of = self._order[picks]
+            names, ends = zipdir.gather_segments(self._blob, self._begins[rows_of], self._lens[rows_of])
+            out.write("files", files)
+            out.write("names", names)
+            out.write("name_ends", ends + np.uint64(name_end))
+            name_end += len(names)
+            if self._map is not None:
+                self._map.madvise(mmap.MADV_DONTNEED)  # the rows stay in the page cache, not in our RSS
+        dir_hi = np.cumsum(counts).astype(np.uint64)
+        columns = dict({"dir_lo": dir_hi - counts.astype(np.uint64), "dir_hi": dir_hi,
+                        "dir_mtime": _dir_mtimes(mtime, self._dirs.parent)},
+                       **self._dirs.arrays(), **self._conflicts.arrays())
+        for name, array in columns.items():
+            out.write(name, array)
+        return {"warnings": [w for ws in self.warnings for w in ws] + self.hidden_warnings, "total_bytes": total,
+                "duplicates": int(self._same.sum()) - self._conflicts.rows, "hidden": self.hidden,
+                "archive_warnings": self.warnings}
+
+    def _rows(self, positions: np.ndarray) -> np.ndarray:
+        """The member rows at sorted positions, archive column set."""
+        picks = self._order[positions]
+        out = np.take(self._records.view(_RECORD), picks).view(FILE_DTYPE)  # 8x faster than by fields
+        out["archive"] = np.searchsorted(self._starts, picks, side="right") - 1
         return out
 
-    same = _same_as_previous(file_dir, names, name_ends)
-    conflicts = _conflicts(rows, names, name_ends, file_dir, same, dirs, archives)
-    keep = ~same
-    warnings += summarise(_hide_files_that_are_dirs(dirs, file_dir, names, name_ends, keep),
-                          lambda rest: f"{rest:,} more files hidden by folders of the same path")
-    files = rows(np.flatnonzero(keep))
-    name_lengths = np.diff(name_ends.astype(np.int64), prepend=0)
-    names = names[np.repeat(keep, name_lengths)]
-    name_ends = np.cumsum(name_lengths[keep]).astype(np.uint64)
-    file_dir = file_dir[keep]
-    ids = np.arange(dirs.count)
-    dir_lo = np.searchsorted(file_dir, ids, side="left").astype(np.uint64)
-    dir_hi = np.searchsorted(file_dir, ids, side="right").astype(np.uint64)
-    arrays = {"files": files, "names": names, "name_ends": name_ends, "dir_lo": dir_lo, "dir_hi": dir_hi,
-              "dir_mtime": _dir_mtimes(files, dir_lo, dir_hi, dirs.parent), **dirs.arrays(), **conflicts.arrays()}
-    assert list(arrays) == list(ARRAY_TYPES)
-    extra = {"warnings": warnings, "total_bytes": _total(files["size"]),
-             "duplicates": int(same.sum()) - conflicts.rows}
-    return arrays, extra
+    def _name_at(self, position: int) -> bytes:
+        """The own name of the row at a sorted position."""
+        row = int(self._order[position])
+        begin = int(self._begins[row])
+        return self._blob[begin:begin + int(self._lens[row])].tobytes()
 
 
-def _concatenate(members: Sequence[zipdir.Members]) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
-                                                            np.ndarray, Set[bytes]]:
-    """Rows of all archives end to end as raw records, each archive's rows in reverse
-    (so the last of two equal names in one archive sorts first and wins), with the
-    archive of each row, all names as one blob with begin/end offsets, and the paths of
-    explicit directory entries (which get no row)."""
-    tables, blobs, all_begins, all_ends, counts, dirs_given = [], [], [], [], [], set()
-    shift = 0
-    for m in members:
-        name_ends = np.asarray(m.name_ends, dtype=np.int64)
-        begins = np.concatenate(([0], name_ends[:-1])).astype(np.int64)[:len(name_ends)]
-        is_dir = np.asarray(m.is_dir, dtype=bool)
-        dirs_given.update(bytes(m.names[begins[i]:name_ends[i]]) for i in np.flatnonzero(is_dir).tolist())
-        files = np.flatnonzero(~is_dir)[::-1]
-        tables.append(m.table[files].view(_RECORD))
-        all_begins.append(begins[files] + shift)
-        all_ends.append(name_ends[files] + shift)
-        counts.append(len(files))
-        blobs.append(np.asarray(m.names, dtype=np.uint8))
-        shift += len(blobs[-1])
-    records = np.concatenate(tables) if tables else np.empty(0, _RECORD)
-    archive_of = np.repeat(np.arange(len(tables), dtype=FILE_DTYPE["archive"]), counts)
-    begins = np.concatenate(all_begins) if tables else np.empty(0, np.int64)
-    ends = np.concatenate(all_ends) if tables else np.empty(0, np.int64)
-    blob = np.concatenate(blobs + [np.zeros(_SLASH_WINDOW + 8, np.uint8)])
-    return records, archive_of, blob, begins, ends, dirs_given
+def _joined(parts: List[np.ndarray], dtype: Any) -> np.ndarray:
+    """The parts end to end, each freed as soon as it is copied (``parts`` is emptied)."""
+    out = np.empty(sum(len(p) for p in parts), dtype=dtype)
+    at = 0
+    while parts:
+        part = parts.pop(0)
+        out[at:at + len(part)] = part
+        at += len(part)
+    return out
+
+
+def _narrow(positions: np.ndarray, bound: int) -> np.ndarray:
+    """Positions below ``bound`` as 32-bit when the bound fits (so that adding a length
+    to one cannot wrap either): half the memory of the largest arrays a merge holds (an
+    order and a name offset per member)."""
+    return positions.astype(np.uint32) if bound < 1 << 32 else positions
+
+
+def _slices(n: int, size: int = _WRITE_ROWS) -> List[slice]:
+    return [slice(lo, min(lo + size, n)) for lo in range(0, n, size)]
 
 
 class _Dirs:
@@ -170,37 +270,49 @@ class _Dirs:
                 "dir_ends": np.cumsum([len(b) for b in self.base]).astype(np.uint64)}
 
 
-def _name_at(names: np.ndarray, name_ends: np.ndarray, row: int) -> bytes:
-    return names[int(name_ends[row - 1]) if row else 0:int(name_ends[row])].tobytes()
+def _order_by_dir_and_name(file_dir: np.ndarray, blob: np.ndarray, begins: np.ndarray, lengths: np.ndarray,
+                           n_dirs: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(order of the rows by (directory, name bytes), whether each sorted row's name equals
+    the one before it in its directory, first sorted position of each directory and the end).
 
-
-def _order_by_dir_and_name(file_dir: np.ndarray, blob: np.ndarray, begins: np.ndarray, ends: np.ndarray,
-                           n_dirs: int) -> np.ndarray:
-    """Order of the files by (directory, name bytes); stable, so archive order stays among equals.
-
-    numpy sorts on the first SORT_PREFIX bytes of each name; runs that tie there and hold
-    a longer name are put in order in Python (rare: BIOSCAN names are about 16 bytes).
+    Stable, so archive order stays among equals. Each directory is sorted on its own, on
+    the first SORT_PREFIX bytes of its names (memory as large as the largest directory);
+    runs that tie there and hold a longer name are put in order in Python (rare: BIOSCAN
+    names are about 16 bytes).
     """
-    lengths = ends - begins
-    width = max(1, min(SORT_PREFIX, int(lengths.max(initial=0))))
-    prefixes = _fixed_width(blob, begins, begins + np.minimum(lengths, width), width).view(f"S{width}").ravel()
-    by_dir = np.argsort(file_dir.astype(np.uint16 if n_dirs <= 1 << 16 else np.int64), kind="stable")
-    bounds = np.searchsorted(file_dir[by_dir], np.arange(n_dirs + 1))
-    keys = prefixes[by_dir]
+    order = _narrow(np.argsort(file_dir.astype(np.uint16) if n_dirs <= 1 << 16 else file_dir, kind="stable"),
+                    len(file_dir))
+    bounds = np.searchsorted(file_dir[order], np.arange(n_dirs + 1))
+    same = np.zeros(len(order), dtype=bool)
+
+    def name_of(row: int) -> bytes:
+        return blob[begins[row]:begins[row] + lengths[row]].tobytes()
 
     def sort_one(d: int) -> None:
-        lo, hi = bounds[d], bounds[d + 1]
-        if hi - lo > 1:
-            by_dir[lo:hi] = by_dir[lo:hi][np.argsort(keys[lo:hi], kind="stable")]
+        lo, hi = int(bounds[d]), int(bounds[d + 1])
+        if hi - lo < 1:
+            return
+        rows = order[lo:hi]
+        n = lengths[rows].astype(np.int64)
+        width = max(1, min(SORT_PREFIX, int(n.max())))
+        b = begins[rows]
+        keys = _fixed_width(blob, b, b + np.minimum(n, width), width).view(f"S{width}").ravel()
+        by_key = np.argsort(keys, kind="stable")
+        rows, keys = rows[by_key], keys[by_key]
+        long = lengths[rows] > width
+        tie = (keys[1:] == keys[:-1]) & (long[1:] | long[:-1])
+        for start, stop in _runs(np.flatnonzero(tie)):
+            rows[start:stop] = sorted(rows[start:stop].tolist(), key=name_of)
+        order[lo:hi] = rows
+        n = lengths[rows]
+        equal = (keys[1:] == keys[:-1]) & (n[1:] == n[:-1])
+        for i in np.flatnonzero(equal & (n[1:] > width)).tolist():
+            equal[i] = name_of(int(rows[i])) == name_of(int(rows[i + 1]))
+        same[lo + 1:hi] = equal
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         list(pool.map(sort_one, range(n_dirs)))
-    dirs, keys, long = file_dir[by_dir], prefixes[by_dir], lengths[by_dir] > width
-    tie = (dirs[1:] == dirs[:-1]) & (keys[1:] == keys[:-1]) & (long[1:] | long[:-1])
-    for start, stop in _runs(np.flatnonzero(tie)):
-        run = by_dir[start:stop + 1]
-        by_dir[start:stop + 1] = sorted(run.tolist(), key=lambda i: blob[begins[i]:ends[i]].tobytes())
-    return by_dir
+    return order, same, bounds
 
 
 def _runs(positions: np.ndarray) -> List[Tuple[int, int]]:
@@ -211,24 +323,6 @@ def _runs(positions: np.ndarray) -> List[Tuple[int, int]]:
     firsts = np.concatenate(([positions[0]], positions[breaks + 1]))
     lasts = np.concatenate((positions[breaks], [positions[-1]]))
     return [(int(a), int(b) + 1) for a, b in zip(firsts, lasts)]
-
-
-def _same_as_previous(file_dir: np.ndarray, names: np.ndarray, name_ends: np.ndarray) -> np.ndarray:
-    """Rows whose (directory, name) equals the row before (sorted order)."""
-    n = len(file_dir)
-    same = np.zeros(n, dtype=bool)
-    if n < 2:
-        return same
-    lengths = np.diff(name_ends.astype(np.int64), prepend=0)
-    begins = name_ends.astype(np.int64) - lengths
-    width = max(1, min(SORT_PREFIX, int(lengths.max())))
-    pad = np.concatenate((names, np.zeros(width, np.uint8)))
-    prefixes = _fixed_width(pad, begins, begins + np.minimum(lengths, width), width).view(f"S{width}").ravel()
-    candidate = (file_dir[1:] == file_dir[:-1]) & (lengths[1:] == lengths[:-1]) & (prefixes[1:] == prefixes[:-1])
-    same[1:] = candidate
-    for i in np.flatnonzero(candidate & (lengths[1:] > width)).tolist():
-        same[i + 1] = _name_at(names, name_ends, i) == _name_at(names, name_ends, i + 1)
-    return same
 
 
 class _Conflicts:
@@ -247,10 +341,10 @@ class _Conflicts:
                                                    dtype=np.int64).astype(np.uint64)}
 
 
-def _conflicts(rows: Callable[[np.ndarray], np.ndarray], names: np.ndarray, name_ends: np.ndarray,
-               file_dir: np.ndarray, same: np.ndarray, dirs: _Dirs, archives: Sequence[str]) -> _Conflicts:
+def _conflicts(rows: Callable[[np.ndarray], np.ndarray], name_at: Callable[[int], bytes],
+               file_dir: np.ndarray, same: np.ndarray, dirs: _Dirs) -> _Conflicts:
     """Duplicates whose size or CRC differs from the served one (``rows`` fetches the
-    member rows of sorted positions)."""
+    member rows of sorted positions, ``file_dir`` is in sorted order)."""
     dup = np.flatnonzero(same)
     if len(dup) == 0:
         return _Conflicts([], [])
@@ -264,22 +358,21 @@ def _conflicts(rows: Callable[[np.ndarray], np.ndarray], names: np.ndarray, name
     paths = []
     for head in lists:
         folder = dirs.path(int(file_dir[head]))
-        paths.append((folder + b"/" if folder else b"") + _name_at(names, name_ends, head))
+        paths.append((folder + b"/" if folder else b"") + name_at(head))
     return _Conflicts(paths, list(lists.values()))
 
 
-def _hide_files_that_are_dirs(dirs: _Dirs, file_dir: np.ndarray, names: np.ndarray, name_ends: np.ndarray,
+def _hide_files_that_are_dirs(dirs: _Dirs, bounds: np.ndarray, name_at: Callable[[int], bytes],
                               keep: np.ndarray) -> List[str]:
-    """Unset ``keep`` for files whose path is also a directory's; one warning each."""
+    """Unset ``keep`` for files whose path is also a directory's; one warning each
+    (``bounds``: each directory's first sorted position, ``name_at`` a sorted row's name)."""
     warnings = []
-    ids = np.arange(dirs.count)
-    lo_of = np.searchsorted(file_dir, ids, side="left")
-    hi_of = np.searchsorted(file_dir, ids, side="right")
     for dir_id in range(1, dirs.count):
         parent, base = dirs.parent[dir_id], dirs.base[dir_id]
-        row = find_name(lambda r: _name_at(names, name_ends, r), int(lo_of[parent]), int(hi_of[parent]), base)
+        hi = int(bounds[parent + 1])
+        row = find_name(name_at, int(bounds[parent]), hi, base)
         hidden = False
-        while row < hi_of[parent] and _name_at(names, name_ends, row) == base:
+        while row < hi and name_at(row) == base:
             hidden |= bool(keep[row])
             keep[row] = False
             row += 1
@@ -289,13 +382,11 @@ def _hide_files_that_are_dirs(dirs: _Dirs, file_dir: np.ndarray, names: np.ndarr
     return warnings
 
 
-def _dir_mtimes(files: np.ndarray, dir_lo: np.ndarray, dir_hi: np.ndarray, parent: List[int]) -> np.ndarray:
-    """A folder's mtime is its newest file's, in the whole subtree (children have larger ids)."""
-    mtime = np.zeros(len(dir_lo), dtype=np.int64)
-    nonempty = np.flatnonzero(dir_hi > dir_lo)
-    if len(nonempty):
-        mtime[nonempty] = np.maximum.reduceat(files["mtime"], dir_lo[nonempty].astype(np.int64))
-    for dir_id in range(len(dir_lo) - 1, 0, -1):
+def _dir_mtimes(mtime: np.ndarray, parent: List[int]) -> np.ndarray:
+    """A folder's mtime is its newest file's, in the whole subtree (children have larger
+    ids); ``mtime`` holds each folder's newest own file (the int64 minimum when none)."""
+    mtime = np.where(mtime == np.iinfo(np.int64).min, 0, mtime)
+    for dir_id in range(len(mtime) - 1, 0, -1):
         mtime[parent[dir_id]] = max(mtime[parent[dir_id]], mtime[dir_id])
     return mtime
 

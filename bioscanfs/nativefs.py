@@ -35,7 +35,7 @@ except ImportError as _err:  # not built, or a library it links (libfuse 3, libd
 
 #: The C side reads rows of the tree's files array as this exact packed layout.
 _C_LAYOUT = [("header_offset", "<u8"), ("compressed_size", "<u8"), ("size", "<u8"), ("crc32", "<u4"),
-             ("mtime", "<i8"), ("method", "<u2"), ("flags", "<u2"), ("mode", "<u4"),
+             ("mtime", "<i8"), ("method", "<u2"), ("flags", "<u2"), ("mode", "<u2"),
              ("name_length", "<u2"), ("archive", "<u2"), ("extra_room", "<u2")]
 
 

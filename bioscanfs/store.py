@@ -42,11 +42,15 @@ from zlib_ng.zlib_ng import crc32
 
 from .errors import UntrustedIndexError
 
-MAGIC = b"BSFSIDX\x03"
+MAGIC = b"BSFSIDX\x04"
 _ALIGN = 64
+#: The columns start here, after MAGIC, the header's offset and its length; the header follows them.
+_DATA_START = 64
 _MAX_HEADER = 1 << 24
 _CHECK_BLOCK = 8 << 20
-SUFFIXES = (".members", ".tree")
+SUFFIXES = (".tree",)
+#: Suffixes of files that older versions wrote and this one never reads: removed after GRACE.
+RETIRED_SUFFIXES = (".members",)
 _TEMP_PREFIX = ".tmp-"
 GRACE = 3600.0            #: seconds before a temporary or superseded file may be removed
 UNUSED = 30 * 86400.0     #: seconds without use before any index file may be removed
@@ -109,6 +113,104 @@ def prepare_folder(folder: str) -> None:
 
 
 # -- saving and loading --------------------------------------------------------------------------
+class ColumnWriter:
+    """Named arrays of known type and length, filled chunk by chunk in any order of names.
+
+    Why chunks: the merged tree of 20 million members is larger than a mount should
+    hold twice, so it is written out as it is produced. With a ``path``, the columns
+    go straight into a temporary file beside it, which ``commit`` names ``path`` (whole or
+    not at all); without one, into arrays in memory. Each column's CRC-32 is kept apart,
+    so ``load`` can check one column without the others.
+    """
+
+    def __init__(self, path: Optional[str], layout: Dict[str, Tuple[np.dtype, int]]) -> None:
+        self.path = path
+        self.layout = {name: (np.dtype(dtype), int(count)) for name, (dtype, count) in layout.items()}
+        self._crc = {name: 0 for name in layout}
+        self._filled = {name: 0 for name in layout}
+        self._offsets: Dict[str, int] = {}
+        self._fd = -1
+        self.arrays: Dict[str, np.ndarray] = {}
+        if path is None:
+            self.arrays = {name: np.empty(count, dtype) for name, (dtype, count) in self.layout.items()}
+            return
+        offset = _DATA_START
+        for name, (dtype, count) in self.layout.items():
+            self._offsets[name] = offset = -(-offset // _ALIGN) * _ALIGN
+            offset += dtype.itemsize * count
+        self._end = offset
+        self._fd, self._tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=_TEMP_PREFIX)
+        try:
+            os.fchmod(self._fd, _FILE_MODE)
+        except OSError:
+            self.abort()
+            raise
+
+    def write(self, name: str, chunk: np.ndarray) -> None:
+        """Append ``chunk`` to column ``name``."""
+        dtype, count = self.layout[name]
+        chunk = np.ascontiguousarray(chunk, dtype=dtype).reshape(-1)
+        at = self._filled[name]
+        if at + len(chunk) > count:
+            raise ValueError(f"{name}: {at + len(chunk):,} elements written, {count:,} declared")
+        self._filled[name] = at + len(chunk)
+        data = memoryview(chunk).cast("B")
+        self._crc[name] = crc32(data, self._crc[name])
+        if self._fd < 0:
+            self.arrays[name][at:at + len(chunk)] = chunk
+            return
+        position = self._offsets[name] + at * dtype.itemsize
+        while len(data):
+            done = os.pwrite(self._fd, data, position)
+            data, position = data[done:], position + done
+
+    def commit(self, key: Any, extra: Any = None) -> Dict[str, Any]:
+        """Finish: every column must be full. Returns the arrays and ``"__extra__"`` when in
+        memory; with a path, writes the header after the columns and renames the file into
+        place ({} is returned: ``load`` maps it). Raises OSError as ``save`` does."""
+        short = [name for name, (_, count) in self.layout.items() if self._filled[name] != count]
+        if short:
+            self.abort()
+            raise ValueError(f"columns not filled: {', '.join(short)}")
+        if self._fd < 0:
+            return dict(self.arrays, __extra__=extra)
+        try:
+            layout = {name: [_dtype_to_json(dtype), [count], self._offsets[name]]
+                      for name, (dtype, count) in self.layout.items()}
+            header = json.dumps({"key": key, "arrays": layout, "extra": extra, "crc32": self._crc}).encode()
+            if len(header) > _MAX_HEADER:
+                raise OSError(errno.EFBIG, f"its header of {len(header):,} bytes is over the {_MAX_HEADER:,} "
+                                           "that a mount reads back", self.path)
+            os.pwrite(self._fd, MAGIC + self._end.to_bytes(8, "little") + len(header).to_bytes(8, "little"), 0)
+            _pwrite_all(self._fd, header, self._end)
+            os.ftruncate(self._fd, self._end + len(header))
+            os.close(self._fd)
+            self._fd = -1
+            os.replace(self._tmp, str(self.path))
+        except BaseException:
+            self.abort()
+            raise
+        return {}
+
+    def abort(self) -> None:
+        """Drop what was written (no temporary file is left behind)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if self.path is not None:
+            try:
+                os.unlink(self._tmp)
+            except OSError:
+                pass
+
+
+def _pwrite_all(fd: int, data: bytes, position: int) -> None:
+    view = memoryview(data)
+    while len(view):
+        done = os.pwrite(fd, view, position)
+        view, position = view[done:], position + done
+
+
 def save(path: str, key: Any, arrays: Dict[str, np.ndarray], extra: Any = None) -> None:
     """Write ``arrays`` under ``key``, whole or not at all.
 
@@ -116,38 +218,14 @@ def save(path: str, key: Any, arrays: Dict[str, np.ndarray], extra: Any = None) 
     what ``load`` accepts (a file that no mount could read back is never written); no
     temporary file is left behind either way.
     """
-    layout: Dict[str, Any] = {}
-    offset = 0
-    for name, array in arrays.items():
-        array = np.ascontiguousarray(array)
-        arrays[name] = array
-        offset = -(-offset // _ALIGN) * _ALIGN
-        layout[name] = [_dtype_to_json(array.dtype), list(array.shape), offset]
-        offset += array.nbytes
-    checksum = 0
-    for array in arrays.values():
-        checksum = crc32(memoryview(array).cast("B"), checksum)
-    header = json.dumps({"key": key, "arrays": layout, "extra": extra, "crc32": checksum}).encode()
-    if len(header) > _MAX_HEADER:
-        raise OSError(errno.EFBIG, f"its header of {len(header):,} bytes is over the {_MAX_HEADER:,} "
-                                   "that a mount reads back", path)
-    base = -(-(len(MAGIC) + 8 + len(header)) // _ALIGN) * _ALIGN
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=_TEMP_PREFIX)
+    writer = ColumnWriter(path, {name: (array.dtype, array.size) for name, array in arrays.items()})
     try:
-        with os.fdopen(fd, "wb") as out:
-            os.fchmod(out.fileno(), _FILE_MODE)
-            out.write(MAGIC + len(header).to_bytes(8, "little") + header)
-            for name, array in arrays.items():
-                out.seek(base + layout[name][2])
-                out.write(memoryview(array).cast("B"))
-            out.truncate(base + offset)
-        os.replace(tmp, path)
+        for name, array in arrays.items():
+            writer.write(name, array)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        writer.abort()
         raise
+    writer.commit(key, extra)
 
 
 def _file_crc(fd: int, start: int, length: int, checksum: int) -> int:
@@ -161,6 +239,33 @@ def _file_crc(fd: int, start: int, length: int, checksum: int) -> int:
         checksum = crc32(block, checksum)
         start += len(block)
     return checksum
+
+
+def _header(data: Any, size: int) -> Tuple[Optional[Dict[str, Any]], int]:
+    """(the header, where it starts) of a file's bytes, or (None, 0) when its magic or
+    bounds are wrong. The header follows the columns: it is written last."""
+    if size < _DATA_START or data[:len(MAGIC)] != MAGIC:
+        return None, 0
+    header_at = int.from_bytes(data[len(MAGIC):len(MAGIC) + 8], "little")
+    header_len = int.from_bytes(data[len(MAGIC) + 8:len(MAGIC) + 16], "little")
+    if header_len > _MAX_HEADER or header_at + header_len != size or header_at < _DATA_START:
+        return None, 0
+    header = json.loads(data[header_at:size])
+    return (header, header_at) if isinstance(header, dict) else (None, 0)
+
+
+def read_header(path: str) -> Optional[Dict[str, Any]]:
+    """The JSON header of an index file (its key, each array's [dtype, shape, offset in the
+    file], extra, CRCs), or None; for inspection: ``load`` is what checks a file."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < _DATA_START:
+                return None
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                return _header(data, size)[0]
+    except (OSError, ValueError):
+        return None
 
 
 def load(path: str, key: Any) -> Optional[Dict[str, Any]]:
@@ -181,29 +286,22 @@ def load(path: str, key: Any) -> Optional[Dict[str, Any]]:
             raise UntrustedIndexError(path, f"index file could be written by another user ({why}); "
                                             "remove it, or use another --index-dir")
         size = st.st_size
-        if not stat.S_ISREG(st.st_mode) or size < len(MAGIC) + 8:
+        if not stat.S_ISREG(st.st_mode) or size < _DATA_START:
             return None
         mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
-        if mapped[:len(MAGIC)] != MAGIC:
+        header, header_at = _header(mapped, size)
+        if header is None or header.get("key") != json.loads(json.dumps(key)):
             return None
-        header_len = int.from_bytes(mapped[len(MAGIC):len(MAGIC) + 8], "little")
-        if header_len > min(_MAX_HEADER, size):
-            return None
-        header = json.loads(mapped[len(MAGIC) + 8:len(MAGIC) + 8 + header_len])
-        if header.get("key") != json.loads(json.dumps(key)):
-            return None
-        base = -(-(len(MAGIC) + 8 + header_len) // _ALIGN) * _ALIGN
         out: Dict[str, Any] = {"__extra__": header.get("extra")}
-        checksum = 0
         for name, (spec, shape, offset) in header["arrays"].items():
             dtype = _dtype_from_json(spec)
             count = int(np.prod(shape)) if shape else 1
-            start = base + int(offset)
-            if offset < 0 or start + count * dtype.itemsize > size:
+            if offset < _DATA_START or count < 0 or offset + count * dtype.itemsize > header_at:
                 return None
-            checksum = _file_crc(fd, start, count * dtype.itemsize, checksum)
-            out[name] = np.frombuffer(mapped, dtype=dtype, count=count, offset=start).reshape(shape)
-        return out if checksum == header.get("crc32") else None
+            if _file_crc(fd, offset, count * dtype.itemsize, 0) != header["crc32"][name]:
+                return None
+            out[name] = np.frombuffer(mapped, dtype=dtype, count=count, offset=offset).reshape(shape)
+        return out
     except (OSError, ValueError, TypeError, KeyError, json.JSONDecodeError, UnicodeDecodeError):
         return None
     finally:
@@ -245,6 +343,8 @@ def _expired(name: str, age: float, slots: Set[Tuple[str, str]]) -> bool:
     if name.startswith(_TEMP_PREFIX):
         return age > GRACE
     slot = _slot_of(name)
+    if slot[1] in RETIRED_SUFFIXES:
+        return age > GRACE
     if slot[1] not in SUFFIXES:
         return False
     return age > (GRACE if slot in slots else UNUSED)

@@ -7,7 +7,8 @@ Layout (all numpy; ``index`` saves them and maps them back on the next mount):
 
 - ``files``: one FILE_DTYPE row per file, grouped by directory (in directory order) and
   sorted by name (bytes) inside each directory;
-- ``names``/``name_ends``: the files' own names end to end, parallel to ``files``; a
+- ``names``/``name_ends``: the files' own names end to end, parallel to ``files``
+  (32-bit ends: at most NAMES_MAX bytes of names in all, 4 bytes a file less); a
   lookup is a binary search inside the directory's row range ``dir_lo``..``dir_hi``;
 - directories are numbered breadth first with siblings in name order, so a directory's
   subdirectories are one contiguous, sorted run of ids and ``dir_parent`` never
@@ -34,9 +35,11 @@ from .names import NAME_MAX
 FILE_DTYPE = zipdir.MEMBER_DTYPE
 #: Every archive of a tree is addressed by the ``archive`` column.
 MAX_ARCHIVES = int(np.iinfo(FILE_DTYPE["archive"]).max) + 1
+#: Bytes of file names (own names, end to end) that a tree can hold: its ends are 32-bit.
+NAMES_MAX = (1 << 32) - 1
 #: The arrays of a tree and their element types; ``check`` refuses anything else.
 ARRAY_TYPES = {
-    "files": FILE_DTYPE, "names": np.dtype(np.uint8), "name_ends": np.dtype("<u8"),
+    "files": FILE_DTYPE, "names": np.dtype(np.uint8), "name_ends": np.dtype("<u4"),
     "dir_lo": np.dtype("<u8"), "dir_hi": np.dtype("<u8"), "dir_mtime": np.dtype("<i8"),
     "dir_parent": np.dtype("<u8"), "dir_names": np.dtype(np.uint8), "dir_ends": np.dtype("<u8"),
     "conflict_paths": np.dtype(np.uint8), "conflict_path_ends": np.dtype("<u8"),

@@ -59,7 +59,7 @@ MADE_BY_UNIX = 3
 MEMBER_DTYPE = np.dtype([
     ("header_offset", "<u8"), ("compressed_size", "<u8"), ("size", "<u8"),
     ("crc32", "<u4"), ("mtime", "<i8"), ("method", "<u2"), ("flags", "<u2"),
-    ("mode", "<u4"), ("name_length", "<u2"), ("archive", "<u2"), ("extra_room", "<u2"),
+    ("mode", "<u2"), ("name_length", "<u2"), ("archive", "<u2"), ("extra_room", "<u2"),
 ])
 #: Declared sizes at or above this are refused: st_size is a signed 64-bit number.
 SIZE_LIMIT = 1 << 63

@@ -5,15 +5,18 @@ CPython's zipfile takes many minutes for five million members, so the zip record
 built here in bulk with numpy (stored members of a few bytes each); the whole set is
 written in well under two minutes and about 1.1 GB.
 
-    python scripts/bench_scale.py write OUTDIR [--total N] [--seed S]
-    python scripts/bench_scale.py run OUTDIR [--total N] [--no-ratarmount] [--json]
+    python scripts/bench_scale.py write OUTDIR [--total N] [--seed S] [--packages P]
+    python scripts/bench_scale.py run OUTDIR [--total N] [--packages P] [--compare CHECKOUT]
+                                         [--no-ratarmount] [--json]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
+import resource
 import shutil
 import subprocess
 import tempfile
@@ -22,7 +25,7 @@ import sys
 import time
 import zlib
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import numpy as np
 
@@ -33,7 +36,7 @@ for _path in (str(_HERE.parent), str(_HERE)):
 
 from _fakeids import ProcessIds  # noqa: E402
 from _benchutil import find_ratarmount, rss, server_pid  # noqa: E402
-from bioscanfs.layout import EVAL_SPLITS, SPLIT_SIZES, image_path  # noqa: E402
+from bioscanfs.layout import EVAL_SPLITS, IMGTYPES, SPLIT_SIZES, image_path  # noqa: E402
 
 FULL_TOTAL = sum(SPLIT_SIZES.values())  # 5,150,850
 IMGTYPE = "cropped_256"
@@ -163,8 +166,10 @@ def _dos_stamp(year: int, month: int, day: int, hour: int, minute: int) -> tuple
     return (hour << 11) | (minute << 5), ((year - 1980) << 9) | (month << 5) | day
 
 
-def write_scale_set(outdir: Union[str, Path], total: int = FULL_TOTAL, seed: int = 0) -> list[Path]:
-    """Write the cropped_256 per-split zips (pretrain in two standalone halves) into ``outdir``.
+def write_scale_set(outdir: Union[str, Path], total: int = FULL_TOTAL, seed: int = 0,
+                    packages: int = 1) -> list[Path]:
+    """Write the per-split zips (pretrain in two standalone halves) of ``packages`` imgtypes
+    (cropped_256 first) into ``outdir``: four archives per imgtype, the same processids in each.
 
     Each member holds its processid and a newline; members are in random order. Returns
     the zip paths.
@@ -183,44 +188,48 @@ def write_scale_set(outdir: Union[str, Path], total: int = FULL_TOTAL, seed: int
 
     pretrain = [("pretrain", pid) for pid in by_split.pop("pretrain")]
     half = (len(pretrain) + 1) // 2
-    packages = {
-        f"BIOSCAN_5M_{IMGTYPE}_pretrain.01.zip": pretrain[:half],
-        f"BIOSCAN_5M_{IMGTYPE}_pretrain.02.zip": pretrain[half:],
-        f"BIOSCAN_5M_{IMGTYPE}_train.zip": [("train", pid) for pid in by_split.pop("train")],
-        f"BIOSCAN_5M_{IMGTYPE}_eval.zip":
-            [(split, pid) for split in EVAL_SPLITS for pid in by_split[split]],
-    }
+    evals = [(split, pid) for split in EVAL_SPLITS for pid in by_split[split]]
     # The eval splits were concatenated split by split: mix them like the other zips.
-    np.random.default_rng([seed, 1]).shuffle(packages[f"BIOSCAN_5M_{IMGTYPE}_eval.zip"])
+    np.random.default_rng([seed, 1]).shuffle(evals)
+    parts = {"pretrain.01": pretrain[:half], "pretrain.02": pretrain[half:],
+             "train": [("train", pid) for pid in by_split.pop("train")], "eval": evals}
     dos_time, dos_date = _dos_stamp(2024, 5, 14, 9, 30)
     paths = []
-    for filename, members in packages.items():
-        path = outdir / filename
-        write_stored_zip(path,
-                         [image_path(pid, split, IMGTYPE).encode() for split, pid in members],
-                         [pid.encode() + b"\n" for _, pid in members],
-                         dos_time, dos_date)
-        paths.append(path)
+    for imgtype in package_imgtypes(packages):
+        for part, members in parts.items():
+            path = outdir / f"BIOSCAN_5M_{imgtype}_{part}.zip"
+            write_stored_zip(path,
+                             [image_path(pid, split, imgtype).encode() for split, pid in members],
+                             [pid.encode() + b"\n" for _, pid in members],
+                             dos_time, dos_date)
+            paths.append(path)
     return paths
+
+
+def package_imgtypes(packages: int) -> list[str]:
+    """The imgtypes of a set of ``packages`` packages: cropped_256 first, as in the one-package set."""
+    if not 1 <= packages <= len(IMGTYPES):
+        raise SystemExit(f"--packages: 1 to {len(IMGTYPES)}")
+    return [IMGTYPE] + [t for t in IMGTYPES if t != IMGTYPE][:packages - 1]
 
 
 def _cmd_write(args: argparse.Namespace) -> int:
     """``write``: make the scale set and say what was written, how big, and how fast."""
     started = time.perf_counter()
-    paths = write_scale_set(args.outdir, total=args.total, seed=args.seed)
+    paths = write_scale_set(args.outdir, total=args.total, seed=args.seed, packages=args.packages)
     elapsed = time.perf_counter() - started
     for path in paths:
         print(f"{path.name}: {path.stat().st_size:,} bytes")
     size = sum(path.stat().st_size for path in paths)
-    members = sum(split_counts(args.total).values())
+    members = sum(split_counts(args.total).values()) * args.packages
     print(f"wrote {members:,} members in {len(paths)} zips, {size:,} bytes, in {elapsed:.1f} s")
     return 0
 
 
-def _run_timed(command: list[str]) -> tuple[float, int]:
+def _run_timed(command: list[str], env: Optional[dict] = None, cwd: Optional[Path] = None) -> tuple[float, int]:
     """(wall seconds, peak RSS in bytes) of a command run to completion; fails loudly."""
     started = time.perf_counter()
-    proc = subprocess.Popen(command)
+    proc = subprocess.Popen(command, env=env, cwd=cwd)
     _, status, usage = os.wait4(proc.pid, 0)
     elapsed = time.perf_counter() - started
     if os.waitstatus_to_exitcode(status) != 0:
@@ -229,7 +238,7 @@ def _run_timed(command: list[str]) -> tuple[float, int]:
 
 
 def _list_chunk(mountpoint: Path) -> tuple[float, int]:
-    """(seconds, entries) to list and stat one 18,000-entry pretrain chunk folder."""
+    """(seconds, entries) to list and stat one 18,000-entry pretrain chunk folder (``ls -l``)."""
     folder = mountpoint / "bioscan5m/images" / IMGTYPE / "pretrain/00"
     started = time.perf_counter()
     names = os.listdir(folder)
@@ -248,63 +257,189 @@ def _unmount(mountpoint: Path) -> None:
         time.sleep(0.1)
 
 
-def _measure_mounts(label: str, command: list[str], mountpoint: Path, server: str) -> list[dict]:
-    """Cold mount (index built), then a warm remount; each with RSS after listing a chunk."""
+def _drop_page_cache() -> bool:
+    """Write back and drop the page cache (as after a reboot); False when not allowed (not root)."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        return False
+    return True
+
+
+def _measure_mounts(label: str, command: list[str], mountpoint: Path, server: str, index_dir: Optional[Path],
+                    members: int, checkout: Optional[Path] = None) -> list[dict]:
+    """Cold mount (index built), warm remount, remount with a dropped page cache, remount
+    with the largest archive touched (bioscanfs only); each with the daemon's RSS after
+    listing a chunk, the cold one with the index's size."""
     rows = []
-    for phase in ("cold mount", "warm remount"):
-        seconds, peak = _run_timed(command)
+    largest = _largest(Path(command[command.index("mount") + 1])) if index_dir is not None else None
+    for phase in ("cold mount", "warm remount", "page cache dropped", "one archive touched"):
+        if (phase == "page cache dropped" and not _drop_page_cache()) or (phase == "one archive touched"
+                                                                          and largest is None):
+            continue
+        # ``python -m`` imports from its working folder first: the checkout measured.
+        with _touched(largest if phase == "one archive touched" else None):
+            seconds, peak = _run_timed(command, dict(os.environ, PYTHONPATH=str(checkout)) if checkout else None,
+                                       checkout)
         listing, entries = _list_chunk(mountpoint)
         resident = rss(server_pid(mountpoint, server))
-        rows.append({"tool": label, "phase": phase, "seconds": seconds, "mount_command_peak_rss": peak,
-                     "server_rss_after_listing": resident, "chunk_listing_seconds": listing,
-                     "chunk_entries": entries})
+        row = {"tool": label, "phase": phase, "seconds": seconds, "mount_command_peak_rss": peak,
+               "server_rss_after_listing": resident, "chunk_listing_seconds": listing, "chunk_entries": entries}
+        if phase == "cold mount" and index_dir is not None:
+            row["index_bytes_per_member"] = sum(p.stat().st_size for p in index_dir.iterdir()
+                                                if p.is_file() and p.suffix in (".tree", ".members")) / members
+        rows.append(row)
         _unmount(mountpoint)
     return rows
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    """``run``: zipfile open vs bioscanfs cold mount, warm remount and RSS (vs ratarmount)."""
-    outdir = args.outdir
-    zips = sorted(outdir.glob("BIOSCAN_5M_*.zip"))
-    if len(zips) != 4:
-        print(f"writing the scale set ({args.total:,} members) into {outdir}", flush=True)
-        zips = write_scale_set(outdir, total=args.total)
-    work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
+def _largest(folder: Path) -> Path:
+    return max(folder.glob("*.zip"), key=lambda p: p.stat().st_size)
+
+
+@contextlib.contextmanager
+def _touched(archive: Optional[Path]) -> Iterator[None]:
+    """The archive with a new mtime (a changed archive to the index), its old one back after."""
+    if archive is None:
+        yield
+        return
+    st = archive.stat()
+    os.utime(archive, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    try:
+        yield
+    finally:
+        os.utime(archive, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _one_package(outdir: Path, work: Path) -> Path:
+    """A folder of hard links to the cropped_256 archives of a larger set: the one-package set."""
+    folder = work / "one-package"
+    folder.mkdir()
+    for path in outdir.glob(f"BIOSCAN_5M_{IMGTYPE}_*.zip"):
+        os.link(path, folder / path.name)
+    return folder
+
+
+def _bioscanfs_runs(sets: list[tuple[str, Path, int]], work: Path, compare: Optional[Path]) -> list[dict]:
+    """Every set mounted by this checkout (and by ``compare``'s, set by set, side by side)."""
     mountpoint = work / "mnt"
-    mountpoint.mkdir()
-    for path in zips:  # the same warm page cache for every tool
-        with open(path, "rb") as f:
-            while f.read(1 << 24):
-                pass
+    mountpoint.mkdir(exist_ok=True)
+    checkouts = [("bioscanfs", _HERE.parent)] + ([(f"bioscanfs@{compare.name}", compare.resolve())] if compare else [])
     results = []
-    seconds, peak = _run_timed([sys.executable, "-c",
-                                "import sys, zipfile\nfor p in sys.argv[1:]: zipfile.ZipFile(p)",
-                                *map(str, zips)])
-    results.append({"tool": "python zipfile", "phase": "open all archives", "seconds": seconds,
-                    "mount_command_peak_rss": peak})
-    results += _measure_mounts("bioscanfs", [sys.executable, "-m", "bioscanfs", "mount", str(outdir),
-                                             str(mountpoint), "--index-dir", str(work / "index")],
-                               mountpoint, "bioscanfs")
-    ratarmount = None if args.no_ratarmount else find_ratarmount()
-    if ratarmount:
-        results += _measure_mounts("ratarmount", [ratarmount, "--index-folders", str(work / "rindex"),
-                                                  *map(str, zips), str(mountpoint)],
-                                   mountpoint, "ratarmount")
-    shutil.rmtree(work, ignore_errors=True)
-    base = results[0]["seconds"]
+    for set_label, folder, members in sets:
+        for label, checkout in checkouts:
+            index_dir = work / f"index-{len(results)}"
+            rows = _measure_mounts(label, [sys.executable, "-m", "bioscanfs", "mount", str(folder), str(mountpoint),
+                                           "--index-dir", str(index_dir)], mountpoint, "bioscanfs", index_dir,
+                                   members, checkout)
+            results += [dict(row, set=set_label, members=members) for row in rows]
+            shutil.rmtree(index_dir, ignore_errors=True)
+    return results
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    """``run``: zipfile open vs bioscanfs cold mount, warm remount, remount after a dropped
+    page cache, index size and RSS; with ``--packages 4`` next to the one-package figures."""
+    outdir = args.outdir.resolve()
+    zips = sorted(outdir.glob("BIOSCAN_5M_*.zip"))
+    if len(zips) != 4 * args.packages:
+        print(f"writing the scale set ({args.total:,} members x {args.packages}) into {outdir}", flush=True)
+        zips = write_scale_set(outdir, total=args.total, packages=args.packages)
+    per_package = sum(split_counts(args.total).values())
+    work = Path(tempfile.mkdtemp(prefix="bench-scale-", dir=args.work)).resolve()
+    try:
+        sets = [(f"{args.packages} packages", outdir, per_package * args.packages)]
+        if args.packages > 1:
+            sets.insert(0, ("1 package", _one_package(outdir, work), per_package))
+        for path in zips:  # the same warm page cache for every tool
+            with open(path, "rb") as f:
+                while f.read(1 << 24):
+                    pass
+        seconds, peak = _run_timed([sys.executable, "-c",
+                                    "import sys, zipfile\nfor p in sys.argv[1:]: zipfile.ZipFile(p)",
+                                    *map(str, sorted(sets[0][1].glob("*.zip")))])
+        results = [{"tool": "python zipfile", "phase": "open all archives", "seconds": seconds,
+                    "mount_command_peak_rss": peak, "set": sets[0][0], "members": sets[0][2]}]
+        results += _bioscanfs_runs(sets, work, args.compare)
+        ratarmount = None if args.no_ratarmount else find_ratarmount()
+        if ratarmount:
+            results += [dict(row, set=sets[0][0], members=sets[0][2]) for row in _measure_mounts(
+                "ratarmount", [ratarmount, "--index-folders", str(work / "rindex"), *map(str, sorted(sets[0][1].glob("*.zip"))),
+                               str(work / "mnt")], work / "mnt", "ratarmount", None, sets[0][2])]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     if args.json:
-        print(json.dumps({"members": sum(split_counts(args.total).values()), "results": results}, indent=2))
+        print(json.dumps({"results": results}, indent=2))
         return 0
-    print(f"\n{'tool':<15} {'phase':<18} {'seconds':>8} {'vs zipfile':>10} {'peak RSS':>9} "
-          f"{'server RSS':>10} {'ls+stat chunk':>14}")
-    for row in results:
-        server = row.get("server_rss_after_listing")
-        listing = row.get("chunk_listing_seconds")
-        print(f"{row['tool']:<15} {row['phase']:<18} {row['seconds']:>8.2f} {base / row['seconds']:>9.1f}x "
-              f"{row['mount_command_peak_rss'] / 2**20:>7.0f}MB "
-              f"{server / 2**20 if server else 0:>8.0f}MB "
-              f"{(str(round(listing, 2)) + ' s / ' + str(row['chunk_entries'])) if listing else '-':>14}")
+    _print_table(results)
     print("\ncommand: python scripts/bench_scale.py run " + " ".join(sys.argv[2:]))
+    return 0
+
+
+def _print_table(results: list[dict]) -> None:
+    """One line per (set, tool, phase); ``vs this`` divides by this checkout's seconds."""
+    print(f"\n{'set':<11} {'tool':<22} {'phase':<19} {'seconds':>8} {'vs this':>8} {'peak RSS':>9} "
+          f"{'daemon RSS':>10} {'index B/member':>14} {'ls -l chunk':>15}")
+    ours = {(r["set"], r["phase"]): r["seconds"] for r in results if r["tool"] == "bioscanfs"}
+    for row in results:
+        this = ours.get((row["set"], row["phase"]))
+        server = row.get("server_rss_after_listing")
+        per_member = row.get("index_bytes_per_member")
+        listing = row.get("chunk_listing_seconds")
+        ratio = f"{row['seconds'] / this:.2f}x" if this else "-"
+        daemon = f"{server / 2**20:.0f}MB" if server else "-"
+        size = f"{per_member:.1f}" if per_member else "-"
+        chunk = f"{listing:.2f} s / {row['chunk_entries']}" if listing else "-"
+        print(f"{row['set']:<11} {row['tool']:<22} {row['phase']:<19} {row['seconds']:>8.2f} {ratio:>8} "
+              f"{row['mount_command_peak_rss'] / 2**20:>7.0f}MB {daemon:>10} {size:>14} {chunk:>15}")
+
+
+def _status(field: str) -> int:
+    """A field of /proc/self/status in bytes (VmRSS, VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    """``profile``: build the index of a set in this process and say where the memory goes:
+    the peak RSS of each step of the merge (the peak is reset before each, through
+    /proc/self/clear_refs), and the arrays the merge holds once it has sorted."""
+    from bioscanfs import Collection, merge
+
+    steps: list[tuple[str, int, int, float]] = []
+    last = [time.perf_counter()]
+
+    def measured(name: str, method):
+        def step(builder, *rest):
+            Path("/proc/self/clear_refs").write_text("5\n")  # VmHWM := VmRSS
+            out = method(builder, *rest)
+            now = time.perf_counter()
+            steps.append((name, _status("VmHWM"), _status("VmRSS"), now - last[0]))
+            last[0] = now
+            if name == "merge":
+                held = {k: v.nbytes for k, v in vars(builder).items() if isinstance(v, np.ndarray)}
+                steps.append(("  held after merge: " + ", ".join(f"{k} {v / 2**20:.0f}MB" for k, v in held.items()),
+                              sum(held.values()), 0, 0.0))
+            return out
+        return step
+
+    for name in ("add", "add_from_tree", "merge", "write"):
+        setattr(merge.Builder, name, measured(name, getattr(merge.Builder, name)))
+    work = Path(tempfile.mkdtemp(prefix="bench-scale-profile-", dir=args.work))
+    try:
+        started = last[0] = time.perf_counter()
+        Collection(str(args.set), index_dir=str(work)).close()
+        elapsed = time.perf_counter() - started
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    for name, peak, after, seconds in steps:
+        print(f"{name:<40} peak {peak / 2**20:>7.0f} MB" + (f"   after {after / 2**20:>7.0f} MB" if after else "")
+              + (f"   {seconds:6.1f} s since the step before" if seconds else ""))
+    print(f"built in {elapsed:.1f} s; peak RSS of the process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MB")
+    print("command: python scripts/bench_scale.py profile " + " ".join(sys.argv[2:]))
     return 0
 
 
@@ -317,13 +452,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     write.add_argument("--total", type=int, default=FULL_TOTAL,
                        help=f"members in all (default {FULL_TOTAL:,}, the real dataset)")
     write.add_argument("--seed", type=int, default=0)
+    write.add_argument("--packages", type=int, default=1, help="imgtypes, four archives each (1-4)")
     write.set_defaults(handler=_cmd_write)
     run = commands.add_parser("run", help="measure mount and remount against zipfile and ratarmount")
     run.add_argument("outdir", type=Path, help="folder of the scale set (written if absent)")
-    run.add_argument("--total", type=int, default=FULL_TOTAL)
+    run.add_argument("--total", type=int, default=FULL_TOTAL, help="members per package")
+    run.add_argument("--packages", type=int, default=1,
+                     help="imgtypes in the set (1-4); with more than one, the one-package figures come too")
+    run.add_argument("--compare", type=Path, help="another checkout of bioscanfs, measured side by side")
+    run.add_argument("--work", type=Path, help="folder for mount point and indexes (default: the system's temp)")
     run.add_argument("--no-ratarmount", action="store_true")
     run.add_argument("--json", action="store_true")
     run.set_defaults(handler=_cmd_run)
+    profile = commands.add_parser("profile", help="where the memory of an index build goes, step by step")
+    profile.add_argument("set", type=Path, help="folder of a scale set")
+    profile.add_argument("--work", type=Path, help="folder for the index (default: the system's temp)")
+    profile.set_defaults(handler=_cmd_profile)
     args = parser.parse_args(argv)
     return args.handler(args)
 

@@ -311,7 +311,7 @@ def test_index_command_counts(cli: Cli, fake_set: Path, fake_members: Dict[str, 
     assert match, out
     assert [int(n) for n in match.groups()] == [len(fake_members), len(expected_tree(fake_members)),
                                                 len(zip_paths(fake_set))]
-    assert sum(1 for p in index_dir.iterdir() if p.suffix == ".members") == len(zip_paths(fake_set))
+    assert sum(1 for p in index_dir.iterdir() if p.suffix == ".tree") == 1
 
 
 # -- help and user errors ---------------------------------------------------------------------

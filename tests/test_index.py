@@ -7,7 +7,6 @@ through a real mount.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 import zipfile
@@ -18,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import pytest
 
-from bioscanfs import ArchiveError, Collection, NotFound
+from bioscanfs import ArchiveError, Collection, NotFound, store
 from bioscanfs.index import Tree, load_tree
 from bioscanfs.sources import open_sources
 from conftest import (
@@ -78,8 +77,8 @@ def test_index_round_trip_equals_fresh_parse(fake_set: Path, tmp_path: Path) -> 
     fresh = load(zips, None)
     built = load(zips, index_dir)
     persisted = index_files(index_dir)
-    assert sum(name.endswith(".tree") for name in persisted) == 1
-    assert sum(name.endswith(".members") for name in persisted) == len(zips)
+    assert len(persisted) == 1
+    assert not list(index_dir.glob("*.members")), "the tree is the whole index: no per-archive tables"
     reloaded = load(zips, index_dir)
     assert index_files(index_dir) == persisted, "the second load rebuilt instead of mapping"
     assert_same_tree(built, fresh)
@@ -131,11 +130,9 @@ def test_truncated_archive_is_not_served_from_its_index(small_set: Path, tmp_pat
 # -- corrupt index files --------------------------------------------------------------------------
 def _array_offset(path: Path, array: str) -> int:
     """Where a named array's bytes start in an index file (the store's JSON header says)."""
-    data = path.read_bytes()
-    header_len = int.from_bytes(data[8:16], "little")
-    header = json.loads(data[16:16 + header_len])
-    base = -(-(16 + header_len) // 64) * 64
-    return base + int(header["arrays"][array][2])
+    header = store.read_header(str(path))
+    assert header is not None, path
+    return int(header["arrays"][array][2])
 
 
 def _flip(path: Path, at: int, mask: int = 0x40) -> None:
@@ -147,35 +144,30 @@ def _flip(path: Path, at: int, mask: int = 0x40) -> None:
 Corruption = Callable[[Path, Path], None]  # (index file, a valid index file of other archives)
 _CORRUPTIONS: Dict[str, Corruption] = {
     "flip-magic": lambda p, other: _flip(p, 0),
-    "flip-header-length": lambda p, other: _flip(p, 9, 0x01),
-    "flip-header-json": lambda p, other: _flip(p, 40),
+    "flip-header-offset": lambda p, other: _flip(p, 9, 0x01),
+    "flip-header-length": lambda p, other: _flip(p, 17, 0x01),
+    "flip-header-json": lambda p, other: _flip(p, p.stat().st_size - 40),
     "truncate-half": lambda p, other: os.truncate(p, p.stat().st_size // 2),
     "truncate-to-10": lambda p, other: os.truncate(p, 10),
     "empty": lambda p, other: os.truncate(p, 0),
     "garbage": lambda p, other: p.write_bytes(np.random.default_rng(1).bytes(p.stat().st_size)),
     "foreign": lambda p, other: shutil.copyfile(other, p),
     # A flipped bit in the row data: the size of the first member.
-    "flip-row-data": lambda p, other: _flip(p, _array_offset(p, "files" if p.suffix == ".tree" else "table") + 16),
+    "flip-row-data": lambda p, other: _flip(p, _array_offset(p, "files") + 16),
     # A flipped bit in the first directory name ('bioscan5m' -> 'bioscan5m' with one letter changed).
     "flip-dir-names": lambda p, other: _flip(p, _array_offset(p, "dir_names"), 0x01),
 }
-_CASES = [pytest.param(".tree", name, id=f"tree-{name}") for name in _CORRUPTIONS] + \
-         [pytest.param(".members", name, id=f"members-{name}") for name in _CORRUPTIONS if name != "flip-dir-names"]
 
 
-@pytest.mark.parametrize("suffix, corruption", _CASES)
-def test_corrupt_index_file_is_rebuilt(small_set: Path, fake_set: Path, tmp_path: Path,
-                                       suffix: str, corruption: str) -> None:
-    """A damaged index file (tree, or per-archive members with the tree gone) is never trusted."""
+@pytest.mark.parametrize("corruption", list(_CORRUPTIONS))
+def test_corrupt_index_file_is_rebuilt(small_set: Path, fake_set: Path, tmp_path: Path, corruption: str) -> None:
+    """A damaged index file is never trusted."""
     zips, index_dir = zip_paths(small_set), tmp_path / "index"
     load(zips, index_dir)
     other_dir = tmp_path / "other-index"
     load(zip_paths(fake_set)[:1], other_dir)
-    other = next(p for p in other_dir.iterdir() if p.suffix == suffix)
-    targets = [p for p in index_dir.iterdir() if p.suffix == suffix]
-    if suffix == ".members":
-        for tree_file in index_dir.glob("*.tree"):
-            tree_file.unlink()
+    other = next(p for p in other_dir.iterdir() if p.suffix == ".tree")
+    targets = [p for p in index_dir.iterdir() if p.suffix == ".tree"]
     for target in targets:
         _CORRUPTIONS[corruption](target, other)
     tree = load(zips, index_dir)

@@ -399,7 +399,7 @@ def test_index_covers_split_and_spanned_archives(raw_split: RawSplit, spanned: S
     with mounted([folder], tmp_path / "first", index_dir=index_dir, engine=engine) as live:
         assert walk_mount(live.point) == expected_tree(expected)
     before = index_files(index_dir)
-    assert sorted(Path(name).suffix for name in before) == [".members"] * 3 + [".tree"]
+    assert sorted(Path(name).suffix for name in before) == [".tree"]
     assert sorted(os.listdir(index_dir)) == sorted(before)
     with mounted([folder], tmp_path / "second", index_dir=index_dir, engine=engine) as live:
         assert walk_mount(live.point) == expected_tree(expected)

@@ -9,7 +9,6 @@ warning and serves exactly what zipfile reads. These tests also run under Addres
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Tuple
 
@@ -29,7 +28,7 @@ def _longer_name(a: Arrays) -> None:
     ends = a["name_ends"].astype(np.int64)
     a["names"] = np.concatenate((a["names"][:ends[0]], np.full(300 - ends[0], ord("x"), np.uint8),
                                  a["names"][ends[0]:]))
-    a["name_ends"] = (ends + 300 - ends[0]).astype(np.uint64)
+    a["name_ends"] = (ends + 300 - ends[0]).astype(a["name_ends"].dtype)
 
 
 def _longer_dir_name(a: Arrays) -> None:
@@ -63,7 +62,7 @@ def _dot_dot_dir(a: Arrays) -> None:
 CASES: Dict[str, Callable[[Arrays], None]] = {
     "name-over-255": _longer_name,
     "dir-name-over-255": _longer_dir_name,
-    "name-end-past-names": _set("name_ends", -1, 1 << 40),
+    "name-end-past-names": _set("name_ends", -1, (1 << 32) - 1),   # 32-bit ends
     "name-ends-backwards": _set("name_ends", 0, 1 << 20),
     "dir-end-past-names": _set("dir_ends", -1, 1 << 40),
     "slash-in-dir-name": _slash_in_dir_name,
@@ -93,8 +92,8 @@ def _tree_file(index_dir: Path) -> Path:
 
 def _read_tree(path: Path) -> Tuple[Any, Arrays, Any]:
     """(key, arrays as writable copies, extra) of a saved tree."""
-    data = path.read_bytes()
-    header = json.loads(data[16:16 + int.from_bytes(data[8:16], "little")])
+    header = store.read_header(str(path))
+    assert header is not None
     loaded = store.load(str(path), header["key"])
     assert loaded is not None
     extra = loaded.pop("__extra__")
@@ -156,19 +155,3 @@ def test_mount_of_a_tampered_index_rebuilds_it_and_serves_right(case: str, good_
     assert_serves_members(live, zip_members(small_set))
     assert "is damaged" in live.log_text()
     check(_read_tree(_tree_file(index_dir))[1], _sizes(small_set))  # the rebuilt index replaced it
-
-
-def test_forged_member_table_is_parsed_again(small_set: Path, tmp_path: Path) -> None:
-    """A per-archive table rewritten with a member past its archive (valid CRC), the tree
-    gone: the merged tree fails the check, so the archives are parsed again and served right."""
-    index_dir = tmp_path / "index"
-    Collection(str(small_set), index_dir=str(index_dir)).close()
-    _tree_file(index_dir).unlink()
-    forged = next(index_dir.glob("*.members"))
-    key, arrays, extra = _read_tree(forged)
-    arrays["table"]["header_offset"][0] = 1 << 40
-    store.save(str(forged), key, arrays, extra)
-    with Collection(str(small_set), index_dir=str(index_dir)) as collection:
-        members = zip_members(small_set)
-        assert set(collection.paths()) == set(members)
-        assert all(collection.read(path) == member.read() for path, member in members.items())
