@@ -29,14 +29,14 @@ from typing import Iterator, Optional, Union
 
 import numpy as np
 
-_HERE = Path(__file__).resolve().parent
-for _path in (str(_HERE.parent), str(_HERE)):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+from _benchutil import can_drop_caches, drop_caches, find_ratarmount, fusermount, rss, server_pid
+from _fakeids import ProcessIds
+from _zipkit import dos_stamp, split_counts
+from bioscanfs.layout import EVAL_SPLITS, IMGTYPES, SPLIT_SIZES, image_path
+from bioscanfs.mounts import is_mounted
 
-from _fakeids import ProcessIds  # noqa: E402
-from _benchutil import find_ratarmount, rss, server_pid  # noqa: E402
-from bioscanfs.layout import EVAL_SPLITS, IMGTYPES, SPLIT_SIZES, image_path  # noqa: E402
+#: The checkout this script belongs to, which its bioscanfs runs come from.
+REPO = Path(__file__).resolve().parent.parent
 
 FULL_TOTAL = sum(SPLIT_SIZES.values())  # 5,150,850
 IMGTYPE = "cropped_256"
@@ -156,16 +156,6 @@ def write_stored_zip(path: Union[str, Path], names: list[bytes], payloads: list[
         fh.write(_end_records(n, cd_offset, cd_size))
 
 
-def split_counts(total: int = FULL_TOTAL) -> dict[str, int]:
-    """Members per split: the real split sizes scaled by total / 5,150,850, at least 1 each."""
-    return {split: max(1, round(size * total / FULL_TOTAL)) for split, size in SPLIT_SIZES.items()}
-
-
-def _dos_stamp(year: int, month: int, day: int, hour: int, minute: int) -> tuple[int, int]:
-    """(time, date) fields of a DOS timestamp."""
-    return (hour << 11) | (minute << 5), ((year - 1980) << 9) | (month << 5) | day
-
-
 def write_scale_set(outdir: Union[str, Path], total: int = FULL_TOTAL, seed: int = 0,
                     packages: int = 1) -> list[Path]:
     """Write the per-split zips (pretrain in two standalone halves) of ``packages`` imgtypes
@@ -193,7 +183,7 @@ def write_scale_set(outdir: Union[str, Path], total: int = FULL_TOTAL, seed: int
     np.random.default_rng([seed, 1]).shuffle(evals)
     parts = {"pretrain.01": pretrain[:half], "pretrain.02": pretrain[half:],
              "train": [("train", pid) for pid in by_split.pop("train")], "eval": evals}
-    dos_time, dos_date = _dos_stamp(2024, 5, 14, 9, 30)
+    dos_time, dos_date = dos_stamp(2024, 5, 14, 9, 30)
     paths = []
     for imgtype in package_imgtypes(packages):
         for part, members in parts.items():
@@ -248,22 +238,19 @@ def _list_chunk(mountpoint: Path) -> tuple[float, int]:
 
 
 def _unmount(mountpoint: Path) -> None:
-    for command in (["fusermount3", "-u", str(mountpoint)], ["fusermount", "-u", str(mountpoint)],
-                    ["umount", str(mountpoint)]):
+    for command in [*fusermount(mountpoint), ["umount", str(mountpoint)]]:
         if subprocess.run(command, capture_output=True).returncode == 0:
             break
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and str(mountpoint) in Path("/proc/self/mounts").read_text():
+    while time.monotonic() < deadline and is_mounted(str(mountpoint)):
         time.sleep(0.1)
 
 
 def _drop_page_cache() -> bool:
     """Write back and drop the page cache (as after a reboot); False when not allowed (not root)."""
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    except OSError:
+    if not can_drop_caches():
         return False
+    drop_caches()
     return True
 
 
@@ -325,7 +312,7 @@ def _bioscanfs_runs(sets: list[tuple[str, Path, int]], work: Path, compare: Opti
     """Every set mounted by this checkout (and by ``compare``'s, set by set, side by side)."""
     mountpoint = work / "mnt"
     mountpoint.mkdir(exist_ok=True)
-    checkouts = [("bioscanfs", _HERE.parent)] + ([(f"bioscanfs@{compare.name}", compare.resolve())] if compare else [])
+    checkouts = [("bioscanfs", REPO)] + ([(f"bioscanfs@{compare.name}", compare.resolve())] if compare else [])
     results = []
     for set_label, folder, members in sets:
         for label, checkout in checkouts:
