@@ -21,12 +21,12 @@ from typing import Any, Callable, List, Optional, TypeVar
 import click
 
 from . import mount_helper, store
-from .mounts import is_mounted, mounts_at
 from .collection import Collection, open_tree
 from .errors import BioscanError
 from .index import default_index_dir
-from .remote import is_url
 from .layout import IMGTYPES, SPLITS
+from .mounts import is_mounted, mounts_at
+from .remote import is_url
 
 log = logging.getLogger("bioscanfs")
 F = TypeVar("F", bound=Callable)

@@ -17,11 +17,11 @@ import numpy as np
 
 from .discover import ArchiveSpec, find_archives
 from .errors import BioscanError, NotFound
-from .names import PATH_MAX, link_stays_inside
 from .index import Progress, default_index_dir, load_tree
-from .tree import Tree, check_archive_count
+from .names import PATH_MAX, link_stays_inside
 from .reader import Reader
 from .sources import FileSource, open_sources
+from .tree import Tree, check_archive_count
 from .zipdir import FLAG_ENCRYPTED
 
 log = logging.getLogger(__name__)

@@ -21,8 +21,8 @@ import numpy as np
 from . import store, zipdir
 from .errors import ArchiveError
 from .merge import Builder, summarise
-from .tree import Tree, check, check_archive_count
 from .sources import FileSource
+from .tree import Tree, check, check_archive_count
 
 log = logging.getLogger(__name__)
 

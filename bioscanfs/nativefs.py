@@ -19,9 +19,9 @@ import numpy as np
 
 from .collection import BLOCK_SIZE, CACHE_SECONDS, DIR_MODE, FILE_MODE, Collection
 from .errors import MountError
-from .serving import options_text, read_or_errno
 from .names import NAME_MAX
 from .reader import WHOLE_READ_MAX
+from .serving import options_text, read_or_errno
 from .tree import FILE_DTYPE
 
 log = logging.getLogger(__name__)

@@ -46,8 +46,21 @@ from zlib_ng import zlib_ng as inflate_impl
 
 from .errors import EncryptedError, MemberError, UnsupportedError
 from .streams import CHECK_CHUNK, DeflateStream, LargeMember, StoredStream
-from .zipdir import (CENTRAL_DTYPE, CENTRAL_SIG, EOCD, EOCD_SIG, FLAG_ENCRYPTED, LOCAL, LOCAL_SIG, MADE_BY_UNIX,
-                     LocalHeader, Member, Source, parse_local_header, read_local_header)
+from .zipdir import (
+    CENTRAL_DTYPE,
+    CENTRAL_SIG,
+    EOCD,
+    EOCD_SIG,
+    FLAG_ENCRYPTED,
+    LOCAL,
+    LOCAL_SIG,
+    MADE_BY_UNIX,
+    LocalHeader,
+    Member,
+    Source,
+    parse_local_header,
+    read_local_header,
+)
 
 STORED, DEFLATED, DEFLATE64, BZIP2, AES_METHOD = 0, 8, 9, 12, 99
 METHOD_NAMES = {0: "stored", 8: "deflate", 9: "deflate64", 12: "bzip2", 14: "lzma",

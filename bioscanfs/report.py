@@ -73,8 +73,8 @@ def render(report: Dict[str, Any]) -> str:
             out.write(f"  {split:<14} {numbers['members']:>10,} members {numbers['bytes']:>16,} bytes\n")
         for archive in entry["archives"]:
             methods = ", ".join(f"{name} {n:,}" for name, n in sorted(archive["methods"].items()))
-            out.write(f"  archive {os.path.basename(archive['pieces'][0])}"
-                      f"{' (' + archive['kind'] + ', ' + str(len(archive['pieces'])) + ' pieces)' if len(archive['pieces']) > 1 else ''}"
+            pieces = f" ({archive['kind']}, {len(archive['pieces'])} pieces)" if len(archive["pieces"]) > 1 else ""
+            out.write(f"  archive {os.path.basename(archive['pieces'][0])}{pieces}"
                       f": {archive['members_served']:,} members served; {methods or 'no members'}\n")
     totals = report["totals"]
     out.write(f"total: {totals['members']:,} members, {totals['bytes']:,} bytes, {totals['archives']} archives\n")

@@ -161,7 +161,8 @@ def read_end_record(src: Source) -> EndRecord:
         prefix = directory_end - recorded_end
         cd_start = cd_offset + prefix
     if prefix < 0 or cd_start < 0 or cd_start + cd_size > directory_end:
-        raise ArchiveError(src.name, f"central directory ({cd_size} bytes at {cd_offset}) lies outside the file; truncated?")
+        raise ArchiveError(src.name,
+                           f"central directory ({cd_size} bytes at {cd_offset}) lies outside the file; truncated?")
     if entries and cd_size < entries * CENTRAL_DTYPE.itemsize:
         raise ArchiveError(src.name, f"end record claims {entries} members in a {cd_size}-byte directory")
     return EndRecord(entries, cd_size, cd_offset, cd_disk, cd_start, prefix)
@@ -359,7 +360,8 @@ def _apply_zip64(archive: str, buf: np.ndarray, starts: np.ndarray, head: np.nda
     block_end = cursor + _u16(buf, found + 2)
     overrun = np.flatnonzero(block_end > extra_end)
     if len(overrun):
-        raise ArchiveError(archive, f"member #{int(needs[overrun[0]])} has a ZIP64 extra field that runs past its entry")
+        raise ArchiveError(archive,
+                           f"member #{int(needs[overrun[0]])} has a ZIP64 extra field that runs past its entry")
     for saturated, column, width in fields:
         rows = np.flatnonzero(saturated[needs])
         if len(rows) == 0:

@@ -39,14 +39,26 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-
 from _benchutil import (
-    BenchError, Target, bioscanfs_target, can_drop_caches, filesystem_type, find_ratarmount,
-    guest_halt_poll_ns, interleaved, log, page_cache_bytes, parse_counts, ratarmount_target, run_main, time_forked,
+    BenchError,
+    Target,
+    bioscanfs_target,
+    can_drop_caches,
+    filesystem_type,
+    find_ratarmount,
+    guest_halt_poll_ns,
+    interleaved,
+    log,
+    page_cache_bytes,
+    parse_counts,
+    ratarmount_target,
+    run_main,
+    time_forked,
 )
 from _fakeids import ProcessIds
 from _zipkit import dos_stamp, make_jpeg, packages, random_payloads, split_ids, write_image_zip
 from bench_scale import write_stored_zip
+
 from bioscanfs.layout import image_path
 
 IMGTYPE = "cropped_256"
@@ -364,7 +376,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--threads", type=parse_counts, default=[1, 4, 8],
                         help="thread counts, 0 for none (default 1,4,8)")
     parser.add_argument("--processes", type=parse_counts, default=[4], help="process counts, 0 for none (default 4)")
-    parser.add_argument("--extra-mount-args", default="", help="more arguments for `bioscanfs mount`, e.g. \"-o allow_other\"")
+    parser.add_argument("--extra-mount-args", default="",
+                        help="more arguments for `bioscanfs mount`, e.g. \"-o allow_other\"")
     parser.add_argument("--opener", choices=sorted(OPENERS), default="open",
                         help="open: as PIL does (asks isatty, one ioctl per open); unbuffered: buffering=0, "
                              "no isatty (default open)")

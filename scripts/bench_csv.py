@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from _benchutil import bioscanfs_target, can_drop_caches, drop_caches, rss, server_pid
-from bioscanfs.layout import METADATA_CSV, METADATA_ZIP
 from make_fake_bioscan import make_set
+
+from bioscanfs.layout import METADATA_CSV, METADATA_ZIP
 
 CHUNK = 1 << 20
 

@@ -19,7 +19,6 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-
 from _zipkit import make_jpeg
 
 _HERE = Path(__file__).resolve().parent

@@ -45,18 +45,31 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from PIL import Image
-
 from _benchutil import (
-    BenchError, MountTarget, Target, bioscanfs_target, can_drop_caches, filesystem_type, find_ratarmount,
-    fusermount, guest_halt_poll_ns, interleaved, load_average, log, parse_counts, ratarmount_target, run_main,
+    BenchError,
+    MountTarget,
+    Target,
+    bioscanfs_target,
+    can_drop_caches,
+    filesystem_type,
+    find_ratarmount,
+    fusermount,
+    guest_halt_poll_ns,
+    interleaved,
+    load_average,
+    log,
+    parse_counts,
+    ratarmount_target,
+    run_main,
     time_forked,
 )
 from _fakeids import ProcessIds
 from _zipkit import make_jpeg, split_ids, write_image_zip
+from PIL import Image
+
 from bioscanfs.layout import image_path
 
 IMGTYPE = "original_256"
@@ -128,15 +141,30 @@ def load_images(paths: Sequence[str]) -> int:
     return pixels
 
 
-def run_loader(root: Path, sample: Sequence[str], workers: int) -> Tuple[int, float]:
-    """(pixels, seconds) of loading ``sample`` under ``root`` with ``workers`` processes
+def read_files(paths: Sequence[str]) -> int:
+    """Read each file whole without decoding it (``--read raw``): what the filesystem
+    alone costs, e.g. deflated members against the same members stored; returns bytes."""
+    total = 0
+    for path in paths:
+        with open(path, "rb") as fh:
+            total += len(fh.read())
+    return total
+
+
+#: ``--read``: what each worker does with a file; every tree must give the same count.
+LOADERS: Dict[str, Callable[[Sequence[str]], int]] = {"pil": load_images, "raw": read_files}
+
+
+def run_loader(root: Path, sample: Sequence[str], workers: int, loader: Callable[[Sequence[str]], int]
+               ) -> Tuple[int, float]:
+    """(count, seconds) of ``loader`` over ``sample`` under ``root`` with ``workers`` processes
     (0: in this process, as DataLoader(num_workers=0)); each worker takes every n-th file."""
     paths = [os.path.join(root, rel) for rel in sample]
     if workers == 0:
         started = time.perf_counter()
-        pixels = load_images(paths)
-        return pixels, time.perf_counter() - started
-    counts, seconds = time_forked(load_images, [paths[i::workers] for i in range(workers)])
+        count = loader(paths)
+        return count, time.perf_counter() - started
+    counts, seconds = time_forked(loader, [paths[i::workers] for i in range(workers)])
     return sum(counts), seconds
 
 
@@ -190,16 +218,16 @@ class Result:
 
 
 def run_round(round_: int, workers_list: Sequence[int], targets: Sequence[Target], sample: Sequence[str],
-              drop: bool, expected: Dict[str, int]) -> List[Result]:
+              drop: bool, expected: Dict[str, int], loader: Callable[[Sequence[str]], int]) -> List[Result]:
     """Every row on every tree in turn, cold then warm; ratios against the extracted copy's
     pass in the same row. Odd rounds take the trees in reverse order, so that a load that
     drifts during a round does not favour the trees measured last."""
     results: List[Result] = []
     order = list(targets)[::-1] if round_ % 2 else list(targets)
     for workers, target, pass_ in interleaved(workers_list, order, drop):
-        pixels, seconds = run_loader(target.root, sample, workers)
-        if expected.setdefault("pixels", pixels) != pixels:
-            raise BenchError(f"{target.name}: decoded {pixels:,} pixels, extracted {expected['pixels']:,}")
+        count, seconds = run_loader(target.root, sample, workers, loader)
+        if expected.setdefault("count", count) != count:
+            raise BenchError(f"{target.name}: {count:,} pixels or bytes, extracted {expected['count']:,}")
         results.append(Result(workers, pass_, target.name, round_, len(sample) / seconds))
         log(f"  round {round_} {workers} workers {pass_:<4} {target.name:<20} "
             f"{results[-1].files_per_s:>8,.0f} files/s  (load {load_average()})")
@@ -245,7 +273,8 @@ def print_report(summary: dict, names: List[str]) -> None:
           f"extracted copy on {s['extracted_filesystem']}")
     print(f"machine: {summary['cpus']} CPUs, load average {summary['load_before']} before, "
           f"{summary['load_after']} after; guest halt polling {summary['guest_halt_poll_ns']} ns")
-    print("loader: open(path, 'rb'), PIL.Image.open(f).convert('RGB'), np.asarray; each sampled image once "
+    print(f"loader ({summary['read']}): " + ("open(path, 'rb').read()" if summary["read"] == "raw" else
+          "open(path, 'rb'), PIL.Image.open(f).convert('RGB'), np.asarray") + "; each sampled image once "
           f"per pass ({summary['sample_files']:,} images), one shuffled list for every tree")
     print("cold = " + ("caches dropped" if summary["caches_dropped"] else "caches NOT dropped (needs root)")
           + ", mounts fresh; warm = the same pass again; files/s (ratio vs extracted, same row and round)"
@@ -270,6 +299,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--files", type=int, help="images per pass, a seeded random sample (default: all)")
     parser.add_argument("--workers", type=parse_counts, default=[0, 2, 4],
                         help="worker processes per row (default 0,2,4)")
+    parser.add_argument("--read", choices=sorted(LOADERS), default="pil",
+                        help="pil: decode to an RGB array (default); raw: read the bytes only")
     parser.add_argument("--rounds", type=int, default=1, help="repeat the whole table, report medians (default 1)")
     parser.add_argument("--no-ratarmount", action="store_true", help="leave ratarmount out")
     parser.add_argument("--no-mount-zip", action="store_true", help="leave mount-zip out")
@@ -307,7 +338,7 @@ def measure(args: argparse.Namespace, folder: Path, sample: List[str], summary: 
             expected: Dict[str, int] = {}
             results = []
             for round_ in range(args.rounds):
-                results += run_round(round_, args.workers, targets, sample, drop, expected)
+                results += run_round(round_, args.workers, targets, sample, drop, expected, LOADERS[args.read])
         finally:
             for target in mounts:
                 target.close()
@@ -327,7 +358,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     summary: dict = {
         "command": shlex.join([sys.executable, sys.argv[0], *(sys.argv[1:] if argv is None else argv)]),
         "set": set_summary(folder, sizes), "cpus": os.cpu_count(), "guest_halt_poll_ns": guest_halt_poll_ns(),
-        "rounds": args.rounds, "sample_files": len(sample), "load_before": load_average(), "notes": [],
+        "rounds": args.rounds, "read": args.read, "sample_files": len(sample), "load_before": load_average(),
+        "notes": [],
     }
     targets = measure(args, folder, sample, summary)
     summary["load_after"] = load_average()

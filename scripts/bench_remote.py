@@ -30,6 +30,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from _rangeserver import Request, Site, serving
 from _zipkit import dos_stamp
 from bench_scale import write_stored_zip
+
 from bioscanfs import Collection
 
 #: A member: (path in the tree, size, CRC-32) - what a read must return.

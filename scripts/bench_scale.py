@@ -18,20 +18,20 @@ import json
 import os
 import resource
 import shutil
-import subprocess
-import tempfile
 import struct
+import subprocess
 import sys
+import tempfile
 import time
 import zlib
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
 import numpy as np
-
 from _benchutil import can_drop_caches, drop_caches, find_ratarmount, fusermount, rss, server_pid
 from _fakeids import ProcessIds
 from _zipkit import dos_stamp, split_counts
+
 from bioscanfs.layout import EVAL_SPLITS, IMGTYPES, SPLIT_SIZES, image_path
 from bioscanfs.mounts import is_mounted
 
@@ -352,8 +352,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         ratarmount = None if args.no_ratarmount else find_ratarmount()
         if ratarmount:
             results += [dict(row, set=sets[0][0], members=sets[0][2]) for row in _measure_mounts(
-                "ratarmount", [ratarmount, "--index-folders", str(work / "rindex"), *map(str, sorted(sets[0][1].glob("*.zip"))),
-                               str(work / "mnt")], work / "mnt", "ratarmount", None, sets[0][2])]
+                "ratarmount", [ratarmount, "--index-folders", str(work / "rindex"),
+                               *map(str, sorted(sets[0][1].glob("*.zip"))), str(work / "mnt")],
+                work / "mnt", "ratarmount", None, sets[0][2])]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if args.json:
@@ -425,7 +426,8 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     for name, peak, after, seconds in steps:
         print(f"{name:<40} peak {peak / 2**20:>7.0f} MB" + (f"   after {after / 2**20:>7.0f} MB" if after else "")
               + (f"   {seconds:6.1f} s since the step before" if seconds else ""))
-    print(f"built in {elapsed:.1f} s; peak RSS of the process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MB")
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    print(f"built in {elapsed:.1f} s; peak RSS of the process {peak_mb:.0f} MB")
     print("command: python scripts/bench_scale.py profile " + " ".join(sys.argv[2:]))
     return 0
 

@@ -20,11 +20,18 @@ from pathlib import Path
 from typing import Iterable, Union
 
 import numpy as np
-
 from _fakeids import ProcessIds
 from _zipkit import MIN_IMAGES, date_time, make_jpeg, packages, split_ids, write_image_zip
+
 from bioscanfs.layout import (
-    CSV_COLUMNS, IMGTYPES, METADATA_CSV, METADATA_JSONLD, METADATA_ZIP, SPLIT_SIZES, chunk_of, image_path,
+    CSV_COLUMNS,
+    IMGTYPES,
+    METADATA_CSV,
+    METADATA_JSONLD,
+    METADATA_ZIP,
+    SPLIT_SIZES,
+    chunk_of,
+    image_path,
 )
 
 #: Image side lengths (pixels, inclusive range) per imgtype: larger for the larger packages.

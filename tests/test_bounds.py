@@ -26,13 +26,34 @@ from pathlib import Path
 from typing import Dict, List, NamedTuple, Tuple
 
 import pytest
+from conftest import (
+    PYTHON,
+    Mount,
+    MountFactory,
+    assert_one_error_line,
+    data_offset,
+    errno_of,
+    flip_byte,
+    read_direct,
+    rss,
+    run_cli,
+    write_at,
+)
+from craft import (
+    SYMLINK_ATTR,
+    Entry,
+    Unseekable,
+    crc32_of_zeros,
+    deflate64_zeros,
+    deflate_zeros,
+    deflated,
+    raw_deflate,
+    symlink,
+    write_zip,
+)
 
 from bioscanfs import Collection
 from bioscanfs.errors import MemberError
-from conftest import (PYTHON, Mount, MountFactory, assert_one_error_line, data_offset, errno_of, flip_byte, read_direct,
-                      rss, run_cli, write_at)
-from craft import (Unseekable, SYMLINK_ATTR, Entry, crc32_of_zeros, deflate64_zeros, deflate_zeros, deflated, raw_deflate,
-                   symlink, write_zip)
 
 try:  # in the test extra; without it only the encryption test is skipped
     import pyzipper

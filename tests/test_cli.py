@@ -25,13 +25,22 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import pytest
+from conftest import (
+    Member,
+    assert_one_error_line,
+    copy_archives,
+    data_offset,
+    expected_tree,
+    flip_byte,
+    largest_image,
+    listing,
+    run_cli,
+    zip_members,
+    zip_paths,
+)
 
 from bioscanfs.cli import main as cli_group
 from bioscanfs.layout import image_path
-from conftest import (
-    Member, assert_one_error_line, copy_archives, data_offset, expected_tree, flip_byte, largest_image, listing,
-    run_cli, zip_members, zip_paths,
-)
 
 METHOD_NAMES = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate"}
 #: The sample paths of bioscan5m.md ("Paths inside the zips"), under images/cropped_256/.

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Dict, Iterator, Tuple
 
 import pytest
+from conftest import Member, expected_tree, largest_image, listing, zip_contents
 
 from bioscanfs import Collection, NotFound
-from conftest import Member, expected_tree, largest_image, listing, zip_contents
 
 
 @pytest.fixture(scope="module")

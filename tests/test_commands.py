@@ -22,9 +22,15 @@ from pathlib import Path
 from typing import Iterator, List
 
 import pytest
-
 from conftest import (
-    MountFactory, assert_one_error_line, expected_tree, force_unmount, is_mounted, run_cli, walk_mount, zip_members,
+    MountFactory,
+    assert_one_error_line,
+    expected_tree,
+    force_unmount,
+    is_mounted,
+    run_cli,
+    walk_mount,
+    zip_members,
     zip_paths,
 )
 from craft import Entry, write_zip
@@ -199,7 +205,8 @@ def test_mount_point_through_a_symlink(mount: MountFactory, tmp_path: Path) -> N
     for again in (link, live.point):
         assert_one_error_line(run_cli("mount", zips, again, "--index-dir", live.index_dir),
                               f"{live.point}: already a mount point")
-    assert sum(" " + str(live.point) + " " in line for line in Path("/proc/self/mountinfo").read_text().splitlines()) == 1
+    table = Path("/proc/self/mountinfo").read_text().splitlines()
+    assert sum(" " + str(live.point) + " " in line for line in table) == 1
     done = run_cli("umount", link)
     assert (done.returncode, done.stdout.strip()) == (0, f"unmounted {live.point}"), done.stderr
     assert not is_mounted(live.point)
@@ -240,7 +247,8 @@ def test_output_to_a_full_device_is_one_line(tmp_path: Path, command: List[str])
 
 
 CSV_CASES = {  # id -> (stdin, what the one line names)
-    "unknown-split": (b"processid,split\nAACTA1040-20,pretrain\nAACTA161-20,nosuch\n", "AACTA161-20: unknown split 'nosuch'"),
+    "unknown-split": (b"processid,split\nAACTA1040-20,pretrain\nAACTA161-20,nosuch\n",
+                      "AACTA161-20: unknown split 'nosuch'"),
     "short-row": (b"split,processid\nval,AACTA161-20\nval\n", "stdin: line 3: no processid"),
     "empty-processid": (b"processid,split\n,val\n", "stdin: line 2: no processid"),
     "not-utf8": (b"processid,split\nAACTA161-20,val\nAAC\xff\xfe,val\n", "stdin: line 3: not UTF-8 text"),

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Tuple
 
 import pytest
-
 from conftest import Mount, errno_of, mounted
 from craft import DIR_ATTR, Entry, deflated, dos_stamp, symlink, write_zip
 

@@ -29,9 +29,9 @@ if importlib.util.find_spec("huggingface_hub") is None:
 pytest.importorskip("fsspec")
 pytest.importorskip("aiohttp")
 
+from conftest import MountFactory, assert_one_error_line, load_script, run_cli, zip_contents, zip_members, zip_paths  # noqa: E402
+
 from bioscanfs import Collection  # noqa: E402
-from conftest import (MountFactory, assert_one_error_line, load_script, run_cli,  # noqa: E402
-                      zip_contents, zip_members, zip_paths)
 
 _rangeserver = load_script("_rangeserver")
 

@@ -30,17 +30,33 @@ from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Set, Tu
 
 import numpy as np
 import pytest
+from conftest import (
+    MOUNT_TIMEOUT,
+    PYTHON,
+    Mount,
+    MountFactory,
+    assert_one_error_line,
+    assert_serves_members,
+    copy_archives,
+    data_offset,
+    edit_headers,
+    errno_of,
+    expected_tree,
+    flip_byte,
+    is_mounted,
+    mount_table,
+    mounted,
+    read_direct,
+    replace_name_bytes,
+    rss,
+    run_cli,
+    walk_mount,
+    zip_contents,
+    zip_members,
+)
+from craft import deflate_zeros
 
 from bioscanfs.names import clean_name
-from craft import deflate_zeros
-from conftest import (
-    read_direct, rss,
-    errno_of,
-    assert_serves_members,
-    MOUNT_TIMEOUT, Mount, MountFactory, PYTHON, assert_one_error_line, copy_archives, data_offset,
-    edit_headers, expected_tree, flip_byte, is_mounted, mount_table, mounted, replace_name_bytes,
-    run_cli, walk_mount, zip_contents, zip_members,
-)
 
 # APPNOTE 4.3.16: the end of central directory record.
 _EOCD = struct.Struct("<4sHHHHIIH")

@@ -16,15 +16,24 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import pytest
+from conftest import (
+    Member,
+    Mount,
+    MountFactory,
+    assert_serves_members,
+    copy_archives,
+    expected_tree,
+    index_files,
+    is_mounted,
+    replace_name_bytes,
+    run_cli,
+    zip_members,
+    zip_paths,
+)
 
 from bioscanfs import ArchiveError, Collection, NotFound, store
 from bioscanfs.index import Tree, load_tree
 from bioscanfs.sources import open_sources
-from conftest import (
-    assert_serves_members,
-    Member, Mount, MountFactory, copy_archives, expected_tree, is_mounted, replace_name_bytes, run_cli,
-    index_files, zip_members, zip_paths,
-)
 
 SMALL_ZIPS = ["BIOSCAN_5M_cropped_256_eval.zip", "BIOSCAN_5M_cropped_256_train.zip"]
 

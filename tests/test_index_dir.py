@@ -23,16 +23,24 @@ from typing import Any, Dict, Iterator, List
 
 import numpy as np
 import pytest
+from conftest import (
+    PYTHON,
+    MountFactory,
+    assert_one_error_line,
+    assert_serves_members,
+    copy_archives,
+    index_files,
+    is_mounted,
+    run_cli,
+    zip_members,
+    zip_paths,
+)
+from craft import Entry, write_zip
 
 from bioscanfs import store
 from bioscanfs.errors import UntrustedIndexError
 from bioscanfs.index import load_tree
 from bioscanfs.sources import open_sources
-from conftest import (
-    PYTHON, MountFactory, assert_one_error_line, assert_serves_members, copy_archives, is_mounted,
-    index_files, run_cli, zip_members, zip_paths,
-)
-from craft import Entry, write_zip
 
 SMALL_ZIPS = ["BIOSCAN_5M_cropped_256_eval.zip", "BIOSCAN_5M_cropped_256_train.zip"]
 NOBODY = 65534

@@ -20,8 +20,9 @@ import pytest
 bioscan5m = pytest.importorskip("bioscan_dataset.bioscan5m", reason="bioscan-dataset (torch, torchvision) absent")
 PIL_Image = pytest.importorskip("PIL.Image")
 
-from bioscanfs.layout import METADATA_CSV, METADATA_ZIP  # noqa: E402
 from conftest import zip_contents, zip_members  # noqa: E402
+
+from bioscanfs.layout import METADATA_CSV, METADATA_ZIP  # noqa: E402
 
 IMGTYPE = "cropped_256"
 

@@ -33,10 +33,21 @@ from types import ModuleType
 from typing import Callable, Dict, List, Optional, Tuple
 
 import pytest
-
 from conftest import (
-    PYTHON, MountFactory, assert_preads, data_offset, edit_headers, expected_tree, flip_byte, force_unmount,
-    is_mounted, read_windows, rss, run_cli, walk_mount, zip_members,
+    PYTHON,
+    MountFactory,
+    assert_preads,
+    data_offset,
+    edit_headers,
+    expected_tree,
+    flip_byte,
+    force_unmount,
+    is_mounted,
+    read_windows,
+    rss,
+    run_cli,
+    walk_mount,
+    zip_members,
 )
 
 needs_7z = pytest.mark.skipif(shutil.which("7z") is None, reason="7z (p7zip-full) is not installed")

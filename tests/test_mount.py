@@ -21,14 +21,28 @@ from typing import Callable, Dict, Iterator, List
 
 import numpy as np
 import pytest
+from conftest import (
+    EXIT_TIMEOUT,
+    Member,
+    Mount,
+    MountFactory,
+    assert_eio,
+    assert_one_error_line,
+    assert_preads,
+    copy_archives,
+    data_offset,
+    expected_tree,
+    flip_byte,
+    is_mounted,
+    largest_image,
+    read_windows,
+    run_cli,
+    walk_mount,
+    zip_contents,
+    zip_members,
+)
 
 from bioscanfs.serving import READAHEAD_KB
-
-from conftest import (
-    EXIT_TIMEOUT, Member, Mount, MountFactory, assert_eio, assert_one_error_line, assert_preads, copy_archives,
-    data_offset, expected_tree, flip_byte, is_mounted, largest_image, read_windows, run_cli, walk_mount,
-    zip_contents, zip_members,
-)
 
 IMGTYPES = ("original_full", "cropped", "original_256", "cropped_256")
 #: Split -> md5 hex chars of its chunk folder (bioscan5m.md, "Paths inside the zips").

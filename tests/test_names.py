@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from conftest import MountFactory, expected_tree, replace_name_bytes, walk_mount
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bioscanfs.names import NAME_MAX, PATH_MAX, clean_name
-from conftest import MountFactory, expected_tree, replace_name_bytes, walk_mount
 
 
 class Row(NamedTuple):

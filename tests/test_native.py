@@ -25,14 +25,24 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Tuple
 
 import pytest
+from conftest import (
+    Member,
+    Mount,
+    assert_eio,
+    assert_serves_members,
+    copy_archives,
+    data_offset,
+    expected_tree,
+    flip_byte,
+    mounted,
+    zip_contents,
+    zip_members,
+    zip_paths,
+)
+from craft import Entry, deflated, raw_deflate, write_zip
 
 from bioscanfs import cli, nativefs
 from bioscanfs.reader import WHOLE_READ_MAX
-from craft import Entry, deflated, raw_deflate, write_zip
-from conftest import (
-    Member, Mount, assert_eio, assert_serves_members, copy_archives, data_offset, expected_tree, flip_byte, mounted,
-    zip_contents, zip_members, zip_paths,
-)
 
 TRACEFS = Path("/sys/kernel/tracing")
 SEND_EVENT = "events/fuse/fuse_request_send"
@@ -362,4 +372,5 @@ def test_bad_deflate_stream_gets_eio(case: str, tmp_path: Path, engine: str) -> 
     with mounted([folder], tmp_path / engine, engine=engine) as live:
         live.expect_log(re.escape(f"bad/{case}"))
         assert_eio(live.path(f"bad/{case}").read_bytes, case)
-        assert [live.path(f"good/{i}").read_bytes() for i in range(3)] == [bytes([i]) * 5000 + b"tail" for i in range(3)]
+        want = [bytes([i]) * 5000 + b"tail" for i in range(3)]
+        assert [live.path(f"good/{i}").read_bytes() for i in range(3)] == want

@@ -14,9 +14,8 @@ from types import ModuleType
 from typing import List
 
 import pytest
-
-from test_index import assert_same_tree, assert_tree_matches_zipfile, load
 from conftest import zip_paths
+from test_index import assert_same_tree, assert_tree_matches_zipfile, load
 
 UNCHANGED = "archives are unchanged since the last index"
 

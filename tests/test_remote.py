@@ -19,12 +19,20 @@ from pathlib import Path
 from typing import Dict, Iterator, List
 
 import pytest
+from conftest import (
+    MountFactory,
+    assert_one_error_line,
+    copy_archives,
+    load_script,
+    mounted,
+    run_cli,
+    zip_contents,
+    zip_members,
+)
 
 from bioscanfs import Collection
 from bioscanfs.errors import BioscanError
 from bioscanfs.remote import ATTEMPTS
-from conftest import (MountFactory, assert_one_error_line, copy_archives, load_script, mounted, run_cli,
-                      zip_contents, zip_members)
 
 _rangeserver = load_script("_rangeserver")
 Site, Request, serving = _rangeserver.Site, _rangeserver.Request, _rangeserver.serving

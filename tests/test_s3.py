@@ -18,9 +18,9 @@ pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
 boto3 = pytest.importorskip("boto3")
 
+from conftest import MountFactory, assert_one_error_line, run_cli, zip_contents, zip_members, zip_paths  # noqa: E402
+
 from bioscanfs import Collection  # noqa: E402
-from conftest import (MountFactory, assert_one_error_line, run_cli, zip_contents,  # noqa: E402
-                      zip_members, zip_paths)
 
 BUCKET = "bioscan-test"
 PREFIX = "bioscan5m/zips"

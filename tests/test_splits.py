@@ -23,13 +23,25 @@ from types import ModuleType
 from typing import Dict, List, Set, Tuple
 
 import pytest
+from conftest import (
+    Member,
+    MountFactory,
+    assert_one_error_line,
+    assert_serves_members,
+    copy_archives,
+    data_offset,
+    expected_tree,
+    index_files,
+    is_mounted,
+    mounted,
+    run_cli,
+    walk_mount,
+    zip_contents,
+    zip_members,
+    zip_paths,
+)
 
 from bioscanfs.layout import EVAL_SPLITS
-from conftest import (
-    assert_serves_members,
-    Member, MountFactory, assert_one_error_line, copy_archives, data_offset, expected_tree, index_files, is_mounted,
-    mounted, run_cli, walk_mount, zip_contents, zip_members, zip_paths,
-)
 
 ORIGINAL_256 = "BIOSCAN_5M_original_256.zip"
 METADATA = "BIOSCAN_5M_Insect_Dataset_metadata_MultiTypes.zip"

@@ -30,9 +30,9 @@ from typing import Any, Iterator, List, Tuple
 
 import numpy as np
 import pytest
+from conftest import MountFactory, data_offset, flip_byte, write_at, zip_members
 
 from bioscanfs import Collection, MemberError
-from conftest import MountFactory, data_offset, flip_byte, write_at, zip_members
 
 #: Spacing of the stream's seek points as documented: every few MiB, at most 256 per member.
 MIN_INTERVAL = 4 << 20

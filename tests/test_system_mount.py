@@ -25,13 +25,21 @@ from types import ModuleType
 from typing import Iterator, List, NamedTuple, Sequence
 
 import pytest
+from conftest import (
+    EXIT_TIMEOUT,
+    MOUNT_TIMEOUT,
+    MountFactory,
+    assert_one_error_line,
+    copy_archives,
+    force_unmount,
+    is_mounted,
+    run_cli,
+    zip_contents,
+    zip_members,
+)
 
 from bioscanfs import mount_helper
 from bioscanfs.cli import mount as mount_command
-from conftest import (
-    EXIT_TIMEOUT, MOUNT_TIMEOUT, MountFactory, assert_one_error_line, copy_archives, force_unmount,
-    is_mounted, run_cli, zip_contents, zip_members,
-)
 
 HELPER_LINK = Path("/usr/local/bin/bioscanfs")
 _LOCK = Path(tempfile.gettempdir()) / "bioscanfs-test-system-mount.lock"

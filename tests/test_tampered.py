@@ -14,10 +14,10 @@ from typing import Any, Callable, Dict, Iterator, Tuple
 
 import numpy as np
 import pytest
+from conftest import MountFactory, assert_serves_members, copy_archives, zip_members
 
 from bioscanfs import Collection, nativefs, store
 from bioscanfs.tree import BadTables, check
-from conftest import MountFactory, assert_serves_members, copy_archives, zip_members
 
 SET = ["BIOSCAN_5M_cropped_256_eval.zip", "BIOSCAN_5M_cropped_256_train.zip"]
 Arrays = Dict[str, np.ndarray]

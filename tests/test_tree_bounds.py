@@ -12,8 +12,8 @@ import os
 import zipfile
 import zlib
 from pathlib import Path
-import pytest
 
+import pytest
 from conftest import MountFactory, assert_one_error_line, rss, run_cli
 from craft import LOCAL, Entry, local_record, raw_deflate, write_directory, write_zip
 

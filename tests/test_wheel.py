@@ -25,9 +25,14 @@ from types import ModuleType
 from typing import Dict, NamedTuple
 
 import pytest
-
 from conftest import (
-    MOUNT_TIMEOUT, REPO, assert_one_error_line, force_unmount, is_mounted, zip_contents, zip_members,
+    MOUNT_TIMEOUT,
+    REPO,
+    assert_one_error_line,
+    force_unmount,
+    is_mounted,
+    zip_contents,
+    zip_members,
 )
 
 BUILD_TIMEOUT = 900.0   #: liveness only: the build and the install fetch and unpack wheels

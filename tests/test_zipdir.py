@@ -10,12 +10,12 @@ from typing import Callable, Dict, List
 
 import numpy as np
 import pytest
+from conftest import Member, replace_name_bytes
+from craft import Unseekable
 
 from bioscanfs import ArchiveError, Collection
 from bioscanfs.sources import FileSource
 from bioscanfs.zipdir import Members, read_members
-from craft import Unseekable
-from conftest import Member, replace_name_bytes
 
 GENERATED = "BIOSCAN_5M_cropped_256_train.zip"
 #: Members whose bytes are compared through Collection.read (all of them in small archives).
