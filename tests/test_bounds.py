@@ -217,7 +217,7 @@ def _rejects(archive: Path, path: str, password: str) -> bool:
             zf.read(path, pwd=password.encode())
         except RuntimeError:  # "Bad password"
             return True
-        except (zipfile.BadZipFile, zlib.error):  # the check passed; decoding failed
+        except (pyzipper.BadZipFile, zlib.error):  # the check passed; decoding or the CRC failed
             return False
     raise AssertionError(f"{path} decrypted with {password}")
 
