@@ -301,8 +301,8 @@ def _order_by_dir_and_name(file_dir: np.ndarray, blob: np.ndarray, begins: np.nd
         rows, keys = rows[by_key], keys[by_key]
         long = lengths[rows] > width
         tie = (keys[1:] == keys[:-1]) & (long[1:] | long[:-1])
-        for start, stop in _runs(np.flatnonzero(tie)):
-            rows[start:stop] = sorted(rows[start:stop].tolist(), key=name_of)
+        for start, stop in _runs(np.flatnonzero(tie)):  # tie i joins rows i and i+1: rows start..stop
+            rows[start:stop + 1] = sorted(rows[start:stop + 1].tolist(), key=name_of)
         order[lo:hi] = rows
         n = lengths[rows]
         equal = (keys[1:] == keys[:-1]) & (n[1:] == n[:-1])

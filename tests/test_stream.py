@@ -304,18 +304,24 @@ def _ahead_threads() -> int:
     return sum(thread.name == "bioscanfs-ahead" for thread in threading.enumerate())
 
 
+def _wait_for_no_ahead_threads() -> None:
+    """Decoders ahead stop after 2 s without a request: allow them 10."""
+    for _ in range(100):
+        if not _ahead_threads():
+            return
+        threading.Event().wait(0.1)
+
+
 def test_decoding_ahead_stops_when_the_reader_stops(big: BigMember, tmp_path: Path) -> None:
     """A sequential reader gets a decoder ahead of it; when the reader stops halfway, the
     decoder stops too (within its idle time of 2 s), so nothing decodes for no one."""
+    _wait_for_no_ahead_threads()  # those of earlier tests' readers
     with Collection(str(big.folder), index_dir=str(tmp_path / "index")) as c:
         assert _ahead_threads() == 0
         for offset in range(0, 8 << 20, 128 << 10):
             assert c.read(big.name, 128 << 10, offset) == big.data[offset:offset + (128 << 10)]
         assert _ahead_threads() == 1
-        for _ in range(100):
-            if not _ahead_threads():
-                break
-            threading.Event().wait(0.1)
+        _wait_for_no_ahead_threads()
         assert _ahead_threads() == 0
         offset = (8 << 20) + 12345
         assert c.read(big.name, 4096, offset) == big.data[offset:offset + 4096]
