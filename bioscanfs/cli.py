@@ -317,23 +317,24 @@ def _detach_output(verbose: int, log_file: str) -> None:
         os.dup2(log_out.fileno(), 2)
 
 
-#: glibc's M_MMAP_THRESHOLD, and the size from which the server's buffers are mapped.
-_M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 256 << 10
+#: glibc's M_ARENA_MAX. The server's threads share one heap per core (glibc's default is
+#: eight per core): no more heaps than can be busy at once, so the C engine's threads,
+#: which allocate without the GIL, still scale with the cores.
+_M_ARENA_MAX = -8
 
 
 def _tune_heap() -> None:
     """Give the heap freed after a cold index build back to the system (glibc), so the
-    server does not start with the builder's high-water mark; and map buffers of
-    MMAP_THRESHOLD and more (1 MiB reads, decoded stretches of the CSV) on their own.
-    glibc would otherwise raise that threshold after the first such buffer is freed and
-    keep the later ones in each worker thread's heap, growing the RSS of a server with
-    many threads by tens of MB (the soak test: +79-87 MB after warm-up without this,
-    +21-26 MB with it)."""
+    server does not start with the builder's high-water mark; and let its threads share
+    one heap per core. With a heap per worker thread, each keeps the 1 MiB buffers of the
+    reads it answered (the soak test, 2 cores: +79-109 MB after warm-up; +44-67 MB with 2).
+    Python allocates under the GIL, so sharing costs little. Mapping big buffers on their
+    own instead (M_MMAP_THRESHOLD 256 KiB) grew it least (+21-26 MB) but halved the CSV
+    stream (0.49-0.60 of zipfile), each buffer paying its page faults again."""
     try:
         libc = ctypes.CDLL(None)
         libc.malloc_trim(0)
-        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        libc.mallopt(_M_ARENA_MAX, max(2, os.cpu_count() or 1))
     except (OSError, AttributeError):
         pass
 
