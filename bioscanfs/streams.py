@@ -353,17 +353,21 @@ class _Ahead:
     def _end(self) -> int:
         return self._start + len(self._buffer)
 
+    def _in_reach(self, offset: int) -> bool:
+        """Inside the buffer, or at most LEAD beyond it (held: ``_changed``)."""
+        return self._start <= offset <= self._end() + self.LEAD
+
     def covers(self, offset: int) -> bool:
         """Whether a read at ``offset`` waits for this decoder (rather than a cursor)."""
         with self._changed:
-            return self._running and self._start <= offset <= self._end() + self.LEAD
+            return self._running and self._in_reach(offset)
 
     def read(self, offset: int, size: int) -> Optional[Tuple[bytes, Optional[int]]]:
         """(the bytes, and the member's CRC when they reach its end), or None when the
         range is not (or no longer) this decoder's."""
         want_end = min(offset + size, self._stream.size)
         with self._changed:
-            if not self._start <= offset <= self._end() + self.LEAD:
+            if not self._in_reach(offset):
                 return None
             if want_end > self._furthest:
                 self._furthest = want_end
