@@ -15,7 +15,8 @@
  *
  * Node ids never change while mounted, so FORGET needs no bookkeeping:
  * directory d is d + 1 (the root, directory 0, is FUSE_ROOT_ID); file row r is
- * n_dirs + 1 + r.
+ * n_dirs + 1 + r. A link (the views/ folder: docs/views.md) is its target row's node, a
+ * hard link: its name and everything else come from the row (link_row).
  *
  * The tables come from the index folder, which is untrusted input: check_tables bounds
  * every value that a request later uses as an index, a length or an offset, once, before
@@ -69,12 +70,12 @@ enum {
 
 /* The tables, by the keys of the dict that Python passes (nativefs.tables). */
 enum { B_FILES, B_NAMES, B_NAME_ENDS, B_DIR_LO, B_DIR_HI, B_DIR_MTIME, B_DIR_PARENT, B_DIR_NAMES,
-       B_DIR_ENDS, B_FDS, B_DIRECT, B_ARCHIVE_SIZES, N_BUFFERS };
+       B_DIR_ENDS, B_LINKS, B_LINK_LO, B_LINK_HI, B_FDS, B_DIRECT, B_ARCHIVE_SIZES, N_BUFFERS };
 static const char *const TABLE_NAMES[N_BUFFERS] = {
     "files", "names", "name_ends", "dir_lo", "dir_hi", "dir_mtime", "dir_parent", "dir_names",
-    "dir_ends", "fds", "direct", "archive_sizes"};
+    "dir_ends", "links", "link_lo", "link_hi", "fds", "direct", "archive_sizes"};
 /* Bytes per element of each table (0: raw bytes or rows, checked on their own). */
-static const Py_ssize_t TABLE_ITEM[N_BUFFERS] = {0, 1, 4, 8, 8, 8, 8, 1, 8, 8, 8, 8};
+static const Py_ssize_t TABLE_ITEM[N_BUFFERS] = {0, 1, 4, 8, 8, 8, 8, 1, 8, 4, 8, 8, 8, 8, 8};
 
 typedef struct {
     Py_buffer views[N_BUFFERS];
@@ -83,6 +84,9 @@ typedef struct {
     const char *names;          /* the files' own names end to end, sorted within each directory */
     const uint32_t *name_ends;  /* 32-bit: at most 4 GiB of names (tree.NAMES_MAX) */
     const uint64_t *dir_lo, *dir_hi, *dir_parent, *dir_ends, *archive_sizes;
+    const uint32_t *links;      /* file rows shown again in other directories (views/) */
+    const uint64_t *link_lo, *link_hi;   /* each directory's run of links, sorted by name */
+    uint64_t n_links;
     uint64_t *sub_lo, *sub_hi;  /* each directory's subdirectories: ids sub_lo..sub_hi (derived) */
     const int64_t *dir_mtime, *fds;
     int *direct;                /* per archive: the same file opened with O_DIRECT, or -1 */
@@ -115,6 +119,9 @@ static const char *dir_base(const server_t *s, uint64_t d, size_t *len)
     *len = (size_t)(s->dir_ends[d] - start);
     return s->dir_names + start;
 }
+
+/* The file row that link i names (checked: below n_files). */
+static uint64_t link_row(const server_t *s, uint64_t i) { return s->links[i]; }
 
 /* File row r's own name (checked: 1..NAME_MAX_BYTES, inside names). */
 static const char *file_name(const server_t *s, uint64_t row, size_t *len)
@@ -207,19 +214,21 @@ static fuse_ino_t find_child(const server_t *s, uint64_t d, const char *name)
         else
             hi = mid;
     }
-    lo = s->dir_lo[d];
-    hi = s->dir_hi[d];
-    while (lo < hi) {   /* files, sorted by name */
-        uint64_t mid = lo + (hi - lo) / 2;
-        size_t flen;
-        const char *fname = file_name(s, mid, &flen);
-        int c = compare_bytes(fname, flen, name, len);
-        if (c == 0)
-            return file_ino(s, mid);
-        if (c < 0)
-            lo = mid + 1;
-        else
-            hi = mid;
+    for (int links = 0; links < 2; links++) {   /* files, then links, each sorted by name */
+        lo = links ? s->link_lo[d] : s->dir_lo[d];
+        hi = links ? s->link_hi[d] : s->dir_hi[d];
+        while (lo < hi) {
+            uint64_t mid = lo + (hi - lo) / 2, row = links ? link_row(s, mid) : mid;
+            size_t flen;
+            const char *fname = file_name(s, row, &flen);
+            int c = compare_bytes(fname, flen, name, len);
+            if (c == 0)
+                return file_ino(s, row);
+            if (c < 0)
+                lo = mid + 1;
+            else
+                hi = mid;
+        }
     }
     return 0;
 }
@@ -300,10 +309,10 @@ static void op_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
     fuse_reply_open(req, fi);
 }
 
-/* Entry i of directory d: ".", "..", the subdirectories, then the files. */
+/* Entry i of directory d: ".", "..", the subdirectories, the files, then the links. */
 static fuse_ino_t dir_entry(const server_t *s, uint64_t d, uint64_t i, char name[NAME_MAX_BYTES + 1])
 {
-    uint64_t n_sub = s->sub_hi[d] - s->sub_lo[d];
+    uint64_t n_sub = s->sub_hi[d] - s->sub_lo[d], n_files = s->dir_hi[d] - s->dir_lo[d];
     size_t len;
     const char *from;
     fuse_ino_t ino;
@@ -316,7 +325,8 @@ static fuse_ino_t dir_entry(const server_t *s, uint64_t d, uint64_t i, char name
         from = dir_base(s, child, &len);
         ino = child + 1;
     } else {
-        uint64_t row = s->dir_lo[d] + (i - 2 - n_sub);
+        uint64_t j = i - 2 - n_sub;
+        uint64_t row = j < n_files ? s->dir_lo[d] + j : link_row(s, s->link_lo[d] + (j - n_files));
         from = file_name(s, row, &len);
         ino = file_ino(s, row);
     }
@@ -333,7 +343,7 @@ static void list_dir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, int
         return;
     }
     uint64_t d = ino - 1;
-    uint64_t total = 2 + (s->sub_hi[d] - s->sub_lo[d]) + (s->dir_hi[d] - s->dir_lo[d]);
+    uint64_t total = 2 + (s->sub_hi[d] - s->sub_lo[d]) + (s->dir_hi[d] - s->dir_lo[d]) + (s->link_hi[d] - s->link_lo[d]);
     char *buf = malloc(size ? size : 1);
     if (!buf) {
         fuse_reply_err(req, ENOMEM);
@@ -748,6 +758,27 @@ static const char *check_rows(const server_t *s)
     return NULL;
 }
 
+/* The links: one run per directory, tiling the links in directory order, each naming a
+ * file row that is there. */
+static const char *check_links(server_t *s)
+{
+    s->links = s->views[B_LINKS].buf;
+    s->link_lo = s->views[B_LINK_LO].buf;
+    s->link_hi = s->views[B_LINK_HI].buf;
+    s->n_links = count_of(s, B_LINKS);
+    if (count_of(s, B_LINK_LO) != s->n_dirs || count_of(s, B_LINK_HI) != s->n_dirs)
+        return "link_lo, link_hi: not one per directory";
+    for (uint64_t d = 0; d < s->n_dirs; d++)
+        if (s->link_lo[d] > s->link_hi[d] || s->link_lo[d] != (d ? s->link_hi[d - 1] : 0))
+            return "link runs are not contiguous";
+    if (s->link_hi[s->n_dirs - 1] != s->n_links)
+        return "link runs do not cover the links";
+    for (uint64_t i = 0; i < s->n_links; i++)
+        if (s->links[i] >= s->n_files)
+            return "a link names a file that is not there";
+    return NULL;
+}
+
 /* Bounds the tables must meet before any request trusts them: NULL, or what is wrong. */
 static const char *check_tables(server_t *s)
 {
@@ -780,6 +811,8 @@ static const char *check_tables(server_t *s)
     if ((problem = check_names(s->dir_names, (uint64_t)s->views[B_DIR_NAMES].len, s->dir_ends, 8, s->n_dirs, 1)))
         return problem;
     if ((problem = check_dirs(s)))
+        return problem;
+    if ((problem = check_links(s)))
         return problem;
     return check_rows(s);
 }

@@ -27,6 +27,7 @@ from .index import default_index_dir
 from .layout import IMGTYPES, SPLITS
 from .mounts import is_mounted, mounts_at
 from .remote import is_url
+from .views import RANKS, parse_ranks
 
 log = logging.getLogger("bioscanfs")
 F = TypeVar("F", bound=Callable)
@@ -100,11 +101,11 @@ def _setup_logging(verbose: int, log_file: Optional[str]) -> None:
 
 
 def _open(sources, index_dir, cache_size=256 << 20, skip_bad=False, allow_incomplete=False,
-          password=None, cache_dir=None, cache_max=10 << 30) -> Collection:
+          password=None, cache_dir=None, cache_max=10 << 30, views=()) -> Collection:
     with _Progress() as progress:
         return Collection(*sources, index_dir=index_dir or default_index_dir(), cache_size=cache_size,
                           skip_bad=skip_bad, allow_incomplete=allow_incomplete, password=password,
-                          cache_dir=cache_dir, cache_max=cache_max, on_archive=progress)
+                          cache_dir=cache_dir, cache_max=cache_max, on_archive=progress, views=views)
 
 
 class _Progress:
@@ -170,6 +171,26 @@ class _SourceType(click.ParamType):
 
 
 SOURCE = _SourceType()
+
+
+class _RanksType(click.ParamType):
+    """``--views``: all, none, or ranks joined by ',' or '+' (docs/views.md)."""
+
+    name = "ranks"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            return parse_ranks(str(value))
+        except ValueError as err:
+            self.fail(str(err), param, ctx)
+
+
+views_option = click.option(
+    "--views", type=_RanksType(), default="all", show_default=True, metavar="RANKS",
+    help=f"Ranks shown in views/<rank>/<imgtype>/<split>/<label>/ (from the metadata CSV): all, none, "
+         f"or some of {','.join(RANKS)} joined by ',' or '+'.")
 common_source_options = [
     click.option("--index-dir", type=click.Path(file_okay=False), default=None,
                  help="Where the persistent indexes live [default: $XDG_CACHE_HOME/bioscanfs]."),
@@ -212,9 +233,10 @@ def main() -> None:
               help="Keep byte ranges fetched from URLs in this folder (may be shared by mounts).")
 @click.option("--cache-max", type=SIZE, default="10G", show_default=True,
               help="Bound on --cache-dir; the least recently used ranges go first.")
+@views_option
 @_source_options
 def mount(sources, mountpoint, foreground, options, cache_size, log_file, verbose, index_dir,
-          skip_bad, allow_incomplete, single_threaded, engine, password_file, cache_dir, cache_max) -> None:
+          skip_bad, allow_incomplete, single_threaded, engine, password_file, cache_dir, cache_max, views) -> None:
     """Mount the archives in SOURCES (folders, zip files or URLs) at MOUNTPOINT.
 
     Returns once the tree can be read; the filesystem keeps running in the background
@@ -239,7 +261,7 @@ def mount(sources, mountpoint, foreground, options, cache_size, log_file, verbos
                 f"{log_file}: cannot write the log ({err.strerror}); choose one with --log FILE") from None
     password = _read_password(password_file)
     collection = _open(sources, index_dir, cache_size, skip_bad, allow_incomplete, password,
-                       cache_dir and os.path.abspath(cache_dir), cache_max)
+                       cache_dir and os.path.abspath(cache_dir), cache_max, views)
     if password is None and foreground and sys.stdin.isatty() and collection.encrypted_members():
         collection.reader.password = click.prompt(
             f"{collection.encrypted_members()} members are encrypted; password", hide_input=True,
@@ -388,8 +410,9 @@ def _unmount(point: str, lazy: bool) -> str:
 
 @main.command()
 @click.argument("sources", nargs=-1, required=True, type=SOURCE)
+@views_option
 @_source_options
-def index(sources, index_dir, skip_bad, allow_incomplete) -> None:
+def index(sources, index_dir, skip_bad, allow_incomplete, views) -> None:
     """Build the persistent indexes of SOURCES ahead of the first mount."""
     from .discover import find_archives
 
@@ -401,7 +424,7 @@ def index(sources, index_dir, skip_bad, allow_incomplete) -> None:
         click.echo(f"warning: {line}", err=True)
     started = time.monotonic()
     with _Progress() as progress:
-        tree, kept = open_tree(specs, folder, skip_bad, allow_incomplete, on_archive=progress)
+        tree, kept = open_tree(specs, folder, skip_bad, allow_incomplete, on_archive=progress, views=views)
     for src in kept:
         src.close()
     if not tree.persisted:

@@ -19,10 +19,10 @@ from .discover import ArchiveSpec, find_archives
 from .errors import BioscanError, NotFound
 from .index import Progress, default_index_dir, load_tree
 from .names import PATH_MAX, link_stays_inside
-from .reader import Reader
-from .sources import FileSource, open_sources
+from .reader import MemberFile, Reader
+from .sources import BytesSource, FileSource, open_sources
 from .tree import Tree, check_archive_count
-from .zipdir import FLAG_ENCRYPTED
+from .zipdir import FLAG_ENCRYPTED, Source
 
 log = logging.getLogger(__name__)
 
@@ -71,17 +71,22 @@ class Collection:
     def __init__(self, *inputs: str, index_dir: Optional[str] = "default", cache_size: int = 256 << 20,
                  skip_bad: bool = False, allow_incomplete: bool = False,
                  password: Optional[bytes] = None, cache_dir: Optional[str] = None,
-                 cache_max: int = 10 << 30, on_archive: Optional[Progress] = None) -> None:
+                 cache_max: int = 10 << 30, on_archive: Optional[Progress] = None,
+                 views: Sequence[str] = ()) -> None:
         specs, warnings = find_archives(inputs, allow_incomplete)
         for line in warnings:
             log.warning("%s", line)
         self.index_dir = default_index_dir() if index_dir == "default" else index_dir
         self.tree, self.sources = open_tree(specs, self.index_dir, skip_bad, allow_incomplete, cache_dir, cache_max,
-                                            on_archive)
+                                            on_archive, views)
         kept = {src.name for src in self.sources}
         self.specs = [spec for spec in specs if spec.name in kept]
         self.warnings = warnings + self.tree.warnings
-        self.reader = Reader(self.sources, cache_size, password)
+        #: What the rows' archive column numbers: the archives, then the views' classes.txt zip.
+        self.served: List[Source] = list(self.sources)
+        if self.tree.views_zip:
+            self.served.append(BytesSource(self.tree.views_zip, "views (classes.txt)"))
+        self.reader = Reader(self.served, cache_size, password)
         self._links: cachetools.LRUCache = cachetools.LRUCache(LINK_CACHE_BYTES, getsizeof=_link_cost)
         self._links_lock = threading.Lock()
 
@@ -181,10 +186,11 @@ class Collection:
     def open(self, path: Union[str, bytes]) -> io.BufferedReader:
         """A seekable binary file object over one member."""
         node = self._file(path)
-        return io.BufferedReader(_MemberIO(self, node, _key(path).decode("utf-8", "surrogateescape")), 1 << 16)
+        return io.BufferedReader(MemberFile(self.reader, self.tree.member(node),
+                                            _key(path).decode("utf-8", "surrogateescape")), 1 << 16)
 
     def archive_of(self, node: int) -> str:
-        return self.sources[self.tree.member(node).archive].name
+        return self.served[self.tree.member(node).archive].name
 
     def close(self) -> None:
         for src in self.sources:
@@ -199,47 +205,19 @@ class Collection:
 
 def open_tree(specs: Sequence[ArchiveSpec], index_dir: Optional[str], skip_bad: bool = False,
               allow_incomplete: bool = False, cache_dir: Optional[str] = None, cache_max: int = 10 << 30,
-              on_archive: Optional[Progress] = None) -> Tuple[Tree, List[FileSource]]:
+              on_archive: Optional[Progress] = None, views: Sequence[str] = ()) -> Tuple[Tree, List[FileSource]]:
     """Open the archives and map their tree (building and saving what is missing): the
     one way from discovered archives to a tree, for Collection and ``bioscanfs index``.
 
     Returns the tree and the sources it covers; ``skip_bad`` leaves out, with a warning,
-    archives that cannot be opened or parsed. On failure every source opened is closed.
+    archives that cannot be opened or parsed; ``views`` are the ranks of the views/
+    folder (docs/views.md). On failure every source opened is closed.
     """
     check_archive_count(len(specs))
     sources = open_sources([(spec.paths, spec.spanned) for spec in specs], cache_dir, cache_max, skip_bad)
     try:
-        return load_tree(sources, index_dir, on_archive, skip_bad, allow_incomplete)
+        return load_tree(sources, index_dir, on_archive, skip_bad, allow_incomplete, views)
     except BaseException:
         for src in sources:
             src.close()
         raise
-
-
-class _MemberIO(io.RawIOBase):
-    def __init__(self, collection: Collection, node: int, label: str) -> None:
-        self._c, self._node, self._label = collection, node, label
-        self._size = collection.tree.member(node).size
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
-        if base + offset < 0:
-            raise ValueError("negative seek position")
-        self._pos = base + offset
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-    def readinto(self, buffer) -> int:  # type: ignore[override]
-        data = self._c.read_node(self._node, len(buffer), self._pos, self._label)
-        buffer[:len(data)] = data
-        self._pos += len(data)
-        return len(data)

@@ -7,6 +7,7 @@ Owns when an index is built, reused or rebuilt; the tree's layout and lookups li
 from __future__ import annotations
 
 import glob
+import io
 import itertools
 import json
 import logging
@@ -18,9 +19,11 @@ from typing import Any, BinaryIO, Callable, Dict, Iterator, List, NamedTuple, Op
 
 import numpy as np
 
-from . import store, zipdir
+from . import store, views, zipdir
 from .errors import ArchiveError
-from .merge import Builder, summarise
+from .layout import METADATA_CSV
+from .merge import Builder, ViewsBuilder, summarise
+from .reader import MemberFile, Reader
 from .sources import FileSource
 from .tree import Tree, check, check_archive_count
 
@@ -57,40 +60,107 @@ def _tree_path(index_dir: str, sources: Sequence[FileSource], key: Any, skip_bad
 Progress = Callable[[str, int, int, int], None]
 
 
+def _tree_key(sources: Sequence[FileSource], skip_bad: bool, allow_incomplete: bool,
+              views: Sequence[str]) -> List[Any]:
+    """What a tree is built from: the archives' identities (the metadata CSV's archive
+    among them), the options and the ranks of its views."""
+    return ["tree", INDEX_VERSION, [src.identity for src in sources], skip_bad, allow_incomplete, list(views)]
+
+
 def load_tree(sources: Sequence[FileSource], index_dir: Optional[str],
-              on_archive: Optional[Progress] = None,
-              skip_bad: bool = False, allow_incomplete: bool = False) -> Tuple[Tree, List[FileSource]]:
+              on_archive: Optional[Progress] = None, skip_bad: bool = False, allow_incomplete: bool = False,
+              views: Sequence[str] = ()) -> Tuple[Tree, List[FileSource]]:
     """Map the persisted tree of these archives, building it when missing or stale.
 
     Returns the tree and the sources it covers (a bad archive is dropped and closed when
     ``skip_bad``, or when it has several pieces and ``allow_incomplete``: its last piece
     may be missing; else its ArchiveError propagates). ``index_dir=None`` keeps all in
     memory, as does an index folder that cannot be written (``Tree.persisted`` says which).
-    Raises UntrustedIndexError for an index folder or file another user could have written.
+    With ``views`` (ranks), the tree also holds the views of those ranks, built from the
+    image tree (the tree without views) once it is there. Raises UntrustedIndexError
+    for an index folder or file another user could have written.
     """
     check_archive_count(len(sources))
-    tree_key = ["tree", INDEX_VERSION, [src.identity for src in sources], skip_bad, allow_incomplete]
+    tree_key = _tree_key(sources, skip_bad, allow_incomplete, views)
     path = None
     if index_dir:
         store.prepare_folder(index_dir)
         path = _tree_path(index_dir, sources, tree_key, skip_bad, allow_incomplete)
         store.tidy(index_dir, [path])
-    cached = store.load(path, tree_key) if path else None
-    if cached is not None:
-        try:
-            kept = [s for s in sources if s.name in set(cached["__extra__"]["kept"])]
-            check(cached, [s.size for s in kept])
-            store.release_pages(cached)
-            tree = Tree(cached, [s.name for s in kept], persisted=True)
-        except (KeyError, ValueError, IndexError, TypeError) as err:  # BadTables is a ValueError
-            log.warning("index %s is damaged (%s); rebuilding it", path, err)
-        else:
-            for src in sources:
-                if src not in kept:
-                    src.close()
-            return tree, kept
-    return _build(sources, index_dir, path, tree_key, on_archive, skip_bad, allow_incomplete,
-                  _earlier_tree(path, tree_key, sources) if path else None)
+    mapped = _mapped(path, tree_key, sources) if path else None
+    if mapped is not None:
+        return mapped
+    if not views:
+        return _images(sources, index_dir, path, tree_key, on_archive, skip_bad, allow_incomplete)
+    images_key = _tree_key(sources, skip_bad, allow_incomplete, ())
+    images_path = path and _tree_path(index_dir, sources, images_key, skip_bad, allow_incomplete)
+    images = _mapped(images_path, images_key, sources) if images_path else None
+    built = images is None
+    if images is None:
+        images = _images(sources, index_dir, images_path, images_key, on_archive, skip_bad, allow_incomplete)
+    tree = _with_views(images[0], images[1], views, index_dir, path, tree_key)
+    if built and images_path and tree is not images[0]:
+        try:   # the views' tree holds all of it; an earlier tree for re-indexing is found among those
+            os.unlink(images_path)
+        except OSError:
+            pass
+    return tree, images[1]
+
+
+def _images(sources: Sequence[FileSource], index_dir: Optional[str], path: Optional[str], key: Any,
+            on_archive: Optional[Progress], skip_bad: bool, allow_incomplete: bool) -> Tuple[Tree, List[FileSource]]:
+    return _build(sources, index_dir, path, key, on_archive, skip_bad, allow_incomplete,
+                  _earlier_tree(path, key, sources) if path else None)
+
+
+def _archive_sizes(arrays: Dict[str, Any], kept: Sequence[Any]) -> List[int]:
+    """The size of every archive a tree's rows may name: its archives, then its views' classes zip."""
+    return [s.size for s in kept] + ([len(arrays["views_zip"])] if "views_zip" in arrays else [])
+
+
+def _mapped(path: str, key: Any, sources: Sequence[FileSource]) -> Optional[Tuple[Tree, List[FileSource]]]:
+    """The tree saved at ``path`` under ``key`` and the sources it covers (the others are
+    closed), once checked; None when there is none or it is damaged (logged)."""
+    cached = store.load(path, key)
+    if cached is None:
+        return None
+    try:
+        kept = [s for s in sources if s.name in set(cached["__extra__"]["kept"])]
+        check(cached, _archive_sizes(cached, kept))
+        store.release_pages(cached)
+        tree = Tree(cached, [s.name for s in kept], persisted=True)
+    except (KeyError, ValueError, IndexError, TypeError) as err:  # BadTables is a ValueError
+        log.warning("index %s is damaged (%s); rebuilding it", path, err)
+        return None
+    for src in sources:
+        if src not in kept:
+            src.close()
+    return tree, kept
+
+
+def _with_views(images: Tree, kept: List[FileSource], ranks: Sequence[str], index_dir: Optional[str],
+                path: Optional[str], key: Any) -> Tree:
+    """The image tree with the views of ``ranks`` added, saved at ``path``; with none when
+    the metadata CSV is not there, cannot be read, or a ``views`` folder is already in the
+    archives (the same tree with no links, saved as well: a remount does not try again).
+    The image tree itself when pyarrow is missing (views come once it is installed)."""
+    row = views.csv_member(images)
+    why = views.available()
+    if row is not None and why:
+        log.warning("no views/: %s", why)
+        return images
+    plan = None
+    if row is not None and images.n_dirs and images.find_dir(0, views.VIEWS) < 0:
+        member = images.member(row)
+        where = f"{kept[member.archive].name}: {METADATA_CSV}"
+        reader = Reader(kept)
+        plan = views.plan(images, lambda: io.BufferedReader(MemberFile(reader, member, METADATA_CSV), 1 << 20),
+                          ranks, where)
+    elif row is not None:
+        log.warning("no views/: the archives hold a views folder of their own")
+    builder = ViewsBuilder(images, plan or views.empty_plan(), len(kept))
+    extra = dict(images.extra, kept=[s.name for s in kept], identities=[s.identity for s in kept])
+    return _save(index_dir, path, key, builder.layout(), lambda out: builder.write(out, extra), [s.name for s in kept])
 
 
 class _Earlier(NamedTuple):
@@ -119,7 +189,7 @@ def _earlier_tree(path: str, key: Any, sources: Sequence[FileSource]) -> Optiona
     header = store.read_header(newest)
     old_key = header.get("key") if header else None
     if not (isinstance(old_key, list) and len(old_key) == len(key) and old_key[:2] == key[:2]
-            and old_key[3:] == key[3:]):
+            and old_key[3:5] == key[3:5]):   # the archives may differ, and the views' ranks
         return None
     arrays = store.load(newest, old_key)
     if arrays is None:
@@ -129,7 +199,8 @@ def _earlier_tree(path: str, key: Any, sources: Sequence[FileSource]) -> Optiona
         extra = arrays["__extra__"]
         identities = [json.dumps(identity) for identity in extra["identities"]]
         # Rows of changed archives are not used: their bound is left open.
-        check(arrays, [current[i].size if i in current else 1 << 62 for i in identities])
+        check(arrays, [current[i].size if i in current else 1 << 62 for i in identities] +
+              ([len(arrays["views_zip"])] if "views_zip" in arrays else []))
         store.release_pages(arrays)
         tree = Tree(arrays, extra["kept"], persisted=True)
         if not _lost_nothing(tree, extra):
@@ -148,7 +219,7 @@ def _lost_nothing(tree: Tree, extra: Dict[str, Any]) -> bool:
     say)."""
     if extra["duplicates"] or extra["hidden"] or len(tree.arrays["conflict_path_ends"]):
         return False
-    needed = tree.dir_hi > tree.dir_lo
+    needed = (tree.dir_hi > tree.dir_lo) | (tree.link_hi > tree.link_lo)
     for dir_id in range(tree.n_dirs - 1, 0, -1):
         needed[int(tree.dir_parent[dir_id])] |= needed[dir_id]
     return bool(needed.all())
@@ -167,26 +238,32 @@ def _build(sources: Sequence[FileSource], index_dir: Optional[str], path: Option
         del earlier
         layout = builder.merge()
         extra_kept = {"kept": [s.name for s in kept], "identities": [s.identity for s in kept]}
-        if path:
-            writer = None
-            try:
-                writer = store.ColumnWriter(path, layout)
-                extra = builder.write(writer)
-                writer.commit(key, dict(extra, **extra_kept))
-            except OSError as err:
-                if writer is not None:
-                    writer.abort()
-                log.warning("cannot write the index to %s (%s); keeping it in memory",
-                            index_dir, err.strerror or err)
-            else:
-                mapped = store.load(path, key)
-                if mapped is not None:
-                    return Tree(mapped, extra_kept["kept"], persisted=True), kept
-        writer = store.ColumnWriter(None, layout)
-        extra = builder.write(writer)
-        return Tree(writer.commit(key, dict(extra, **extra_kept)), extra_kept["kept"]), kept
+        names = extra_kept["kept"]
+        return _save(index_dir, path, key, layout, lambda out: dict(builder.write(out), **extra_kept), names), kept
     finally:
         spill.close()
+
+
+def _save(index_dir: Optional[str], path: Optional[str], key: Any, layout: Dict[str, Any],
+          write: Callable[[Any], Dict[str, Any]], archives: List[str]) -> Tree:
+    """The tree that ``write`` streams into a ``store.ColumnWriter`` of ``layout`` (and
+    returns the extras of), saved at ``path`` and mapped back, or kept in memory when it
+    cannot be saved there (with a warning) or there is no index folder."""
+    if path:
+        writer = None
+        try:
+            writer = store.ColumnWriter(path, layout)
+            writer.commit(key, write(writer))
+        except OSError as err:
+            if writer is not None:
+                writer.abort()
+            log.warning("cannot write the index to %s (%s); keeping it in memory", index_dir, err.strerror or err)
+        else:
+            mapped = store.load(path, key)
+            if mapped is not None:
+                return Tree(mapped, archives, persisted=True)
+    writer = store.ColumnWriter(None, layout)
+    return Tree(writer.commit(key, write(writer)), archives)
 
 
 class _Spill:

@@ -23,14 +23,14 @@ from __future__ import annotations
 import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, BinaryIO, Callable, Dict, List, Tuple
+from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Tuple
 
 import numpy as np
 
 from . import zipdir
 from .bulk import for_chunks
 from .errors import SourceError
-from .tree import ARRAY_TYPES, FILE_DTYPE, NAMES_MAX, Tree, find_name
+from .tree import ARRAY_TYPES, FILE_DTYPE, LINKED_FILES_MAX, NAMES_MAX, VIEW_TYPES, Tree, find_name
 
 #: Bytes of each name that numpy sorts on; longer names that tie on them are ordered in Python.
 SORT_PREFIX = 24
@@ -42,6 +42,8 @@ MAX_WARNING_CHARS = 1000
 #: pages are mapped again once per chunk (each chunk's rows lie all over it).
 _WRITE_ROWS = 1 << 20
 _RECORD = np.dtype((np.void, FILE_DTYPE.itemsize))  #: a row as opaque bytes: fast to copy and gather
+#: The own name of each view folder's class list (see ``views``).
+CLASSES_NAME = b"classes.txt"
 
 
 def summarise(lines: List[str], rest: Callable[[int], str], keep: int = MAX_WARNINGS) -> List[str]:
@@ -534,3 +536,117 @@ def _last_slash(blob: np.ndarray, begins: np.ndarray, ends: np.ndarray, window: 
 
     for_chunks(len(begins), search)
     return last
+
+
+class ViewsBuilder:
+    """An image tree with its views added (``views.Plan``): the same file rows, with the
+    classes.txt rows (of archive ``classes_archive``) put in their folders, the view
+    folders numbered among the others, and the links. Like ``Builder``: ``layout``,
+    then ``write`` into a ``store.ColumnWriter`` (again, if the first one fails).
+
+    Folders keep their relative order when others are added (breadth first, siblings by
+    name), so the image tree's rows stay in order, moved by the classes.txt rows before them.
+    """
+
+    def __init__(self, tree: Tree, plan: Any, classes_archive: int) -> None:
+        if len(tree.files) + len(plan.class_dirs) >= LINKED_FILES_MAX:
+            raise SourceError(f"{len(tree.files):,} files: views need fewer than {LINKED_FILES_MAX:,}")
+        self._tree, self._plan = tree, plan
+        dirs = _Dirs()
+        old = [dirs.add(tree.dir_path(d)) for d in range(tree.n_dirs)]
+        views = [dirs.add(path) for path in plan.dirs]
+        classes = [dirs.add(path) for path in plan.class_dirs]
+        new_id = dirs.number()
+        self._dirs = dirs
+        self._old = new_id[old]
+        n = dirs.count
+        self._counts = np.zeros(n, dtype=np.int64)
+        self._counts[self._old] = (tree.dir_hi - tree.dir_lo).astype(np.int64)
+        self._classes_at = new_id[classes]
+        self._counts[self._classes_at] += 1
+        self._link_counts = np.zeros(n, dtype=np.int64)
+        view_ids = new_id[views].astype(np.int64)
+        self._link_counts[view_ids] = plan.counts
+        self._links = self._place_links(view_ids)
+        rows = np.array(plan.class_members.table)
+        rows["archive"] = classes_archive
+        self._class_rows = rows[np.argsort(self._classes_at, kind="stable")]
+        self._classes_at = np.sort(self._classes_at)
+
+    def _place_links(self, view_ids: np.ndarray) -> np.ndarray:
+        """The links in folder order, as rows of the new files array."""
+        tree, plan = self._tree, self._plan
+        dir_hi = np.cumsum(self._counts)
+        shift = (dir_hi - self._counts)[self._old] - tree.dir_lo.astype(np.int64)   # per image folder
+        targets = plan.targets + shift[np.searchsorted(tree.dir_hi, plan.targets, side="right")]
+        starts = np.cumsum(plan.counts) - plan.counts
+        by_folder = np.argsort(view_ids, kind="stable")
+        counts = plan.counts[by_folder]
+        gather = np.repeat(starts[by_folder] - (np.cumsum(counts) - counts), counts) + np.arange(int(counts.sum()))
+        self._link_mtimes = np.asarray(tree.files["mtime"])[plan.targets[gather]]
+        return targets[gather].astype(np.uint32)
+
+    def layout(self) -> Dict[str, Tuple[np.dtype, int]]:
+        tree, n = self._tree, self._dirs.count
+        sizes = dict({"files": len(tree.files) + len(self._class_rows),
+                      "names": len(tree.names) + len(self._class_rows) * len(CLASSES_NAME),
+                      "links": len(self._links), "views_zip": len(self._plan.classes)},
+                     **{name: n for name in ("dir_lo", "dir_hi", "dir_mtime", "link_lo", "link_hi")},
+                     **{name: len(array) for name, array in self._dirs.arrays().items()},
+                     **{name: len(tree.arrays[name]) for name in ARRAY_TYPES if name.startswith("conflict")})
+        sizes["name_ends"] = sizes["files"]
+        return {name: (dtype, sizes[name]) for name, dtype in dict(ARRAY_TYPES, **VIEW_TYPES).items()}
+
+    def write(self, out: Any, extra: Dict[str, Any]) -> Dict[str, Any]:
+        """Stream the columns into ``out``; returns ``extra`` with the views' figures."""
+        tree = self._tree
+        name_end = 0
+        for files, names, ends in self._pieces():
+            out.write("files", files)
+            out.write("names", names)
+            out.write("name_ends", ends.astype(np.uint64) + np.uint64(name_end))
+            name_end += len(names)
+        dir_hi = np.cumsum(self._counts).astype(np.uint64)
+        link_hi = np.cumsum(self._link_counts).astype(np.uint64)
+        columns = dict({"dir_lo": dir_hi - self._counts.astype(np.uint64), "dir_hi": dir_hi,
+                        "dir_mtime": self._mtimes(), "links": self._links,
+                        "link_lo": link_hi - self._link_counts.astype(np.uint64), "link_hi": link_hi,
+                        "views_zip": np.frombuffer(self._plan.classes, dtype=np.uint8)},
+                       **self._dirs.arrays(), **{name: tree.arrays[name] for name in ARRAY_TYPES
+                                                 if name.startswith("conflict")})
+        for name, array in columns.items():
+            out.write(name, array)
+        return dict(extra, views=self._plan.stats)
+
+    def _pieces(self) -> Iterator[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(file rows, their names, name ends from 0) in the new order, in chunks: runs of
+        the image tree's rows, with each classes.txt row where its folder falls."""
+        tree = self._tree
+        dir_lo = np.cumsum(self._counts) - self._counts
+        # Classes row i goes where its folder starts; the image rows before it are that less i.
+        old_at = 0
+        ends = tree.name_ends.astype(np.int64)
+        cuts = [int(p) - i for i, p in enumerate(dir_lo[self._classes_at].tolist())] + [len(tree.files)]
+        for i, cut in enumerate(cuts):
+            for rows in _slices(cut - old_at):
+                lo, hi = old_at + rows.start, old_at + rows.stop
+                begin = int(ends[lo - 1]) if lo else 0
+                yield (np.asarray(tree.files[lo:hi]), np.asarray(tree.names[begin:int(ends[hi - 1])]),
+                       ends[lo:hi] - begin)
+            old_at = cut
+            if i < len(self._class_rows):
+                yield (self._class_rows[i:i + 1], np.frombuffer(CLASSES_NAME, np.uint8),
+                       np.array([len(CLASSES_NAME)], np.int64))
+
+    def _mtimes(self) -> np.ndarray:
+        """Each folder's newest file in its subtree: the image folders' as they were; a view
+        folder's from its links' targets and classes.txt."""
+        tree = self._tree
+        mtime = np.full(self._dirs.count, np.iinfo(np.int64).min, dtype=np.int64)
+        mtime[self._old] = tree.dir_mtime
+        has = np.flatnonzero(self._link_counts)
+        if len(has):
+            link_lo = np.cumsum(self._link_counts) - self._link_counts
+            mtime[has] = np.maximum(mtime[has], np.maximum.reduceat(self._link_mtimes, link_lo[has]))
+        np.maximum.at(mtime, self._classes_at, self._class_rows["mtime"])
+        return _dir_mtimes(mtime, self._dirs.parent)

@@ -67,7 +67,10 @@ def tables(arrays: Dict[str, np.ndarray], fds: np.ndarray, direct: np.ndarray,
     archive), by the names _nativefs.c's TABLE_NAMES gives them."""
     served = {name: arrays[name] for name in ("files", "names", "name_ends", "dir_lo", "dir_hi", "dir_mtime",
                                               "dir_parent", "dir_names", "dir_ends")}
-    return dict(served, fds=fds, direct=direct, archive_sizes=np.asarray(archive_sizes, dtype=np.uint64))
+    no_links = np.zeros(len(arrays["dir_lo"]), dtype=np.uint64)   # a tree without views
+    links = {name: arrays.get(name, default) for name, default in
+             (("links", np.zeros(0, np.uint32)), ("link_lo", no_links), ("link_hi", no_links))}
+    return dict(served, **links, fds=fds, direct=direct, archive_sizes=np.asarray(archive_sizes, dtype=np.uint64))
 
 
 def check_tables(arrays: Dict[str, np.ndarray], fds: np.ndarray, direct: np.ndarray,
@@ -108,12 +111,12 @@ def serve(collection: Collection, mountpoint: str, options: Dict[str, Union[bool
         return c.link_target(row) or errno.EINVAL
 
     option_string = options_text(options)
-    fds = np.array([-1 if getattr(src, "fd", None) is None else src.fd for src in c.sources], dtype=np.int64)
+    fds = np.array([-1 if getattr(src, "fd", None) is None else src.fd for src in c.served], dtype=np.int64)
     direct = np.array([_direct_fd(int(fd)) for fd in fds], dtype=np.int64)
     try:
         _nativefs.serve(
             mountpoint=mountpoint, options=option_string,
-            tables=tables(tree.arrays, fds, direct, [src.size for src in c.sources]), mapped=tree.persisted,
+            tables=tables(tree.arrays, fds, direct, [src.size for src in c.served]), mapped=tree.persisted,
             whole_max=WHOLE_READ_MAX, total_bytes=min(tree.total_bytes, (1 << 64) - 1),
             timeout=float(CACHE_SECONDS), block_size=BLOCK_SIZE, file_mode=FILE_MODE, dir_mode=DIR_MODE,
             read=read, attr=attr, readlink=readlink, ready=on_ready, threads=threads)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import bz2
 import ctypes
 import functools
+import io
 import threading
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
@@ -447,3 +448,35 @@ def libarchive_decode(src: Source, member: Member, label: str, header: bytes, da
     if budget <= 0:
         raise MemberError(src.name, label, f"{method_name(member.method)} stream decodes past its declared size")
     return b"".join(chunks)
+
+
+class MemberFile(io.RawIOBase):
+    """A seekable binary file over one member, read through a Reader (wrap it in an
+    io.BufferedReader): ``Collection.open``, and the views' CSV read by the index build."""
+
+    def __init__(self, reader: Reader, member: Member, label: str) -> None:
+        self._reader, self._member, self._label = reader, member, label
+        self._size = member.size
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        data = self._reader.read(self._member, self._label, len(buffer), self._pos)
+        buffer[:len(data)] = data
+        self._pos += len(data)
+        return len(data)

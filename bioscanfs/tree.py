@@ -16,14 +16,19 @@ Layout (all numpy; ``index`` saves them and maps them back on the next mount):
   a folder costs its own name, never its full path (a path 2,000 folders deep would
   otherwise be stored 2,000 times over);
 - ``conflict_*``: paths present in several archives with different content, as arrays
-  (the first archive listed is the one served).
+  (the first archive listed is the one served);
+- with views (docs/views.md), also ``links``: file rows shown again in other folders,
+  each directory's run ``link_lo``..``link_hi`` sorted by its target's name (a link
+  costs 4 bytes: its name is its target's), and ``views_zip``: the bytes of one more
+  archive, in memory, holding the views' classes.txt files. A link is its target,
+  inode included: a hard link.
 
 An index folder is untrusted input: ``check`` bounds every value a lookup or a read
 will trust before a tree is used, and the C engine checks the same bounds again.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -45,6 +50,11 @@ ARRAY_TYPES = {
     "conflict_paths": np.dtype(np.uint8), "conflict_path_ends": np.dtype("<u8"),
     "conflict_archives": np.dtype("<u2"), "conflict_archive_ends": np.dtype("<u8"),
 }
+#: The arrays of a tree with views: all of them or none.
+VIEW_TYPES = {"links": np.dtype("<u4"), "link_lo": np.dtype("<u8"), "link_hi": np.dtype("<u8"),
+              "views_zip": np.dtype(np.uint8)}
+#: Links are 32-bit rows: a tree with views holds fewer files than this.
+LINKED_FILES_MAX = 1 << 32
 
 
 def check_archive_count(count: int) -> None:
@@ -95,6 +105,25 @@ def check(arrays: Dict[str, Any], archive_sizes: Sequence[int]) -> None:
     if len(arrays["conflict_path_ends"]) != len(arrays["conflict_archive_ends"]) or \
             (arrays["conflict_archives"] >= len(archive_sizes)).any():
         raise BadTables("conflicts: lists disagree or name an archive that is not there")
+    _check_links(arrays)
+
+
+def _check_links(arrays: Dict[str, Any]) -> None:
+    """With views: every link names a file row, and the link runs tile ``links`` in
+    directory order (as the row ranges tile ``files``). Order is not checked."""
+    present = [name for name in VIEW_TYPES if name in arrays]
+    if not present:
+        return
+    for name, dtype in VIEW_TYPES.items():
+        if name not in arrays or arrays[name].dtype != dtype or arrays[name].ndim != 1:
+            raise BadTables(f"{name}: missing or not of type {dtype}")
+    links, lo, hi = arrays["links"], arrays["link_lo"], arrays["link_hi"]
+    if len(lo) != len(arrays["dir_lo"]) or len(hi) != len(lo) or lo[0] != 0 or (lo > hi).any() \
+            or (lo[1:] != hi[:-1]).any() or hi[-1] != len(links):
+        raise BadTables("link_lo/link_hi: not one contiguous run of links per directory")
+    n_files = len(arrays["files"])
+    if not all(for_chunks(len(links), lambda rows: not (links[rows] >= n_files).any())):
+        raise BadTables("links: a link names a file that is not there")
 
 
 #: Bytes a name may not hold: NUL and '/'.
@@ -162,7 +191,7 @@ class Tree:
     """Lookups and listings over the merged arrays (checked by the caller with ``check``)."""
 
     def __init__(self, arrays: Dict[str, Any], archives: List[str], persisted: bool = False) -> None:
-        self.arrays = {name: arrays[name] for name in ARRAY_TYPES}
+        self.arrays = {name: arrays[name] for name in (*ARRAY_TYPES, *VIEW_TYPES) if name in arrays}
         self.archives = archives
         self.persisted = persisted  #: mapped from the index folder (else held in memory)
         self.files: np.ndarray = arrays["files"]
@@ -173,19 +202,35 @@ class Tree:
         self.dir_mtime: np.ndarray = arrays["dir_mtime"]
         self.dir_parent: np.ndarray = arrays["dir_parent"]
         extra = arrays.get("__extra__") or {}
+        self.extra: Dict[str, Any] = dict(extra)   #: what the build recorded (see ``index``)
         self.warnings: List[str] = list(extra.get("warnings", []))
         self.total_bytes: int = int(extra.get("total_bytes", 0))
         self.duplicates: int = int(extra.get("duplicates", 0))  #: same path and content, repeated
         self.n_dirs = len(self.dir_lo)
-        names, ends = arrays["dir_names"].tobytes(), arrays["dir_ends"].tolist()
-        self.dir_base: List[bytes] = [names[a:b] for a, b in zip([0] + ends[:-1], ends)]
+        self.dir_names: np.ndarray = arrays["dir_names"]
+        self.dir_ends: np.ndarray = arrays["dir_ends"]
         ids = np.arange(self.n_dirs, dtype=np.uint64)
         #: Each directory's subdirectories are the ids sub_lo..sub_hi (breadth-first order).
         self.sub_lo = np.searchsorted(self.dir_parent[1:], ids, side="left") + 1
         self.sub_hi = np.searchsorted(self.dir_parent[1:], ids, side="right") + 1
-        self._children = {(int(self.dir_parent[d]), self.dir_base[d]): d for d in range(1, self.n_dirs)}
+        views = "links" in arrays
+        self.links: np.ndarray = arrays["links"] if views else np.zeros(0, VIEW_TYPES["links"])
+        self.link_lo: np.ndarray = arrays["link_lo"] if views else np.zeros(self.n_dirs, np.uint64)
+        self.link_hi: np.ndarray = arrays["link_hi"] if views else self.link_lo
+        self.views_zip: Optional[bytes] = arrays["views_zip"].tobytes() if views else None
 
-    # A node is a file row (>= 0) or a directory (-1 - dir id).
+    def dir_base(self, dir_id: int) -> bytes:
+        """A directory's own name (the root's is empty)."""
+        begin = int(self.dir_ends[dir_id - 1]) if dir_id else 0
+        return self.dir_names[begin:int(self.dir_ends[dir_id])].tobytes()
+
+    def find_dir(self, dir_id: int, name: bytes) -> int:
+        """The subdirectory ``name`` of a directory, or -1 (binary search: siblings are sorted)."""
+        hi = int(self.sub_hi[dir_id])
+        child = find_name(self.dir_base, int(self.sub_lo[dir_id]), hi, name)
+        return child if child < hi and self.dir_base(child) == name else -1
+
+    # A node is a file row (>= 0) or a directory (-1 - dir id); a link resolves to its row.
     def lookup(self, path: bytes) -> int:
         """Resolve a path relative to the root (no leading '/'); raises NotFound."""
         dir_id = 0
@@ -193,14 +238,15 @@ class Tree:
             return -1
         parts = path.split(b"/")
         for part in parts[:-1]:
-            found = self._children.get((dir_id, part))
-            if found is None:
+            dir_id = self.find_dir(dir_id, part)
+            if dir_id < 0:
                 raise NotFound(path.decode("utf-8", "surrogateescape"))
-            dir_id = found
-        found = self._children.get((dir_id, parts[-1]))
-        if found is not None:
+        found = self.find_dir(dir_id, parts[-1])
+        if found >= 0:
             return -1 - found
         row = self.find_file(dir_id, parts[-1])
+        if row < 0:
+            row = self.find_link(dir_id, parts[-1])
         if row < 0:
             raise NotFound(path.decode("utf-8", "surrogateescape"))
         return row
@@ -216,13 +262,26 @@ class Tree:
         row = find_name(self.name, int(self.dir_lo[dir_id]), hi, name)
         return row if row < hi and self.name(row) == name else -1
 
+    def find_link(self, dir_id: int, name: bytes) -> int:
+        """The row that link ``name`` of a directory names, or -1 (binary search by bytes)."""
+        hi = int(self.link_hi[dir_id])
+        at = find_name(lambda i: self.name(int(self.links[i])), int(self.link_lo[dir_id]), hi, name)
+        return int(self.links[at]) if at < hi and self.name(int(self.links[at])) == name else -1
+
     def n_subdirs(self, dir_id: int) -> int:
         return int(self.sub_hi[dir_id] - self.sub_lo[dir_id])
 
     def listdir(self, dir_id: int) -> Tuple[List[bytes], List[bytes]]:
-        """(subdirectory names, file names) of one directory, each in name order."""
-        subdirs = self.dir_base[int(self.sub_lo[dir_id]):int(self.sub_hi[dir_id])]
-        return subdirs, self._names(int(self.dir_lo[dir_id]), int(self.dir_hi[dir_id]))
+        """(subdirectory names, file names) of one directory: subdirectories in name order,
+        then files in name order, then links in name order."""
+        subdirs = [self.dir_base(d) for d in range(int(self.sub_lo[dir_id]), int(self.sub_hi[dir_id]))]
+        return subdirs, [name for _, name in self._entries(dir_id)]
+
+    def _entries(self, dir_id: int) -> List[Tuple[int, bytes]]:
+        """(row, name) of a directory's files, then of its links."""
+        lo, hi = int(self.dir_lo[dir_id]), int(self.dir_hi[dir_id])
+        linked = self.links[int(self.link_lo[dir_id]):int(self.link_hi[dir_id])].tolist()
+        return list(zip(range(lo, hi), self._names(lo, hi))) + [(row, self.name(row)) for row in linked]
 
     def _names(self, lo: int, hi: int) -> List[bytes]:
         if lo >= hi:
@@ -236,12 +295,13 @@ class Tree:
         """A directory's path from the root (O(depth))."""
         parts = []
         while dir_id:
-            parts.append(self.dir_base[dir_id])
+            parts.append(self.dir_base(dir_id))
             dir_id = int(self.dir_parent[dir_id])
         return b"/".join(reversed(parts))
 
-    def file_dirs(self, prefix: bytes = b"") -> Iterator[Tuple[int, bytes]]:
-        """(id, path) of every directory holding files under a directory path, depth first."""
+    def file_dirs(self, prefix: bytes = b"", links: bool = False) -> Iterator[Tuple[int, bytes]]:
+        """(id, path) of every directory holding files (or, with ``links``, links) under a
+        directory path, depth first."""
         prefix = prefix.strip(b"/")
         try:
             start = -1 - self.lookup(prefix) if prefix else 0
@@ -252,19 +312,18 @@ class Tree:
         pending = [(start, prefix)]
         while pending:
             dir_id, path = pending.pop()
-            if self.dir_hi[dir_id] > self.dir_lo[dir_id]:
+            if self.dir_hi[dir_id] > self.dir_lo[dir_id] or (links and self.link_hi[dir_id] > self.link_lo[dir_id]):
                 yield dir_id, path
             head = path + b"/" if path else b""
-            pending.extend((child, head + self.dir_base[child])
+            pending.extend((child, head + self.dir_base(child))
                            for child in reversed(range(int(self.sub_lo[dir_id]), int(self.sub_hi[dir_id]))))
 
     def file_rows(self, prefix: bytes = b"") -> Iterator[Tuple[bytes, int]]:
-        """(path, row) of every file under a directory path, depth first."""
-        for dir_id, path in self.file_dirs(prefix):
-            lo = int(self.dir_lo[dir_id])
+        """(path, row) of every file and link under a directory path, depth first."""
+        for dir_id, path in self.file_dirs(prefix, links=True):
             head = path + b"/" if path else b""
-            for offset, base in enumerate(self._names(lo, int(self.dir_hi[dir_id]))):
-                yield head + base, lo + offset
+            for row, base in self._entries(dir_id):
+                yield head + base, row
 
     def member(self, row: int) -> zipdir.Member:
         """A file row as Python ints (one conversion instead of one per field)."""

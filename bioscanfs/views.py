@@ -1,0 +1,334 @@
+"""Taxonomic views: ``views/<rank>/<imgtype>/<split>/<label>/<processid>.jpg`` and
+``views/<rank>/<imgtype>/classes.txt``, planned from the metadata CSV and an image tree.
+
+Owns the ranks, the label -> file name mapping, reading the CSV (pyarrow, only the
+columns needed) and which image row each view file is; knows nothing of how the tree is
+written (``merge.write_with_views``) or served. See docs/views.md.
+
+Why pyarrow: its multithreaded reader parses the needed columns of the CSV many times
+faster than the csv module (scripts/bench_views_csv.py, docs/views.md), and its hash
+join finds millions of image paths without a Python object per row. Without pyarrow
+there are no views (one warning); everything else is served as always.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import time
+import zipfile
+from typing import Any, BinaryIO, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .errors import BioscanError, NotFound
+from .layout import IMAGES_ROOT, METADATA_CSV, SPLIT_CHUNK_CHARS
+from .names import NAME_MAX
+from .tree import Tree
+from .zipdir import Members
+
+log = logging.getLogger(__name__)
+
+#: The CSV columns a view can be made of, in the order of the issue (and of --views).
+RANKS = ("order", "family", "subfamily", "genus", "species", "dna_bin")
+NEEDED_COLUMNS = ("processid",) + RANKS + ("split", "chunk")
+#: The folder at the mount root that holds the views.
+VIEWS = b"views"
+#: Bytes always written as %XX in a folder name: the escape itself, the path separator,
+#: NUL, and line ends (classes.txt holds one name per line).
+_ESCAPED = frozenset(b"%/\0\n\r")
+#: Marks a name shortened to fit NAME_MAX; never made by escaping ('%' is always %25).
+_SHORTENED = b"%#"
+_DIGEST_HEX = 16
+_CSV_BLOCK = 16 << 20
+
+
+def parse_ranks(text: str) -> Tuple[str, ...]:
+    """``--views`` as ranks in RANKS order: ``all``, ``none``, or names joined by ``,`` or
+    ``+`` (``+`` in ``-o views=order+species``, where ``,`` separates mount options)."""
+    text = text.strip()
+    if text == "all":
+        return RANKS
+    if text in ("none", ""):
+        return ()
+    asked = [part.strip() for part in text.replace("+", ",").split(",") if part.strip()]
+    unknown = [rank for rank in asked if rank not in RANKS]
+    if unknown:
+        raise ValueError(f"unknown rank {unknown[0]!r}: expected all, none or some of {', '.join(RANKS)}")
+    return tuple(rank for rank in RANKS if rank in asked)
+
+
+def label_name(label: bytes) -> bytes:
+    """The folder name of a (non-empty) label: safe as one path component, and the same
+    in classes.txt. '%', '/', NUL, CR and LF become %XX (hex), a leading or trailing space
+    %20, '.' and '..' %2E and %2E%2E; a name still over NAME_MAX bytes keeps its head and
+    ends in %# and 16 hex digits of the label's SHA-256. ``label_of`` reverses it."""
+    out = bytearray()
+    for byte in label:
+        out += b"%%%02X" % byte if byte in _ESCAPED else bytes([byte])
+    if out[:1] == b" ":
+        out[:1] = b"%20"
+    if out[-1:] == b" ":
+        out[-1:] = b"%20"
+    if out in (b".", b".."):
+        out = bytearray(b"%2E" * len(out))
+    if len(out) <= NAME_MAX:
+        return bytes(out)
+    keep = NAME_MAX - len(_SHORTENED) - _DIGEST_HEX
+    head = bytes(out[:keep])
+    cut = head.rfind(b"%", max(0, keep - 2))
+    if cut >= 0:   # never split a %XX escape
+        head = head[:cut]
+    head = head.decode("utf-8", "ignore").encode() if _is_utf8(label) else head   # nor a character
+    return head + _SHORTENED + hashlib.sha256(label).hexdigest()[:_DIGEST_HEX].encode()
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def label_of(name: bytes) -> bytes:
+    """The label of a folder name made by ``label_name`` (of a shortened one: its head)."""
+    name = name.split(_SHORTENED, 1)[0]
+    out, i = bytearray(), 0
+    while i < len(name):
+        if name[i:i + 1] == b"%" and i + 3 <= len(name):
+            out.append(int(name[i + 1:i + 3], 16))
+            i += 3
+        else:
+            out.append(name[i])
+            i += 1
+    return bytes(out)
+
+
+def available() -> Optional[str]:
+    """None when views can be built here, else why not (pyarrow is missing)."""
+    try:
+        import pyarrow.compute  # noqa: F401
+        import pyarrow.csv  # noqa: F401
+    except ImportError:
+        return "pyarrow is not installed (pip install 'bioscanfs[views]')"
+    return None
+
+
+class Plan(NamedTuple):
+    """The view folders that hold files, and the classes.txt members, over an image tree.
+
+    ``dirs[i]`` (a path from the root) holds ``counts[i]`` files: the image rows
+    ``targets`` (in the image tree) of its run, sorted by name; ``classes`` is an
+    in-memory zip whose member ``i`` is the classes.txt of folder ``class_dirs[i]``.
+    """
+
+    dirs: List[bytes]
+    counts: np.ndarray
+    targets: np.ndarray
+    class_dirs: List[bytes]
+    classes: bytes
+    class_members: Members
+    stats: Dict[str, Any]
+
+
+def empty_plan() -> Plan:
+    """No views: the tree is saved as it is (with no links)."""
+    from .zipdir import MEMBER_DTYPE
+
+    none = Members(np.zeros(0, MEMBER_DTYPE), np.zeros(0, np.uint8), np.zeros(0, np.uint64), np.zeros(0, bool), [])
+    return Plan([], np.zeros(0, np.int64), np.zeros(0, np.int64), [], b"", none, {})
+
+
+def read_csv(stream: BinaryIO) -> Any:
+    """The needed columns of the CSV as a pyarrow Table of binary columns (labels need not
+    be UTF-8). Raises pyarrow's ArrowInvalid for a CSV it cannot parse or missing columns."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    return pacsv.read_csv(stream, read_options=pacsv.ReadOptions(block_size=_CSV_BLOCK),
+                          convert_options=pacsv.ConvertOptions(
+                              include_columns=list(NEEDED_COLUMNS), check_utf8=False,
+                              column_types={name: pa.binary() for name in NEEDED_COLUMNS}))
+
+
+def csv_member(tree: Tree) -> Optional[int]:
+    """The row of the metadata CSV in an image tree, or None when it has none."""
+    try:
+        row = tree.lookup(METADATA_CSV.encode())
+    except NotFound:
+        return None
+    return row if row >= 0 else None
+
+
+def plan(tree: Tree, open_csv: Callable[[], BinaryIO], ranks: Sequence[str], where: str) -> Optional[Plan]:
+    """The views of ``ranks`` over ``tree`` (pyarrow must be there: ``available``), or None
+    with one warning when the CSV (``open_csv``, ``where`` is "archive: member") cannot be
+    read or parsed."""
+    import pyarrow as pa
+
+    started = time.monotonic()
+    try:
+        with open_csv() as stream:
+            table = read_csv(stream)
+    except (BioscanError, OSError, pa.ArrowException, ValueError) as err:
+        log.warning("%s: no views/: the CSV cannot be read (%s)", where, str(err).splitlines()[0] if str(err) else err)
+        return None
+    parsed = time.monotonic() - started
+    result = _plan(tree, table, ranks, int(tree.member(csv_member(tree) or 0).mtime))
+    result.stats.update(csv_seconds=round(parsed, 2), plan_seconds=round(time.monotonic() - started - parsed, 2))
+    log.info("views: %s", ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}"
+                                    for k, v in result.stats.items()))
+    return result
+
+
+def _plan(tree: Tree, table: Any, ranks: Sequence[str], mtime: int) -> Plan:
+    import pyarrow.compute as pc
+
+    table, stats = _first_rows(table)
+    split_rank, split_names = _splits(table.column("split").combine_chunks())
+    images = _image_rows(tree, _image_keys(table, split_names, split_rank))
+    by_name = pc.sort_indices(pc.binary_join_element_wise(table.column("processid"), b".jpg", b"")).to_numpy()
+    dirs: List[bytes] = []
+    counts: List[np.ndarray] = []
+    targets: List[np.ndarray] = []
+    class_files: List[Tuple[bytes, bytes]] = []
+    for imgtype, image_rows in images:
+        stats[f"missing_{imgtype.decode('utf-8', 'replace')}"] = int((image_rows < 0).sum())
+    for rank in ranks:
+        label_rank, names = _labels(table.column(rank).combine_chunks())
+        width = max(len(names), 1)
+        key = np.where(label_rank >= 0, split_rank * width + label_rank, -1)
+        labelled = by_name[np.argsort(key[by_name], kind="stable")]   # by folder, then by file name
+        labelled = labelled[(key[labelled] >= 0) & (split_rank[labelled] >= 0)]
+        for imgtype, image_rows in images:
+            order = labelled[image_rows[labelled] >= 0]
+            base = VIEWS + b"/" + rank.encode() + b"/" + imgtype
+            class_files.append((base, b"".join(names[i] + b"\n" for i in np.unique(label_rank[order]).tolist())))
+            folder_keys, sizes = np.unique(key[order], return_counts=True)
+            dirs += [base + b"/" + split_names[k // width] + b"/" + names[k % width] for k in folder_keys.tolist()]
+            counts.append(sizes)
+            targets.append(image_rows[order])
+    zipped, members = _classes_zip(class_files, mtime)
+    stats.update(view_files=int(sum(len(t) for t in targets)), view_folders=len(dirs))
+    return Plan(dirs, np.concatenate(counts) if counts else np.zeros(0, np.int64),
+                np.concatenate(targets) if targets else np.zeros(0, np.int64),
+                [base for base, _ in class_files], zipped, members, stats)
+
+
+def _first_rows(table: Any) -> Tuple[Any, Dict[str, Any]]:
+    """The rows with a processid, the first of each processid only; counts for the log."""
+    import pyarrow.compute as pc
+
+    pid = table.column("processid").combine_chunks()
+    codes = pc.dictionary_encode(pid).indices.to_numpy(zero_copy_only=False)
+    first = np.unique(codes, return_index=True)[1]   # codes number processids in order of first use
+    stats: Dict[str, Any] = {"csv_rows": table.num_rows, "processids_repeated": int(table.num_rows - len(first))}
+    if stats["processids_repeated"]:
+        log.info("views: %d CSV rows repeat a processid listed before; the first row of each wins",
+                 stats["processids_repeated"])
+    first = first[pc.binary_length(pid).to_numpy(zero_copy_only=False)[first] > 0]
+    return table.take(np.sort(first)), stats
+
+
+def _splits(split: Any) -> Tuple[np.ndarray, List[bytes]]:
+    """(rank of each row's split among the splits' names in byte order, -1 for a split
+    that is not one of the dataset's; those names)."""
+    import pyarrow.compute as pc
+
+    encoded = pc.dictionary_encode(split)
+    values = encoded.dictionary.to_pylist()
+    known = sorted(v for v in values if v.decode("utf-8", "replace") in SPLIT_CHUNK_CHARS)
+    rank_of = np.array([known.index(v) if v in known else -1 for v in values] + [-1], dtype=np.int64)
+    codes = encoded.indices.fill_null(len(values)).to_numpy(zero_copy_only=False)
+    return rank_of[codes], known
+
+
+def _image_keys(table: Any, split_names: List[bytes], split_rank: np.ndarray) -> Any:
+    """Each row's image path below ``images/<imgtype>/``: split/[chunk/]processid.jpg by
+    the dataset's chunk rule (the CSV's chunk cut to the split's width); null for a row of
+    an unknown split."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    widths = np.array([SPLIT_CHUNK_CHARS[s.decode()] for s in split_names] + [0], dtype=np.int64)
+    width = widths[np.where(split_rank >= 0, split_rank, len(split_names))]
+    chunk = table.column("chunk").combine_chunks()
+    chunk = pc.if_else(pa.array(width == 2), pc.binary_slice(chunk, 0, 2),
+                       pc.if_else(pa.array(width == 1), pc.binary_slice(chunk, 0, 1), b""))
+    slash = pc.if_else(pa.array(width > 0), b"/", b"")
+    key = pc.binary_join_element_wise(table.column("split").combine_chunks(), b"/", chunk, slash,
+                                      table.column("processid").combine_chunks(), b".jpg", b"")
+    return pc.if_else(pa.array(split_rank >= 0), key, pa.scalar(None, pa.binary()))
+
+
+def _image_rows(tree: Tree, keys: Any) -> List[Tuple[bytes, np.ndarray]]:
+    """(imgtype, the image row of each CSV row or -1) for every folder under images/."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    try:
+        images = -1 - tree.lookup(IMAGES_ROOT.encode())
+    except NotFound:
+        return []
+    if images < 0:
+        return []
+    found = []
+    keys = keys.cast(pa.large_binary())
+    ends = tree.name_ends.astype(np.int64)
+    for imgtype in tree.listdir(images)[0]:
+        prefix = IMAGES_ROOT.encode() + b"/" + imgtype
+        spans = [(path[len(prefix) + 1:] + b"/", int(tree.dir_lo[d]), int(tree.dir_hi[d]))
+                 for d, path in tree.file_dirs(prefix)]
+        rows = np.concatenate([np.arange(lo, hi) for _, lo, hi in spans]) if spans else np.zeros(0, np.int64)
+        begins = np.where(rows > 0, ends[np.maximum(rows - 1, 0)], 0)
+        offsets = np.concatenate(([0], np.cumsum(ends[rows] - begins)))
+        blob = np.concatenate([tree.names[b:e] for b, e in _runs(begins, ends[rows])]) if len(rows) else \
+            np.zeros(0, np.uint8)
+        names = pa.Array.from_buffers(pa.large_binary(), len(rows), [None, pa.py_buffer(offsets), pa.py_buffer(blob)])
+        folder = pa.array([p for p, _, _ in spans], pa.large_binary())
+        which = np.repeat(np.arange(len(spans)), [hi - lo for _, lo, hi in spans])
+        values = pc.binary_join_element_wise(pc.take(folder, pa.array(which)), names, pa.scalar(b"", pa.large_binary()))
+        at = pc.index_in(keys, value_set=values).fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+        found.append((imgtype, np.where(at >= 0, rows[np.maximum(at, 0)] if len(rows) else -1, -1)))
+    return found
+
+
+def _runs(begins: np.ndarray, ends: np.ndarray) -> List[Tuple[int, int]]:
+    """Contiguous byte ranges covering name segments that follow each other."""
+    if len(begins) == 0:
+        return []
+    breaks = np.flatnonzero(begins[1:] != ends[:-1]) + 1
+    starts = np.concatenate(([0], breaks))
+    stops = np.concatenate((breaks, [len(begins)]))
+    return [(int(begins[a]), int(ends[b - 1])) for a, b in zip(starts.tolist(), stops.tolist())]
+
+
+def _labels(column: Any) -> Tuple[np.ndarray, List[bytes]]:
+    """(each row's label as its rank among the folder names, -1 when empty; the folder
+    names in byte order)."""
+    import pyarrow.compute as pc
+
+    encoded = pc.dictionary_encode(column)
+    values = encoded.dictionary.to_pylist()
+    named = sorted((label_name(v), i) for i, v in enumerate(values) if v)
+    rank_of = np.full(len(values) + 1, -1, dtype=np.int64)
+    rank_of[[i for _, i in named]] = np.arange(len(named))
+    codes = encoded.indices.fill_null(len(values)).to_numpy(zero_copy_only=False)
+    return rank_of[codes], [name for name, _ in named]
+
+
+def _classes_zip(files: List[Tuple[bytes, bytes]], mtime: int) -> Tuple[bytes, Members]:
+    """An in-memory zip of the classes.txt files (stored), dated ``mtime`` (UTC), parsed."""
+    from .sources import BytesSource
+    from .zipdir import read_members
+
+    out = io.BytesIO()
+    stamp = time.gmtime(max(mtime, 315532800))[:6]   # DOS dates start in 1980
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zf:
+        for i, (_, text) in enumerate(files):   # a member's own name is not served: its row is placed
+            info = zipfile.ZipInfo(f"classes/{i}.txt", stamp)
+            info.external_attr = 0o100444 << 16
+            zf.writestr(info, text)
+    data = out.getvalue()
+    return data, read_members(BytesSource(data, "classes"))
