@@ -1,0 +1,317 @@
+"""Taxonomic views (issue 18): views/<rank>/<imgtype>/<split>/<label>/<processid>.jpg and
+views/<rank>/<imgtype>/classes.txt, on both engines, from a metadata CSV written here
+with labels that hold spaces, '/', '%', commas and quotes, non-ASCII, '.' and '..', a
+300-byte label, empty values, repeated processids, a processid without images and a
+split that is not the dataset's. Every expected byte comes from zipfile.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import zipfile
+from pathlib import Path
+from types import ModuleType
+from typing import Dict, Iterator, List, Set, Tuple
+
+import numpy as np
+import pytest
+from conftest import (
+    MountFactory,
+    copy_archives,
+    data_offset,
+    expected_tree,
+    flip_byte,
+    walk_mount,
+    zip_contents,
+    zip_members,
+)
+
+from bioscanfs import Collection, mount_helper, nativefs
+from bioscanfs.cli import main as cli_main
+from bioscanfs.layout import CSV_COLUMNS, IMGTYPES, METADATA_CSV, METADATA_ZIP, chunk_of, image_path
+from bioscanfs.tree import BadTables, check
+from bioscanfs.views import RANKS, label_name, label_of, parse_ranks
+
+#: Labels given out in turn, rank by rank ("" leaves a row out of that rank's view).
+POOL = ["Diptera", "Aphis gossypii", "a/b", "Ürümqi ñandú", " spaced ", ".", "..", "50%", "x" * 300,
+        'comma, "quoted"', "", "Diptera"]
+#: torchvision's IMG_EXTENSIONS.
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+CSV_WARNING = rf"{METADATA_ZIP}: {METADATA_CSV}: no views/: the CSV cannot be read"
+
+Labels = Dict[str, Dict[str, str]]   # processid -> rank -> label (the row that wins)
+
+
+def _row(pid: str, split: str, labels: Dict[str, str]) -> List[str]:
+    values = dict.fromkeys(CSV_COLUMNS, "")
+    values.update(labels, processid=pid, split=split, chunk=chunk_of(pid, split) if split in _SPLITS else "")
+    return [values[c] for c in CSV_COLUMNS]
+
+
+_SPLITS = {"pretrain", "train", "val", "test", "val_unseen", "test_unseen", "key_unseen", "other_heldout"}
+
+
+def write_csv(folder: Path, text: str) -> None:
+    """Replace the metadata zip with one holding this CSV, stored (tests flip its bytes)."""
+    with zipfile.ZipFile(folder / METADATA_ZIP, "w") as zf:
+        zf.writestr(METADATA_CSV, text)
+
+
+def write_metadata(folder: Path, splits: Dict[str, str]) -> Labels:
+    """A metadata CSV that labels every image, then repeats five processids with other
+    labels, and adds a row without images and one of an unknown split."""
+    labels: Labels = {}
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for i, pid in enumerate(sorted(splits)):
+        labels[pid] = {rank: POOL[(i + 3 * k) % len(POOL)] for k, rank in enumerate(RANKS)}
+        writer.writerow(_row(pid, splits[pid], labels[pid]))
+    for pid in sorted(splits)[:5]:
+        writer.writerow(_row(pid, splits[pid], dict.fromkeys(RANKS, "Repeated")))
+    writer.writerow(_row("NOIMAGE1-24", "train", dict.fromkeys(RANKS, "Nowhere")))
+    writer.writerow(_row(sorted(splits)[0], "weird", dict.fromkeys(RANKS, "Weird")))
+    write_csv(folder, out.getvalue())
+    return labels
+
+
+@pytest.fixture(scope="module")
+def views_set(tmp_path_factory: pytest.TempPathFactory, make_fake: ModuleType) -> Tuple[Path, Dict[str, str], Labels]:
+    """All four imgtypes and a metadata zip of our own: (folder, processid -> split, labels)."""
+    folder = tmp_path_factory.mktemp("views_set")
+    summary = make_fake.make_set(folder, images=64, deflate_fraction=0.4, seed=3)
+    return folder, summary["splits"], write_metadata(folder, summary["splits"])
+
+
+def expected_views(splits: Dict[str, str], labels: Labels, ranks=RANKS) -> Dict[str, str]:
+    """View path -> the image member it shows, for every labelled row."""
+    return {f"views/{rank}/{imgtype}/{splits[pid]}/{label_name(labels[pid][rank].encode()).decode()}/{pid}.jpg":
+            image_path(pid, splits[pid], imgtype)
+            for pid in splits for rank in ranks for imgtype in IMGTYPES if labels[pid][rank]}
+
+
+def expected_classes(splits: Dict[str, str], labels: Labels, rank: str) -> bytes:
+    names = sorted({label_name(labels[pid][rank].encode()) for pid in splits if labels[pid][rank]})
+    return b"".join(name + b"\n" for name in names)
+
+
+def view_files(root: Path) -> Set[str]:
+    """Every file under views/ as the kernel lists it, classes.txt aside."""
+    tree = walk_mount(root / "views")
+    return {f"views/{folder}/{name}" for folder, names in tree.items() for name in names
+            if not (root / "views" / folder / name).is_dir() and name != "classes.txt"}
+
+
+def test_every_labelled_row_once_with_its_image_bytes(views_set, mount: MountFactory, engine: str) -> None:
+    """Same bytes, size and mtime as the image; on the native engine also the same inode (a
+    hard link: one page cache). The python engine's inodes are libfuse's, one per path."""
+    folder, splits, labels = views_set
+    live = mount(folder, args=["--views", "all"])
+    expected = expected_views(splits, labels)
+    assert view_files(live.point) == set(expected)   # each labelled row once; unlabelled, missing, repeats never
+    members = zip_members(folder)
+    contents = zip_contents({image: members[image] for image in set(expected.values())})
+    for view, image in expected.items():
+        assert live.path(view).read_bytes() == contents[image], view
+        seen, real = os.stat(live.path(view)), os.stat(live.path(image))
+        assert (seen.st_size, seen.st_mtime) == (real.st_size, real.st_mtime), view
+        assert engine != "native" or seen.st_ino == real.st_ino, view
+    assert walk_mount(live.point / "bioscan5m") == expected_tree(p[len("bioscan5m/"):] for p in members)
+
+
+def test_classes_txt_lists_the_labels_of_every_split(views_set, mount: MountFactory) -> None:
+    folder, splits, labels = views_set
+    live = mount(folder, args=["--views", "all"])
+    for rank in RANKS:
+        for imgtype in IMGTYPES:
+            classes = live.path(f"views/{rank}/{imgtype}/classes.txt").read_bytes()
+            assert classes == expected_classes(splits, labels, rank), (rank, imgtype)
+            folders = {name for split in os.listdir(live.path(f"views/{rank}/{imgtype}"))
+                       if split != "classes.txt" for name in os.listdir(live.path(f"views/{rank}/{imgtype}/{split}"))}
+            assert folders == set(classes.decode().splitlines())
+
+
+def _imagefolder_replica(root: Path) -> Tuple[List[str], Dict[str, int]]:
+    """torchvision's ImageFolder discovery: sorted class folders (scandir), then every file
+    of an image extension below each, symlinks followed; -> (classes, files per class)."""
+    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    counts = {}
+    for name in classes:
+        found = [f for _, _, files in sorted(os.walk(root / name, followlinks=True)) for f in sorted(files)
+                 if f.lower().endswith(IMG_EXTENSIONS)]
+        counts[name] = len(found)
+    return classes, counts
+
+
+def test_imagefolder_discovery_on_species_train(views_set, mount: MountFactory) -> None:
+    folder, splits, labels = views_set
+    live = mount(folder, args=["--views", "species"])
+    assert sorted(os.listdir(live.path("views"))) == ["species"]
+    train = [pid for pid in splits if splits[pid] == "train" and labels[pid]["species"]]
+    want: Dict[str, int] = {}
+    for pid in train:
+        name = label_name(labels[pid]["species"].encode()).decode()
+        want[name] = want.get(name, 0) + 1
+    for imgtype in IMGTYPES:
+        root = live.path(f"views/species/{imgtype}/train")
+        assert _imagefolder_replica(root) == (sorted(want), want)
+        try:
+            from torchvision.datasets import ImageFolder
+        except ImportError:
+            continue
+        dataset = ImageFolder(str(root))
+        assert dataset.classes == sorted(want) and len(dataset) == len(train)
+
+
+def test_real_imagefolder(views_set, mount: MountFactory) -> None:
+    pytest.importorskip("torchvision", reason="torchvision is not installed: the replica above stands in")
+    folder, splits, labels = views_set
+    live = mount(folder, args=["--views", "species"])
+    from torchvision.datasets import ImageFolder
+    dataset = ImageFolder(str(live.path("views/species/cropped_256/train")))
+    assert len(dataset) == sum(1 for p in splits if splits[p] == "train" and labels[p]["species"])
+    dataset[0][0].load()
+
+
+def test_no_metadata_zip_no_views(views_set, mount: MountFactory, tmp_path: Path) -> None:
+    folder, _, _ = views_set
+    images = copy_archives(folder, tmp_path / "images",
+                           [p.name for p in folder.glob("*.zip") if p.name != METADATA_ZIP])
+    live = mount(images, args=["--views", "all"])
+    assert os.listdir(live.point) == ["bioscan5m"]
+
+
+@pytest.mark.parametrize("ranks, shown", [("none", []), ("order+species", ["order", "species"]),
+                                          ("dna_bin,genus", ["dna_bin", "genus"])])
+def test_views_option_picks_the_ranks(ranks: str, shown: List[str], views_set, mount: MountFactory) -> None:
+    folder, splits, labels = views_set
+    live = mount(folder, args=[f"--views={ranks}"])
+    assert sorted(os.listdir(live.point)) == (["bioscan5m", "views"] if shown else ["bioscan5m"])
+    if shown:
+        assert sorted(os.listdir(live.path("views"))) == shown
+        assert view_files(live.point) == set(expected_views(splits, labels, shown))
+
+
+def _broken(folder: Path, how: str) -> None:
+    """Make the metadata CSV unusable: a missing column, broken quoting, or a CRC that fails."""
+    csv_text = zipfile.ZipFile(folder / METADATA_ZIP).read(METADATA_CSV).decode()
+    if how == "missing-column":
+        write_csv(folder, csv_text.replace("species,", "speciez,", 1))
+    elif how == "broken-quoting":
+        lines = csv_text.splitlines(keepends=True)
+        write_csv(folder, "".join(lines[:3] + ['AB1-20,"unterminated,' + lines[3]] + lines[4:]))
+    else:
+        with zipfile.ZipFile(folder / METADATA_ZIP) as zf:
+            at = data_offset(folder / METADATA_ZIP, zf.getinfo(METADATA_CSV)) + len(csv_text) // 2
+        flip_byte(folder / METADATA_ZIP, at, 0x01)
+
+
+@pytest.mark.parametrize("how", ["missing-column", "broken-quoting", "crc"])
+def test_unusable_csv_no_views_one_warning(how: str, views_set, mount: MountFactory, tmp_path: Path) -> None:
+    folder = copy_archives(views_set[0], tmp_path / "set")
+    _broken(folder, how)
+    live = mount(folder, args=["--views", "all"])
+    live.expect_log(CSV_WARNING)
+    assert os.listdir(live.point) == ["bioscan5m"]
+    members = {p: m for p, m in zip_members(folder).items() if p != METADATA_CSV}
+    for path, data in zip_contents(members).items():
+        assert live.path(path).read_bytes() == data, path
+    warnings = [line for line in live.log_text().splitlines() if "WARNING" in line]
+    assert len(warnings) == 1 and f"{folder / METADATA_ZIP}: {METADATA_CSV}: no views/" in warnings[0], warnings
+
+
+def test_remount_reads_no_csv(views_set, tmp_path: Path, mount: MountFactory) -> None:
+    """The views are in the index: a remount maps it and does not build again."""
+    folder = copy_archives(views_set[0], tmp_path / "set")
+    index_dir = tmp_path / "index"
+    mount(folder, args=["--views", "all"], index_dir=index_dir)
+    first = sorted(p.name for p in index_dir.glob("*.tree"))
+    assert len(first) == 1   # the image tree it was built from is gone
+    stamp = (index_dir / first[0]).stat().st_mtime_ns
+    live = mount(folder, args=["--views", "all", "-v"], index_dir=index_dir)
+    assert "views:" not in live.log_text()   # the plan's log line: no CSV read
+    assert (index_dir / first[0]).stat().st_mtime_ns == stamp
+    assert len(os.listdir(live.path("views"))) == len(RANKS)
+
+
+@pytest.mark.parametrize("label, name", [
+    ("Diptera", "Diptera"), ("Aphis gossypii", "Aphis gossypii"), ("a/b", "a%2Fb"), ("50%", "50%25"),
+    (" spaced ", "%20spaced%20"), (".", "%2E"), ("..", "%2E%2E"), ("...", "..."), ("a\nb\rc\0", "a%0Ab%0Dc%00"),
+    ("Ürümqi", "Ürümqi")])
+def test_label_names(label: str, name: str) -> None:
+    assert label_name(label.encode()) == name.encode()
+    assert label_of(name.encode()) == label.encode()
+
+
+def test_long_labels_are_cut_distinctly() -> None:
+    first, second = ("é" * 200 + "a").encode(), ("é" * 200 + "b").encode()
+    names = {label_name(first), label_name(second)}
+    assert len(names) == 2 and all(len(n) <= 255 and b"%#" in n for n in names)
+    assert all(n.decode() for n in names)   # never cut inside a character
+    assert label_of(label_name(first)).decode() == "é" * 118
+
+
+def test_ranks_option() -> None:
+    assert parse_ranks("all") == RANKS and parse_ranks("none") == ()
+    assert parse_ranks("species,order") == parse_ranks("order+species") == ("order", "species")
+    with pytest.raises(ValueError, match="kingdom"):
+        parse_ranks("order,kingdom")
+
+
+def test_views_as_a_mount_option() -> None:
+    """``-o views=order+species`` (fstab, mount -t) becomes --views: ',' separates options there."""
+    args = mount_helper.mount_arguments(["/data", "/mnt", "-o", "allow_other,views=order+species"],
+                                        cli_main.commands["mount"])
+    assert args == ["mount", "--views=order+species", "-o", "allow_other", "--", "/data", "/mnt"]
+    params = cli_main.commands["mount"].make_context("mount", args[1:]).params
+    assert params["views"] == ("order", "species")
+
+
+@pytest.fixture(scope="module")
+def views_index(views_set, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Collection]:
+    with Collection(str(views_set[0]), index_dir=str(tmp_path_factory.mktemp("index")), views=RANKS) as c:
+        yield c
+
+
+def test_collection_offers_the_views(views_set, views_index: Collection) -> None:
+    folder, splits, labels = views_set
+    expected = expected_views(splits, labels)
+    assert {p for p in views_index.paths("views") if not p.endswith("/classes.txt")} == set(expected)
+    view, image = sorted(expected.items())[0]
+    assert views_index.read(view) == views_index.read(image)
+    assert views_index.read("views/order/cropped/classes.txt") == expected_classes(splits, labels, "order")
+
+
+@pytest.mark.parametrize("case", ["link-past-files", "link-runs-overlap", "link-runs-short"])
+def test_bad_links_are_refused_by_python_and_by_c(case: str, views_index: Collection) -> None:
+    tree = views_index.tree
+    arrays = {name: np.array(array) for name, array in tree.arrays.items()}
+    if case == "link-past-files":
+        arrays["links"][-1] = len(arrays["files"])
+    elif case == "link-runs-overlap":
+        d = int(np.flatnonzero(arrays["link_hi"] > arrays["link_lo"])[0])
+        arrays["link_lo"][d + 1] -= 1
+    else:
+        arrays["link_hi"][-1] -= 1
+    sizes = [src.size for src in views_index.served]
+    check({name: np.array(array) for name, array in tree.arrays.items()}, sizes)
+    with pytest.raises(BadTables):
+        check(arrays, sizes)
+    fds = np.full(len(sizes), -1, np.int64)
+    nativefs.check_tables(tree.arrays, fds, fds, sizes)
+    with pytest.raises(ValueError, match="native engine"):
+        nativefs.check_tables(arrays, fds, fds, sizes)
+
+
+def test_index_command_builds_what_mount_maps(views_set, tmp_path: Path, mount: MountFactory) -> None:
+    from conftest import run_cli
+
+    folder = copy_archives(views_set[0], tmp_path / "set")
+    index_dir = tmp_path / "index"
+    done = run_cli("index", folder, "--index-dir", index_dir)
+    assert done.returncode == 0, done.stderr
+    built = {p.name: p.stat().st_mtime_ns for p in index_dir.glob("*.tree")}
+    live = mount(folder, args=["--views", "all"], index_dir=index_dir)
+    assert sorted(os.listdir(live.point)) == ["bioscan5m", "views"]
+    assert {p.name: p.stat().st_mtime_ns for p in index_dir.glob("*.tree")} == built
