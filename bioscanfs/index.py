@@ -21,7 +21,7 @@ import numpy as np
 
 from . import store, views, zipdir
 from .errors import ArchiveError
-from .layout import METADATA_CSV
+from .layout import METADATA_CSV, METADATA_ZIP
 from .merge import Builder, ViewsBuilder, summarise
 from .reader import MemberFile, Reader
 from .sources import FileSource
@@ -76,11 +76,13 @@ def load_tree(sources: Sequence[FileSource], index_dir: Optional[str],
     ``skip_bad``, or when it has several pieces and ``allow_incomplete``: its last piece
     may be missing; else its ArchiveError propagates). ``index_dir=None`` keeps all in
     memory, as does an index folder that cannot be written (``Tree.persisted`` says which).
-    With ``views`` (ranks), the tree also holds the views of those ranks, built from the
-    image tree (the tree without views) once it is there. Raises UntrustedIndexError
-    for an index folder or file another user could have written.
+    With ``views`` (ranks) and the metadata zip among the sources, the tree also holds the
+    views of those ranks, built from the image tree (the tree without views) once it is
+    there. Raises UntrustedIndexError for an index folder or file another user could have written.
     """
     check_archive_count(len(sources))
+    if not any(src.name.rsplit("/", 1)[-1] == METADATA_ZIP for src in sources):
+        views = ()   # no metadata zip: the tree is the image tree, at no extra cost
     tree_key = _tree_key(sources, skip_bad, allow_incomplete, views)
     path = None
     if index_dir:

@@ -166,16 +166,7 @@ def write_scale_set(outdir: Union[str, Path], total: int = FULL_TOTAL, seed: int
     """
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    counts = split_counts(total)
-    pids = ProcessIds(seed).take(sum(counts.values()))
-    order = np.random.default_rng(seed).permutation(len(pids))
-    by_split: dict[str, list[str]] = {}
-    start = 0
-    for split, count in counts.items():
-        by_split[split] = [pids[i] for i in order[start:start + count].tolist()]
-        start += count
-    del pids, order
-
+    by_split = scale_ids(total, seed)
     pretrain = [("pretrain", pid) for pid in by_split.pop("pretrain")]
     half = (len(pretrain) + 1) // 2
     evals = [(split, pid) for split in EVAL_SPLITS for pid in by_split[split]]
@@ -194,6 +185,19 @@ def write_scale_set(outdir: Union[str, Path], total: int = FULL_TOTAL, seed: int
                              dos_time, dos_date)
             paths.append(path)
     return paths
+
+
+def scale_ids(total: int = FULL_TOTAL, seed: int = 0) -> dict[str, list[str]]:
+    """The processids of each split in a scale set (what ``write_scale_set`` writes)."""
+    counts = split_counts(total)
+    pids = ProcessIds(seed).take(sum(counts.values()))
+    order = np.random.default_rng(seed).permutation(len(pids))
+    by_split: dict[str, list[str]] = {}
+    start = 0
+    for split, count in counts.items():
+        by_split[split] = [pids[i] for i in order[start:start + count].tolist()]
+        start += count
+    return by_split
 
 
 def package_imgtypes(packages: int) -> list[str]:

@@ -315,7 +315,7 @@ def test_path_csv_from_stdin(cli: Cli, fake_set: Path, fake_members: Dict[str, M
 # -- index ------------------------------------------------------------------------------------
 def test_index_command_counts(cli: Cli, fake_set: Path, fake_members: Dict[str, Member], tmp_path: Path) -> None:
     index_dir = tmp_path / "index"
-    out = _ok(cli("index", fake_set, "--index-dir", index_dir))
+    out = _ok(cli("index", fake_set, "--index-dir", index_dir, "--views", "none"))   # views: test_views.py
     match = re.search(r"indexed (\d+) files in (\d+) folders from (\d+) archives", out)
     assert match, out
     assert [int(n) for n in match.groups()] == [len(fake_members), len(expected_tree(fake_members)),

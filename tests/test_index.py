@@ -341,7 +341,7 @@ def test_index_command_then_mount_uses_it(mount: MountFactory, fake_set: Path, t
                                           fake_members: Dict[str, Member]) -> None:
     """`bioscanfs index` builds what the next mount maps: no index file is rewritten or added."""
     index_dir = tmp_path / "index"
-    done = run_cli("index", fake_set, "--index-dir", index_dir)
+    done = run_cli("index", fake_set, "--index-dir", index_dir, "--views", "none")   # as the mount fixture
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
     built = index_files(index_dir)
