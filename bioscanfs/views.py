@@ -217,7 +217,8 @@ def _plan(tree: Tree, table: Any, ranks: Sequence[str], mtime: int) -> Plan:
 
 
 def _first_rows(table: Any) -> Tuple[Any, Dict[str, Any]]:
-    """The rows with a processid, the first of each processid only; counts for the log."""
+    """The rows with a processid (one path component: no '/'), the first of each processid
+    only; counts for the log."""
     import pyarrow.compute as pc
 
     pid = table.column("processid").combine_chunks()
@@ -227,7 +228,8 @@ def _first_rows(table: Any) -> Tuple[Any, Dict[str, Any]]:
     if stats["processids_repeated"]:
         log.info("views: %d CSV rows repeat a processid listed before; the first row of each wins",
                  stats["processids_repeated"])
-    first = first[pc.binary_length(pid).to_numpy(zero_copy_only=False)[first] > 0]
+    usable = pc.and_(pc.greater(pc.binary_length(pid), 0), pc.invert(pc.match_substring(pid, b"/")))
+    first = first[usable.to_numpy(zero_copy_only=False)[first]]
     return table.take(np.sort(first)), stats
 
 
