@@ -86,15 +86,32 @@ def write_csv(path: Path, by_split: Dict[str, List[str]], seed: int = 0) -> int:
 
 
 def run(command: List[str]) -> Tuple[float, int, str]:
-    """(seconds, peak RSS in bytes, output) of one child process."""
+    """(seconds, peak RSS in bytes, output) of one child process. The peak is its VmHWM,
+    read until it exits (ru_maxrss would count this process's pages at the fork)."""
     started = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
-    _, status, usage = os.wait4(proc.pid, 0)
-    elapsed = time.perf_counter() - started
-    if status:
-        raise SystemExit(f"{' '.join(command)} failed:\n{out}")
-    return elapsed, usage.ru_maxrss * 1024, out
+    with tempfile.TemporaryFile() as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        peak = 0
+        while proc.poll() is None:
+            try:
+                peak = max(peak, rss(proc.pid, "VmHWM"))
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.05)
+        elapsed = time.perf_counter() - started
+        out.seek(0)
+        text = out.read().decode(errors="replace")
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(command)} failed:\n{text}")
+    return elapsed, peak, text
+
+
+def rss(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def bioscanfs(*args: object) -> List[str]:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
+import shutil
 import zipfile
 from pathlib import Path
 from types import ModuleType
-from typing import Dict, Iterator, List, Set, Tuple
+from typing import Dict, Iterator, List, Optional, Set, Tuple
 
 import numpy as np
 import pytest
@@ -22,14 +24,18 @@ from conftest import (
     data_offset,
     expected_tree,
     flip_byte,
+    load_script,
     walk_mount,
     zip_contents,
     zip_members,
 )
+from test_index import assert_same_tree
 
 from bioscanfs import Collection, mount_helper, nativefs
 from bioscanfs.cli import main as cli_main
+from bioscanfs.index import load_tree
 from bioscanfs.layout import CSV_COLUMNS, IMGTYPES, METADATA_CSV, METADATA_ZIP, chunk_of, image_path
+from bioscanfs.sources import open_sources
 from bioscanfs.tree import BadTables, check
 from bioscanfs.views import RANKS, label_name, label_of, parse_ranks
 
@@ -317,3 +323,32 @@ def test_index_command_builds_what_mount_maps(views_set, tmp_path: Path, mount: 
     live = mount(folder, args=["--views", "all"], index_dir=index_dir)
     assert sorted(os.listdir(live.point)) == ["bioscan5m", "views"]
     assert {p.name: p.stat().st_mtime_ns for p in index_dir.glob("*.tree")} == built
+
+
+def _load(zips: List[Path], index_dir: Optional[Path]):
+    sources = open_sources([([str(path)], False) for path in zips])
+    try:
+        return load_tree(sources, str(index_dir) if index_dir else None, views=RANKS)[0]
+    finally:
+        for src in sources:
+            src.close()
+
+
+def test_reindex_of_one_changed_archive_keeps_the_views(tmp_path: Path, bench_scale: ModuleType,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """With views, one changed image archive is the only one parsed again (the others' rows
+    come from the views' tree), and the tree equals a fresh build."""
+    bench_views = load_script("bench_views")
+    folder, other = tmp_path / "set", tmp_path / "other"
+    bench_scale.write_scale_set(folder, total=20_000, seed=0, packages=2)
+    bench_views.write_csv(folder / METADATA_ZIP, bench_scale.scale_ids(20_000, 0))
+    bench_scale.write_scale_set(other, total=20_000, seed=1, packages=2)
+    zips, index_dir = sorted(folder.glob("*.zip")), tmp_path / "index"
+    _load(zips, index_dir)
+    changed = folder / "BIOSCAN_5M_cropped_256_train.zip"
+    shutil.copyfile(other / changed.name, changed)
+    with caplog.at_level(logging.INFO, logger="bioscanfs.index"):
+        tree = _load(zips, index_dir)
+    assert [r.getMessage() for r in caplog.records if "unchanged" in r.getMessage()] == \
+        ["8 of 9 archives are unchanged since the last index: only the others are parsed"]
+    assert_same_tree(tree, _load(zips, None))
