@@ -157,7 +157,7 @@ def _with_views(images: Tree, kept: List[FileSource], ranks: Sequence[str], inde
         where = f"{kept[member.archive].name}: {METADATA_CSV}"
         reader = Reader(kept)
         plan = views.plan(images, lambda: io.BufferedReader(MemberFile(reader, member, METADATA_CSV), 1 << 20),
-                          ranks, where)
+                          ranks, where, member.mtime)
     elif row is not None:
         log.warning("no views/: the archives hold a views folder of their own")
     builder = ViewsBuilder(images, plan or views.empty_plan(), len(kept))

@@ -161,10 +161,11 @@ def csv_member(tree: Tree) -> Optional[int]:
     return row if row >= 0 else None
 
 
-def plan(tree: Tree, open_csv: Callable[[], BinaryIO], ranks: Sequence[str], where: str) -> Optional[Plan]:
+def plan(tree: Tree, open_csv: Callable[[], BinaryIO], ranks: Sequence[str], where: str,
+         mtime: int) -> Optional[Plan]:
     """The views of ``ranks`` over ``tree`` (pyarrow must be there: ``available``), or None
     with one warning when the CSV (``open_csv``, ``where`` is "archive: member") cannot be
-    read or parsed."""
+    read or parsed. The classes.txt files are dated ``mtime`` (the CSV's)."""
     import pyarrow as pa
 
     started = time.monotonic()
@@ -175,7 +176,7 @@ def plan(tree: Tree, open_csv: Callable[[], BinaryIO], ranks: Sequence[str], whe
         log.warning("%s: no views/: the CSV cannot be read (%s)", where, str(err).splitlines()[0] if str(err) else err)
         return None
     parsed = time.monotonic() - started
-    result = _plan(tree, table, ranks, int(tree.member(csv_member(tree) or 0).mtime))
+    result = _plan(tree, table, ranks, mtime)
     result.stats.update(csv_seconds=round(parsed, 2), plan_seconds=round(time.monotonic() - started - parsed, 2))
     log.info("views: %s", ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}"
                                     for k, v in result.stats.items()))

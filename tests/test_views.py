@@ -267,11 +267,11 @@ def test_ranks_option() -> None:
         parse_ranks("order,kingdom")
 
 
-def test_views_as_a_mount_option() -> None:
+def test_views_as_a_mount_option(tmp_path: Path) -> None:
     """``-o views=order+species`` (fstab, mount -t) becomes --views: ',' separates options there."""
-    args = mount_helper.mount_arguments(["/data", "/mnt", "-o", "allow_other,views=order+species"],
-                                        cli_main.commands["mount"])
-    assert args == ["mount", "--views=order+species", "-o", "allow_other", "--", "/data", "/mnt"]
+    where = [str(tmp_path), str(tmp_path)]
+    args = mount_helper.mount_arguments([*where, "-o", "allow_other,views=order+species"], cli_main.commands["mount"])
+    assert args == ["mount", "--views=order+species", "-o", "allow_other", "--", *where]
     params = cli_main.commands["mount"].make_context("mount", args[1:]).params
     assert params["views"] == ("order", "species")
 
