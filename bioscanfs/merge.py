@@ -218,6 +218,15 @@ def _slices(n: int, size: int = _WRITE_ROWS) -> List[slice]:
     return [slice(lo, min(lo + size, n)) for lo in range(0, n, size)]
 
 
+def _add_labels(dirs: "_Dirs", base: bytes, splits: List[bytes], names: List[bytes]) -> List[int]:
+    """Add the label folders ``base/splits[i]/names[i]`` (sorted by split: new leaves)."""
+    ids: List[int] = []
+    starts = [0] + [i for i in range(1, len(splits)) if splits[i] != splits[i - 1]] + [len(splits)]
+    for lo, hi in zip(starts[:-1], starts[1:]):
+        ids += dirs.add_leaves(dirs.add(base + b"/" + splits[lo]), names[lo:hi])
+    return ids
+
+
 class _Dirs:
     """The directory tree, built from paths one component at a time: each directory
     costs its own name, whatever its depth."""
@@ -243,19 +252,42 @@ class _Dirs:
             node = child
         return node
 
+    def add_leaves(self, parent: int, names: List[bytes]) -> range:
+        """Ids for new folders ``names`` in ``parent``, which holds none of them: bulk, and
+        never found again by ``add`` (the views' label folders)."""
+        first = len(self.parent)
+        self.parent += [parent] * len(names)
+        self.base += names
+        return range(first, len(self.parent))
+
     def number(self) -> np.ndarray:
         """Renumber breadth first with siblings in name order (see ``tree``); returns the
-        new id of each old id and reorders ``parent`` and ``base`` to the new ids."""
-        kids: List[List[int]] = [[] for _ in self.parent]
-        for child in range(1, self.count):
-            kids[self.parent[child]].append(child)
-        order = [0]
-        for node in order:  # grows while it is walked: breadth first
-            order.extend(sorted(kids[node], key=self.base.__getitem__))
-        new_id = np.empty(self.count, dtype=np.int64)
-        new_id[order] = np.arange(self.count)
-        self.parent = [int(new_id[self.parent[old]]) for old in order]
-        self.base = [self.base[old] for old in order]
+        new id of each old id and reorders ``parent`` and ``base`` to the new ids.
+
+        In bulk (a tree with views has hundreds of thousands of folders): each folder's
+        depth, then level by level, the folders in order of (their parent's new id, their
+        name's rank among all names)."""
+        n = self.count
+        parent = np.asarray(self.parent, dtype=np.int64)
+        depth = (np.arange(n) > 0).astype(np.int64)
+        above = parent.copy()
+        climbing = np.flatnonzero(above)
+        while len(climbing):   # as many rounds as the tree is deep
+            depth[climbing] += 1
+            above[climbing] = parent[above[climbing]]
+            climbing = climbing[above[climbing] != 0]
+        name_rank = np.empty(n, dtype=np.int64)
+        name_rank[sorted(range(n), key=self.base.__getitem__)] = np.arange(n)
+        by_depth = np.argsort(depth, kind="stable")
+        bounds = np.searchsorted(depth[by_depth], np.arange(int(depth.max(initial=0)) + 2))
+        new_id = np.zeros(n, dtype=np.int64)
+        for lo, hi in zip(bounds[1:-1].tolist(), bounds[2:].tolist()):
+            level = by_depth[lo:hi]
+            new_id[level[np.lexsort((name_rank[level], new_id[parent[level]]))]] = np.arange(lo, hi)
+        order = np.empty(n, dtype=np.int64)
+        order[new_id] = np.arange(n)
+        self.parent = new_id[parent[order]].tolist()
+        self.base = [self.base[old] for old in order.tolist()]
         self._children = {}
         return new_id
 
@@ -554,7 +586,7 @@ class ViewsBuilder:
         self._tree, self._plan = tree, plan
         dirs = _Dirs()
         old = [dirs.add(tree.dir_path(d)) for d in range(tree.n_dirs)]
-        views = [dirs.add(path) for path in plan.dirs]
+        views = [leaf for base, splits, names in plan.dirs for leaf in _add_labels(dirs, base, splits, names)]
         classes = [dirs.add(path) for path in plan.class_dirs]
         new_id = dirs.number()
         self._dirs = dirs
@@ -578,7 +610,7 @@ class ViewsBuilder:
         tree, plan = self._tree, self._plan
         dir_hi = np.cumsum(self._counts)
         shift = (dir_hi - self._counts)[self._old] - tree.dir_lo.astype(np.int64)   # per image folder
-        targets = plan.targets + shift[np.searchsorted(tree.dir_hi, plan.targets, side="right")]
+        targets = plan.targets + np.repeat(shift, (tree.dir_hi - tree.dir_lo).astype(np.int64))[plan.targets]
         starts = np.cumsum(plan.counts) - plan.counts
         by_folder = np.argsort(view_ids, kind="stable")
         counts = plan.counts[by_folder]

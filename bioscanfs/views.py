@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import re
 import time
 import zipfile
 from typing import Any, BinaryIO, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
@@ -37,6 +38,8 @@ VIEWS = b"views"
 #: Bytes always written as %XX in a folder name: the escape itself, the path separator,
 #: NUL, and line ends (classes.txt holds one name per line).
 _ESCAPED = frozenset(b"%/\0\n\r")
+#: A label that needs none of the changes below (most do not): kept as it is.
+_AS_IS = re.compile(rb"(?![ .])(?!\.\.?\Z)[^%/\0\n\r]*(?<! )\Z")
 #: Marks a name shortened to fit NAME_MAX; never made by escaping ('%' is always %25).
 _SHORTENED = b"%#"
 _DIGEST_HEX = 16
@@ -63,6 +66,8 @@ def label_name(label: bytes) -> bytes:
     in classes.txt. '%', '/', NUL, CR and LF become %XX (hex), a leading or trailing space
     %20, '.' and '..' %2E and %2E%2E; a name still over NAME_MAX bytes keeps its head and
     ends in %# and 16 hex digits of the label's SHA-256. ``label_of`` reverses it."""
+    if len(label) <= NAME_MAX and _AS_IS.match(label):
+        return label
     out = bytearray()
     for byte in label:
         out += b"%%%02X" % byte if byte in _ESCAPED else bytes([byte])
@@ -118,12 +123,14 @@ def available() -> Optional[str]:
 class Plan(NamedTuple):
     """The view folders that hold files, and the classes.txt members, over an image tree.
 
-    ``dirs[i]`` (a path from the root) holds ``counts[i]`` files: the image rows
-    ``targets`` (in the image tree) of its run, sorted by name; ``classes`` is an
-    in-memory zip whose member ``i`` is the classes.txt of folder ``class_dirs[i]``.
+    ``dirs`` are groups (``views/<rank>/<imgtype>``, its label folders' splits, their
+    names), sorted by (split, name); label folder i, counting through the groups, holds
+    ``counts[i]`` files: the image rows ``targets`` (in the image tree) of its run, sorted
+    by name. ``classes`` is an in-memory zip whose member ``i`` is the classes.txt of
+    folder ``class_dirs[i]``.
     """
 
-    dirs: List[bytes]
+    dirs: List[Tuple[bytes, List[bytes], List[bytes]]]
     counts: np.ndarray
     targets: np.ndarray
     class_dirs: List[bytes]
@@ -186,52 +193,60 @@ def plan(tree: Tree, open_csv: Callable[[], BinaryIO], ranks: Sequence[str], whe
 def _plan(tree: Tree, table: Any, ranks: Sequence[str], mtime: int) -> Plan:
     import pyarrow.compute as pc
 
-    table, stats = _first_rows(table)
+    file_names = pc.binary_join_element_wise(table.column("processid"), b".jpg", b"")
+    by_name = pc.sort_indices(file_names).to_numpy()   # stable: a repeated processid after its first row
+    keep, stats = _first_rows(table, file_names.take(by_name), by_name)
     split_rank, split_names = _splits(table.column("split").combine_chunks())
+    split_rank[~keep] = -1   # a row left out is as a row of no split: in no view
     images = _image_rows(tree, _image_keys(table, split_names, split_rank))
-    by_name = pc.sort_indices(pc.binary_join_element_wise(table.column("processid"), b".jpg", b"")).to_numpy()
-    dirs: List[bytes] = []
+    name_rank = np.empty(len(by_name), dtype=np.int64)
+    name_rank[by_name] = np.arange(len(by_name))
+    dirs: List[Tuple[bytes, List[bytes], List[bytes]]] = []
     counts: List[np.ndarray] = []
     targets: List[np.ndarray] = []
     class_files: List[Tuple[bytes, bytes]] = []
     for imgtype, image_rows in images:
-        stats[f"missing_{imgtype.decode('utf-8', 'replace')}"] = int((image_rows < 0).sum())
+        stats[f"missing_{imgtype.decode('utf-8', 'replace')}"] = int(((image_rows < 0) & (split_rank >= 0)).sum())
     for rank in ranks:
         label_rank, names = _labels(table.column(rank).combine_chunks())
         width = max(len(names), 1)
-        key = np.where(label_rank >= 0, split_rank * width + label_rank, -1)
-        labelled = by_name[np.argsort(key[by_name], kind="stable")]   # by folder, then by file name
-        labelled = labelled[(key[labelled] >= 0) & (split_rank[labelled] >= 0)]
+        key = np.where((label_rank >= 0) & (split_rank >= 0), split_rank * width + label_rank, -1)
+        labelled = np.flatnonzero(key >= 0)
+        # By folder, then by file name: one sort of (folder, name rank) in 64 bits.
+        labelled = labelled[np.argsort(key[labelled] * len(name_rank) + name_rank[labelled])]
         for imgtype, image_rows in images:
             order = labelled[image_rows[labelled] >= 0]
             base = VIEWS + b"/" + rank.encode() + b"/" + imgtype
-            class_files.append((base, b"".join(names[i] + b"\n" for i in np.unique(label_rank[order]).tolist())))
-            folder_keys, sizes = np.unique(key[order], return_counts=True)
-            dirs += [base + b"/" + split_names[k // width] + b"/" + names[k % width] for k in folder_keys.tolist()]
-            counts.append(sizes)
+            present = np.flatnonzero(np.bincount(label_rank[order], minlength=len(names)))
+            class_files.append((base, b"".join(names[i] + b"\n" for i in present.tolist())))
+            sorted_keys = key[order]
+            starts = np.flatnonzero(np.diff(sorted_keys, prepend=-1))
+            dirs.append((base, [split_names[k // width] for k in sorted_keys[starts].tolist()],
+                         [names[k % width] for k in sorted_keys[starts].tolist()]))
+            counts.append(np.diff(np.append(starts, len(order))))
             targets.append(image_rows[order])
     zipped, members = _classes_zip(class_files, mtime)
-    stats.update(view_files=int(sum(len(t) for t in targets)), view_folders=len(dirs))
+    stats.update(view_files=int(sum(len(t) for t in targets)), view_folders=sum(len(n) for _, _, n in dirs))
     return Plan(dirs, np.concatenate(counts) if counts else np.zeros(0, np.int64),
                 np.concatenate(targets) if targets else np.zeros(0, np.int64),
                 [base for base, _ in class_files], zipped, members, stats)
 
 
-def _first_rows(table: Any) -> Tuple[Any, Dict[str, Any]]:
-    """The rows with a processid (one path component: no '/'), the first of each processid
-    only; counts for the log."""
+def _first_rows(table: Any, sorted_names: Any, by_name: np.ndarray) -> Tuple[np.ndarray, Dict[str, Any]]:
+    """Which rows count: those with a processid (one path component: no '/'), the first
+    of each processid only (``sorted_names``: the file names in the stable order
+    ``by_name``, so a repeat follows its first row); counts for the log."""
     import pyarrow.compute as pc
 
     pid = table.column("processid").combine_chunks()
-    codes = pc.dictionary_encode(pid).indices.to_numpy(zero_copy_only=False)
-    first = np.unique(codes, return_index=True)[1]   # codes number processids in order of first use
-    stats: Dict[str, Any] = {"csv_rows": table.num_rows, "processids_repeated": int(table.num_rows - len(first))}
-    if stats["processids_repeated"]:
-        log.info("views: %d CSV rows repeat a processid listed before; the first row of each wins",
-                 stats["processids_repeated"])
+    repeats = by_name[1:][pc.equal(sorted_names[1:], sorted_names[:-1]).to_numpy(zero_copy_only=False)]
+    stats: Dict[str, Any] = {"csv_rows": table.num_rows, "processids_repeated": len(repeats)}
+    if len(repeats):
+        log.info("views: %d CSV rows repeat a processid listed before; the first row of each wins", len(repeats))
     usable = pc.and_(pc.greater(pc.binary_length(pid), 0), pc.invert(pc.match_substring(pid, b"/")))
-    first = first[usable.to_numpy(zero_copy_only=False)[first]]
-    return table.take(np.sort(first)), stats
+    keep = usable.to_numpy(zero_copy_only=False).copy()
+    keep[repeats] = False
+    return keep, stats
 
 
 def _splits(split: Any) -> Tuple[np.ndarray, List[bytes]]:
@@ -265,36 +280,73 @@ def _image_keys(table: Any, split_names: List[bytes], split_rank: np.ndarray) ->
     return pc.if_else(pa.array(split_rank >= 0), key, pa.scalar(None, pa.binary()))
 
 
-def _image_rows(tree: Tree, keys: Any) -> List[Tuple[bytes, np.ndarray]]:
-    """(imgtype, the image row of each CSV row or -1) for every folder under images/."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
+Spans = List[Tuple[bytes, int, int]]   #: (folder path below the imgtype + "/", first row, end row), by row
 
+
+def _image_rows(tree: Tree, keys: Any) -> List[Tuple[bytes, np.ndarray]]:
+    """(imgtype, the image row of each CSV row or -1) for every folder under images/.
+
+    One hash join; an imgtype whose folders and names are the same as the one before
+    (the packages of BIOSCAN-5M hold the same processids) takes that one's answer, each
+    row moved by its folder's offset."""
     try:
         images = -1 - tree.lookup(IMAGES_ROOT.encode())
     except NotFound:
         return []
     if images < 0:
         return []
-    found = []
-    keys = keys.cast(pa.large_binary())
-    ends = tree.name_ends.astype(np.int64)
+    found: List[Tuple[bytes, np.ndarray]] = []
+    before: Optional[Spans] = None
     for imgtype in tree.listdir(images)[0]:
         prefix = IMAGES_ROOT.encode() + b"/" + imgtype
-        spans = [(path[len(prefix) + 1:] + b"/", int(tree.dir_lo[d]), int(tree.dir_hi[d]))
-                 for d, path in tree.file_dirs(prefix)]
-        rows = np.concatenate([np.arange(lo, hi) for _, lo, hi in spans]) if spans else np.zeros(0, np.int64)
-        begins = np.where(rows > 0, ends[np.maximum(rows - 1, 0)], 0)
-        offsets = np.concatenate(([0], np.cumsum(ends[rows] - begins)))
-        blob = np.concatenate([tree.names[b:e] for b, e in _runs(begins, ends[rows])]) if len(rows) else \
-            np.zeros(0, np.uint8)
-        names = pa.Array.from_buffers(pa.large_binary(), len(rows), [None, pa.py_buffer(offsets), pa.py_buffer(blob)])
-        folder = pa.array([p for p, _, _ in spans], pa.large_binary())
-        which = np.repeat(np.arange(len(spans)), [hi - lo for _, lo, hi in spans])
-        values = pc.binary_join_element_wise(pc.take(folder, pa.array(which)), names, pa.scalar(b"", pa.large_binary()))
-        at = pc.index_in(keys, value_set=values).fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
-        found.append((imgtype, np.where(at >= 0, rows[np.maximum(at, 0)] if len(rows) else -1, -1)))
+        spans = sorted(((path[len(prefix) + 1:] + b"/", int(tree.dir_lo[d]), int(tree.dir_hi[d]))
+                        for d, path in tree.file_dirs(prefix)), key=lambda span: span[1])
+        if before is not None and _same_names(tree, before, spans):
+            rows = found[-1][1]
+            his = np.array([hi for _, _, hi in before], dtype=np.int64)
+            moved = np.array([lo - old_lo for (_, lo, _), (_, old_lo, _) in zip(spans, before)], dtype=np.int64)
+            rows = np.where(rows >= 0, rows + moved[np.searchsorted(his, rows, side="right")], -1)
+        else:
+            rows = _join(tree, spans, keys)
+        found.append((imgtype, rows))
+        before = spans
     return found
+
+
+def _same_names(tree: Tree, a: Spans, b: Spans) -> bool:
+    """Whether two imgtypes' folders hold the same names, folder by folder."""
+    if [(path, hi - lo) for path, lo, hi in a] != [(path, hi - lo) for path, lo, hi in b]:
+        return False
+    ends = tree.name_ends
+    for (_, lo_a, hi_a), (_, lo_b, hi_b) in zip(a, b):
+        if hi_a == lo_a:
+            continue
+        start_a = int(ends[lo_a - 1]) if lo_a else 0
+        start_b = int(ends[lo_b - 1]) if lo_b else 0
+        if not (np.array_equal(ends[lo_a:hi_a].astype(np.int64) - start_a, ends[lo_b:hi_b].astype(np.int64) - start_b)
+                and np.array_equal(tree.names[start_a:int(ends[hi_a - 1])], tree.names[start_b:int(ends[hi_b - 1])])):
+            return False
+    return True
+
+
+def _join(tree: Tree, spans: Spans, keys: Any) -> np.ndarray:
+    """The row of each key (folder/name below the imgtype) among ``spans``' rows, or -1."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    ends = tree.name_ends.astype(np.int64)
+    rows = np.concatenate([np.arange(lo, hi) for _, lo, hi in spans]) if spans else np.zeros(0, np.int64)
+    begins = np.where(rows > 0, ends[np.maximum(rows - 1, 0)], 0)
+    offsets = np.concatenate(([0], np.cumsum(ends[rows] - begins)))
+    blob = np.concatenate([tree.names[b:e] for b, e in _runs(begins, ends[rows])]) if len(rows) else \
+        np.zeros(0, np.uint8)
+    names = pa.Array.from_buffers(pa.large_binary(), len(rows), [None, pa.py_buffer(offsets), pa.py_buffer(blob)])
+    folder = pa.array([p for p, _, _ in spans], pa.large_binary())
+    which = np.repeat(np.arange(len(spans)), [hi - lo for _, lo, hi in spans])
+    values = pc.binary_join_element_wise(pc.take(folder, pa.array(which)), names, pa.scalar(b"", pa.large_binary()))
+    at = pc.index_in(keys.cast(pa.large_binary()), value_set=values).fill_null(-1)
+    at = at.to_numpy(zero_copy_only=False).astype(np.int64)
+    return np.where(at >= 0, rows[np.maximum(at, 0)] if len(rows) else -1, -1)
 
 
 def _runs(begins: np.ndarray, ends: np.ndarray) -> List[Tuple[int, int]]:
