@@ -330,7 +330,7 @@ def _order_by_dir_and_name(file_dir: np.ndarray, blob: np.ndarray, begins: np.nd
         n = lengths[rows].astype(np.int64)
         width = max(1, min(SORT_PREFIX, int(n.max())))
         b = begins[rows]
-        keys = _fixed_width(blob, b, b + np.minimum(n, width), width).view(f"S{width}").ravel()
+        keys = fixed_width(blob, b, b + np.minimum(n, width), width).view(f"S{width}").ravel()
         by_key = np.argsort(keys, kind="stable")
         rows, keys = rows[by_key], keys[by_key]
         long = lengths[rows] > width
@@ -431,7 +431,7 @@ def _total(sizes: np.ndarray) -> int:
     return (int((sizes >> np.uint64(32)).sum()) << 32) + int((sizes & np.uint64(0xFFFFFFFF)).sum())
 
 
-def _fixed_width(blob: np.ndarray, begins: np.ndarray, ends: np.ndarray, width: int) -> np.ndarray:
+def fixed_width(blob: np.ndarray, begins: np.ndarray, ends: np.ndarray, width: int) -> np.ndarray:
     """Rows of blob[begin:end] (each at most ``width`` long), NUL-padded to ``width``.
 
     ``blob`` must extend at least ``width`` bytes past the last begin.

@@ -352,3 +352,14 @@ def test_reindex_of_one_changed_archive_keeps_the_views(tmp_path: Path, bench_sc
     assert [r.getMessage() for r in caplog.records if "unchanged" in r.getMessage()] == \
         ["8 of 9 archives are unchanged since the last index: only the others are parsed"]
     assert_same_tree(tree, _load(zips, None))
+
+
+def test_name_order_is_byte_order() -> None:
+    """The numpy word sort of file names orders them as bytes, stably (ties keep row order)."""
+    import pyarrow as pa
+
+    from bioscanfs.views import _name_order
+    names = [b"ab.jpg", b"a.jpg", b"a\xff.jpg", b"B.jpg", b"\xc3\xa9.jpg", b"a.jpg", b"abcdefghijklmnopq.jpg",
+             b"abcdefgh.jpg"]
+    for picked in (names, names * 3, [b"x" * 70] + names):
+        assert _name_order(pa.array(picked, pa.binary())).tolist() == sorted(range(len(picked)), key=picked.__getitem__)
