@@ -15,9 +15,11 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
 import re
 import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
@@ -193,6 +195,15 @@ def plan(tree: Tree, open_csv: Callable[[], BinaryIO], ranks: Sequence[str], whe
     return result
 
 
+class _Rows(NamedTuple):
+    """What every rank's views are made from: per CSV row."""
+
+    split_rank: np.ndarray                    #: its split among ``split_names``, -1 when left out
+    split_names: List[bytes]
+    name_rank: np.ndarray                     #: its file name's rank in byte order
+    images: List[Tuple[bytes, np.ndarray]]    #: per imgtype, its image row or -1
+
+
 def _plan(tree: Tree, table: Any, ranks: Sequence[str], mtime: int) -> Plan:
     import pyarrow.compute as pc
 
@@ -201,38 +212,46 @@ def _plan(tree: Tree, table: Any, ranks: Sequence[str], mtime: int) -> Plan:
     keep, stats = _first_rows(table, file_names.take(by_name), by_name)
     split_rank, split_names = _splits(table.column("split").combine_chunks())
     split_rank[~keep] = -1   # a row left out is as a row of no split: in no view
-    images = _image_rows(tree, _image_keys(table, split_names, split_rank))
     name_rank = np.empty(len(by_name), dtype=np.int64)
     name_rank[by_name] = np.arange(len(by_name))
-    dirs: List[Tuple[bytes, List[bytes], List[bytes]]] = []
-    counts: List[np.ndarray] = []
-    targets: List[np.ndarray] = []
-    class_files: List[Tuple[bytes, bytes]] = []
-    for imgtype, image_rows in images:
+    rows = _Rows(split_rank, split_names, name_rank, _image_rows(tree, _image_keys(table, split_names, split_rank)))
+    for imgtype, image_rows in rows.images:
         stats[f"missing_{imgtype.decode('utf-8', 'replace')}"] = int(((image_rows < 0) & (split_rank >= 0)).sum())
-    for rank in ranks:
-        label_rank, names = _labels(table.column(rank).combine_chunks())
-        width = max(len(names), 1)
-        key = np.where((label_rank >= 0) & (split_rank >= 0), split_rank * width + label_rank, -1)
-        labelled = np.flatnonzero(key >= 0)
-        # By folder, then by file name: one sort of (folder, name rank) in 64 bits.
-        labelled = labelled[np.argsort(key[labelled] * len(name_rank) + name_rank[labelled])]
-        for imgtype, image_rows in images:
-            order = labelled[image_rows[labelled] >= 0]
-            base = VIEWS + b"/" + rank.encode() + b"/" + imgtype
-            present = np.flatnonzero(np.bincount(label_rank[order], minlength=len(names)))
-            class_files.append((base, b"".join(names[i] + b"\n" for i in present.tolist())))
-            sorted_keys = key[order]
-            starts = np.flatnonzero(np.diff(sorted_keys, prepend=-1))
-            dirs.append((base, [split_names[k // width] for k in sorted_keys[starts].tolist()],
-                         [names[k % width] for k in sorted_keys[starts].tolist()]))
-            counts.append(np.diff(np.append(starts, len(order))))
-            targets.append(image_rows[order])
+    # The ranks in threads: numpy's sorts and pyarrow release the GIL.
+    with ThreadPoolExecutor(max_workers=min(len(ranks), os.cpu_count() or 1) or 1) as pool:
+        per_rank = list(pool.map(lambda rank: _rank_views(rank, table.column(rank).combine_chunks(), rows), ranks))
+    dirs = [group for part in per_rank for group in part[0]]
+    counts = [c for part in per_rank for c in part[1]]
+    targets = [t for part in per_rank for t in part[2]]
+    class_files = [f for part in per_rank for f in part[3]]
     zipped, members = _classes_zip(class_files, mtime)
     stats.update(view_files=int(sum(len(t) for t in targets)), view_folders=sum(len(n) for _, _, n in dirs))
     return Plan(dirs, np.concatenate(counts) if counts else np.zeros(0, np.int64),
                 np.concatenate(targets) if targets else np.zeros(0, np.int64),
                 [base for base, _ in class_files], zipped, members, stats)
+
+
+def _rank_views(rank: str, column: Any, rows: _Rows) -> Tuple[list, list, list, list]:
+    """One rank's (folder groups, files per folder, image rows, classes.txt files), per imgtype."""
+    label_rank, names = _labels(column)
+    width = max(len(names), 1)
+    key = np.where((label_rank >= 0) & (rows.split_rank >= 0), rows.split_rank * width + label_rank, -1)
+    labelled = np.flatnonzero(key >= 0)
+    # By folder, then by file name: one sort of (folder, name rank) in 64 bits.
+    labelled = labelled[np.argsort(key[labelled] * len(rows.name_rank) + rows.name_rank[labelled])]
+    dirs, counts, targets, class_files = [], [], [], []
+    for imgtype, image_rows in rows.images:
+        order = labelled[image_rows[labelled] >= 0]
+        base = VIEWS + b"/" + rank.encode() + b"/" + imgtype
+        present = np.flatnonzero(np.bincount(label_rank[order], minlength=len(names)))
+        class_files.append((base, b"".join(names[i] + b"\n" for i in present.tolist())))
+        sorted_keys = key[order]
+        starts = np.flatnonzero(np.diff(sorted_keys, prepend=-1))
+        firsts = sorted_keys[starts].tolist()
+        dirs.append((base, [rows.split_names[k // width] for k in firsts], [names[k % width] for k in firsts]))
+        counts.append(np.diff(np.append(starts, len(order))))
+        targets.append(image_rows[order])
+    return dirs, counts, targets, class_files
 
 
 def _name_order(names: Any) -> np.ndarray:
