@@ -152,14 +152,14 @@ def _with_views(images: Tree, kept: List[FileSource], ranks: Sequence[str], inde
         log.warning("no views/: %s", why)
         return images
     plan = None
-    if row is not None and images.n_dirs and images.find_dir(0, views.VIEWS) < 0:
+    if row is not None and images.find_dir(0, views.VIEWS) < 0 and images.find_file(0, views.VIEWS) < 0:
         member = images.member(row)
         where = f"{kept[member.archive].name}: {METADATA_CSV}"
         reader = Reader(kept)
         plan = views.plan(images, lambda: io.BufferedReader(MemberFile(reader, member, METADATA_CSV), 1 << 20),
                           ranks, where, member.mtime)
     elif row is not None:
-        log.warning("no views/: the archives hold a views folder of their own")
+        log.warning("no views/: the archives hold a views folder or file of their own")
     builder = ViewsBuilder(images, plan or views.empty_plan(), len(kept))
     extra = dict(images.extra, kept=[s.name for s in kept], identities=[s.identity for s in kept])
     return _save(index_dir, path, key, builder.layout(), lambda out: builder.write(out, extra), [s.name for s in kept])

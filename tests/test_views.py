@@ -363,3 +363,13 @@ def test_name_order_is_byte_order() -> None:
              b"abcdefgh.jpg"]
     for picked in (names, names * 3, [b"x" * 70] + names):
         assert _name_order(pa.array(picked, pa.binary())).tolist() == sorted(range(len(picked)), key=picked.__getitem__)
+
+
+def test_a_views_folder_in_the_archives_wins(views_set, mount: MountFactory, tmp_path: Path) -> None:
+    folder = copy_archives(views_set[0], tmp_path / "set")
+    with zipfile.ZipFile(folder / "extra.zip", "w") as zf:
+        zf.writestr("views/readme.txt", b"theirs\n")
+    live = mount(folder, args=["--views", "all"])
+    live.expect_log("no views/: the archives hold a views folder or file of their own")
+    assert os.listdir(live.path("views")) == ["readme.txt"]
+    assert live.path("views/readme.txt").read_bytes() == b"theirs\n"
