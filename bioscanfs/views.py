@@ -3,7 +3,7 @@
 
 Owns the ranks, the label -> file name mapping, reading the CSV (pyarrow, only the
 columns needed) and which image row each view file is; knows nothing of how the tree is
-written (``merge.write_with_views``) or served. See docs/views.md.
+written (``merge.ViewsBuilder``) or served. See docs/views.md.
 
 Why pyarrow: its multithreaded reader parses the needed columns of the CSV many times
 faster than the csv module (scripts/bench_views_csv.py, docs/views.md), and its hash
