@@ -22,7 +22,7 @@ from . import store, zipdir
 from .errors import ArchiveError
 from .merge import Builder, summarise
 from .sources import FileSource
-from .tree import Tree, check, check_archive_count
+from .tree import LAZY_COLUMNS, UNIT_ROWS, Tree, check, check_archive_count
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +75,13 @@ def load_tree(sources: Sequence[FileSource], index_dir: Optional[str],
         store.prepare_folder(index_dir)
         path = _tree_path(index_dir, sources, tree_key, skip_bad, allow_incomplete)
         store.tidy(index_dir, [path])
-    cached = store.load(path, tree_key) if path else None
+    # The bulk columns are checked as requests first need them (tree.py), not here: a
+    # remount reads a few MB of the index, not all of it (docs/scale.md).
+    cached = store.load(path, tree_key, lazy=LAZY_COLUMNS) if path else None
     if cached is not None:
         try:
             kept = [s for s in sources if s.name in set(cached["__extra__"]["kept"])]
-            check(cached, [s.size for s in kept])
-            store.release_pages(cached)
-            tree = Tree(cached, [s.name for s in kept], persisted=True)
+            tree = Tree(cached, [s.name for s in kept], [s.size for s in kept], persisted=True)
         except (KeyError, ValueError, IndexError, TypeError) as err:  # BadTables is a ValueError
             log.warning("index %s is damaged (%s); rebuilding it", path, err)
         else:
@@ -128,10 +128,12 @@ def _earlier_tree(path: str, key: Any, sources: Sequence[FileSource]) -> Optiona
     try:
         extra = arrays["__extra__"]
         identities = [json.dumps(identity) for identity in extra["identities"]]
-        # Rows of changed archives are not used: their bound is left open.
-        check(arrays, [current[i].size if i in current else 1 << 62 for i in identities])
+        # Rows of changed archives are not used: their bound is left open. Every row is
+        # checked (its CRCs by store.load): the merge reads the columns whole.
+        sizes = [current[i].size if i in current else 1 << 62 for i in identities]
+        check(arrays, sizes)
         store.release_pages(arrays)
-        tree = Tree(arrays, extra["kept"], persisted=True)
+        tree = Tree(arrays, extra["kept"], sizes, persisted=True)
         if not _lost_nothing(tree, extra):
             return None
         archive_of = {identity: j for j, identity in enumerate(identities) if identity in current}
@@ -166,7 +168,9 @@ def _build(sources: Sequence[FileSource], index_dir: Optional[str], path: Option
         kept = _add_all(builder, sources, on_archive, skip_bad, allow_incomplete, earlier)
         del earlier
         layout = builder.merge()
-        extra_kept = {"kept": [s.name for s in kept], "identities": [s.identity for s in kept]}
+        extra_kept = {"kept": [s.name for s in kept], "identities": [s.identity for s in kept],
+                      "unit_rows": UNIT_ROWS}
+        sizes = [s.size for s in kept]
         if path:
             writer = None
             try:
@@ -179,12 +183,12 @@ def _build(sources: Sequence[FileSource], index_dir: Optional[str], path: Option
                 log.warning("cannot write the index to %s (%s); keeping it in memory",
                             index_dir, err.strerror or err)
             else:
-                mapped = store.load(path, key)
+                mapped = store.load(path, key, lazy=LAZY_COLUMNS)
                 if mapped is not None:
-                    return Tree(mapped, extra_kept["kept"], persisted=True), kept
+                    return Tree(mapped, extra_kept["kept"], sizes, persisted=True), kept
         writer = store.ColumnWriter(None, layout)
         extra = builder.write(writer)
-        return Tree(writer.commit(key, dict(extra, **extra_kept)), extra_kept["kept"]), kept
+        return Tree(writer.commit(key, dict(extra, **extra_kept)), extra_kept["kept"], sizes), kept
     finally:
         spill.close()
 
