@@ -129,11 +129,12 @@ def check(arrays: Dict[str, Any], archive_sizes: Sequence[int]) -> None:
     row: ``check_tables`` and every unit's check (CRCs are the store's, not checked here)."""
     check_tables(arrays, archive_sizes)
     sizes = np.asarray(archive_sizes, dtype=np.uint64)
-    problems = for_chunks(len(arrays["files"]), lambda rows: _file_rows_problem(
-        arrays, sizes, _no_crc, rows.start, rows.stop), UNIT_ROWS)
-    for problem in problems:
-        if problem:
-            raise BadTables(problem)
+    for kind in UNIT_KINDS.values():
+        problems = for_chunks(len(arrays[kind.rows]), lambda rows, kind=kind: kind.problem(
+            arrays, sizes, _no_crc, rows.start, rows.stop), UNIT_ROWS)
+        for problem in problems:
+            if problem:
+                raise BadTables(problem)
 
 
 def _no_crc(name: str, lo: int, hi: int) -> bool:
@@ -165,6 +166,19 @@ def _file_rows_problem(arrays: Dict[str, Any], sizes: np.ndarray, verify: Verify
         return ("files: a row names an archive that is not there, lies past its end, "
                 "or declares a size of 2^63 bytes or more")
     return None
+
+
+class UnitKind(NamedTuple):
+    """Rows of some bulk columns checked together on first use."""
+
+    rows: str   #: the column with one element per row
+    #: what is wrong with rows lo..hi (hi > lo): (arrays, archive sizes, verify, lo, hi) -> problem or None
+    problem: Callable[[Dict[str, Any], np.ndarray, Verify, int, int], Optional[str]]
+
+
+#: The kinds of units, by name. A new bulk column plugs in as one more kind (its CRCs
+#: come with it when it is in LAZY_COLUMNS); _nativefs.c's UNIT_KINDS mirror these.
+UNIT_KINDS = {"files": UnitKind("files", _file_rows_problem)}
 
 
 #: Bytes a name may not hold: NUL and '/'.
@@ -241,8 +255,9 @@ class Tree:
         self.unit_rows = unit_rows
         self._shift = unit_rows.bit_length() - 1
         self._sizes = np.asarray(archive_sizes, dtype=np.uint64)
-        self._states = np.zeros(-(-len(arrays["files"]) // unit_rows), np.uint8)
-        self._problems: Dict[int, str] = {}
+        self._states = {name: np.zeros(-(-len(arrays[kind.rows]) // unit_rows), np.uint8)
+                        for name, kind in UNIT_KINDS.items()}
+        self._problems: Dict[Tuple[str, int], str] = {}
         self._reported = threading.Lock()
         self._damage_reported = False
         self.files: np.ndarray = arrays["files"]
@@ -266,32 +281,36 @@ class Tree:
         self._children = {(int(self.dir_parent[d]), self.dir_base[d]): d for d in range(1, self.n_dirs)}
 
     # -- checks on first use ----------------------------------------------------------
-    def rows_ready(self, lo: int, hi: int) -> None:
-        """Check the units of file rows lo..hi that are not checked yet; raises
-        DamagedIndex when one fails (now or before)."""
+    def rows_ready(self, lo: int, hi: int, kind: str = "files") -> None:
+        """Check the units of rows lo..hi of a kind (UNIT_KINDS) that are not checked yet;
+        raises DamagedIndex when one fails (now or before)."""
         if hi <= lo:
             return
+        states = self._states[kind]
         first, last = lo >> self._shift, (hi - 1) >> self._shift
-        if self._states[first] == _GOOD and (first == last or (self._states[first:last + 1] == _GOOD).all()):
+        if states[first] == _GOOD and (first == last or (states[first:last + 1] == _GOOD).all()):
             return
         for unit in range(first, last + 1):
-            self._check_unit(unit)
+            self._check_unit(kind, unit)
 
     def verify_all(self) -> None:
         """Check every unit (for code that reads whole columns: reports, a re-index)."""
-        for_chunks(len(self._states), lambda units: [self._check_unit(u) for u in range(units.start, units.stop)], 1)
+        for kind, states in self._states.items():
+            for_chunks(len(states), lambda units, kind=kind: [self._check_unit(kind, u)
+                                                              for u in range(units.start, units.stop)], 1)
 
-    def _check_unit(self, unit: int) -> None:
-        if self._states[unit] == _UNKNOWN:
+    def _check_unit(self, kind: str, unit: int) -> None:
+        states = self._states[kind]
+        if states[unit] == _UNKNOWN:
             lo = unit << self._shift
-            hi = min(lo + self.unit_rows, len(self.files))
+            hi = min(lo + self.unit_rows, len(self.arrays[UNIT_KINDS[kind].rows]))
             verify = self.blocks.verify if self.blocks is not None else _no_crc
-            problem = _file_rows_problem(self.arrays, self._sizes, verify, lo, hi)
+            problem = UNIT_KINDS[kind].problem(self.arrays, self._sizes, verify, lo, hi)
             if problem:
-                self._problems[unit] = problem
-            self._states[unit] = _BAD if problem else _GOOD
-        if self._states[unit] == _BAD:
-            problem = self._problems[unit]
+                self._problems[kind, unit] = problem
+            states[unit] = _BAD if problem else _GOOD
+        if states[unit] == _BAD:
+            problem = self._problems[kind, unit]
             self.report_damage(problem)
             raise DamagedIndex(self.where, problem)
 

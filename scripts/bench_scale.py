@@ -389,7 +389,9 @@ def _cmd_remount(args: argparse.Namespace) -> int:
     """``remount``: warm remounts and remounts after dropping the page cache of an index
     built once (by the first mount, if absent), repeated and interleaved with ``--compare``'s
     (its own index folder): mount command time and peak RSS, daemon RSS after ``ls -l`` of
-    a chunk. A cold build of 20.6 M members takes minutes; remounts are what this repeats."""
+    a chunk. A cold build of 20.6 M members takes minutes; remounts are what this repeats.
+    Each repeat also times this checkout's imports alone (``python -c "import ..."``), the
+    floor of any mount command, warm and after dropping the page cache."""
     checkouts = [("bioscanfs", REPO, args.index_dir)]
     if args.compare:
         if not args.compare_index_dir:
@@ -400,10 +402,17 @@ def _cmd_remount(args: argparse.Namespace) -> int:
     mountpoint.mkdir()
     phases = ["warm remount"] + (["page cache dropped"] if can_drop_caches() else [])
     results = []
+    imports = [sys.executable, "-c", "import bioscanfs.cli, bioscanfs.nativefs"]
     try:
         for _, (label, checkout, index_dir) in itertools.product(range(args.repeat), checkouts):
             command = [sys.executable, "-m", "bioscanfs", "mount", str(args.set), str(mountpoint),
                        "--index-dir", str(index_dir)]
+            for phase in phases if checkout == REPO else ():
+                if phase == "page cache dropped":
+                    _drop_page_cache()
+                seconds, peak = _run_timed(imports, dict(os.environ, PYTHONPATH=str(checkout)), checkout)
+                results.append({"tool": "imports only", "phase": phase, "seconds": seconds,
+                                "mount_command_peak_rss": peak, "set": args.set.name})
             for phase in phases:
                 if phase == "page cache dropped":
                     _drop_page_cache()
