@@ -80,7 +80,7 @@ class DamagedIndex(BioscanError):
     table): what needs it gets EIO, and the file is removed so the next mount rebuilds it."""
 
     def __init__(self, where: str, what: str) -> None:
-        super().__init__(f"{where}: index is damaged ({what}); the next mount builds it again")
+        super().__init__(f"index {where} is damaged ({what}); the next mount builds it again")
 
 
 class MountError(BioscanError):

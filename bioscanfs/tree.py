@@ -317,7 +317,7 @@ class Tree:
     @property
     def where(self) -> str:
         """The index file the tree is mapped from, for messages."""
-        return getattr(self.blocks, "path", None) or "index in memory"
+        return getattr(self.blocks, "path", None) or "(held in memory)"
 
     def report_damage(self, problem: str) -> None:
         """Log a failed check once, and remove the index file so that the next mount
