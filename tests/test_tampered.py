@@ -20,7 +20,16 @@ from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import numpy as np
 import pytest
-from conftest import Mount, MountFactory, assert_serves_members, copy_archives, expected_tree, zip_contents, zip_members
+from conftest import (
+    Mount,
+    MountFactory,
+    assert_serves_members,
+    copy_archives,
+    expected_tree,
+    run_cli,
+    zip_contents,
+    zip_members,
+)
 
 from bioscanfs import Collection, nativefs, store
 from bioscanfs.errors import DamagedIndex
@@ -263,3 +272,22 @@ def test_a_flipped_bit_anywhere_is_found_and_never_served(column: str, good_inde
     else:
         assert_serves_members(live, zip_members(small_set))
         assert path.stat().st_ino != before   # rebuilt before serving
+
+
+@pytest.mark.parametrize("command", ["verify", "info"])
+def test_commands_that_read_every_row_rebuild_a_damaged_index_first(command: str, good_index, small_set: Path,
+                                                                     tmp_path: Path) -> None:
+    """verify and info check the whole index before reading its rows: a flipped bit in the
+    bulk has the index built again, and the command reports on the archives (verify: no
+    member listed BAD for the index's fault)."""
+    index_dir = tmp_path / "index"
+    _tampered(good_index, "", index_dir)
+    path = _tree_file(index_dir)
+    before = path.stat().st_ino
+    _flip(path, "files")
+    done = run_cli(command, small_set, "--index-dir", index_dir)
+    assert done.returncode == 0, done.stderr
+    assert "is damaged" in done.stderr and "BAD" not in done.stdout
+    if command == "verify":
+        assert f"{len(zip_members(small_set))} members checked, 0 bad" in done.stdout
+    assert _tree_file(index_dir).stat().st_ino != before   # built again
