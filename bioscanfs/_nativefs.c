@@ -18,9 +18,13 @@
  * n_dirs + 1 + r. A link (the views/ folder: docs/views.md) is its target row's node, a
  * hard link: its name and everything else come from the row (link_row).
  *
- * The tables come from the index folder, which is untrusted input: check_tables bounds
- * every value that a request later uses as an index, a length or an offset, once, before
- * serving (bioscanfs/tree.py checks the same bounds in Python; the layout is described there).
+ * The tables come from the index folder, which is untrusted input: every value that a
+ * request uses as an index, a length or an offset is bounded before it is used (bioscanfs/tree.py
+ * checks the same bounds in Python; the layout is described there). check_tables bounds the
+ * small tables once, before serving; the bulk ones (files, name_ends, names) are checked in
+ * units of unit_rows rows the first time a request reads a row of a unit (rows_ready): the
+ * CRC-32 of their bytes, then their bounds. A unit that fails is never served (EIO), and
+ * Python is told once (damaged), which logs it and removes the index file.
  */
 #define _GNU_SOURCE   /* O_DIRECT */
 #define PY_SSIZE_T_CLEAN
@@ -38,7 +42,6 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <libdeflate.h>
@@ -70,12 +73,27 @@ enum {
 
 /* The tables, by the keys of the dict that Python passes (nativefs.tables). */
 enum { B_FILES, B_NAMES, B_NAME_ENDS, B_DIR_LO, B_DIR_HI, B_DIR_MTIME, B_DIR_PARENT, B_DIR_NAMES,
-       B_DIR_ENDS, B_LINKS, B_LINK_LO, B_LINK_HI, B_FDS, B_DIRECT, B_ARCHIVE_SIZES, N_BUFFERS };
+       B_DIR_ENDS, B_LINKS, B_LINK_LO, B_LINK_HI, B_FDS, B_DIRECT, B_ARCHIVE_SIZES, B_FILES_CRC, B_NAMES_CRC,
+       B_NAME_ENDS_CRC, B_LAZY, N_BUFFERS };
 static const char *const TABLE_NAMES[N_BUFFERS] = {
     "files", "names", "name_ends", "dir_lo", "dir_hi", "dir_mtime", "dir_parent", "dir_names",
-    "dir_ends", "links", "link_lo", "link_hi", "fds", "direct", "archive_sizes"};
+    "dir_ends", "links", "link_lo", "link_hi", "fds", "direct", "archive_sizes", "files_crc", "names_crc",
+    "name_ends_crc", "lazy"};
 /* Bytes per element of each table (0: raw bytes or rows, checked on their own). */
-static const Py_ssize_t TABLE_ITEM[N_BUFFERS] = {0, 1, 4, 8, 8, 8, 8, 1, 8, 4, 8, 8, 8, 8, 8};
+static const Py_ssize_t TABLE_ITEM[N_BUFFERS] = {0, 1, 4, 8, 8, 8, 8, 1, 8, 4, 8, 8, 8, 8, 8, 4, 4, 4, 8};
+
+/* Columns under a CRC-32 per crc_block bytes (bioscanfs/store.py Blocks): the column and
+ * its CRCs, checked block by block on first use (verify_bytes). */
+enum { C_FILES, C_NAMES, C_NAME_ENDS, N_CRC_COLUMNS };
+static const int CRC_COLUMN[N_CRC_COLUMNS][2] = {
+    {B_FILES, B_FILES_CRC}, {B_NAMES, B_NAMES_CRC}, {B_NAME_ENDS, B_NAME_ENDS_CRC}};
+
+/* Kinds of row units checked on first use (rows_ready): files rows with their names. A
+ * new bulk column plugs in as one more kind: its row count and the check of rows lo..hi. */
+enum { U_FILES, N_UNIT_KINDS };
+
+/* What is known of a CRC block or a unit. */
+enum { UNCHECKED = 0, GOOD = 1, BAD = 2 };
 
 typedef struct {
     Py_buffer views[N_BUFFERS];
@@ -99,6 +117,13 @@ typedef struct {
     gid_t gid;
     PyObject *read_cb, *attr_cb, *readlink_cb, *ready_cb;
     struct fuse_session *se;
+    uint64_t crc_block;         /* bytes under one CRC-32 (a power of two: check_tables) */
+    uint64_t unit_rows;         /* rows checked at once (a power of two: check_tables) */
+    unsigned unit_shift;        /* log2(unit_rows) */
+    uint8_t *crc_state[N_CRC_COLUMNS];   /* per CRC block: UNCHECKED, GOOD or BAD */
+    uint8_t *unit_state[N_UNIT_KINDS];   /* per unit: UNCHECKED, GOOD or BAD */
+    int damaged;                /* Python has been told of a failed unit */
+    PyObject *damaged_cb;       /* told once: the problem, as text (None in check()) */
     uint8_t *pushed;            /* one bit per file row: bytes stored in the page cache once */
     int push;                   /* pushing allowed (multi-threaded loop only) */
     int pushing;                /* workers inside a push now */
@@ -112,6 +137,8 @@ static int is_file(const server_t *s, fuse_ino_t ino) { return ino > s->n_dirs &
 static uint64_t row_of(const server_t *s, fuse_ino_t ino) { return ino - s->n_dirs - 1; }
 static fuse_ino_t file_ino(const server_t *s, uint64_t row) { return s->n_dirs + 1 + row; }
 
+static int rows_ready(server_t *s, int kind, uint64_t lo, uint64_t hi);
+
 /* Directory d's own name (checked: at most NAME_MAX_BYTES, inside dir_names). */
 static const char *dir_base(const server_t *s, uint64_t d, size_t *len)
 {
@@ -123,7 +150,7 @@ static const char *dir_base(const server_t *s, uint64_t d, size_t *len)
 /* The file row that link i names (checked: below n_files). */
 static uint64_t link_row(const server_t *s, uint64_t i) { return s->links[i]; }
 
-/* File row r's own name (checked: 1..NAME_MAX_BYTES, inside names). */
+/* File row r's own name (checked by rows_ready: 1..NAME_MAX_BYTES, inside names). */
 static const char *file_name(const server_t *s, uint64_t row, size_t *len)
 {
     uint64_t start = row ? s->name_ends[row - 1] : 0;
@@ -176,6 +203,9 @@ static int fill_attr(server_t *s, fuse_ino_t ino, struct stat *st)
         st->st_nlink = 2 + (s->sub_hi[d] - s->sub_lo[d]);
         mtime = s->dir_mtime[d];
     } else if (is_file(s, ino)) {
+        int err = rows_ready(s, U_FILES, row_of(s, ino), row_of(s, ino) + 1);
+        if (err)
+            return err;
         const member_t *m = &s->files[row_of(s, ino)];
         st->st_mode = s->file_mode;
         st->st_nlink = 1;
@@ -197,18 +227,22 @@ static int fill_attr(server_t *s, fuse_ino_t ino, struct stat *st)
     return 0;
 }
 
-/* The child named ``name`` of directory ``d``: 0 when there is none. */
-static fuse_ino_t find_child(const server_t *s, uint64_t d, const char *name)
+/* The child named ``name`` of directory ``d`` in *ino (0 when there is none): 0, or EIO
+ * when a file row the search reads fails its check. */
+static int find_child(server_t *s, uint64_t d, const char *name, fuse_ino_t *ino)
 {
     size_t len = strlen(name);
+    *ino = 0;
     uint64_t lo = s->sub_lo[d], hi = s->sub_hi[d];
     while (lo < hi) {   /* subdirectories: one run of ids, sorted by name */
         uint64_t mid = lo + (hi - lo) / 2;
         size_t blen;
         const char *base = dir_base(s, mid, &blen);
         int c = compare_bytes(base, blen, name, len);
-        if (c == 0)
-            return mid + 1;
+        if (c == 0) {
+            *ino = mid + 1;
+            return 0;
+        }
         if (c < 0)
             lo = mid + 1;
         else
@@ -220,10 +254,15 @@ static fuse_ino_t find_child(const server_t *s, uint64_t d, const char *name)
         while (lo < hi) {
             uint64_t mid = lo + (hi - lo) / 2, row = links ? link_row(s, mid) : mid;
             size_t flen;
+            int err = rows_ready(s, U_FILES, row, row + 1);
+            if (err)
+                return err;
             const char *fname = file_name(s, row, &flen);
             int c = compare_bytes(fname, flen, name, len);
-            if (c == 0)
-                return file_ino(s, row);
+            if (c == 0) {
+                *ino = file_ino(s, row);
+                return 0;
+            }
             if (c < 0)
                 lo = mid + 1;
             else
@@ -265,13 +304,12 @@ static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
         fuse_reply_err(req, ENOTDIR);
         return;
     }
-    e.ino = find_child(s, parent - 1, name);
-    if (e.ino) {   /* else ino 0: a miss the kernel caches for entry_timeout */
-        int err = fill_attr(s, e.ino, &e.attr);
-        if (err) {
-            fuse_reply_err(req, err);
-            return;
-        }
+    int err = find_child(s, parent - 1, name, &e.ino);
+    if (!err && e.ino)   /* else ino 0: a miss the kernel caches for entry_timeout */
+        err = fill_attr(s, e.ino, &e.attr);
+    if (err) {
+        fuse_reply_err(req, err);
+        return;
     }
     fuse_reply_entry(req, &e);
 }
@@ -309,30 +347,35 @@ static void op_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
     fuse_reply_open(req, fi);
 }
 
-/* Entry i of directory d: ".", "..", the subdirectories, the files, then the links. */
-static fuse_ino_t dir_entry(const server_t *s, uint64_t d, uint64_t i, char name[NAME_MAX_BYTES + 1])
+/* Entry i of directory d in *ino and name: ".", "..", the subdirectories, the files, then
+ * the links.
+ * 0, or EIO when the file row fails its check. */
+static int dir_entry(server_t *s, uint64_t d, uint64_t i, char name[NAME_MAX_BYTES + 1], fuse_ino_t *ino)
 {
     uint64_t n_sub = s->sub_hi[d] - s->sub_lo[d], n_files = s->dir_hi[d] - s->dir_lo[d];
     size_t len;
     const char *from;
-    fuse_ino_t ino;
     if (i < 2) {
         strcpy(name, i ? ".." : ".");
-        return (i ? s->dir_parent[d] : d) + 1;
+        *ino = (i ? s->dir_parent[d] : d) + 1;
+        return 0;
     }
     if (i - 2 < n_sub) {
         uint64_t child = s->sub_lo[d] + i - 2;
         from = dir_base(s, child, &len);
-        ino = child + 1;
+        *ino = child + 1;
     } else {
         uint64_t j = i - 2 - n_sub;
         uint64_t row = j < n_files ? s->dir_lo[d] + j : link_row(s, s->link_lo[d] + (j - n_files));
+        int err = rows_ready(s, U_FILES, row, row + 1);
+        if (err)
+            return err;
         from = file_name(s, row, &len);
-        ino = file_ino(s, row);
+        *ino = file_ino(s, row);
     }
-    memcpy(name, from, len);   /* len <= NAME_MAX_BYTES: check_tables */
+    memcpy(name, from, len);   /* len <= NAME_MAX_BYTES: check_tables, rows_ready */
     name[len] = 0;
-    return ino;
+    return 0;
 }
 
 static void list_dir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, int plus)
@@ -354,9 +397,10 @@ static void list_dir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, int
         char name[NAME_MAX_BYTES + 1];
         struct fuse_entry_param e;
         memset(&e, 0, sizeof e);
-        e.ino = dir_entry(s, d, i, name);
         e.entry_timeout = e.attr_timeout = s->timeout;
-        int err = fill_attr(s, e.ino, &e.attr);
+        int err = dir_entry(s, d, i, name, &e.ino);
+        if (!err)
+            err = fill_attr(s, e.ino, &e.attr);
         if (err) {
             free(buf);
             fuse_reply_err(req, err);
@@ -554,6 +598,11 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
         return;
     }
     uint64_t row = row_of(s, ino);
+    int err = rows_ready(s, U_FILES, row, row + 1);
+    if (err) {
+        fuse_reply_err(req, err);
+        return;
+    }
     const member_t *m = &s->files[row];
     const unsigned char *data;
     unsigned char *block = off == 0 && size >= m->size ? read_whole(s, m, &data) : NULL;
@@ -583,6 +632,8 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
 static void push_to_page_cache(server_t *s, fuse_ino_t ino)
 {
     uint64_t row = row_of(s, ino);
+    if (rows_ready(s, U_FILES, row, row + 1))
+        return;   /* the READ that follows gets EIO */
     const member_t *m = &s->files[row];
     uint8_t bit = (uint8_t)(1u << (row & 7));
     if (m->size > PUSH_MAX || __atomic_load_n(&s->pushed[row >> 3], __ATOMIC_RELAXED) & bit)
@@ -662,6 +713,14 @@ static void release_tables(server_t *s)
     free(s->sub_lo);
     free(s->sub_hi);
     s->sub_lo = s->sub_hi = NULL;
+    for (int c = 0; c < N_CRC_COLUMNS; c++) {
+        free(s->crc_state[c]);
+        s->crc_state[c] = NULL;
+    }
+    for (int k = 0; k < N_UNIT_KINDS; k++) {
+        free(s->unit_state[k]);
+        s->unit_state[k] = NULL;
+    }
 }
 
 /* Take a read-only view of every table of the dict; a missing key or a wrong element
@@ -696,13 +755,12 @@ static uint64_t end_at(const void *ends, size_t width, uint64_t i)
     return width == 4 ? ((const uint32_t *)ends)[i] : ((const uint64_t *)ends)[i];
 }
 
-/* ends[0..n) (of ``width`` bytes each) cut a blob of blob_len bytes into names of
- * 1..NAME_MAX_BYTES bytes with no '/' or NUL (the first name may be empty when
- * first_may_be_empty: the root). */
+/* ends[0..n) (of ``width`` bytes each) cut the blob from ``start`` to at most blob_len
+ * into names of 1..NAME_MAX_BYTES bytes with no '/' or NUL (the first name may be empty
+ * when first_may_be_empty: the root). */
 static const char *check_names(const char *blob, uint64_t blob_len, const void *ends, size_t width, uint64_t n,
-                               int first_may_be_empty)
+                               uint64_t start, int first_may_be_empty)
 {
-    uint64_t start = 0;
     for (uint64_t i = 0; i < n; i++) {
         uint64_t end = end_at(ends, width, i);
         if (end < start || end > blob_len)
@@ -717,7 +775,7 @@ static const char *check_names(const char *blob, uint64_t blob_len, const void *
             return "the root has a name";
         start = end;
     }
-    return start == blob_len ? NULL : "names do not end where the blob does";
+    return NULL;
 }
 
 /* The directory tree: breadth-first (parents before children, parents never decreasing),
@@ -744,10 +802,10 @@ static const char *check_dirs(server_t *s)
     return NULL;
 }
 
-/* Every row names an archive that is there, and its data lies inside that archive. */
-static const char *check_rows(const server_t *s)
+/* Every row of lo..hi names an archive that is there, and its data lies inside that archive. */
+static const char *check_rows(const server_t *s, uint64_t lo, uint64_t hi)
 {
-    for (uint64_t r = 0; r < s->n_files; r++) {
+    for (uint64_t r = lo; r < hi; r++) {
         const member_t *m = &s->files[r];
         if (m->archive >= s->n_archives)
             return "a file names an archive that is not there";
@@ -779,7 +837,139 @@ static const char *check_links(server_t *s)
     return NULL;
 }
 
-/* Bounds the tables must meet before any request trusts them: NULL, or what is wrong. */
+/* Whether bytes lo..hi of CRC column c match their CRC-32s (each block checked once). */
+static int verify_bytes(server_t *s, int c, uint64_t lo, uint64_t hi)
+{
+    const Py_buffer *v = &s->views[CRC_COLUMN[c][0]];
+    const uint32_t *crcs = s->views[CRC_COLUMN[c][1]].buf;   /* one per block: check_lazy */
+    uint64_t len = (uint64_t)v->len, block = s->crc_block;
+    if (hi <= lo)
+        return 1;
+    if (hi > len)
+        return 0;
+    for (uint64_t b = lo / block; b <= (hi - 1) / block; b++) {
+        uint8_t state = __atomic_load_n(&s->crc_state[c][b], __ATOMIC_ACQUIRE);
+        if (state == UNCHECKED) {
+            uint64_t at = b * block, n = len - at < block ? len - at : block;
+            state = libdeflate_crc32(0, (const char *)v->buf + at, (size_t)n) == crcs[b] ? GOOD : BAD;
+            __atomic_store_n(&s->crc_state[c][b], state, __ATOMIC_RELEASE);
+        }
+        if (state == BAD)
+            return 0;
+    }
+    return 1;
+}
+
+/* File rows lo..hi (hi > lo): the CRCs of their rows, name ends (and the end before lo,
+ * where the first name starts) and names, then their bounds. NULL, or what is wrong. */
+static const char *check_file_unit(server_t *s, uint64_t lo, uint64_t hi)
+{
+    if (!verify_bytes(s, C_FILES, lo * sizeof(member_t), hi * sizeof(member_t))
+        || !verify_bytes(s, C_NAME_ENDS, (lo ? lo - 1 : 0) * 4, hi * 4))
+        return "a block of files or name_ends does not match its CRC-32";
+    uint64_t first = lo ? s->name_ends[lo - 1] : 0, last = s->name_ends[hi - 1];
+    uint64_t names_len = (uint64_t)s->views[B_NAMES].len;
+    if (first > last || last > names_len || (hi == s->n_files && last != names_len))
+        return "name ends out of order or past the names";
+    if (!verify_bytes(s, C_NAMES, first, last))
+        return "a block of names does not match its CRC-32";
+    const char *problem = check_names(s->names, last, s->name_ends + lo, 4, hi - lo, first, 0);
+    return problem ? problem : check_rows(s, lo, hi);
+}
+
+static uint64_t file_count(const server_t *s) { return s->n_files; }
+
+/* Each kind of unit: its rows, and the check of rows lo..hi (by U_* order). */
+static const struct {
+    uint64_t (*rows)(const server_t *s);
+    const char *(*check)(server_t *s, uint64_t lo, uint64_t hi);
+} UNIT_KINDS[N_UNIT_KINDS] = {{file_count, check_file_unit}};
+
+/* Unit u of kind k: rows *lo..*hi. */
+static void unit_range(const server_t *s, int k, uint64_t u, uint64_t *lo, uint64_t *hi)
+{
+    uint64_t n = UNIT_KINDS[k].rows(s);
+    *lo = u << s->unit_shift;
+    *hi = n - *lo < s->unit_rows ? n : *lo + s->unit_rows;
+}
+
+/* Tell Python (once) that a unit failed: it logs the index file and removes it. */
+static void report_damage(server_t *s, const char *problem)
+{
+    if (!s->damaged_cb || s->damaged_cb == Py_None || __atomic_exchange_n(&s->damaged, 1, __ATOMIC_ACQ_REL))
+        return;
+    PyGILState_STATE gil = PyGILState_Ensure();
+    PyObject *r = PyObject_CallFunction(s->damaged_cb, "s", problem);
+    if (!r)
+        PyErr_WriteUnraisable(s->damaged_cb);
+    Py_XDECREF(r);
+    PyGILState_Release(gil);
+}
+
+/* Rows lo..hi of kind k may be read: each unit they touch checked on first use (several
+ * workers may check one at once: the same answer). 0, or EIO when a unit failed. */
+static int rows_ready(server_t *s, int k, uint64_t lo, uint64_t hi)
+{
+    for (uint64_t u = lo >> s->unit_shift; lo < hi && u <= (hi - 1) >> s->unit_shift; u++) {
+        uint8_t state = __atomic_load_n(&s->unit_state[k][u], __ATOMIC_ACQUIRE);
+        if (state == UNCHECKED) {
+            uint64_t first, last;
+            unit_range(s, k, u, &first, &last);
+            const char *problem = UNIT_KINDS[k].check(s, first, last);
+            state = problem ? BAD : GOOD;
+            __atomic_store_n(&s->unit_state[k][u], state, __ATOMIC_RELEASE);
+            if (problem)
+                report_damage(s, problem);
+        }
+        if (state == BAD)
+            return EIO;
+    }
+    return 0;
+}
+
+/* The lazy checks' parameters and states: CRC block and unit sizes (powers of two), one
+ * CRC per block of each CRC column. NULL, or what is wrong. */
+static const char *check_lazy(server_t *s)
+{
+    const uint64_t *lazy = s->views[B_LAZY].buf;
+    if (count_of(s, B_LAZY) != 2)
+        return "lazy: not (CRC block, unit rows)";
+    s->crc_block = lazy[0];
+    s->unit_rows = lazy[1];
+    if (s->crc_block < 64 || s->crc_block > (UINT64_C(1) << 30) || (s->crc_block & (s->crc_block - 1))
+        || !s->unit_rows || s->unit_rows > (UINT64_C(1) << 24) || (s->unit_rows & (s->unit_rows - 1)))
+        return "lazy: CRC block or unit rows out of range";
+    while ((UINT64_C(1) << s->unit_shift) < s->unit_rows)
+        s->unit_shift++;
+    for (int c = 0; c < N_CRC_COLUMNS; c++) {
+        uint64_t blocks = ((uint64_t)s->views[CRC_COLUMN[c][0]].len + s->crc_block - 1) / s->crc_block;
+        if (count_of(s, CRC_COLUMN[c][1]) != blocks)
+            return "CRC lists: not one per block";
+        if (!(s->crc_state[c] = calloc(blocks + 1, 1)))
+            return "out of memory";
+    }
+    for (int k = 0; k < N_UNIT_KINDS; k++)
+        if (!(s->unit_state[k] = calloc((UNIT_KINDS[k].rows(s) >> s->unit_shift) + 1, 1)))
+            return "out of memory";
+    return NULL;
+}
+
+/* Every unit of every kind checked now (for check()): NULL, or the first problem. */
+static const char *check_all_units(server_t *s)
+{
+    for (int k = 0; k < N_UNIT_KINDS; k++)
+        for (uint64_t u = 0; u << s->unit_shift < UNIT_KINDS[k].rows(s); u++) {
+            uint64_t lo, hi;
+            unit_range(s, k, u, &lo, &hi);
+            const char *problem = UNIT_KINDS[k].check(s, lo, hi);
+            if (problem)
+                return problem;
+        }
+    return NULL;
+}
+
+/* Bounds the small tables must meet before any request trusts them, and the lazy checks'
+ * set-up (the bulk tables are checked by rows_ready): NULL, or what is wrong. */
 static const char *check_tables(server_t *s)
 {
     const char *problem;
@@ -806,15 +996,16 @@ static const char *check_tables(server_t *s)
     s->dir_ends = s->views[B_DIR_ENDS].buf;
     s->fds = s->views[B_FDS].buf;
     s->archive_sizes = s->views[B_ARCHIVE_SIZES].buf;
-    if ((problem = check_names(s->names, (uint64_t)s->views[B_NAMES].len, s->name_ends, 4, s->n_files, 0)))
+    uint64_t dir_names_len = (uint64_t)s->views[B_DIR_NAMES].len;
+    if ((problem = check_names(s->dir_names, dir_names_len, s->dir_ends, 8, s->n_dirs, 0, 1)))
         return problem;
-    if ((problem = check_names(s->dir_names, (uint64_t)s->views[B_DIR_NAMES].len, s->dir_ends, 8, s->n_dirs, 1)))
-        return problem;
+    if (s->dir_ends[s->n_dirs - 1] != dir_names_len)
+        return "names do not end where the blob does";
     if ((problem = check_dirs(s)))
         return problem;
     if ((problem = check_links(s)))
         return problem;
-    return check_rows(s);
+    return check_lazy(s);
 }
 
 /* libfuse's own message while mounting (an unknown option, a bad mount point), kept for
@@ -837,28 +1028,16 @@ static void keep_message(enum fuse_log_level level, const char *fmt, va_list ap)
  * default action, and Python has its own SIGINT handler). */
 static const int EXIT_SIGNALS[] = {SIGINT, SIGTERM, SIGHUP};
 
-/* After check_tables has read every page of tables that are a file mapping (the index),
- * drop them from this process again (MADV_DONTNEED on a shared file mapping: the pages
- * stay in the page cache and come back on access), so the daemon's RSS counts only what
- * requests touch. Never for tables in anonymous memory, which it would zero. */
-static void release_mapped_pages(const server_t *s)
-{
-    long page = sysconf(_SC_PAGESIZE);
-    for (int i = 0; i < N_BUFFERS; i++) {
-        uintptr_t lo = ((uintptr_t)s->views[i].buf + (uintptr_t)page - 1) & ~(uintptr_t)(page - 1);
-        uintptr_t hi = ((uintptr_t)s->views[i].buf + (uintptr_t)s->views[i].len) & ~(uintptr_t)(page - 1);
-        if (i != B_FDS && i != B_DIRECT && i != B_ARCHIVE_SIZES && hi > lo)
-            madvise((void *)lo, hi - lo, MADV_DONTNEED);
-    }
-}
-
-/* check(tables): None, or ValueError naming what is wrong (for tests, without FUSE). */
+/* check(tables): None, or ValueError naming what is wrong with the tables, every unit
+ * checked (for tests, without FUSE). */
 static PyObject *check(PyObject *self, PyObject *tables)
 {
     server_t s;
     memset(&s, 0, sizeof s);
     (void)self;
     const char *problem = take_tables(&s, tables) < 0 ? NULL : check_tables(&s);
+    if (!problem && !PyErr_Occurred())
+        problem = check_all_units(&s);
     int failed = PyErr_Occurred() != NULL;
     release_tables(&s);
     if (failed)
@@ -869,7 +1048,7 @@ static PyObject *check(PyObject *self, PyObject *tables)
 }
 
 /* Bounds the tables (check_tables) and sets up what serving needs besides them; NULL or why not. */
-static const char *prepare_server(server_t *s, PyObject *tables, int mapped)
+static const char *prepare_server(server_t *s, PyObject *tables)
 {
     if (take_tables(s, tables) < 0)
         return "";   /* a Python exception is set */
@@ -880,8 +1059,6 @@ static const char *prepare_server(server_t *s, PyObject *tables, int mapped)
     const int64_t *direct = s->views[B_DIRECT].buf;
     for (uint64_t a = 0; !problem && a < s->n_archives; a++)
         s->direct[a] = (int)direct[a];
-    if (!problem && mapped)
-        release_mapped_pages(s);
     return problem;
 }
 
@@ -940,20 +1117,21 @@ static int run_session(server_t *s, const char *mountpoint, const char *options,
 
 static PyObject *serve(PyObject *self, PyObject *args, PyObject *kwargs)
 {
-    static char *keywords[] = {"mountpoint", "options", "tables", "mapped", "whole_max", "total_bytes", "timeout",
+    static char *keywords[] = {"mountpoint", "options", "tables", "whole_max", "total_bytes", "timeout",
                                "block_size", "file_mode", "dir_mode", "read", "attr", "readlink", "ready",
-                               "threads", NULL};
+                               "damaged", "threads", NULL};
     const char *mountpoint, *options;
     PyObject *tables;
     server_t s;
-    int threads = 1, mapped = 0;
+    int threads = 1;
     unsigned int file_mode, dir_mode;
     unsigned long long whole_max, total_bytes, block_size;
     memset(&s, 0, sizeof s);
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "ssOpKKdKIIOOOO|p", keywords, &mountpoint, &options, &tables,
-                                     &mapped, &whole_max, &total_bytes, &s.timeout, &block_size, &file_mode,
-                                     &dir_mode, &s.read_cb, &s.attr_cb, &s.readlink_cb, &s.ready_cb, &threads))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "ssOKKdKIIOOOOO|p", keywords, &mountpoint, &options, &tables,
+                                     &whole_max, &total_bytes, &s.timeout, &block_size, &file_mode,
+                                     &dir_mode, &s.read_cb, &s.attr_cb, &s.readlink_cb, &s.ready_cb, &s.damaged_cb,
+                                     &threads))
         return NULL;
     if (block_size == 0 || block_size > (1u << 30) || !S_ISREG(file_mode) || !S_ISDIR(dir_mode)) {
         PyErr_SetString(PyExc_ValueError, "block_size, file_mode or dir_mode out of range");
@@ -966,7 +1144,7 @@ static PyObject *serve(PyObject *self, PyObject *args, PyObject *kwargs)
     s.total_bytes = total_bytes;
     s.uid = getuid();
     s.gid = getgid();
-    const char *problem = prepare_server(&s, tables, mapped);
+    const char *problem = prepare_server(&s, tables);
     if (problem) {
         free_server(&s);
         if (*problem)

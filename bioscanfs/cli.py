@@ -22,7 +22,7 @@ import click
 
 from . import mount_helper, store
 from .collection import Collection, open_tree
-from .errors import BioscanError
+from .errors import BioscanError, DamagedIndex
 from .index import default_index_dir
 from .layout import IMGTYPES, SPLITS
 from .mounts import is_mounted, mounts_at
@@ -106,6 +106,19 @@ def _open(sources, index_dir, cache_size=256 << 20, skip_bad=False, allow_incomp
         return Collection(*sources, index_dir=index_dir or default_index_dir(), cache_size=cache_size,
                           skip_bad=skip_bad, allow_incomplete=allow_incomplete, password=password,
                           cache_dir=cache_dir, cache_max=cache_max, on_archive=progress, views=views)
+
+
+def _open_checked(sources, index_dir, skip_bad, allow_incomplete) -> Collection:
+    """For commands that read every row (info, verify): the whole index is checked first,
+    and one found damaged (the check removes it) is built again, once, so that the command
+    reports on the archives, not a unit of the index per row."""
+    collection = _open(sources, index_dir, skip_bad=skip_bad, allow_incomplete=allow_incomplete)
+    try:
+        collection.tree.verify_all()
+    except DamagedIndex:
+        collection.close()
+        return _open(sources, index_dir, skip_bad=skip_bad, allow_incomplete=allow_incomplete)
+    return collection
 
 
 class _Progress:
@@ -454,7 +467,7 @@ def info(sources, as_json, index_dir, skip_bad, allow_incomplete) -> None:
     compression methods, duplicates and conflicts."""
     from .report import describe, render
 
-    with _open(sources, index_dir, skip_bad=skip_bad, allow_incomplete=allow_incomplete) as collection:
+    with _open_checked(sources, index_dir, skip_bad, allow_incomplete) as collection:
         report = describe(collection)
     click.echo(json.dumps(report, indent=2) if as_json else render(report))
 
@@ -502,7 +515,7 @@ def verify(sources, sample, jobs, index_dir, skip_bad, allow_incomplete) -> None
     """Check the CRC-32 of every member in SOURCES; list the bad ones and exit 1 if any."""
     from .report import verify_members
 
-    with _open(sources, index_dir, skip_bad=skip_bad, allow_incomplete=allow_incomplete) as collection:
+    with _open_checked(sources, index_dir, skip_bad, allow_incomplete) as collection:
         total = len(collection.tree.files)
         with click.progressbar(length=min(sample or total, total), label="verifying", file=sys.stderr,
                                show_eta=True, show_percent=True, show_pos=True) as bar:

@@ -91,6 +91,7 @@ class Collection:
         self._links_lock = threading.Lock()
 
     def encrypted_members(self) -> int:
+        self.tree.verify_all()   # reads every row
         return int(np.count_nonzero(self.tree.files["flags"] & FLAG_ENCRYPTED))
 
     # -- lookups -----------------------------------------------------------------------

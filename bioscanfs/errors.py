@@ -8,6 +8,7 @@
     ├── NotFound                 a path that is not in the tree (ENOENT)
     ├── SourceError              discovery: missing pieces, no packages found
     ├── UntrustedIndexError      an index folder or file another user could have written
+    ├── DamagedIndex             a part of the index failed its check while mounted (EIO)
     └── MountError               the kernel mount itself failed (bad -o option, mount point)
 """
 from __future__ import annotations
@@ -72,6 +73,14 @@ class UntrustedIndexError(BioscanError):
     def __init__(self, path: str, what: str) -> None:
         super().__init__(f"{path}: {what}")
         self.path = path
+
+
+class DamagedIndex(BioscanError):
+    """A part of a mapped index failed its check on first use (a flipped bit, a forged
+    table): what needs it gets EIO, and the file is removed so the next mount rebuilds it."""
+
+    def __init__(self, where: str, what: str) -> None:
+        super().__init__(f"index {where} is damaged ({what}); the next mount builds it again")
 
 
 class MountError(BioscanError):

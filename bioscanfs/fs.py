@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Union
 import mfusepy
 
 from .collection import BLOCK_SIZE, Collection
-from .errors import MountError, NotFound
+from .errors import BioscanError, MountError
 from .names import NAME_MAX
 from .serving import CACHE_OPTIONS, options_text, read_or_errno
 
@@ -42,13 +42,12 @@ class BioscanFS(mfusepy.Operations):
         raise mfusepy.FuseOSError(errno.ENOSYS)
 
     def _node(self, path: str) -> int:
-        try:
+        with _answering():
             return self.c.node(path)
-        except NotFound:
-            raise mfusepy.FuseOSError(errno.ENOENT) from None
 
     def getattr(self, path: str, fh: Any = None) -> Dict[str, int]:
-        st = self.c.stat_node(self._node(path))
+        with _answering():
+            st = self.c.stat_node(self._node(path))
         ns = st.mtime * 1_000_000_000
         return {
             "st_mode": st.mode, "st_size": st.size, "st_nlink": st.nlink,
@@ -63,7 +62,8 @@ class BioscanFS(mfusepy.Operations):
             raise mfusepy.FuseOSError(errno.ENOTDIR)
         yield "."
         yield ".."
-        dirs, files = self.c.tree.listdir(-1 - node)
+        with _answering():
+            dirs, files = self.c.tree.listdir(-1 - node)
         for name in dirs:
             yield name.decode("utf-8", "surrogateescape")
         for name in files:
@@ -80,7 +80,8 @@ class BioscanFS(mfusepy.Operations):
 
     def readlink(self, path: str) -> str:
         node = self._node(path)
-        target = self.c.link_target(node) if node >= 0 else None
+        with _answering():
+            target = self.c.link_target(node) if node >= 0 else None
         if target is None:
             raise mfusepy.FuseOSError(errno.EINVAL)
         return target.decode("utf-8", "surrogateescape")
@@ -131,6 +132,16 @@ class _SetupOutput:
                 self._saved = None
         self._file.seek(0)
         return " ".join(self._file.read().decode(errors="replace").split())
+
+
+@contextlib.contextmanager
+def _answering() -> Iterator[None]:
+    """A BioscanError as the errno it stands for (NotFound: ENOENT; DamagedIndex, a part of
+    the index that failed its check: EIO); mfusepy would answer any other exception EINVAL."""
+    try:
+        yield
+    except BioscanError as err:
+        raise mfusepy.FuseOSError(err.errno) from None
 
 
 @contextlib.contextmanager

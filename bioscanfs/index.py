@@ -25,7 +25,7 @@ from .layout import METADATA_CSV, METADATA_ZIP
 from .merge import Builder, ViewsBuilder, summarise
 from .reader import MemberFile, Reader
 from .sources import FileSource
-from .tree import Tree, check, check_archive_count
+from .tree import LAZY_COLUMNS, UNIT_ROWS, Tree, check, check_archive_count
 
 log = logging.getLogger(__name__)
 
@@ -123,14 +123,14 @@ def _archive_sizes(arrays: Dict[str, Any], kept: Sequence[Any]) -> List[int]:
 def _mapped(path: str, key: Any, sources: Sequence[FileSource]) -> Optional[Tuple[Tree, List[FileSource]]]:
     """The tree saved at ``path`` under ``key`` and the sources it covers (the others are
     closed), once checked; None when there is none or it is damaged (logged)."""
-    cached = store.load(path, key)
+    # The bulk columns are checked as requests first need them (tree.py), not here: a
+    # remount reads a few MB of the index, not all of it (docs/scale.md).
+    cached = store.load(path, key, lazy=LAZY_COLUMNS)
     if cached is None:
         return None
     try:
         kept = [s for s in sources if s.name in set(cached["__extra__"]["kept"])]
-        check(cached, _archive_sizes(cached, kept))
-        store.release_pages(cached)
-        tree = Tree(cached, [s.name for s in kept], persisted=True)
+        tree = Tree(cached, [s.name for s in kept], _archive_sizes(cached, kept), persisted=True)
     except (KeyError, ValueError, IndexError, TypeError) as err:  # BadTables is a ValueError
         log.warning("index %s is damaged (%s); rebuilding it", path, err)
         return None
@@ -146,6 +146,7 @@ def _with_views(images: Tree, kept: List[FileSource], ranks: Sequence[str], inde
     the metadata CSV is not there, cannot be read, or a ``views`` folder is already in the
     archives (the same tree with no links, saved as well: a remount does not try again).
     The image tree itself when pyarrow is missing (views come once it is installed)."""
+    images.verify_all()   # the views are built from whole columns
     row = views.csv_member(images)
     why = views.available()
     if row is not None and why:
@@ -162,7 +163,8 @@ def _with_views(images: Tree, kept: List[FileSource], ranks: Sequence[str], inde
         log.warning("no views/: the archives hold a views folder or file of their own")
     builder = ViewsBuilder(images, plan or views.empty_plan(), len(kept))
     extra = dict(images.extra, kept=[s.name for s in kept], identities=[s.identity for s in kept])
-    return _save(index_dir, path, key, builder.layout(), lambda out: builder.write(out, extra), [s.name for s in kept])
+    return _save(index_dir, path, key, builder.layout(), lambda out: builder.write(out, extra),
+                 [s.name for s in kept], [s.size for s in kept] + [len(builder.views_zip)])
 
 
 class _Earlier(NamedTuple):
@@ -200,11 +202,13 @@ def _earlier_tree(path: str, key: Any, sources: Sequence[FileSource]) -> Optiona
     try:
         extra = arrays["__extra__"]
         identities = [json.dumps(identity) for identity in extra["identities"]]
-        # Rows of changed archives are not used: their bound is left open.
-        check(arrays, [current[i].size if i in current else 1 << 62 for i in identities] +
-              ([len(arrays["views_zip"])] if "views_zip" in arrays else []))
+        # Rows of changed archives are not used: their bound is left open. Every row is
+        # checked (its CRCs by store.load): the merge reads the columns whole.
+        sizes = [current[i].size if i in current else 1 << 62 for i in identities] + \
+            ([len(arrays["views_zip"])] if "views_zip" in arrays else [])
+        check(arrays, sizes)
         store.release_pages(arrays)
-        tree = Tree(arrays, extra["kept"], persisted=True)
+        tree = Tree(arrays, extra["kept"], sizes, persisted=True)
         if not _lost_nothing(tree, extra):
             return None
         archive_of = {identity: j for j, identity in enumerate(identities) if identity in current}
@@ -239,18 +243,21 @@ def _build(sources: Sequence[FileSource], index_dir: Optional[str], path: Option
         kept = _add_all(builder, sources, on_archive, skip_bad, allow_incomplete, earlier)
         del earlier
         layout = builder.merge()
-        extra_kept = {"kept": [s.name for s in kept], "identities": [s.identity for s in kept]}
+        extra_kept = {"kept": [s.name for s in kept], "identities": [s.identity for s in kept],
+                      "unit_rows": UNIT_ROWS}
         names = extra_kept["kept"]
-        return _save(index_dir, path, key, layout, lambda out: dict(builder.write(out), **extra_kept), names), kept
+        return _save(index_dir, path, key, layout, lambda out: dict(builder.write(out), **extra_kept), names,
+                     [s.size for s in kept]), kept
     finally:
         spill.close()
 
 
 def _save(index_dir: Optional[str], path: Optional[str], key: Any, layout: Dict[str, Any],
-          write: Callable[[Any], Dict[str, Any]], archives: List[str]) -> Tree:
+          write: Callable[[Any], Dict[str, Any]], archives: List[str], sizes: List[int]) -> Tree:
     """The tree that ``write`` streams into a ``store.ColumnWriter`` of ``layout`` (and
     returns the extras of), saved at ``path`` and mapped back, or kept in memory when it
-    cannot be saved there (with a warning) or there is no index folder."""
+    cannot be saved there (with a warning) or there is no index folder. ``sizes``: of
+    every archive its rows name."""
     if path:
         writer = None
         try:
@@ -261,11 +268,11 @@ def _save(index_dir: Optional[str], path: Optional[str], key: Any, layout: Dict[
                 writer.abort()
             log.warning("cannot write the index to %s (%s); keeping it in memory", index_dir, err.strerror or err)
         else:
-            mapped = store.load(path, key)
+            mapped = store.load(path, key, lazy=LAZY_COLUMNS)
             if mapped is not None:
-                return Tree(mapped, archives, persisted=True)
+                return Tree(mapped, archives, sizes, persisted=True)
     writer = store.ColumnWriter(None, layout)
-    return Tree(writer.commit(key, write(writer)), archives)
+    return Tree(writer.commit(key, write(writer)), archives, sizes)
 
 
 class _Spill:

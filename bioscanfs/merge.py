@@ -584,6 +584,7 @@ class ViewsBuilder:
         if len(tree.files) + len(plan.class_dirs) >= LINKED_FILES_MAX:
             raise SourceError(f"{len(tree.files):,} files: views need fewer than {LINKED_FILES_MAX:,}")
         self._tree, self._plan = tree, plan
+        self.views_zip: bytes = plan.classes
         dirs = _Dirs()
         old = [dirs.add(tree.dir_path(d)) for d in range(tree.n_dirs)]
         views = [leaf for base, splits, names in plan.dirs for leaf in _add_labels(dirs, base, splits, names)]

@@ -22,7 +22,8 @@ from .errors import MountError
 from .names import NAME_MAX
 from .reader import WHOLE_READ_MAX
 from .serving import options_text, read_or_errno
-from .tree import FILE_DTYPE
+from .store import Blocks
+from .tree import FILE_DTYPE, LAZY_COLUMNS, UNIT_ROWS
 
 log = logging.getLogger(__name__)
 
@@ -61,23 +62,30 @@ def unavailable_reason() -> str:
     return ""
 
 
-def tables(arrays: Dict[str, np.ndarray], fds: np.ndarray, direct: np.ndarray,
-           archive_sizes: Sequence[int]) -> Dict[str, np.ndarray]:
-    """What the C engine serves from (a tree's arrays, one descriptor pair and size per
-    archive), by the names _nativefs.c's TABLE_NAMES gives them."""
+def tables(arrays: Dict[str, np.ndarray], blocks: Optional[Blocks], unit_rows: int, fds: np.ndarray,
+           direct: np.ndarray, archive_sizes: Sequence[int]) -> Dict[str, np.ndarray]:
+    """What the C engine serves from (a tree's arrays, the CRCs of its LAZY_COLUMNS, which
+    it checks unit by unit on first use, one descriptor pair and size per archive), by the
+    names _nativefs.c's TABLE_NAMES gives them. Tables without ``blocks`` (never saved)
+    get their CRCs computed here."""
     served = {name: arrays[name] for name in ("files", "names", "name_ends", "dir_lo", "dir_hi", "dir_mtime",
                                               "dir_parent", "dir_names", "dir_ends")}
     no_links = np.zeros(len(arrays["dir_lo"]), dtype=np.uint64)   # a tree without views
     links = {name: arrays.get(name, default) for name, default in
              (("links", np.zeros(0, np.uint32)), ("link_lo", no_links), ("link_hi", no_links))}
-    return dict(served, **links, fds=fds, direct=direct, archive_sizes=np.asarray(archive_sizes, dtype=np.uint64))
+    if blocks is None:
+        blocks = Blocks.computed({name: arrays[name] for name in LAZY_COLUMNS})
+    crcs = {f"{name}_crc": blocks.crcs[name] for name in LAZY_COLUMNS}
+    return dict(served, **links, **crcs, lazy=np.array([blocks.block, unit_rows], dtype=np.uint64), fds=fds,
+                direct=direct, archive_sizes=np.asarray(archive_sizes, dtype=np.uint64))
 
 
 def check_tables(arrays: Dict[str, np.ndarray], fds: np.ndarray, direct: np.ndarray,
-                 archive_sizes: Sequence[int]) -> None:
-    """The C engine's own bounds checks, without mounting: ValueError names what is wrong."""
+                 archive_sizes: Sequence[int], unit_rows: int = UNIT_ROWS) -> None:
+    """The C engine's own checks of every table and unit (the CRCs of arrays loaded with
+    ``store.load`` included), without mounting: ValueError names what is wrong."""
     assert _nativefs is not None
-    _nativefs.check(tables(arrays, fds, direct, archive_sizes))
+    _nativefs.check(tables(arrays, arrays.get("__blocks__"), unit_rows, fds, direct, archive_sizes))
 
 
 def _direct_fd(fd: int) -> int:
@@ -116,10 +124,10 @@ def serve(collection: Collection, mountpoint: str, options: Dict[str, Union[bool
     try:
         _nativefs.serve(
             mountpoint=mountpoint, options=option_string,
-            tables=tables(tree.arrays, fds, direct, [src.size for src in c.served]), mapped=tree.persisted,
+            tables=tables(tree.arrays, tree.blocks, tree.unit_rows, fds, direct, [src.size for src in c.served]),
             whole_max=WHOLE_READ_MAX, total_bytes=min(tree.total_bytes, (1 << 64) - 1),
             timeout=float(CACHE_SECONDS), block_size=BLOCK_SIZE, file_mode=FILE_MODE, dir_mode=DIR_MODE,
-            read=read, attr=attr, readlink=readlink, ready=on_ready, threads=threads)
+            read=read, attr=attr, readlink=readlink, ready=on_ready, damaged=tree.report_damage, threads=threads)
     except OSError as err:
         raise MountError(mountpoint, f"{err} with -o {option_string}") from None
     finally:

@@ -39,7 +39,6 @@ import threading
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 import cachetools
-import inflate64
 import numpy as np
 
 # zlib-ng inflates 1.7x and checksums 4x faster than zlib here, with zlib's API (copy() too).
@@ -344,6 +343,8 @@ class _Deflate64:
     STEP = 128
 
     def __init__(self) -> None:
+        import inflate64  # here, not at the top: it imports importlib.metadata, 35-50 ms of every start
+
         self._inflater = inflate64.Inflater()
         self.unused_data = b""
 

@@ -31,6 +31,7 @@ def _package_of(folder: bytes) -> Tuple[str, Optional[str]]:
 def describe(collection: Collection) -> Dict[str, Any]:
     """Packages with their splits, archives and methods, plus duplicates and conflicts."""
     tree = collection.tree
+    tree.verify_all()   # the whole files column is read
     files = tree.files
     lo, hi = tree.dir_lo.astype(np.int64), tree.dir_hi.astype(np.int64)
     cumulative = np.concatenate(([0], np.cumsum(files["size"], dtype=np.int64)))

@@ -4,10 +4,13 @@ Owns the on-disk container of the index, the files' names, which folders and fil
 trusted, and when old files go; knows nothing of what the arrays mean.
 
 - **Whole or absent.** A file is only used when its magic, header and key match, every
-  array lies inside it and the CRC-32 of all array bytes is the one saved; anything else
-  (short, flipped bits, foreign, older version, another archive) reads as absent, so the
-  caller rebuilds. Files are written to a temporary name and renamed, so mounts that build
-  the same index at once never see half a file. A save that fails (full disk, read-only
+  array lies inside it and the CRC-32 of each CRC_BLOCK bytes of each array is the one
+  saved; anything else (short, flipped bits, foreign, older version, another archive)
+  reads as absent, so the caller rebuilds. Columns the caller names ``lazy`` are checked
+  block by block on first use instead (``Blocks``): a mount then reads only the index
+  pages its requests need, and one that finds a bad block removes the file (``discard``).
+  Files are written to a temporary name and renamed, so mounts that build the same
+  index at once never see half a file. A save that fails (full disk, read-only
   folder, a header over what ``load`` accepts) removes its temporary file and raises OSError.
 - **Trusted or refused.** The CRC-32 guards against accidents, not people: a folder or a
   file that another user could have written raises UntrustedIndexError. Trusted means
@@ -35,19 +38,26 @@ import os
 import stat
 import tempfile
 import time
-from typing import Any, Dict, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 from zlib_ng.zlib_ng import crc32
 
 from .errors import UntrustedIndexError
 
-MAGIC = b"BSFSIDX\x04"
+MAGIC = b"BSFSIDX\x05"
 _ALIGN = 64
 #: The columns start here, after MAGIC, the header's offset and its length; the header follows them.
 _DATA_START = 64
 _MAX_HEADER = 1 << 24
 _CHECK_BLOCK = 8 << 20
+#: Bytes of a column under one CRC-32 (the last block of a column may be shorter): the
+#: least a lazily checked column reads to check a byte of it (1 MiB reads in about a
+#: millisecond from the page cache, a few from a disk), and the header holds one CRC per
+#: MiB (about 1,400 at 20.6 M members).
+CRC_BLOCK = 1 << 20
+#: CRC blocks a header may declare: powers of two from 64 bytes (tests) to 1 GiB.
+_CRC_BLOCK_RANGE = (6, 30)
 SUFFIXES = (".tree",)
 #: Suffixes of files that older versions wrote and this one never reads: removed after GRACE.
 RETIRED_SUFFIXES = (".members",)
@@ -119,14 +129,17 @@ class ColumnWriter:
     Why chunks: the merged tree of 20 million members is larger than a mount should
     hold twice, so it is written out as it is produced. With a ``path``, the columns
     go straight into a temporary file beside it, which ``commit`` names ``path`` (whole or
-    not at all); without one, into arrays in memory. Each column's CRC-32 is kept apart,
-    so ``load`` can check one column without the others.
+    not at all); without one, into arrays in memory. A CRC-32 is kept for each ``block``
+    bytes of each column, so ``load`` and ``Blocks`` can check any part of a column alone.
     """
 
-    def __init__(self, path: Optional[str], layout: Dict[str, Tuple[np.dtype, int]]) -> None:
+    def __init__(self, path: Optional[str], layout: Dict[str, Tuple[np.dtype, int]], block: int = CRC_BLOCK) -> None:
         self.path = path
         self.layout = {name: (np.dtype(dtype), int(count)) for name, (dtype, count) in layout.items()}
-        self._crc = {name: 0 for name in layout}
+        self.block = block
+        self._crcs: Dict[str, List[int]] = {name: [] for name in layout}
+        self._crc = {name: 0 for name in layout}       # of the block being filled
+        self._in_block = {name: 0 for name in layout}  # its bytes so far
         self._filled = {name: 0 for name in layout}
         self._offsets: Dict[str, int] = {}
         self._fd = -1
@@ -154,8 +167,8 @@ class ColumnWriter:
         if at + len(chunk) > count:
             raise ValueError(f"{name}: {at + len(chunk):,} elements written, {count:,} declared")
         self._filled[name] = at + len(chunk)
-        data = memoryview(chunk).cast("B")
-        self._crc[name] = crc32(data, self._crc[name])
+        data = memoryview(chunk.view(np.uint8)).cast("B")
+        self._add_crc(name, data)
         if self._fd < 0:
             self.arrays[name][at:at + len(chunk)] = chunk
             return
@@ -164,20 +177,38 @@ class ColumnWriter:
             done = os.pwrite(self._fd, data, position)
             data, position = data[done:], position + done
 
+    def _add_crc(self, name: str, data: memoryview) -> None:
+        """Fold ``data`` into the CRCs of column ``name``, closing each full block."""
+        while len(data):
+            take = min(len(data), self.block - self._in_block[name])
+            self._crc[name] = crc32(data[:take], self._crc[name])
+            self._in_block[name] += take
+            data = data[take:]
+            if self._in_block[name] == self.block:
+                self._crcs[name].append(self._crc[name])
+                self._crc[name], self._in_block[name] = 0, 0
+
     def commit(self, key: Any, extra: Any = None) -> Dict[str, Any]:
-        """Finish: every column must be full. Returns the arrays and ``"__extra__"`` when in
-        memory; with a path, writes the header after the columns and renames the file into
-        place ({} is returned: ``load`` maps it). Raises OSError as ``save`` does."""
+        """Finish: every column must be full. Returns the arrays, ``"__extra__"`` and
+        ``"__blocks__"`` (their CRCs) when in memory; with a path, writes the header after
+        the columns and renames the file into place ({} is returned: ``load`` maps it).
+        Raises OSError as ``save`` does."""
         short = [name for name, (_, count) in self.layout.items() if self._filled[name] != count]
         if short:
             self.abort()
             raise ValueError(f"columns not filled: {', '.join(short)}")
+        for name, part in self._in_block.items():
+            if part:
+                self._crcs[name].append(self._crc[name])
+                self._crc[name], self._in_block[name] = 0, 0
         if self._fd < 0:
-            return dict(self.arrays, __extra__=extra)
+            crcs = {name: np.array(values, np.uint32) for name, values in self._crcs.items()}
+            return dict(self.arrays, __extra__=extra, __blocks__=Blocks(self.arrays, crcs, self.block))
         try:
             layout = {name: [_dtype_to_json(dtype), [count], self._offsets[name]]
                       for name, (dtype, count) in self.layout.items()}
-            header = json.dumps({"key": key, "arrays": layout, "extra": extra, "crc32": self._crc}).encode()
+            header = json.dumps({"key": key, "arrays": layout, "extra": extra, "crc_block": self.block,
+                                 "crc32": self._crcs}).encode()
             if len(header) > _MAX_HEADER:
                 raise OSError(errno.EFBIG, f"its header of {len(header):,} bytes is over the {_MAX_HEADER:,} "
                                            "that a mount reads back", self.path)
@@ -211,14 +242,14 @@ def _pwrite_all(fd: int, data: bytes, position: int) -> None:
         view, position = view[done:], position + done
 
 
-def save(path: str, key: Any, arrays: Dict[str, np.ndarray], extra: Any = None) -> None:
-    """Write ``arrays`` under ``key``, whole or not at all.
+def save(path: str, key: Any, arrays: Dict[str, np.ndarray], extra: Any = None, block: int = CRC_BLOCK) -> None:
+    """Write ``arrays`` under ``key``, whole or not at all, with a CRC-32 per ``block`` bytes.
 
     Raises OSError when the file cannot be written, EFBIG when its header would be over
     what ``load`` accepts (a file that no mount could read back is never written); no
     temporary file is left behind either way.
     """
-    writer = ColumnWriter(path, {name: (array.dtype, array.size) for name, array in arrays.items()})
+    writer = ColumnWriter(path, {name: (array.dtype, array.size) for name, array in arrays.items()}, block)
     try:
         for name, array in arrays.items():
             writer.write(name, array)
@@ -228,17 +259,24 @@ def save(path: str, key: Any, arrays: Dict[str, np.ndarray], extra: Any = None) 
     writer.commit(key, extra)
 
 
-def _file_crc(fd: int, start: int, length: int, checksum: int) -> int:
-    """CRC-32 of a file range read with pread: the pages go through the page cache, not
-    through this process's mapping, so checking does not count in the daemon's RSS."""
-    end = start + length
-    while start < end:
-        block = os.pread(fd, min(_CHECK_BLOCK, end - start), start)
-        if not block:
-            break
-        checksum = crc32(block, checksum)
-        start += len(block)
-    return checksum
+def _file_crcs(fd: int, start: int, length: int, block: int) -> List[int]:
+    """CRC-32 of each ``block`` bytes of a file range, read with pread: the pages go through
+    the page cache, not through this process's mapping, so checking does not count in the
+    daemon's RSS."""
+    out = []
+    for at in range(start, start + length, block):
+        data = os.pread(fd, min(block, start + length - at), at)
+        out.append(crc32(data))
+    return out
+
+
+def _crc_list(values: Any, nbytes: int, block: int) -> Optional[np.ndarray]:
+    """A header's CRC list for a column of ``nbytes`` bytes, or None unless it holds one
+    32-bit value per block."""
+    if not isinstance(values, list) or len(values) != -(-nbytes // block) or \
+            not all(type(v) is int and 0 <= v < 1 << 32 for v in values):
+        return None
+    return np.array(values, dtype=np.uint32)
 
 
 def _header(data: Any, size: int) -> Tuple[Optional[Dict[str, Any]], int]:
@@ -268,12 +306,14 @@ def read_header(path: str) -> Optional[Dict[str, Any]]:
         return None
 
 
-def load(path: str, key: Any) -> Optional[Dict[str, Any]]:
+def load(path: str, key: Any, lazy: Iterable[str] = ()) -> Optional[Dict[str, Any]]:
     """Map a saved file; None unless it is whole and was saved under exactly ``key``.
 
-    Returns the arrays (read-only views of the mapping) and ``"__extra__"``. Raises
-    UntrustedIndexError for a file that another user could have written (checked on the
-    open descriptor, so the file checked is the file read).
+    Returns the arrays (read-only views of the mapping), ``"__extra__"`` and ``"__blocks__"``
+    (a ``Blocks``). Every column is checked against its CRCs here except those named in
+    ``lazy``, which the caller checks through ``Blocks.verify`` before it reads them.
+    Raises UntrustedIndexError for a file that another user could have written (checked
+    on the open descriptor, so the file checked is the file read).
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # NONBLOCK: a FIFO cannot hang us
@@ -292,20 +332,91 @@ def load(path: str, key: Any) -> Optional[Dict[str, Any]]:
         header, header_at = _header(mapped, size)
         if header is None or header.get("key") != json.loads(json.dumps(key)):
             return None
+        block = header["crc_block"]
+        if type(block) is not int or block not in _CRC_BLOCKS:
+            return None
         out: Dict[str, Any] = {"__extra__": header.get("extra")}
+        crcs: Dict[str, np.ndarray] = {}
+        lazy = set(lazy)
         for name, (spec, shape, offset) in header["arrays"].items():
             dtype = _dtype_from_json(spec)
             count = int(np.prod(shape)) if shape else 1
-            if offset < _DATA_START or count < 0 or offset + count * dtype.itemsize > header_at:
+            nbytes = count * dtype.itemsize
+            if offset < _DATA_START or count < 0 or offset + nbytes > header_at:
                 return None
-            if _file_crc(fd, offset, count * dtype.itemsize, 0) != header["crc32"][name]:
+            crcs[name] = sums = _crc_list(header["crc32"][name], nbytes, block)
+            if sums is None or (name not in lazy and _file_crcs(fd, offset, nbytes, block) != sums.tolist()):
                 return None
             out[name] = np.frombuffer(mapped, dtype=dtype, count=count, offset=offset).reshape(shape)
+        arrays = {name: out[name] for name in crcs}
+        out["__blocks__"] = Blocks(arrays, crcs, block, checked=set(crcs) - lazy, path=path,
+                                   identity=(st.st_dev, st.st_ino))
         return out
     except (OSError, ValueError, TypeError, KeyError, json.JSONDecodeError, UnicodeDecodeError):
         return None
     finally:
         os.close(fd)
+
+
+_UNKNOWN, _GOOD, _BAD = 0, 1, 2
+_CRC_BLOCKS = frozenset(1 << bits for bits in range(_CRC_BLOCK_RANGE[0], _CRC_BLOCK_RANGE[1] + 1))
+
+
+class Blocks:
+    """The CRC-32 of each ``block`` bytes of some arrays, and which blocks have been found
+    good or bad so far: a block is checked the first time a caller asks for a byte of it.
+
+    Why: checking a 1.4 GB index before serving reads all of it (seconds with a cold page
+    cache, and every page in the daemon's RSS); a request needs a few MiB of it. The
+    native engine keeps its own states (``_nativefs.c``) and is handed ``crcs``.
+    Thread-safe without a lock: a block checked twice at once gets the same answer twice.
+    """
+
+    def __init__(self, arrays: Dict[str, np.ndarray], crcs: Dict[str, np.ndarray], block: int,
+                 checked: Iterable[str] = (), path: Optional[str] = None,
+                 identity: Optional[Tuple[int, int]] = None) -> None:
+        self.block = block
+        self.crcs = crcs
+        self.path = path            #: the file the arrays are mapped from (None: in memory)
+        self._identity = identity   # its (device, inode) when mapped
+        self._bytes = {name: array.reshape(-1).view(np.uint8) for name, array in arrays.items()}
+        self._states = {name: np.full(len(sums), _GOOD if name in set(checked) else _UNKNOWN, np.uint8)
+                        for name, sums in crcs.items()}
+
+    @classmethod
+    def computed(cls, arrays: Dict[str, np.ndarray], block: int = CRC_BLOCK) -> "Blocks":
+        """The blocks of arrays held in memory, their CRCs computed now (for checks of
+        tables that were never saved: tests, and the C engine's ``check``)."""
+        crcs = {}
+        for name, array in arrays.items():
+            data = array.reshape(-1).view(np.uint8)
+            crcs[name] = np.array([crc32(data[at:at + block]) for at in range(0, len(data), block)], np.uint32)
+        return cls(arrays, crcs, block)
+
+    def verify(self, name: str, lo: int, hi: int) -> bool:
+        """Whether bytes lo..hi of array ``name`` match their CRCs (checked on first use)."""
+        states, data, block = self._states[name], self._bytes[name], self.block
+        if hi <= lo:
+            return True
+        for b in range(lo // block, (hi - 1) // block + 1):
+            if states[b] == _UNKNOWN:
+                states[b] = _GOOD if crc32(data[b * block:(b + 1) * block]) == int(self.crcs[name][b]) else _BAD
+            if states[b] == _BAD:
+                return False
+        return True
+
+    def discard(self) -> None:
+        """Remove the file these blocks were mapped from, if it is still that file (a mount
+        may have rebuilt it since): the next mount builds the index again. This mount
+        keeps its mapping (Linux)."""
+        if self.path is None:
+            return
+        try:
+            st = os.stat(self.path)
+            if (st.st_dev, st.st_ino) == self._identity:
+                os.unlink(self.path)
+        except OSError:
+            pass
 
 
 # -- tidying -------------------------------------------------------------------------------------

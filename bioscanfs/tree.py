@@ -23,19 +23,35 @@ Layout (all numpy; ``index`` saves them and maps them back on the next mount):
   archive, in memory, holding the views' classes.txt files. A link is its target,
   inode included: a hard link.
 
-An index folder is untrusted input: ``check`` bounds every value a lookup or a read
-will trust before a tree is used, and the C engine checks the same bounds again.
+An index folder is untrusted input: every value a lookup or a read will trust is bounded
+before it is used, in two steps (the C engine checks the same bounds again, its own way):
+
+- up front (``check_tables``), what is small and what every request trusts: element
+  types, lengths, the directory tables, the conflict lists;
+- the bulk (``files``, ``name_ends``, ``names``: LAZY_COLUMNS) in units of UNIT_ROWS rows,
+  the first time a request reads a row of a unit (``Tree.rows_ready``): the CRC-32 of its
+  bytes, then the same bounds as up front, restricted to its rows. A unit that fails
+  makes that request fail (DamagedIndex, EIO) and removes the index file, once, with
+  one log line: the next mount builds it again. So a mount reads only the pages its
+  requests need (docs/scale.md), and no wrong byte is served.
+
+``check`` runs both steps on every row, for tables held whole (tests, an earlier tree
+that a re-index copies rows from).
 """
 from __future__ import annotations
 
+import logging
+import threading
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
 from . import zipdir
 from .bulk import for_chunks
-from .errors import NotFound, SourceError
+from .errors import DamagedIndex, NotFound, SourceError
 from .names import NAME_MAX
+
+log = logging.getLogger(__name__)
 
 FILE_DTYPE = zipdir.MEMBER_DTYPE
 #: Every archive of a tree is addressed by the ``archive`` column.
@@ -55,6 +71,15 @@ VIEW_TYPES = {"links": np.dtype("<u4"), "link_lo": np.dtype("<u8"), "link_hi": n
               "views_zip": np.dtype(np.uint8)}
 #: Links are 32-bit rows: a tree with views holds fewer files than this.
 LINKED_FILES_MAX = 1 << 32
+#: The columns checked unit by unit on first use (see the module's docstring); the store
+#: checks the others' CRCs when it maps them.
+LAZY_COLUMNS = ("files", "name_ends", "names")
+#: Rows checked at once: 3 MiB of ``files``, 256 KiB of ``name_ends`` and about 1 MiB of
+#: names for BIOSCAN-5M (a millisecond or two of CRC and bounds); a listing of an
+#: 18,000-file folder checks one or two units. Saved in the tree's extra (``unit_rows``),
+#: and a tree's own value is used: a power of two from 1 to 2^24.
+UNIT_ROWS = 1 << 16
+_UNIT_ROWS_MAX = 1 << 24
 
 
 def check_archive_count(count: int) -> None:
@@ -72,14 +97,14 @@ class BadTables(ValueError):
     """The arrays break a bound that lookups or reads rely on (a damaged or forged index)."""
 
 
-def check(arrays: Dict[str, Any], archive_sizes: Sequence[int]) -> None:
-    """Raise BadTables unless every bound the lookups and reads rely on holds.
+def check_tables(arrays: Dict[str, Any], archive_sizes: Sequence[int]) -> int:
+    """Raise BadTables unless the bounds checked up front hold; returns the tree's rows
+    per unit (see the module's docstring for what is checked when).
 
-    Checked: element types, lengths against each other, name lengths (1..255 bytes, no
-    '/' or NUL), the directory tree (parents before children, a contiguous row range
-    per directory), every row's archive and its data inside that archive, declared
-    sizes within st_size, and the conflict lists. Order within a directory is not
-    checked: a wrong order only makes lookups miss.
+    Up front: element types, lengths against each other, directory names (1..255 bytes,
+    no '/' or NUL), the directory tree (parents before children, a contiguous row range
+    per directory, covering the files), and the conflict lists. Order within a directory
+    is never checked: a wrong order only makes lookups miss.
     """
     for name, dtype in ARRAY_TYPES.items():
         if name not in arrays or arrays[name].dtype != dtype or arrays[name].ndim != 1:
@@ -87,17 +112,15 @@ def check(arrays: Dict[str, Any], archive_sizes: Sequence[int]) -> None:
     files, n_dirs = arrays["files"], len(arrays["dir_lo"])
     if n_dirs < 1 or any(len(arrays[k]) != n_dirs for k in ("dir_hi", "dir_mtime", "dir_parent", "dir_ends")):
         raise BadTables("directory tables disagree in length")
-    if len(arrays["name_ends"]) != len(files):
+    if len(arrays["name_ends"]) != len(files) or (not len(files) and len(arrays["names"])):
         raise BadTables("name_ends: not one per file")
-    _check_names(arrays["names"], arrays["name_ends"], "names")
-    _check_names(arrays["dir_names"], arrays["dir_ends"], "dir_names", root=True)
+    _check_dir_names(arrays["dir_names"], arrays["dir_ends"])
     parent = arrays["dir_parent"]
     if parent[0] != 0 or (parent[1:] >= np.arange(1, n_dirs, dtype=np.uint64)).any() or (np.diff(parent[1:]) < 0).any():
         raise BadTables("dir_parent: not breadth-first order")
     lo, hi = arrays["dir_lo"], arrays["dir_hi"]
     if lo[0] != 0 or (lo > hi).any() or (lo[1:] != hi[:-1]).any() or hi[-1] != len(files):
         raise BadTables("dir_lo/dir_hi: not one contiguous row range per directory")
-    _check_rows(files, archive_sizes)
     for ends, blob in (("conflict_path_ends", "conflict_paths"), ("conflict_archive_ends", "conflict_archives")):
         if (np.diff(arrays[ends].astype(np.int64), prepend=0) < 0).any() or \
                 (int(arrays[ends][-1]) if len(arrays[ends]) else 0) != len(arrays[blob]):
@@ -106,6 +129,67 @@ def check(arrays: Dict[str, Any], archive_sizes: Sequence[int]) -> None:
             (arrays["conflict_archives"] >= len(archive_sizes)).any():
         raise BadTables("conflicts: lists disagree or name an archive that is not there")
     _check_links(arrays)
+    unit_rows = (arrays.get("__extra__") or {}).get("unit_rows", UNIT_ROWS)
+    if type(unit_rows) is not int or not 0 < unit_rows <= _UNIT_ROWS_MAX or unit_rows & (unit_rows - 1):
+        raise BadTables("unit_rows: not a power of two up to 2^24")
+    return unit_rows
+
+
+def check(arrays: Dict[str, Any], archive_sizes: Sequence[int]) -> None:
+    """Raise BadTables unless every bound the lookups and reads rely on holds, on every
+    row: ``check_tables`` and every unit's check (CRCs are the store's, not checked here)."""
+    check_tables(arrays, archive_sizes)
+    sizes = np.asarray(archive_sizes, dtype=np.uint64)
+    for kind in UNIT_KINDS.values():
+        problems = for_chunks(len(arrays[kind.rows]), lambda rows, kind=kind: kind.problem(
+            arrays, sizes, _no_crc, rows.start, rows.stop), UNIT_ROWS)
+        for problem in problems:
+            if problem:
+                raise BadTables(problem)
+
+
+def _no_crc(name: str, lo: int, hi: int) -> bool:
+    return True
+
+
+#: Checks a byte range of a column against its CRCs: (column, lo, hi) -> matches.
+Verify = Callable[[str, int, int], bool]
+
+
+def _file_rows_problem(arrays: Dict[str, Any], sizes: np.ndarray, verify: Verify, lo: int, hi: int
+                       ) -> Optional[str]:
+    """What is wrong with file rows lo..hi (hi > lo), or None: the CRCs of their bytes in
+    each LAZY_COLUMN, then the bounds a read or lookup trusts. The first name's start is
+    the end before ``lo``, whose CRC is checked with the rest (not trusted)."""
+    files, ends, names = arrays["files"], arrays["name_ends"], arrays["names"]
+    width = files.dtype.itemsize
+    if not (verify("files", lo * width, hi * width) and verify("name_ends", max(lo - 1, 0) * 4, hi * 4)):
+        return "a block of files or name_ends does not match its CRC-32"
+    first, last = (int(ends[lo - 1]) if lo else 0), int(ends[hi - 1])
+    if not first <= last <= len(names) or (hi == len(files) and last != len(names)):
+        return "names: the ends do not tile the names"
+    if not verify("names", first, last):
+        return "a block of names does not match its CRC-32"
+    if not _names_ok(names, ends, slice(lo, hi)):
+        return (f"names: a name is empty, longer than {NAME_MAX} bytes, holds '/' or NUL, "
+                "or is '.' or '..'")
+    if not _rows_ok(files[lo:hi], sizes):
+        return ("files: a row names an archive that is not there, lies past its end, "
+                "or declares a size of 2^63 bytes or more")
+    return None
+
+
+class UnitKind(NamedTuple):
+    """Rows of some bulk columns checked together on first use."""
+
+    rows: str   #: the column with one element per row
+    #: what is wrong with rows lo..hi (hi > lo): (arrays, archive sizes, verify, lo, hi) -> problem or None
+    problem: Callable[[Dict[str, Any], np.ndarray, Verify, int, int], Optional[str]]
+
+
+#: The kinds of units, by name. A new bulk column plugs in as one more kind (its CRCs
+#: come with it when it is in LAZY_COLUMNS); _nativefs.c's UNIT_KINDS mirror these.
+UNIT_KINDS = {"files": UnitKind("files", _file_rows_problem)}
 
 
 def _check_links(arrays: Dict[str, Any]) -> None:
@@ -131,49 +215,39 @@ _BAD_BYTE = np.zeros(256, dtype=bool)
 _BAD_BYTE[[0, ord("/")]] = True
 
 
-def _check_names(blob: np.ndarray, ends: np.ndarray, what: str, root: bool = False) -> None:
-    """Each name that ``ends`` cuts from ``blob`` is one path component the kernel takes:
-    1..255 bytes, no '/' or NUL, not '.' or '..' (no name leads out of the mount). With
-    ``root``, the first name is the root's and must be empty. Ends must tile the blob."""
-    n = len(ends)
-    if (int(ends[-1]) if n else 0) != len(blob) or (root and (n == 0 or ends[0] != 0)):
-        raise BadTables(f"{what}: the ends do not tile the names")
-
-    def chunk(rows: slice) -> bool:
-        first = int(ends[rows.start - 1]) if rows.start else 0
-        stop = ends[rows].astype(np.int64)
-        lengths = np.diff(stop, prepend=first)
-        if root and rows.start == 0:
-            lengths = lengths[1:]
-            stop = stop[1:]
-        if ((lengths < 1) | (lengths > NAME_MAX)).any() or \
-                _BAD_BYTE[blob[first:int(ends[rows.stop - 1])]].any():
-            return False
-        dots = np.flatnonzero(lengths <= 2)
-        return not ((blob[stop[dots] - lengths[dots]] == ord(".")) & (blob[stop[dots] - 1] == ord("."))).any()
-
-    if not all(for_chunks(n, chunk)):
-        raise BadTables(f"{what}: a name is empty, longer than {NAME_MAX} bytes, holds '/' or NUL, "
-                        "or is '.' or '..'")
+def _names_ok(blob: np.ndarray, ends: np.ndarray, rows: slice, root: bool = False) -> bool:
+    """Each name that ``ends[rows]`` cuts from ``blob`` is one path component the kernel
+    takes: 1..255 bytes, no '/' or NUL, not '.' or '..' (no name leads out of the mount).
+    With ``root``, the first name (the root's) is not checked. The caller has bounded the
+    last end of ``rows`` by the blob; lengths of at least 1 then bound every other."""
+    first = int(ends[rows.start - 1]) if rows.start else 0
+    stop = ends[rows].astype(np.int64)
+    lengths = np.diff(stop, prepend=first)
+    if root and rows.start == 0:
+        lengths = lengths[1:]
+        stop = stop[1:]
+    if ((lengths < 1) | (lengths > NAME_MAX)).any() or _BAD_BYTE[blob[first:int(ends[rows.stop - 1])]].any():
+        return False
+    dots = np.flatnonzero(lengths <= 2)
+    return not ((blob[stop[dots] - lengths[dots]] == ord(".")) & (blob[stop[dots] - 1] == ord("."))).any()
 
 
-def _check_rows(files: np.ndarray, archive_sizes: Sequence[int]) -> None:
+def _check_dir_names(blob: np.ndarray, ends: np.ndarray) -> None:
+    """Directory names as ``_names_ok`` says, the root's empty; the ends tile the blob."""
+    if int(ends[-1]) != len(blob) or ends[0] != 0 or not _names_ok(blob, ends, slice(0, len(ends)), root=True):
+        raise BadTables(f"dir_names: the ends do not tile the names, or a name is empty, longer than "
+                        f"{NAME_MAX} bytes, holds '/' or NUL, or is '.' or '..'")
+
+
+def _rows_ok(files: np.ndarray, sizes: np.ndarray) -> bool:
     """Every row's archive is there and its data lies inside it; sizes fit st_size."""
-    sizes = np.asarray(archive_sizes, dtype=np.uint64)
-
-    def chunk(rows: slice) -> bool:
-        part = files[rows]
-        archive = part["archive"].astype(np.intp)
-        if (archive >= len(sizes)).any():
-            return False
-        room = sizes[archive]
-        offset = part["header_offset"]
-        return not ((offset > room) | (part["compressed_size"] > room - np.minimum(offset, room))
-                    | (part["size"] >= np.uint64(zipdir.SIZE_LIMIT))).any()
-
-    if not all(for_chunks(len(files), chunk)):
-        raise BadTables("files: a row names an archive that is not there, lies past its end, "
-                        "or declares a size of 2^63 bytes or more")
+    archive = files["archive"].astype(np.intp)
+    if (archive >= len(sizes)).any():
+        return False
+    room = sizes[archive]
+    offset = files["header_offset"]
+    return not ((offset > room) | (files["compressed_size"] > room - np.minimum(offset, room))
+                | (files["size"] >= np.uint64(zipdir.SIZE_LIMIT))).any()
 
 
 def find_name(name_of: Callable[[int], bytes], lo: int, hi: int, name: bytes) -> int:
@@ -187,13 +261,34 @@ def find_name(name_of: Callable[[int], bytes], lo: int, hi: int, name: bytes) ->
     return lo
 
 
-class Tree:
-    """Lookups and listings over the merged arrays (checked by the caller with ``check``)."""
+_UNKNOWN, _GOOD, _BAD = 0, 1, 2
 
-    def __init__(self, arrays: Dict[str, Any], archives: List[str], persisted: bool = False) -> None:
+
+class Tree:
+    """Lookups and listings over the merged arrays.
+
+    Raises BadTables when the up-front checks fail (``check_tables``). Every method that
+    reads file rows or names checks their units first (``rows_ready``), and raises
+    DamagedIndex when one fails; code that reads ``files``, ``names`` or ``name_ends``
+    itself calls ``rows_ready`` or ``verify_all`` first.
+    """
+
+    def __init__(self, arrays: Dict[str, Any], archives: List[str], archive_sizes: Sequence[int],
+                 persisted: bool = False) -> None:
+        unit_rows = check_tables(arrays, archive_sizes)
         self.arrays = {name: arrays[name] for name in (*ARRAY_TYPES, *VIEW_TYPES) if name in arrays}
         self.archives = archives
         self.persisted = persisted  #: mapped from the index folder (else held in memory)
+        #: the CRCs of LAZY_COLUMNS (a ``store.Blocks``), or None for tables held whole
+        self.blocks = arrays.get("__blocks__")
+        self.unit_rows = unit_rows
+        self._shift = unit_rows.bit_length() - 1
+        self._sizes = np.asarray(archive_sizes, dtype=np.uint64)
+        self._states = {name: np.zeros(-(-len(arrays[kind.rows]) // unit_rows), np.uint8)
+                        for name, kind in UNIT_KINDS.items()}
+        self._problems: Dict[Tuple[str, int], str] = {}
+        self._reported = threading.Lock()
+        self._damage_reported = False
         self.files: np.ndarray = arrays["files"]
         self.names: np.ndarray = arrays["names"]
         self.name_ends: np.ndarray = arrays["name_ends"]
@@ -218,6 +313,58 @@ class Tree:
         self.link_lo: np.ndarray = arrays["link_lo"] if views else np.zeros(self.n_dirs, np.uint64)
         self.link_hi: np.ndarray = arrays["link_hi"] if views else self.link_lo
         self.views_zip: Optional[bytes] = arrays["views_zip"].tobytes() if views else None
+
+    # -- checks on first use ----------------------------------------------------------
+    def rows_ready(self, lo: int, hi: int, kind: str = "files") -> None:
+        """Check the units of rows lo..hi of a kind (UNIT_KINDS) that are not checked yet;
+        raises DamagedIndex when one fails (now or before)."""
+        if hi <= lo:
+            return
+        states = self._states[kind]
+        first, last = lo >> self._shift, (hi - 1) >> self._shift
+        if states[first] == _GOOD and (first == last or (states[first:last + 1] == _GOOD).all()):
+            return
+        for unit in range(first, last + 1):
+            self._check_unit(kind, unit)
+
+    def verify_all(self) -> None:
+        """Check every unit (for code that reads whole columns: reports, a re-index)."""
+        for kind, states in self._states.items():
+            for_chunks(len(states), lambda units, kind=kind: [self._check_unit(kind, u)
+                                                              for u in range(units.start, units.stop)], 1)
+
+    def _check_unit(self, kind: str, unit: int) -> None:
+        states = self._states[kind]
+        if states[unit] == _UNKNOWN:
+            lo = unit << self._shift
+            hi = min(lo + self.unit_rows, len(self.arrays[UNIT_KINDS[kind].rows]))
+            verify = self.blocks.verify if self.blocks is not None else _no_crc
+            problem = UNIT_KINDS[kind].problem(self.arrays, self._sizes, verify, lo, hi)
+            if problem:
+                self._problems[kind, unit] = problem
+            states[unit] = _BAD if problem else _GOOD
+        if states[unit] == _BAD:
+            problem = self._problems[kind, unit]
+            self.report_damage(problem)
+            raise DamagedIndex(self.where, problem)
+
+    @property
+    def where(self) -> str:
+        """The index file the tree is mapped from, for messages."""
+        return getattr(self.blocks, "path", None) or "(held in memory)"
+
+    def report_damage(self, problem: str) -> None:
+        """Log a failed check once, and remove the index file so that the next mount
+        builds it again (the C engine calls this too). Why remove, not rename: a renamed
+        file would need its own rule to be tidied, and nothing reads it again."""
+        with self._reported:
+            if self._damage_reported:
+                return
+            self._damage_reported = True
+        log.error("index %s is damaged (%s): what needs that part gets EIO; removed, the next mount "
+                  "builds it again", self.where, problem)
+        if self.blocks is not None:
+            self.blocks.discard()
 
     def dir_base(self, dir_id: int) -> bytes:
         """A directory's own name (the root's is empty)."""
@@ -253,6 +400,7 @@ class Tree:
 
     def name(self, row: int) -> bytes:
         """A file's own name."""
+        self.rows_ready(row, row + 1)
         begin = int(self.name_ends[row - 1]) if row else 0
         return self.names[begin:int(self.name_ends[row])].tobytes()
 
@@ -286,6 +434,7 @@ class Tree:
     def _names(self, lo: int, hi: int) -> List[bytes]:
         if lo >= hi:
             return []
+        self.rows_ready(lo, hi)
         first = int(self.name_ends[lo - 1]) if lo else 0
         data = self.names[first:int(self.name_ends[hi - 1])].tobytes()
         ends = (self.name_ends[lo:hi].astype(np.int64) - first).tolist()
@@ -327,6 +476,7 @@ class Tree:
 
     def member(self, row: int) -> zipdir.Member:
         """A file row as Python ints (one conversion instead of one per field)."""
+        self.rows_ready(row, row + 1)
         return zipdir.Member._make(self.files[row].item())
 
     def path_of(self, row: int) -> bytes:

@@ -8,6 +8,8 @@ written in well under two minutes and about 1.1 GB.
     python scripts/bench_scale.py write OUTDIR [--total N] [--seed S] [--packages P]
     python scripts/bench_scale.py run OUTDIR [--total N] [--packages P] [--compare CHECKOUT]
                                          [--no-ratarmount] [--json]
+    python scripts/bench_scale.py remount SET --index-dir DIR [--compare CHECKOUT --compare-index-dir DIR]
+                                             [--repeat N] [--work DIR]
 """
 from __future__ import annotations
 
@@ -387,6 +389,55 @@ def _print_table(results: list[dict]) -> None:
               f"{row['mount_command_peak_rss'] / 2**20:>7.0f}MB {daemon:>10} {size:>14} {chunk:>15}")
 
 
+def _cmd_remount(args: argparse.Namespace) -> int:
+    """``remount``: warm remounts and remounts after dropping the page cache of an index
+    built once (by the first mount, if absent), repeated and interleaved with ``--compare``'s
+    (its own index folder): mount command time and peak RSS, daemon RSS after ``ls -l`` of
+    a chunk. A cold build of 20.6 M members takes minutes; remounts are what this repeats.
+    Each repeat also times this checkout's imports alone (``python -c "import ..."``), the
+    floor of any mount command, warm and after dropping the page cache."""
+    checkouts = [("bioscanfs", REPO, args.index_dir)]
+    if args.compare:
+        if not args.compare_index_dir:
+            raise SystemExit("--compare needs --compare-index-dir")
+        checkouts.append((f"bioscanfs@{args.compare.name}", args.compare.resolve(), args.compare_index_dir))
+    work = Path(tempfile.mkdtemp(prefix="bench-scale-remount-", dir=args.work)).resolve()
+    mountpoint = work / "mnt"
+    mountpoint.mkdir()
+    phases = ["warm remount"] + (["page cache dropped"] if can_drop_caches() else [])
+    results = []
+    imports = [sys.executable, "-c", "import bioscanfs.cli, bioscanfs.nativefs"]
+    try:
+        for _, (label, checkout, index_dir) in itertools.product(range(args.repeat), checkouts):
+            command = [sys.executable, "-m", "bioscanfs", "mount", str(args.set), str(mountpoint),
+                       "--index-dir", str(index_dir)]
+            for phase in phases if checkout == REPO else ():
+                if phase == "page cache dropped":
+                    _drop_page_cache()
+                seconds, peak = _run_timed(imports, dict(os.environ, PYTHONPATH=str(checkout)), checkout)
+                results.append({"tool": "imports only", "phase": phase, "seconds": seconds,
+                                "mount_command_peak_rss": peak, "set": args.set.name})
+            for phase in phases:
+                if phase == "page cache dropped":
+                    _drop_page_cache()
+                seconds, peak = _run_timed(command, dict(os.environ, PYTHONPATH=str(checkout)), checkout)
+                listing, entries = _list_chunk(mountpoint)
+                results.append({"tool": label, "phase": phase, "seconds": seconds, "mount_command_peak_rss": peak,
+                                "server_rss_after_listing": rss(server_pid(mountpoint, "bioscanfs")),
+                                "chunk_listing_seconds": listing, "chunk_entries": entries, "set": args.set.name})
+                _unmount(mountpoint)
+    finally:
+        _unmount(mountpoint)
+        shutil.rmtree(work, ignore_errors=True)
+    _print_table(results)
+    for label, phase in dict.fromkeys((r["tool"], r["phase"]) for r in results):
+        times = sorted(r["seconds"] for r in results if (r["tool"], r["phase"]) == (label, phase))
+        print(f"{label:<22} {phase:<19} median {times[len(times) // 2]:.2f} s of {len(times)}: "
+              + ", ".join(f"{t:.2f}" for t in times))
+    print("\ncommand: python scripts/bench_scale.py remount " + " ".join(sys.argv[2:]))
+    return 0
+
+
 def _status(field: str) -> int:
     """A field of /proc/self/status in bytes (VmRSS, VmHWM)."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -457,6 +508,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     run.add_argument("--no-ratarmount", action="store_true")
     run.add_argument("--json", action="store_true")
     run.set_defaults(handler=_cmd_run)
+    remount = commands.add_parser("remount", help="repeat warm and dropped-cache remounts of an index built once")
+    remount.add_argument("set", type=Path, help="folder of a scale set")
+    remount.add_argument("--index-dir", type=Path, required=True, help="this checkout's index (built if absent)")
+    remount.add_argument("--compare", type=Path, help="another checkout of bioscanfs, interleaved")
+    remount.add_argument("--compare-index-dir", type=Path, help="the other checkout's index folder")
+    remount.add_argument("--repeat", type=int, default=3)
+    remount.add_argument("--work", type=Path, help="folder for the mount point (default: the system's temp)")
+    remount.set_defaults(handler=_cmd_remount)
     profile = commands.add_parser("profile", help="where the memory of an index build goes, step by step")
     profile.add_argument("set", type=Path, help="folder of a scale set")
     profile.add_argument("--work", type=Path, help="folder for the index (default: the system's temp)")

@@ -1,23 +1,39 @@
-"""A tampered index (issue 16): the index folder is untrusted input, to Python and to C.
+"""A tampered or damaged index (issues 16, 17): the index folder is untrusted input, to
+Python and to C.
 
 Each case rewrites a real index with one kind of bad table and a valid CRC (anyone who
 can write the folder can recompute it), then checks that the Python checks
 (``tree.check``) and the C engine's own (``_nativefs.check``, no FUSE needed) both refuse
-it, and that a mount of the tampered folder, on both engines, rebuilds the index with one
-warning and serves exactly what zipfile reads. These tests also run under AddressSanitizer
-(scripts/test): a table the C side failed to bound would be caught there.
+it. A mount of the tampered folder, on both engines, rebuilds the index with one warning
+when the fault is in a table checked up front; when it is in the bulk (files, names,
+checked unit by unit on first use), what touches the bad unit gets EIO, the rest is
+served right, never a wrong byte, and the next mount rebuilds the index. A flipped byte
+(no CRC recomputed) in any column is found the same ways. These tests also run under
+AddressSanitizer (scripts/test): a table the C side failed to bound would be caught there.
 """
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import numpy as np
 import pytest
-from conftest import MountFactory, assert_serves_members, copy_archives, zip_members
+from conftest import (
+    Mount,
+    MountFactory,
+    assert_serves_members,
+    copy_archives,
+    expected_tree,
+    run_cli,
+    zip_contents,
+    zip_members,
+)
 
 from bioscanfs import Collection, nativefs, store
-from bioscanfs.tree import BadTables, check
+from bioscanfs.errors import DamagedIndex
+from bioscanfs.tree import LAZY_COLUMNS, BadTables, Tree, check
 
 SET = ["BIOSCAN_5M_cropped_256_eval.zip", "BIOSCAN_5M_cropped_256_train.zip"]
 Arrays = Dict[str, np.ndarray]
@@ -97,6 +113,7 @@ def _read_tree(path: Path) -> Tuple[Any, Arrays, Any]:
     loaded = store.load(str(path), header["key"])
     assert loaded is not None
     extra = loaded.pop("__extra__")
+    loaded.pop("__blocks__")
     return header["key"], {name: np.array(array) for name, array in loaded.items()}, extra
 
 
@@ -108,13 +125,20 @@ def good_index(tmp_path_factory: pytest.TempPathFactory, small_set: Path) -> Ite
     yield (path, *_read_tree(path))
 
 
+#: Small units and CRC blocks for the mount tests: the test set then has many of each, so
+#: a bad one shows that the others are still served.
+UNIT_ROWS, CRC_BLOCK = 4, 64
+
+
 def _tampered(good: Tuple[Path, Any, Arrays, Any], case: str, index_dir: Path) -> Arrays:
-    """Write the good index with one bad table, under its own valid key and CRC."""
+    """Write the good index with one bad table (no bad table for case ""), under its own
+    valid key and CRCs, in units of UNIT_ROWS rows and CRC blocks of CRC_BLOCK bytes."""
     path, key, arrays, extra = good
     arrays = {name: array.copy() for name, array in arrays.items()}
-    CASES[case](arrays)
+    if case:
+        CASES[case](arrays)
     index_dir.mkdir()
-    store.save(str(index_dir / path.name), key, arrays, extra)
+    store.save(str(index_dir / path.name), key, arrays, dict(extra, unit_rows=UNIT_ROWS), block=CRC_BLOCK)
     return arrays
 
 
@@ -144,8 +168,7 @@ def test_bad_table_is_refused_by_python_and_by_c(case: str, good_index, small_se
         nativefs.check_tables(arrays, fds, fds, sizes)
 
 
-@pytest.mark.parametrize("case", ["name-over-255", "dir-name-over-255", "archive-out-of-range",
-                                  "offset-past-archive", "dot-dot-dir", "parent-after-child"])
+@pytest.mark.parametrize("case", ["dir-name-over-255", "dot-dot-dir", "parent-after-child", "row-range-past-files"])
 def test_mount_of_a_tampered_index_rebuilds_it_and_serves_right(case: str, good_index, small_set: Path,
                                                                  tmp_path: Path, mount: MountFactory) -> None:
     index_dir = tmp_path / "index"
@@ -155,3 +178,116 @@ def test_mount_of_a_tampered_index_rebuilds_it_and_serves_right(case: str, good_
     assert_serves_members(live, zip_members(small_set))
     assert "is damaged" in live.log_text()
     check(_read_tree(_tree_file(index_dir))[1], _sizes(small_set))  # the rebuilt index replaced it
+
+
+def _served_or_eio(live: Mount, members: Dict[str, Any]) -> List[str]:
+    """Walk and read everything through the mount: each listing and member is what
+    zipfile says, or fails with EIO (never other names or bytes). Returns what failed."""
+    failed = []
+    for folder, names in expected_tree(members).items():
+        try:
+            assert set(os.listdir(live.path(folder))) == names, folder
+        except OSError as err:
+            assert err.errno == errno.EIO, folder
+            failed.append(folder + "/")
+    for path, data in zip_contents(members).items():
+        try:
+            assert live.path(path).read_bytes() == data, path
+        except OSError as err:
+            assert err.errno == errno.EIO, path
+            failed.append(path)
+    return failed
+
+
+def _assert_found_and_rebuilt(live: Mount, tree_file: Path, small_set: Path, mount: MountFactory) -> None:
+    """Some of the mount failed with EIO and the rest read right; it said so in its log
+    and removed the index; the next mount builds it again and serves all of it right."""
+    members = zip_members(small_set)
+    failed = _served_or_eio(live, members)
+    assert failed and len([path for path in failed if not path.endswith("/")]) < len(members), failed
+    assert f"index {tree_file} is damaged" in live.log_text()
+    assert not tree_file.exists()
+    again = mount(small_set, index_dir=tree_file.parent)
+    assert_serves_members(again, members)
+    check(_read_tree(_tree_file(tree_file.parent))[1], _sizes(small_set))
+
+
+@pytest.mark.parametrize("case", ["name-over-255", "archive-out-of-range", "offset-past-archive", "size-over-2^63"])
+def test_bad_rows_are_found_when_first_read_and_never_served(case: str, good_index, small_set: Path,
+                                                              tmp_path: Path, mount: MountFactory) -> None:
+    """A bad file row (valid CRCs): the mount starts without reading the rows; the unit
+    holding it fails when a request first touches it (EIO), the others serve."""
+    index_dir = tmp_path / "index"
+    _tampered(good_index, case, index_dir)
+    live = mount(small_set, index_dir=index_dir)
+    live.expect_log(r"is damaged")
+    _assert_found_and_rebuilt(live, _tree_file(index_dir), small_set, mount)
+
+
+def _flip(path: Path, column: str) -> None:
+    """Flip one bit in the middle of a column of a saved index (its CRCs left as they were)."""
+    spec, shape, offset = store.read_header(str(path))["arrays"][column]
+    at = offset + int(np.prod(shape)) * store._dtype_from_json(spec).itemsize // 2
+    with open(path, "r+b") as f:
+        f.seek(at)
+        byte = f.read(1)[0]
+        f.seek(at)
+        f.write(bytes([byte ^ 0x10]))
+
+
+@pytest.mark.parametrize("column", LAZY_COLUMNS)
+def test_a_flipped_bit_in_the_bulk_is_found_by_python_and_by_c(column: str, good_index, small_set: Path,
+                                                                tmp_path: Path) -> None:
+    """The per-block CRCs: Tree's check on first use and the C engine's both refuse the
+    flipped block (the rest of the file passes store.load, which leaves them lazy)."""
+    index_dir = tmp_path / "index"
+    _tampered(good_index, "", index_dir)
+    path = _tree_file(index_dir)
+    _flip(path, column)
+    loaded = store.load(str(path), store.read_header(str(path))["key"], lazy=LAZY_COLUMNS)
+    assert loaded is not None
+    sizes = _sizes(small_set)
+    fds = np.full(len(sizes), -1, np.int64)
+    with pytest.raises(ValueError, match="native engine: a block of .* does not match its CRC-32"):
+        nativefs.check_tables(loaded, fds, fds, sizes, UNIT_ROWS)
+    with pytest.raises(DamagedIndex, match="does not match its CRC-32"):
+        Tree(loaded, [], sizes, persisted=True).verify_all()
+    assert not path.exists()   # removed: the next mount builds it again
+
+
+@pytest.mark.parametrize("column", [*LAZY_COLUMNS, "dir_names", "dir_lo"])
+def test_a_flipped_bit_anywhere_is_found_and_never_served(column: str, good_index, small_set: Path, tmp_path: Path,
+                                                           mount: MountFactory) -> None:
+    """In a column checked up front: the index reads as absent and the mount rebuilds it;
+    in the bulk: what touches the block gets EIO, the rest serves, the next mount rebuilds."""
+    index_dir = tmp_path / "index"
+    _tampered(good_index, "", index_dir)
+    path = _tree_file(index_dir)
+    before = path.stat().st_ino
+    _flip(path, column)
+    live = mount(small_set, index_dir=index_dir)
+    if column in LAZY_COLUMNS:
+        live.expect_log(r"is damaged")
+        _assert_found_and_rebuilt(live, path, small_set, mount)
+    else:
+        assert_serves_members(live, zip_members(small_set))
+        assert path.stat().st_ino != before   # rebuilt before serving
+
+
+@pytest.mark.parametrize("command", ["verify", "info"])
+def test_commands_that_read_every_row_rebuild_a_damaged_index_first(command: str, good_index, small_set: Path,
+                                                                     tmp_path: Path) -> None:
+    """verify and info check the whole index before reading its rows: a flipped bit in the
+    bulk has the index built again, and the command reports on the archives (verify: no
+    member listed BAD for the index's fault)."""
+    index_dir = tmp_path / "index"
+    _tampered(good_index, "", index_dir)
+    path = _tree_file(index_dir)
+    before = path.stat().st_ino
+    _flip(path, "files")
+    done = run_cli(command, small_set, "--index-dir", index_dir)
+    assert done.returncode == 0, done.stderr
+    assert "is damaged" in done.stderr and "BAD" not in done.stdout
+    if command == "verify":
+        assert f"{len(zip_members(small_set))} members checked, 0 bad" in done.stdout
+    assert _tree_file(index_dir).stat().st_ino != before   # built again
