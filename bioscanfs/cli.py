@@ -28,6 +28,7 @@ from .layout import IMGTYPES, SPLITS
 from .mounts import is_mounted, mounts_at
 from .remote import is_url
 from .views import RANKS, parse_ranks
+from .views import available as available_views
 
 log = logging.getLogger("bioscanfs")
 F = TypeVar("F", bound=Callable)
@@ -101,7 +102,12 @@ def _setup_logging(verbose: int, log_file: Optional[str]) -> None:
 
 
 def _open(sources, index_dir, cache_size=256 << 20, skip_bad=False, allow_incomplete=False,
-          password=None, cache_dir=None, cache_max=10 << 30, views=()) -> Collection:
+          password=None, cache_dir=None, cache_max=10 << 30, views=None) -> Collection:
+    """The commands' Collection. ``views`` defaults to mount's default where views can be
+    built (pyarrow installed), so that ls, cat, info and verify map the index a mount made
+    instead of building a second one without views; elsewhere to none, quietly."""
+    if views is None:
+        views = RANKS if available_views() is None else ()
     with _Progress() as progress:
         return Collection(*sources, index_dir=index_dir or default_index_dir(), cache_size=cache_size,
                           skip_bad=skip_bad, allow_incomplete=allow_incomplete, password=password,

@@ -34,10 +34,14 @@ def describe(collection: Collection) -> Dict[str, Any]:
     tree.verify_all()   # the whole files column is read
     files = tree.files
     lo, hi = tree.dir_lo.astype(np.int64), tree.dir_hi.astype(np.int64)
-    cumulative = np.concatenate(([0], np.cumsum(files["size"], dtype=np.int64)))
+    # The archives' members only: the views' classes.txt files (rows of the in-memory zip
+    # numbered after the archives) are not in any archive.
+    real = files["archive"] < len(collection.sources)
+    cumulative = np.concatenate(([0], np.cumsum(np.where(real, files["size"], 0), dtype=np.int64)))
+    counted = np.concatenate(([0], np.cumsum(real, dtype=np.int64)))
     packages: Dict[str, Dict[str, Any]] = {}
     for dir_id, folder in tree.file_dirs():
-        count = int(hi[dir_id] - lo[dir_id])
+        count = int(counted[hi[dir_id]] - counted[lo[dir_id]])
         if not count:
             continue
         package, split = _package_of(folder)
@@ -58,7 +62,7 @@ def describe(collection: Collection) -> Dict[str, Any]:
         })
     return {
         "packages": packages,
-        "totals": {"members": len(files), "bytes": tree.total_bytes, "archives": len(collection.sources)},
+        "totals": {"members": int(counted[-1]), "bytes": tree.total_bytes, "archives": len(collection.sources)},
         "duplicates": tree.duplicates,
         "conflicts": [{"path": c.path, "archives": c.archives} for c in tree.conflicts],
         "warnings": collection.warnings,
@@ -95,7 +99,8 @@ def verify_members(collection: Collection, sample: Optional[int], jobs: int,
     Returns the bad members as 'archive: member: why' lines, and how many were checked.
     """
     tree = collection.tree
-    rows = list(range(len(tree.files)))
+    # Members of the archives: not the views' classes.txt rows, which no archive holds.
+    rows = np.flatnonzero(tree.files["archive"] < len(collection.sources)).tolist()
     if sample is not None and sample < len(rows):
         rows = sorted(random.sample(rows, sample))
     bad: List[str] = []

@@ -312,7 +312,10 @@ def test_bad_links_are_refused_by_python_and_by_c(case: str, views_index: Collec
         nativefs.check_tables(arrays, fds, fds, sizes)
 
 
-def test_index_command_builds_what_mount_maps(views_set, tmp_path: Path, mount: MountFactory) -> None:
+def test_index_command_builds_what_mount_and_the_read_commands_map(views_set, tmp_path: Path,
+                                                                     mount: MountFactory) -> None:
+    """One index per folder: `index`, a default mount and ls, info, cat and verify all map
+    the same file (none builds a second one without views)."""
     from conftest import run_cli
 
     folder = copy_archives(views_set[0], tmp_path / "set")
@@ -322,6 +325,12 @@ def test_index_command_builds_what_mount_maps(views_set, tmp_path: Path, mount: 
     built = {p.name: p.stat().st_mtime_ns for p in index_dir.glob("*.tree")}
     live = mount(folder, args=["--views", "all"], index_dir=index_dir)
     assert sorted(os.listdir(live.point)) == ["bioscan5m", "views"]
+    classes = live.path("views/order/cropped_256/classes.txt").read_bytes()
+    assert run_cli("ls", folder, "views", "--index-dir", index_dir).stdout.split() == sorted(RANKS)
+    cat = run_cli("cat", folder, "views/order/cropped_256/classes.txt", "--index-dir", index_dir, binary=True)
+    assert cat.stdout == classes
+    for command in ("info", "verify"):
+        assert run_cli(command, folder, "--index-dir", index_dir).returncode == 0, command
     assert {p.name: p.stat().st_mtime_ns for p in index_dir.glob("*.tree")} == built
 
 
