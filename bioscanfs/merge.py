@@ -221,6 +221,8 @@ def _slices(n: int, size: int = _WRITE_ROWS) -> List[slice]:
 def _add_labels(dirs: "_Dirs", base: bytes, splits: List[bytes], names: List[bytes]) -> List[int]:
     """Add the label folders ``base/splits[i]/names[i]`` (sorted by split: new leaves)."""
     ids: List[int] = []
+    if not splits:   # a rank with no label in this imgtype: its classes.txt alone
+        return ids
     starts = [0] + [i for i in range(1, len(splits)) if splits[i] != splits[i - 1]] + [len(splits)]
     for lo, hi in zip(starts[:-1], starts[1:]):
         ids += dirs.add_leaves(dirs.add(base + b"/" + splits[lo]), names[lo:hi])

@@ -382,3 +382,21 @@ def test_a_views_folder_in_the_archives_wins(views_set, mount: MountFactory, tmp
     live.expect_log("no views/: the archives hold a views folder or file of their own")
     assert os.listdir(live.path("views")) == ["readme.txt"]
     assert live.path("views/readme.txt").read_bytes() == b"theirs\n"
+
+
+def test_a_rank_with_no_label_has_an_empty_classes_txt(views_set, tmp_path: Path) -> None:
+    """A rank no row labels (species, often, in a small set): its view folders hold only an
+    empty classes.txt; the other ranks are as ever (the build used to fail on it)."""
+    folder = copy_archives(views_set[0], tmp_path / "set")
+    splits = views_set[1]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for pid in sorted(splits):
+        writer.writerow(_row(pid, splits[pid], {"order": "Diptera"}))
+    write_csv(folder, out.getvalue())
+    with Collection(str(folder), index_dir=str(tmp_path / "index"), views=("order", "species")) as c:
+        for imgtype in IMGTYPES:
+            assert c.listdir(f"views/species/{imgtype}") == ["classes.txt"]
+            assert c.read(f"views/species/{imgtype}/classes.txt") == b""
+            assert c.read(f"views/order/{imgtype}/classes.txt") == b"Diptera\n"
