@@ -21,10 +21,11 @@
  * The tables come from the index folder, which is untrusted input: every value that a
  * request uses as an index, a length or an offset is bounded before it is used (bioscanfs/tree.py
  * checks the same bounds in Python; the layout is described there). check_tables bounds the
- * small tables once, before serving; the bulk ones (files, name_ends, names) are checked in
- * units of unit_rows rows the first time a request reads a row of a unit (rows_ready): the
- * CRC-32 of their bytes, then their bounds. A unit that fails is never served (EIO), and
- * Python is told once (damaged), which logs it and removes the index file.
+ * small tables once, before serving; the bulk ones (files, name_ends, names, links) are
+ * checked in units of unit_rows rows (or links) the first time a request reads one of a
+ * unit (rows_ready): the CRC-32 of their bytes, then their bounds. A unit that fails is
+ * never served (EIO), and Python is told once (damaged), which logs it and removes the
+ * index file.
  */
 #define _GNU_SOURCE   /* O_DIRECT */
 #define PY_SSIZE_T_CLEAN
@@ -74,23 +75,24 @@ enum {
 /* The tables, by the keys of the dict that Python passes (nativefs.tables). */
 enum { B_FILES, B_NAMES, B_NAME_ENDS, B_DIR_LO, B_DIR_HI, B_DIR_MTIME, B_DIR_PARENT, B_DIR_NAMES,
        B_DIR_ENDS, B_LINKS, B_LINK_LO, B_LINK_HI, B_FDS, B_DIRECT, B_ARCHIVE_SIZES, B_FILES_CRC, B_NAMES_CRC,
-       B_NAME_ENDS_CRC, B_LAZY, N_BUFFERS };
+       B_NAME_ENDS_CRC, B_LINKS_CRC, B_LAZY, N_BUFFERS };
 static const char *const TABLE_NAMES[N_BUFFERS] = {
     "files", "names", "name_ends", "dir_lo", "dir_hi", "dir_mtime", "dir_parent", "dir_names",
     "dir_ends", "links", "link_lo", "link_hi", "fds", "direct", "archive_sizes", "files_crc", "names_crc",
-    "name_ends_crc", "lazy"};
+    "name_ends_crc", "links_crc", "lazy"};
 /* Bytes per element of each table (0: raw bytes or rows, checked on their own). */
-static const Py_ssize_t TABLE_ITEM[N_BUFFERS] = {0, 1, 4, 8, 8, 8, 8, 1, 8, 4, 8, 8, 8, 8, 8, 4, 4, 4, 8};
+static const Py_ssize_t TABLE_ITEM[N_BUFFERS] = {0, 1, 4, 8, 8, 8, 8, 1, 8, 4, 8, 8, 8, 8, 8, 4, 4, 4, 4, 8};
 
 /* Columns under a CRC-32 per crc_block bytes (bioscanfs/store.py Blocks): the column and
  * its CRCs, checked block by block on first use (verify_bytes). */
-enum { C_FILES, C_NAMES, C_NAME_ENDS, N_CRC_COLUMNS };
+enum { C_FILES, C_NAMES, C_NAME_ENDS, C_LINKS, N_CRC_COLUMNS };
 static const int CRC_COLUMN[N_CRC_COLUMNS][2] = {
-    {B_FILES, B_FILES_CRC}, {B_NAMES, B_NAMES_CRC}, {B_NAME_ENDS, B_NAME_ENDS_CRC}};
+    {B_FILES, B_FILES_CRC}, {B_NAMES, B_NAMES_CRC}, {B_NAME_ENDS, B_NAME_ENDS_CRC}, {B_LINKS, B_LINKS_CRC}};
 
-/* Kinds of row units checked on first use (rows_ready): files rows with their names. A
- * new bulk column plugs in as one more kind: its row count and the check of rows lo..hi. */
-enum { U_FILES, N_UNIT_KINDS };
+/* Kinds of row units checked on first use (rows_ready): files rows with their names, and
+ * links. A new bulk column plugs in as one more kind: its row count and the check of
+ * rows lo..hi. */
+enum { U_FILES, U_LINKS, N_UNIT_KINDS };
 
 /* What is known of a CRC block or a unit. */
 enum { UNCHECKED = 0, GOOD = 1, BAD = 2 };
@@ -147,8 +149,14 @@ static const char *dir_base(const server_t *s, uint64_t d, size_t *len)
     return s->dir_names + start;
 }
 
-/* The file row that link i names (checked: below n_files). */
-static uint64_t link_row(const server_t *s, uint64_t i) { return s->links[i]; }
+/* The file row that link i names in *row (checked on first use: below n_files): 0, or
+ * EIO when the unit of links holding it fails its check. */
+static int link_row(server_t *s, uint64_t i, uint64_t *row)
+{
+    int err = rows_ready(s, U_LINKS, i, i + 1);
+    *row = err ? 0 : s->links[i];
+    return err;
+}
 
 /* File row r's own name (checked by rows_ready: 1..NAME_MAX_BYTES, inside names). */
 static const char *file_name(const server_t *s, uint64_t row, size_t *len)
@@ -252,9 +260,11 @@ static int find_child(server_t *s, uint64_t d, const char *name, fuse_ino_t *ino
         lo = links ? s->link_lo[d] : s->dir_lo[d];
         hi = links ? s->link_hi[d] : s->dir_hi[d];
         while (lo < hi) {
-            uint64_t mid = lo + (hi - lo) / 2, row = links ? link_row(s, mid) : mid;
+            uint64_t mid = lo + (hi - lo) / 2, row = mid;
             size_t flen;
-            int err = rows_ready(s, U_FILES, row, row + 1);
+            int err = links ? link_row(s, mid, &row) : 0;
+            if (!err)
+                err = rows_ready(s, U_FILES, row, row + 1);
             if (err)
                 return err;
             const char *fname = file_name(s, row, &flen);
@@ -365,9 +375,10 @@ static int dir_entry(server_t *s, uint64_t d, uint64_t i, char name[NAME_MAX_BYT
         from = dir_base(s, child, &len);
         *ino = child + 1;
     } else {
-        uint64_t j = i - 2 - n_sub;
-        uint64_t row = j < n_files ? s->dir_lo[d] + j : link_row(s, s->link_lo[d] + (j - n_files));
-        int err = rows_ready(s, U_FILES, row, row + 1);
+        uint64_t j = i - 2 - n_sub, row = s->dir_lo[d] + j;
+        int err = j < n_files ? 0 : link_row(s, s->link_lo[d] + (j - n_files), &row);
+        if (!err)
+            err = rows_ready(s, U_FILES, row, row + 1);
         if (err)
             return err;
         from = file_name(s, row, &len);
@@ -816,8 +827,8 @@ static const char *check_rows(const server_t *s, uint64_t lo, uint64_t hi)
     return NULL;
 }
 
-/* The links: one run per directory, tiling the links in directory order, each naming a
- * file row that is there. */
+/* The links' runs: one per directory, tiling the links in directory order (the links
+ * themselves are units: check_link_unit). */
 static const char *check_links(server_t *s)
 {
     s->links = s->views[B_LINKS].buf;
@@ -831,9 +842,6 @@ static const char *check_links(server_t *s)
             return "link runs are not contiguous";
     if (s->link_hi[s->n_dirs - 1] != s->n_links)
         return "link runs do not cover the links";
-    for (uint64_t i = 0; i < s->n_links; i++)
-        if (s->links[i] >= s->n_files)
-            return "a link names a file that is not there";
     return NULL;
 }
 
@@ -877,13 +885,26 @@ static const char *check_file_unit(server_t *s, uint64_t lo, uint64_t hi)
     return problem ? problem : check_rows(s, lo, hi);
 }
 
+/* Links lo..hi (hi > lo): the CRCs of their bytes, then each names a file row that is
+ * there (that row is checked as a file unit when it is read). NULL, or what is wrong. */
+static const char *check_link_unit(server_t *s, uint64_t lo, uint64_t hi)
+{
+    if (!verify_bytes(s, C_LINKS, lo * 4, hi * 4))
+        return "a block of links does not match its CRC-32";
+    for (uint64_t i = lo; i < hi; i++)
+        if (s->links[i] >= s->n_files)
+            return "a link names a file that is not there";
+    return NULL;
+}
+
 static uint64_t file_count(const server_t *s) { return s->n_files; }
+static uint64_t link_count(const server_t *s) { return s->n_links; }
 
 /* Each kind of unit: its rows, and the check of rows lo..hi (by U_* order). */
 static const struct {
     uint64_t (*rows)(const server_t *s);
     const char *(*check)(server_t *s, uint64_t lo, uint64_t hi);
-} UNIT_KINDS[N_UNIT_KINDS] = {{file_count, check_file_unit}};
+} UNIT_KINDS[N_UNIT_KINDS] = {{file_count, check_file_unit}, {link_count, check_link_unit}};
 
 /* Unit u of kind k: rows *lo..*hi. */
 static void unit_range(const server_t *s, int k, uint64_t u, uint64_t *lo, uint64_t *hi)

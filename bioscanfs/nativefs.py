@@ -71,12 +71,13 @@ def tables(arrays: Dict[str, np.ndarray], blocks: Optional[Blocks], unit_rows: i
     served = {name: arrays[name] for name in ("files", "names", "name_ends", "dir_lo", "dir_hi", "dir_mtime",
                                               "dir_parent", "dir_names", "dir_ends")}
     no_links = np.zeros(len(arrays["dir_lo"]), dtype=np.uint64)   # a tree without views
-    links = {name: arrays.get(name, default) for name, default in
-             (("links", np.zeros(0, np.uint32)), ("link_lo", no_links), ("link_hi", no_links))}
+    served.update((name, arrays.get(name, default)) for name, default in
+                  (("links", np.zeros(0, np.uint32)), ("link_lo", no_links), ("link_hi", no_links)))
     if blocks is None:
-        blocks = Blocks.computed({name: arrays[name] for name in LAZY_COLUMNS})
-    crcs = {f"{name}_crc": blocks.crcs[name] for name in LAZY_COLUMNS}
-    return dict(served, **links, **crcs, lazy=np.array([blocks.block, unit_rows], dtype=np.uint64), fds=fds,
+        blocks = Blocks.computed({name: served[name] for name in LAZY_COLUMNS})
+    # a tree saved without views has no links, so no CRCs of them (none are needed)
+    crcs = {f"{name}_crc": blocks.crcs.get(name, np.zeros(0, np.uint32)) for name in LAZY_COLUMNS}
+    return dict(served, **crcs, lazy=np.array([blocks.block, unit_rows], dtype=np.uint64), fds=fds,
                 direct=direct, archive_sizes=np.asarray(archive_sizes, dtype=np.uint64))
 
 

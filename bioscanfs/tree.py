@@ -28,12 +28,12 @@ before it is used, in two steps (the C engine checks the same bounds again, its 
 
 - up front (``check_tables``), what is small and what every request trusts: element
   types, lengths, the directory tables, the conflict lists;
-- the bulk (``files``, ``name_ends``, ``names``: LAZY_COLUMNS) in units of UNIT_ROWS rows,
-  the first time a request reads a row of a unit (``Tree.rows_ready``): the CRC-32 of its
-  bytes, then the same bounds as up front, restricted to its rows. A unit that fails
-  makes that request fail (DamagedIndex, EIO) and removes the index file, once, with
-  one log line: the next mount builds it again. So a mount reads only the pages its
-  requests need (docs/scale.md), and no wrong byte is served.
+- the bulk (``files``, ``name_ends``, ``names``, ``links``: LAZY_COLUMNS) in units of
+  UNIT_ROWS rows (or links), the first time a request reads one (``Tree.rows_ready``):
+  the CRC-32 of its bytes, then the same bounds as up front, restricted to its rows. A
+  unit that fails makes that request fail (DamagedIndex, EIO) and removes the index
+  file, once, with one log line: the next mount builds it again. So a mount reads only
+  the pages its requests need (docs/scale.md), and no wrong byte is served.
 
 ``check`` runs both steps on every row, for tables held whole (tests, an earlier tree
 that a re-index copies rows from).
@@ -72,8 +72,8 @@ VIEW_TYPES = {"links": np.dtype("<u4"), "link_lo": np.dtype("<u8"), "link_hi": n
 #: Links are 32-bit rows: a tree with views holds fewer files than this.
 LINKED_FILES_MAX = 1 << 32
 #: The columns checked unit by unit on first use (see the module's docstring); the store
-#: checks the others' CRCs when it maps them.
-LAZY_COLUMNS = ("files", "name_ends", "names")
+#: checks the others' CRCs when it maps them. ``links`` (views only) is up to ~3 a file.
+LAZY_COLUMNS = ("files", "name_ends", "names", "links")
 #: Rows checked at once: 3 MiB of ``files``, 256 KiB of ``name_ends`` and about 1 MiB of
 #: names for BIOSCAN-5M (a millisecond or two of CRC and bounds); a listing of an
 #: 18,000-file folder checks one or two units. Saved in the tree's extra (``unit_rows``),
@@ -141,7 +141,7 @@ def check(arrays: Dict[str, Any], archive_sizes: Sequence[int]) -> None:
     check_tables(arrays, archive_sizes)
     sizes = np.asarray(archive_sizes, dtype=np.uint64)
     for kind in UNIT_KINDS.values():
-        problems = for_chunks(len(arrays[kind.rows]), lambda rows, kind=kind: kind.problem(
+        problems = for_chunks(_count(arrays, kind), lambda rows, kind=kind: kind.problem(
             arrays, sizes, _no_crc, rows.start, rows.stop), UNIT_ROWS)
         for problem in problems:
             if problem:
@@ -179,22 +179,37 @@ def _file_rows_problem(arrays: Dict[str, Any], sizes: np.ndarray, verify: Verify
     return None
 
 
+def _links_problem(arrays: Dict[str, Any], sizes: np.ndarray, verify: Verify, lo: int, hi: int) -> Optional[str]:
+    """What is wrong with links lo..hi (hi > lo), or None: their CRCs, then each names a
+    file row that is there (the row itself is checked as a ``files`` unit when read)."""
+    if not verify("links", lo * 4, hi * 4):
+        return "a block of links does not match its CRC-32"
+    if (arrays["links"][lo:hi] >= len(arrays["files"])).any():
+        return "links: a link names a file that is not there"
+    return None
+
+
 class UnitKind(NamedTuple):
     """Rows of some bulk columns checked together on first use."""
 
-    rows: str   #: the column with one element per row
+    rows: str   #: the column with one element per row (absent: none, as ``links`` without views)
     #: what is wrong with rows lo..hi (hi > lo): (arrays, archive sizes, verify, lo, hi) -> problem or None
     problem: Callable[[Dict[str, Any], np.ndarray, Verify, int, int], Optional[str]]
 
 
 #: The kinds of units, by name. A new bulk column plugs in as one more kind (its CRCs
 #: come with it when it is in LAZY_COLUMNS); _nativefs.c's UNIT_KINDS mirror these.
-UNIT_KINDS = {"files": UnitKind("files", _file_rows_problem)}
+UNIT_KINDS = {"files": UnitKind("files", _file_rows_problem), "links": UnitKind("links", _links_problem)}
+
+
+def _count(arrays: Dict[str, Any], kind: UnitKind) -> int:
+    """Rows of a kind of unit in a tree."""
+    return len(arrays[kind.rows]) if kind.rows in arrays else 0
 
 
 def _check_links(arrays: Dict[str, Any]) -> None:
-    """With views: every link names a file row, and the link runs tile ``links`` in
-    directory order (as the row ranges tile ``files``). Order is not checked."""
+    """With views: the link runs tile ``links`` in directory order (as the row ranges tile
+    ``files``). Order is not checked; the links themselves are a kind of unit (UNIT_KINDS)."""
     present = [name for name in VIEW_TYPES if name in arrays]
     if not present:
         return
@@ -205,9 +220,6 @@ def _check_links(arrays: Dict[str, Any]) -> None:
     if len(lo) != len(arrays["dir_lo"]) or len(hi) != len(lo) or lo[0] != 0 or (lo > hi).any() \
             or (lo[1:] != hi[:-1]).any() or hi[-1] != len(links):
         raise BadTables("link_lo/link_hi: not one contiguous run of links per directory")
-    n_files = len(arrays["files"])
-    if not all(for_chunks(len(links), lambda rows: not (links[rows] >= n_files).any())):
-        raise BadTables("links: a link names a file that is not there")
 
 
 #: Bytes a name may not hold: NUL and '/'.
@@ -268,9 +280,9 @@ class Tree:
     """Lookups and listings over the merged arrays.
 
     Raises BadTables when the up-front checks fail (``check_tables``). Every method that
-    reads file rows or names checks their units first (``rows_ready``), and raises
-    DamagedIndex when one fails; code that reads ``files``, ``names`` or ``name_ends``
-    itself calls ``rows_ready`` or ``verify_all`` first.
+    reads file rows, names or links checks their units first (``rows_ready``), and raises
+    DamagedIndex when one fails; code that reads a LAZY_COLUMN itself calls ``rows_ready``
+    or ``verify_all`` first.
     """
 
     def __init__(self, arrays: Dict[str, Any], archives: List[str], archive_sizes: Sequence[int],
@@ -284,7 +296,7 @@ class Tree:
         self.unit_rows = unit_rows
         self._shift = unit_rows.bit_length() - 1
         self._sizes = np.asarray(archive_sizes, dtype=np.uint64)
-        self._states = {name: np.zeros(-(-len(arrays[kind.rows]) // unit_rows), np.uint8)
+        self._states = {name: np.zeros(-(-_count(arrays, kind) // unit_rows), np.uint8)
                         for name, kind in UNIT_KINDS.items()}
         self._problems: Dict[Tuple[str, int], str] = {}
         self._reported = threading.Lock()
@@ -337,7 +349,7 @@ class Tree:
         states = self._states[kind]
         if states[unit] == _UNKNOWN:
             lo = unit << self._shift
-            hi = min(lo + self.unit_rows, len(self.arrays[UNIT_KINDS[kind].rows]))
+            hi = min(lo + self.unit_rows, _count(self.arrays, UNIT_KINDS[kind]))
             verify = self.blocks.verify if self.blocks is not None else _no_crc
             problem = UNIT_KINDS[kind].problem(self.arrays, self._sizes, verify, lo, hi)
             if problem:
@@ -410,11 +422,16 @@ class Tree:
         row = find_name(self.name, int(self.dir_lo[dir_id]), hi, name)
         return row if row < hi and self.name(row) == name else -1
 
+    def link(self, i: int) -> int:
+        """The file row that link ``i`` names (its unit checked first)."""
+        self.rows_ready(i, i + 1, "links")
+        return int(self.links[i])
+
     def find_link(self, dir_id: int, name: bytes) -> int:
         """The row that link ``name`` of a directory names, or -1 (binary search by bytes)."""
         hi = int(self.link_hi[dir_id])
-        at = find_name(lambda i: self.name(int(self.links[i])), int(self.link_lo[dir_id]), hi, name)
-        return int(self.links[at]) if at < hi and self.name(int(self.links[at])) == name else -1
+        at = find_name(lambda i: self.name(self.link(i)), int(self.link_lo[dir_id]), hi, name)
+        return self.link(at) if at < hi and self.name(self.link(at)) == name else -1
 
     def n_subdirs(self, dir_id: int) -> int:
         return int(self.sub_hi[dir_id] - self.sub_lo[dir_id])
@@ -428,7 +445,9 @@ class Tree:
     def _entries(self, dir_id: int) -> List[Tuple[int, bytes]]:
         """(row, name) of a directory's files, then of its links."""
         lo, hi = int(self.dir_lo[dir_id]), int(self.dir_hi[dir_id])
-        linked = self.links[int(self.link_lo[dir_id]):int(self.link_hi[dir_id])].tolist()
+        first, last = int(self.link_lo[dir_id]), int(self.link_hi[dir_id])
+        self.rows_ready(first, last, "links")
+        linked = self.links[first:last].tolist()
         return list(zip(range(lo, hi), self._names(lo, hi))) + [(row, self.name(row)) for row in linked]
 
     def _names(self, lo: int, hi: int) -> List[bytes]:

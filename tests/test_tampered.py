@@ -16,7 +16,7 @@ from __future__ import annotations
 import errno
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Set, Tuple
 
 import numpy as np
 import pytest
@@ -33,9 +33,11 @@ from conftest import (
 
 from bioscanfs import Collection, nativefs, store
 from bioscanfs.errors import DamagedIndex
-from bioscanfs.tree import LAZY_COLUMNS, BadTables, Tree, check
+from bioscanfs.tree import ARRAY_TYPES, LAZY_COLUMNS, BadTables, Tree, check
 
 SET = ["BIOSCAN_5M_cropped_256_eval.zip", "BIOSCAN_5M_cropped_256_train.zip"]
+#: The bulk columns of a tree without views (links: test_views.py, on a views index).
+BULK = [name for name in LAZY_COLUMNS if name in ARRAY_TYPES]
 Arrays = Dict[str, np.ndarray]
 
 
@@ -106,7 +108,7 @@ def _tree_file(index_dir: Path) -> Path:
     return path
 
 
-def _read_tree(path: Path) -> Tuple[Any, Arrays, Any]:
+def read_tree(path: Path) -> Tuple[Any, Arrays, Any]:
     """(key, arrays as writable copies, extra) of a saved tree."""
     header = store.read_header(str(path))
     assert header is not None
@@ -122,7 +124,7 @@ def good_index(tmp_path_factory: pytest.TempPathFactory, small_set: Path) -> Ite
     index_dir = tmp_path_factory.mktemp("good-index")
     Collection(str(small_set), index_dir=str(index_dir)).close()
     path = _tree_file(index_dir)
-    yield (path, *_read_tree(path))
+    yield (path, *read_tree(path))
 
 
 #: Small units and CRC blocks for the mount tests: the test set then has many of each, so
@@ -130,7 +132,7 @@ def good_index(tmp_path_factory: pytest.TempPathFactory, small_set: Path) -> Ite
 UNIT_ROWS, CRC_BLOCK = 4, 64
 
 
-def _tampered(good: Tuple[Path, Any, Arrays, Any], case: str, index_dir: Path) -> Arrays:
+def tampered(good: Tuple[Path, Any, Arrays, Any], case: str, index_dir: Path) -> Arrays:
     """Write the good index with one bad table (no bad table for case ""), under its own
     valid key and CRCs, in units of UNIT_ROWS rows and CRC blocks of CRC_BLOCK bytes."""
     path, key, arrays, extra = good
@@ -157,7 +159,7 @@ def test_the_good_index_passes_both_checks(good_index, small_set: Path) -> None:
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_table_is_refused_by_python_and_by_c(case: str, good_index, small_set: Path, tmp_path: Path) -> None:
-    arrays = _tampered(good_index, case, tmp_path / "index")
+    arrays = tampered(good_index, case, tmp_path / "index")
     sizes = _sizes(small_set)
     with pytest.raises(BadTables):
         check(arrays, sizes)
@@ -172,25 +174,25 @@ def test_bad_table_is_refused_by_python_and_by_c(case: str, good_index, small_se
 def test_mount_of_a_tampered_index_rebuilds_it_and_serves_right(case: str, good_index, small_set: Path,
                                                                  tmp_path: Path, mount: MountFactory) -> None:
     index_dir = tmp_path / "index"
-    _tampered(good_index, case, index_dir)
+    tampered(good_index, case, index_dir)
     live = mount(small_set, index_dir=index_dir)
     live.expect_log(r"index .* is damaged .*; rebuilding it")
     assert_serves_members(live, zip_members(small_set))
     assert "is damaged" in live.log_text()
-    check(_read_tree(_tree_file(index_dir))[1], _sizes(small_set))  # the rebuilt index replaced it
+    check(read_tree(_tree_file(index_dir))[1], _sizes(small_set))  # the rebuilt index replaced it
 
 
-def _served_or_eio(live: Mount, members: Dict[str, Any]) -> List[str]:
-    """Walk and read everything through the mount: each listing and member is what
-    zipfile says, or fails with EIO (never other names or bytes). Returns what failed."""
+def served_or_eio(live: Mount, listings: Dict[str, Set[str]], contents: Dict[str, bytes]) -> List[str]:
+    """List each folder and read each file through the mount: each is what is expected
+    (from zipfile), or fails with EIO (never other names or bytes). Returns what failed."""
     failed = []
-    for folder, names in expected_tree(members).items():
+    for folder, names in listings.items():
         try:
             assert set(os.listdir(live.path(folder))) == names, folder
         except OSError as err:
             assert err.errno == errno.EIO, folder
             failed.append(folder + "/")
-    for path, data in zip_contents(members).items():
+    for path, data in contents.items():
         try:
             assert live.path(path).read_bytes() == data, path
         except OSError as err:
@@ -203,13 +205,13 @@ def _assert_found_and_rebuilt(live: Mount, tree_file: Path, small_set: Path, mou
     """Some of the mount failed with EIO and the rest read right; it said so in its log
     and removed the index; the next mount builds it again and serves all of it right."""
     members = zip_members(small_set)
-    failed = _served_or_eio(live, members)
+    failed = served_or_eio(live, expected_tree(members), zip_contents(members))
     assert failed and len([path for path in failed if not path.endswith("/")]) < len(members), failed
     assert f"index {tree_file} is damaged" in live.log_text()
     assert not tree_file.exists()
     again = mount(small_set, index_dir=tree_file.parent)
     assert_serves_members(again, members)
-    check(_read_tree(_tree_file(tree_file.parent))[1], _sizes(small_set))
+    check(read_tree(_tree_file(tree_file.parent))[1], _sizes(small_set))
 
 
 @pytest.mark.parametrize("case", ["name-over-255", "archive-out-of-range", "offset-past-archive", "size-over-2^63"])
@@ -218,13 +220,13 @@ def test_bad_rows_are_found_when_first_read_and_never_served(case: str, good_ind
     """A bad file row (valid CRCs): the mount starts without reading the rows; the unit
     holding it fails when a request first touches it (EIO), the others serve."""
     index_dir = tmp_path / "index"
-    _tampered(good_index, case, index_dir)
+    tampered(good_index, case, index_dir)
     live = mount(small_set, index_dir=index_dir)
     live.expect_log(r"is damaged")
     _assert_found_and_rebuilt(live, _tree_file(index_dir), small_set, mount)
 
 
-def _flip(path: Path, column: str) -> None:
+def flip(path: Path, column: str) -> None:
     """Flip one bit in the middle of a column of a saved index (its CRCs left as they were)."""
     spec, shape, offset = store.read_header(str(path))["arrays"][column]
     at = offset + int(np.prod(shape)) * store._dtype_from_json(spec).itemsize // 2
@@ -235,15 +237,15 @@ def _flip(path: Path, column: str) -> None:
         f.write(bytes([byte ^ 0x10]))
 
 
-@pytest.mark.parametrize("column", LAZY_COLUMNS)
+@pytest.mark.parametrize("column", BULK)
 def test_a_flipped_bit_in_the_bulk_is_found_by_python_and_by_c(column: str, good_index, small_set: Path,
                                                                 tmp_path: Path) -> None:
     """The per-block CRCs: Tree's check on first use and the C engine's both refuse the
     flipped block (the rest of the file passes store.load, which leaves them lazy)."""
     index_dir = tmp_path / "index"
-    _tampered(good_index, "", index_dir)
+    tampered(good_index, "", index_dir)
     path = _tree_file(index_dir)
-    _flip(path, column)
+    flip(path, column)
     loaded = store.load(str(path), store.read_header(str(path))["key"], lazy=LAZY_COLUMNS)
     assert loaded is not None
     sizes = _sizes(small_set)
@@ -255,18 +257,18 @@ def test_a_flipped_bit_in_the_bulk_is_found_by_python_and_by_c(column: str, good
     assert not path.exists()   # removed: the next mount builds it again
 
 
-@pytest.mark.parametrize("column", [*LAZY_COLUMNS, "dir_names", "dir_lo"])
+@pytest.mark.parametrize("column", [*BULK, "dir_names", "dir_lo"])
 def test_a_flipped_bit_anywhere_is_found_and_never_served(column: str, good_index, small_set: Path, tmp_path: Path,
                                                            mount: MountFactory) -> None:
     """In a column checked up front: the index reads as absent and the mount rebuilds it;
     in the bulk: what touches the block gets EIO, the rest serves, the next mount rebuilds."""
     index_dir = tmp_path / "index"
-    _tampered(good_index, "", index_dir)
+    tampered(good_index, "", index_dir)
     path = _tree_file(index_dir)
     before = path.stat().st_ino
-    _flip(path, column)
+    flip(path, column)
     live = mount(small_set, index_dir=index_dir)
-    if column in LAZY_COLUMNS:
+    if column in BULK:
         live.expect_log(r"is damaged")
         _assert_found_and_rebuilt(live, path, small_set, mount)
     else:
@@ -281,10 +283,10 @@ def test_commands_that_read_every_row_rebuild_a_damaged_index_first(command: str
     bulk has the index built again, and the command reports on the archives (verify: no
     member listed BAD for the index's fault)."""
     index_dir = tmp_path / "index"
-    _tampered(good_index, "", index_dir)
+    tampered(good_index, "", index_dir)
     path = _tree_file(index_dir)
     before = path.stat().st_ino
-    _flip(path, "files")
+    flip(path, "files")
     done = run_cli(command, small_set, "--index-dir", index_dir)
     assert done.returncode == 0, done.stderr
     assert "is damaged" in done.stderr and "BAD" not in done.stdout

@@ -30,6 +30,7 @@ from conftest import (
     zip_members,
 )
 from test_index import assert_same_tree
+from test_tampered import flip, read_tree, served_or_eio, tampered
 
 from bioscanfs import Collection, mount_helper, nativefs
 from bioscanfs.cli import main as cli_main
@@ -310,6 +311,41 @@ def test_bad_links_are_refused_by_python_and_by_c(case: str, views_index: Collec
     nativefs.check_tables(tree.arrays, fds, fds, sizes)
     with pytest.raises(ValueError, match="native engine"):
         nativefs.check_tables(arrays, fds, fds, sizes)
+
+
+@pytest.mark.parametrize("case", ["flipped-bit", "link-past-files"])
+def test_a_bad_link_is_found_when_first_read_and_never_served(case: str, views_set, tmp_path: Path,
+                                                              mount: MountFactory) -> None:
+    """``links`` is checked unit by unit on first use (small units and CRC blocks here: many
+    of each). A flipped bit (its CRC left as it was) or a link past the files (CRCs valid):
+    the mount starts without reading the links; the label folders and views that touch the
+    bad unit get EIO, the others read right; the index is removed, the next mount builds
+    it again and serves every view."""
+    folder, splits, labels = views_set
+    Collection(str(folder), index_dir=str(tmp_path / "built"), views=RANKS).close()
+    (built,) = (tmp_path / "built").glob("*.tree")
+    good = (built, *read_tree(built))
+    if case == "link-past-files":
+        links = good[2]["links"]
+        links[len(links) // 2] = len(good[2]["files"])
+    index_dir = tmp_path / "index"
+    tampered(good, "", index_dir)
+    tree_file = index_dir / built.name
+    if case == "flipped-bit":
+        flip(tree_file, "links")
+    expected = expected_views(splits, labels)
+    images = zip_contents({image: member for image, member in zip_members(folder).items()
+                           if image in set(expected.values())})
+    contents = {view: images[image] for view, image in expected.items()}
+    listings = {d: names for d, names in expected_tree(expected).items() if d.count("/") == 4}  # label folders
+    live = mount(folder, args=["--views", "all"], index_dir=index_dir)
+    live.expect_log(r"is damaged")
+    failed = served_or_eio(live, listings, contents)
+    assert failed and len([path for path in failed if not path.endswith("/")]) < len(contents), failed
+    assert f"index {tree_file} is damaged" in live.log_text()
+    assert not tree_file.exists()
+    again = mount(folder, args=["--views", "all"], index_dir=index_dir)
+    assert served_or_eio(again, listings, contents) == []
 
 
 def test_index_command_builds_what_mount_and_the_read_commands_map(views_set, tmp_path: Path,
