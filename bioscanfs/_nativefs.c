@@ -235,42 +235,66 @@ static int fill_attr(server_t *s, fuse_ino_t ino, struct stat *st)
     return 0;
 }
 
+/* Entry i of one of a directory's runs: its name and node, or an errno (a row or link
+ * that fails its check on first use). */
+typedef int (*entry_at)(server_t *s, uint64_t i, const char **name, size_t *len, fuse_ino_t *ino);
+
+static int subdir_at(server_t *s, uint64_t i, const char **name, size_t *len, fuse_ino_t *ino)
+{
+    *name = dir_base(s, i, len);
+    *ino = i + 1;
+    return 0;
+}
+
+static int file_at(server_t *s, uint64_t row, const char **name, size_t *len, fuse_ino_t *ino)
+{
+    int err = rows_ready(s, U_FILES, row, row + 1);
+    if (err)
+        return err;
+    *name = file_name(s, row, len);
+    *ino = file_ino(s, row);
+    return 0;
+}
+
+static int link_at(server_t *s, uint64_t i, const char **name, size_t *len, fuse_ino_t *ino)
+{
+    uint64_t row;
+    int err = link_row(s, i, &row);
+    return err ? err : file_at(s, row, name, len, ino);
+}
+
+/* A directory's entries after "." and "..": three runs, each sorted by name, listed in
+ * this order: its subdirectories (ids), its files (rows), its links (positions in links). */
+enum { RUN_SUBDIRS, RUN_FILES, RUN_LINKS, N_RUNS };
+static const entry_at RUN_ENTRY[N_RUNS] = {subdir_at, file_at, link_at};
+
+static void run_bounds(const server_t *s, uint64_t d, int run, uint64_t *lo, uint64_t *hi)
+{
+    const uint64_t *los[N_RUNS] = {s->sub_lo, s->dir_lo, s->link_lo}, *his[N_RUNS] = {s->sub_hi, s->dir_hi, s->link_hi};
+    *lo = los[run][d];
+    *hi = his[run][d];
+}
+
 /* The child named ``name`` of directory ``d`` in *ino (0 when there is none): 0, or EIO
- * when a file row the search reads fails its check. */
+ * when an entry the search reads fails its check. */
 static int find_child(server_t *s, uint64_t d, const char *name, fuse_ino_t *ino)
 {
     size_t len = strlen(name);
     *ino = 0;
-    uint64_t lo = s->sub_lo[d], hi = s->sub_hi[d];
-    while (lo < hi) {   /* subdirectories: one run of ids, sorted by name */
-        uint64_t mid = lo + (hi - lo) / 2;
-        size_t blen;
-        const char *base = dir_base(s, mid, &blen);
-        int c = compare_bytes(base, blen, name, len);
-        if (c == 0) {
-            *ino = mid + 1;
-            return 0;
-        }
-        if (c < 0)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
-    for (int links = 0; links < 2; links++) {   /* files, then links, each sorted by name */
-        lo = links ? s->link_lo[d] : s->dir_lo[d];
-        hi = links ? s->link_hi[d] : s->dir_hi[d];
-        while (lo < hi) {
-            uint64_t mid = lo + (hi - lo) / 2, row = mid;
+    for (int run = 0; run < N_RUNS; run++) {
+        uint64_t lo, hi;
+        run_bounds(s, d, run, &lo, &hi);
+        while (lo < hi) {   /* binary search: each run is sorted by name */
+            uint64_t mid = lo + (hi - lo) / 2;
+            const char *found;
             size_t flen;
-            int err = links ? link_row(s, mid, &row) : 0;
-            if (!err)
-                err = rows_ready(s, U_FILES, row, row + 1);
+            fuse_ino_t node;
+            int err = RUN_ENTRY[run](s, mid, &found, &flen, &node);
             if (err)
                 return err;
-            const char *fname = file_name(s, row, &flen);
-            int c = compare_bytes(fname, flen, name, len);
+            int c = compare_bytes(found, flen, name, len);
             if (c == 0) {
-                *ino = file_ino(s, row);
+                *ino = node;
                 return 0;
             }
             if (c < 0)
@@ -357,36 +381,32 @@ static void op_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
     fuse_reply_open(req, fi);
 }
 
-/* Entry i of directory d in *ino and name: ".", "..", the subdirectories, the files, then
- * the links.
- * 0, or EIO when the file row fails its check. */
+/* Entry i of directory d in *ino and name: ".", "..", then its runs in order (RUN_*).
+ * 0, or EIO when the entry fails its check. */
 static int dir_entry(server_t *s, uint64_t d, uint64_t i, char name[NAME_MAX_BYTES + 1], fuse_ino_t *ino)
 {
-    uint64_t n_sub = s->sub_hi[d] - s->sub_lo[d], n_files = s->dir_hi[d] - s->dir_lo[d];
-    size_t len;
-    const char *from;
     if (i < 2) {
         strcpy(name, i ? ".." : ".");
         *ino = (i ? s->dir_parent[d] : d) + 1;
         return 0;
     }
-    if (i - 2 < n_sub) {
-        uint64_t child = s->sub_lo[d] + i - 2;
-        from = dir_base(s, child, &len);
-        *ino = child + 1;
-    } else {
-        uint64_t j = i - 2 - n_sub, row = s->dir_lo[d] + j;
-        int err = j < n_files ? 0 : link_row(s, s->link_lo[d] + (j - n_files), &row);
-        if (!err)
-            err = rows_ready(s, U_FILES, row, row + 1);
-        if (err)
+    i -= 2;
+    for (int run = 0; run < N_RUNS; run++) {
+        uint64_t lo, hi;
+        run_bounds(s, d, run, &lo, &hi);
+        if (i < hi - lo) {
+            const char *from;
+            size_t len;
+            int err = RUN_ENTRY[run](s, lo + i, &from, &len, ino);
+            if (!err) {
+                memcpy(name, from, len);   /* len <= NAME_MAX_BYTES: check_tables, rows_ready */
+                name[len] = 0;
+            }
             return err;
-        from = file_name(s, row, &len);
-        *ino = file_ino(s, row);
+        }
+        i -= hi - lo;
     }
-    memcpy(name, from, len);   /* len <= NAME_MAX_BYTES: check_tables, rows_ready */
-    name[len] = 0;
-    return 0;
+    return ENOENT;   /* past the last entry: list_dir never asks */
 }
 
 static void list_dir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, int plus)
@@ -397,7 +417,12 @@ static void list_dir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, int
         return;
     }
     uint64_t d = ino - 1;
-    uint64_t total = 2 + (s->sub_hi[d] - s->sub_lo[d]) + (s->dir_hi[d] - s->dir_lo[d]) + (s->link_hi[d] - s->link_lo[d]);
+    uint64_t total = 2;   /* "." and "..", then the runs */
+    for (int run = 0; run < N_RUNS; run++) {
+        uint64_t lo, hi;
+        run_bounds(s, d, run, &lo, &hi);
+        total += hi - lo;
+    }
     char *buf = malloc(size ? size : 1);
     if (!buf) {
         fuse_reply_err(req, ENOMEM);
