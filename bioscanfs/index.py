@@ -115,9 +115,10 @@ def _images(sources: Sequence[FileSource], index_dir: Optional[str], path: Optio
                   _earlier_tree(path, key, sources) if path else None)
 
 
-def _archive_sizes(arrays: Dict[str, Any], kept: Sequence[Any]) -> List[int]:
-    """The size of every archive a tree's rows may name: its archives, then its views' classes zip."""
-    return [s.size for s in kept] + ([len(arrays["views_zip"])] if "views_zip" in arrays else [])
+def _archive_sizes(arrays: Dict[str, Any], sizes: Sequence[int]) -> List[int]:
+    """The size of every archive a tree's rows may name: its archives' ``sizes``, then its
+    views' classes zip."""
+    return list(sizes) + ([len(arrays["views_zip"])] if "views_zip" in arrays else [])
 
 
 def _mapped(path: str, key: Any, sources: Sequence[FileSource]) -> Optional[Tuple[Tree, List[FileSource]]]:
@@ -130,7 +131,7 @@ def _mapped(path: str, key: Any, sources: Sequence[FileSource]) -> Optional[Tupl
         return None
     try:
         kept = [s for s in sources if s.name in set(cached["__extra__"]["kept"])]
-        tree = Tree(cached, [s.name for s in kept], _archive_sizes(cached, kept), persisted=True)
+        tree = Tree(cached, [s.name for s in kept], _archive_sizes(cached, [s.size for s in kept]), persisted=True)
     except (KeyError, ValueError, IndexError, TypeError) as err:  # BadTables is a ValueError
         log.warning("index %s is damaged (%s); rebuilding it", path, err)
         return None
@@ -204,8 +205,7 @@ def _earlier_tree(path: str, key: Any, sources: Sequence[FileSource]) -> Optiona
         identities = [json.dumps(identity) for identity in extra["identities"]]
         # Rows of changed archives are not used: their bound is left open. Every row is
         # checked (its CRCs by store.load): the merge reads the columns whole.
-        sizes = [current[i].size if i in current else 1 << 62 for i in identities] + \
-            ([len(arrays["views_zip"])] if "views_zip" in arrays else [])
+        sizes = _archive_sizes(arrays, [current[i].size if i in current else 1 << 62 for i in identities])
         check(arrays, sizes)
         store.release_pages(arrays)
         tree = Tree(arrays, extra["kept"], sizes, persisted=True)
