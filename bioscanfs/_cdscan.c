@@ -1,9 +1,13 @@
-/* The hot loop of reading a zip's central directory (APPNOTE.TXT 4.3.12), without the GIL.
+/* The byte loops of an index build, in C and without the GIL: the walk of a zip's central
+ * directory (APPNOTE.TXT 4.3.12), and the gather and comparison of name segments that
+ * the merge does for every member (splitting paths at their last '/', grouping the equal
+ * directory parts).
  *
  * Why C: a 5 M-member directory walked with numpy costs about 2 us a member, most of it
  * holding the GIL, so the thread that parses the next archive stalls the merge of the
- * previous one. This walk copies each record's 46 fixed bytes, its name and where it
+ * previous one. The walk copies each record's 46 fixed bytes, its name and where it
  * starts, and marks the names that need cleaning, in one pass and with the GIL released.
+ * Gathering segments with numpy needs an index per byte; here it is one memcpy a segment.
  *
  * It does only the common case. When the records do not chain exactly from offset 0 to
  * the end of the directory, or their number is not the expected one, it returns -1 and
@@ -13,10 +17,12 @@
  * The directory is untrusted input: every length read from it is bounded by the
  * directory's size before it is used, and every write by its output buffer's size.
  */
+#define _GNU_SOURCE   /* memrchr */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define CENTRAL_SIZE 46            /* 4.3.12, fixed part of a central directory header */
@@ -119,14 +125,319 @@ static PyObject *scan(PyObject *self, PyObject *args)
     return ok ? PyLong_FromSsize_t(written) : NULL;
 }
 
+/* Segments (begin, length) of `buf`, int64 each, checked against buf before any is read. */
+typedef struct {
+    Py_buffer buf, begins, lengths, out;
+    size_t n;
+} segments;
+
+static void free_segments(segments *s)
+{
+    PyBuffer_Release(&s->buf); PyBuffer_Release(&s->begins);
+    PyBuffer_Release(&s->lengths); PyBuffer_Release(&s->out);
+}
+
+/* Parses (buf, begins, lengths, out[, extra]) and bounds every segment by buf. */
+static int get_segments(PyObject *args, segments *s, Py_buffer *extra)
+{
+    int parsed = extra ? PyArg_ParseTuple(args, "y*y*y*w*w*", &s->buf, &s->begins, &s->lengths, &s->out, extra)
+                       : PyArg_ParseTuple(args, "y*y*y*w*", &s->buf, &s->begins, &s->lengths, &s->out);
+    if (!parsed)
+        return 0;
+    s->n = (size_t)s->begins.len / 8;
+    const int64_t *b = s->begins.buf, *n = s->lengths.buf;
+    int ok = s->begins.len % 8 == 0 && s->lengths.len == s->begins.len;
+    for (size_t i = 0; ok && i < s->n; i++)
+        ok = b[i] >= 0 && n[i] >= 0 && n[i] <= s->buf.len && b[i] <= s->buf.len - n[i];
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "segments: begins and lengths must be int64 pairs inside the buffer");
+        free_segments(s);
+        if (extra)
+            PyBuffer_Release(extra);
+    }
+    return ok;
+}
+
+static PyObject *release_segments(segments *s, int ok, const char *message)
+{
+    free_segments(s);
+    if (ok)
+        Py_RETURN_NONE;
+    PyErr_SetString(PyExc_ValueError, message);
+    return NULL;
+}
+
+PyDoc_STRVAR(gather_doc,
+"gather(buf, begins, lengths, out)\n\n"
+"Copy the segments buf[begin:begin+length] (begins, lengths: int64) end to end into out.");
+
+static PyObject *gather(PyObject *self, PyObject *args)
+{
+    (void)self;
+    segments s;
+    if (!get_segments(args, &s, NULL))
+        return NULL;
+    const int64_t *b = s.begins.buf, *n = s.lengths.buf;
+    size_t total = 0;
+    int ok = 1;
+    for (size_t i = 0; ok && i < s.n; i++) {
+        ok = (size_t)s.out.len - total >= (size_t)n[i];
+        total += (size_t)n[i];
+    }
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS
+        uint8_t *to = s.out.buf;
+        for (size_t i = 0; i < s.n; i++) {
+            memcpy(to, (const uint8_t *)s.buf.buf + b[i], (size_t)n[i]);
+            to += n[i];
+        }
+        Py_END_ALLOW_THREADS
+    }
+    return release_segments(&s, ok, "gather: out is smaller than the segments");
+}
+
+/* Equal directory parts, grouped through an open-addressing hash table (exact: a hit is
+ * compared byte for byte). */
+typedef struct {
+    uint64_t *hash;
+    int64_t *group;     /* -1: empty slot */
+    size_t mask;
+} dir_table;
+
+static uint64_t hash_bytes(const uint8_t *p, size_t n)
+{
+    const uint64_t k = 0x9E3779B97F4A7C15u;
+    uint64_t h = (uint64_t)n * k, w;
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        memcpy(&w, p + i, 8);
+        h = (h ^ w) * k;
+        h ^= h >> 29;
+    }
+    w = 0;
+    memcpy(&w, p + i, n - i);
+    h = (h ^ w) * k;
+    return h ^ (h >> 32);
+}
+
+static int table_init(dir_table *t, size_t slots)
+{
+    t->mask = slots - 1;
+    t->hash = malloc(slots * sizeof *t->hash);
+    t->group = malloc(slots * sizeof *t->group);
+    if (t->group)
+        memset(t->group, 0xFF, slots * sizeof *t->group);
+    return t->hash && t->group;
+}
+
+static void table_free(dir_table *t) { free(t->hash); free(t->group); }
+
+/* Doubles the table; 0 when out of memory (the old one is kept for table_free). */
+static int table_grow(dir_table *t)
+{
+    dir_table bigger;
+    if (!table_init(&bigger, 2 * (t->mask + 1))) {
+        table_free(&bigger);
+        return 0;
+    }
+    for (size_t i = 0; i <= t->mask; i++) {
+        if (t->group[i] < 0)
+            continue;
+        size_t at = t->hash[i] & bigger.mask;
+        while (bigger.group[at] >= 0)
+            at = (at + 1) & bigger.mask;
+        bigger.hash[at] = t->hash[i];
+        bigger.group[at] = t->group[i];
+    }
+    table_free(t);
+    *t = bigger;
+    return 1;
+}
+
+typedef struct {
+    const uint8_t *blob; const int64_t *begins, *ends; size_t n;
+    int64_t *base, *group, *first;
+} split_job;
+
+/* The group of the directory part blob[begin:end) of row `row`; a new one (first = row)
+ * when unseen. -1 when out of memory. */
+static int64_t group_of(dir_table *t, const split_job *job, size_t row, int64_t *groups, int64_t begin,
+                        int64_t end)
+{
+    size_t n = (size_t)(end - begin);
+    uint64_t h = hash_bytes(job->blob + begin, n);
+    size_t at = h & t->mask;
+    for (; t->group[at] >= 0; at = (at + 1) & t->mask) {
+        int64_t head = job->first[t->group[at]];
+        int64_t head_end = job->base[head] > job->begins[head] ? job->base[head] - 1 : job->begins[head];
+        if (t->hash[at] == h && (size_t)(head_end - job->begins[head]) == n
+                && memcmp(job->blob + job->begins[head], job->blob + begin, n) == 0)
+            return t->group[at];
+    }
+    int64_t g = (*groups)++;
+    job->first[g] = (int64_t)row;
+    t->hash[at] = h;
+    t->group[at] = g;
+    if ((size_t)*groups * 2 > t->mask && !table_grow(t))
+        return -1;
+    return g;
+}
+
+/* Returns the number of groups, or -1 when out of memory. */
+static Py_ssize_t split(const split_job *job)
+{
+    dir_table t;
+    int64_t groups = 0;
+    if (!table_init(&t, 1024)) {
+        table_free(&t);
+        return -1;
+    }
+    for (size_t i = 0; i < job->n; i++) {
+        int64_t begin = job->begins[i], end = job->ends[i];
+        const uint8_t *slash = memrchr(job->blob + begin, '/', (size_t)(end - begin));
+        int64_t dir_end = slash ? (int64_t)(slash - job->blob) : begin;
+        job->base[i] = slash ? dir_end + 1 : begin;
+        job->group[i] = group_of(&t, job, i, &groups, begin, dir_end);
+        if (job->group[i] < 0) {
+            table_free(&t);
+            return -1;
+        }
+    }
+    table_free(&t);
+    return (Py_ssize_t)groups;
+}
+
+PyDoc_STRVAR(split_dirs_doc,
+"split_dirs(blob, begins, ends, base, group, first) -> int\n\n"
+"Split each path blob[begin:end] (begins, ends: int64) at its last '/': base[i] is where\n"
+"its own name starts (begin when it has no '/'), group[i] numbers its directory part\n"
+"(equal parts, equal numbers, from 0 in order of first appearance) and first[g] is the\n"
+"first row of group g. Returns the number of groups. base, group, first: int64, n each.");
+
+static PyObject *split_dirs(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer blob, begins, ends, base, group, first;
+    if (!PyArg_ParseTuple(args, "y*y*y*w*w*w*", &blob, &begins, &ends, &base, &group, &first))
+        return NULL;
+    size_t n = (size_t)begins.len / 8;
+    const int64_t *b = begins.buf, *e = ends.buf;
+    int ok = begins.len % 8 == 0 && ends.len == begins.len && (size_t)base.len / 8 >= n
+             && (size_t)group.len / 8 >= n && (size_t)first.len / 8 >= n;
+    for (size_t i = 0; ok && i < n; i++)
+        ok = b[i] >= 0 && b[i] <= e[i] && e[i] <= blob.len;
+    Py_ssize_t groups = -2;
+    if (ok) {
+        split_job job = {blob.buf, b, e, n, base.buf, group.buf, first.buf};
+        Py_BEGIN_ALLOW_THREADS
+        groups = split(&job);
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&blob); PyBuffer_Release(&begins); PyBuffer_Release(&ends);
+    PyBuffer_Release(&base); PyBuffer_Release(&group); PyBuffer_Release(&first);
+    if (groups == -1)
+        return PyErr_NoMemory();
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "split_dirs: paths must lie inside blob, outputs hold one int64 a path");
+        return NULL;
+    }
+    return PyLong_FromSsize_t(groups);
+}
+
+/* Names to sort: the first 8 bytes as a big-endian key (so most comparisons are one
+ * integer compare), and the position in the input (equal names keep their order). */
+typedef struct {
+    uint64_t key;
+    int64_t at;
+} sort_item;
+
+typedef struct {
+    const uint8_t *blob; const int64_t *begins, *lengths;
+} sort_names_job;
+
+static int compare_names(const void *a, const void *b, void *context)
+{
+    const sort_item *x = a, *y = b;
+    if (x->key != y->key)
+        return x->key < y->key ? -1 : 1;
+    const sort_names_job *job = context;
+    int64_t nx = job->lengths[x->at], ny = job->lengths[y->at];
+    int order = memcmp(job->blob + job->begins[x->at], job->blob + job->begins[y->at], (size_t)(nx < ny ? nx : ny));
+    if (order)
+        return order;
+    if (nx != ny)
+        return nx < ny ? -1 : 1;
+    return x->at < y->at ? -1 : x->at > y->at;
+}
+
+/* 0 when out of memory. */
+static int sort_names_run(const sort_names_job *job, size_t n, int64_t *order, uint8_t *same)
+{
+    sort_item *items = malloc((n ? n : 1) * sizeof *items);
+    if (!items)
+        return 0;
+    for (size_t i = 0; i < n; i++) {
+        uint8_t word[8] = {0};
+        memcpy(word, job->blob + job->begins[i], job->lengths[i] < 8 ? (size_t)job->lengths[i] : 8);
+        uint64_t key = 0;
+        for (int k = 0; k < 8; k++)
+            key = key << 8 | word[k];
+        items[i] = (sort_item){key, (int64_t)i};
+    }
+    qsort_r(items, n, sizeof *items, compare_names, (void *)job);
+    for (size_t i = 0; i < n; i++) {
+        order[i] = items[i].at;
+        same[i] = 0;
+        if (i > 0) {
+            int64_t a = items[i - 1].at, b = items[i].at;
+            same[i] = job->lengths[a] == job->lengths[b] &&
+                      memcmp(job->blob + job->begins[a], job->blob + job->begins[b], (size_t)job->lengths[a]) == 0;
+        }
+    }
+    free(items);
+    return 1;
+}
+
+PyDoc_STRVAR(sort_names_doc,
+"sort_names(blob, begins, lengths, order, same)\n\n"
+"Sort the names blob[begin:begin+length] (begins, lengths: int64) by their bytes, equal ones\n"
+"in input order: order[i] (int64) is the input position of the i-th name, same[i] (one byte)\n"
+"is 1 when it equals the name before it.");
+
+static PyObject *sort_names(PyObject *self, PyObject *args)
+{
+    (void)self;
+    segments s;
+    Py_buffer same;
+    if (!get_segments(args, &s, &same))
+        return NULL;
+    int ok = (size_t)s.out.len / 8 >= s.n && (size_t)same.len >= s.n, enough = 1;
+    if (ok) {
+        sort_names_job job = {s.buf.buf, s.begins.buf, s.lengths.buf};
+        Py_BEGIN_ALLOW_THREADS
+        enough = sort_names_run(&job, s.n, s.out.buf, same.buf);
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&same);
+    if (!enough) {
+        free_segments(&s);
+        return PyErr_NoMemory();
+    }
+    return release_segments(&s, ok, "sort_names: order must hold one int64 a name, same one byte a name");
+}
+
 static PyMethodDef methods[] = {
     {"scan", scan, METH_VARARGS, scan_doc},
+    {"gather", gather, METH_VARARGS, gather_doc},
+    {"split_dirs", split_dirs, METH_VARARGS, split_dirs_doc},
+    {"sort_names", sort_names, METH_VARARGS, sort_names_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "bioscanfs._cdscan",
-    "The central directory walk of zipdir.read_members, in C and without the GIL.", -1, methods,
+    "The byte loops of an index build (central directory walk, name segments), in C without the GIL.", -1,
+    methods,
     NULL, NULL, NULL, NULL,
 };
 

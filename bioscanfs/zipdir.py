@@ -417,25 +417,17 @@ def _apply_zip64(archive: str, buf: np.ndarray, starts: np.ndarray, head: np.nda
         cursor[rows] += width
 
 
-def gather_segments(buf: np.ndarray, begins: np.ndarray, lengths: np.ndarray,
-                    chunk: int = 1 << 20) -> Tuple[np.ndarray, np.ndarray]:
+def gather_segments(buf: np.ndarray, begins: np.ndarray, lengths: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """The segments buf[begin:begin+length] end to end, plus their end offsets (uint64).
 
-    A gather over byte positions, about ``chunk`` bytes at a time: O(total bytes), so one
-    very long name costs its own length, not a row that wide for every member.
+    One memcpy a segment, in C without the GIL (every segment is bounded by ``buf`` first):
+    O(total bytes), so one very long name costs its own length, not a row that wide for
+    every member.
     """
     lengths = np.asarray(lengths, dtype=np.int64)
-    begins = np.asarray(begins, dtype=np.int64)
     ends = np.cumsum(lengths)
     out = np.empty(int(ends[-1]) if len(ends) else 0, dtype=np.uint8)
-    lo = 0
-    while lo < len(lengths):
-        first = int(ends[lo - 1]) if lo else 0
-        hi = max(lo + 1, int(np.searchsorted(ends, first + chunk, side="right")))
-        out_begins = np.concatenate(([first], ends[lo:hi - 1]))
-        positions = np.repeat(begins[lo:hi] - out_begins, lengths[lo:hi]) + np.arange(first, int(ends[hi - 1]))
-        out[first:int(ends[hi - 1])] = buf[positions]
-        lo = hi
+    _cdscan.gather(buf, np.asarray(begins, dtype=np.int64), lengths, out)
     return out, ends.astype(np.uint64)
 
 

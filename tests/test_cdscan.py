@@ -1,4 +1,5 @@
-"""The C walk of the central directory (_cdscan) against the numpy reference walk.
+"""The C byte loops of an index build (_cdscan) against references: the numpy walk of
+the central directory, and plain Python for the merge's segment loops.
 
 zipdir.scan_directory walks in C and falls back to scan_directory_numpy when the C walk
 declines; the numpy walk is the reference. Over every kind of archive (generated sets,
@@ -22,7 +23,7 @@ from hypothesis import strategies as st
 from test_fuzz import damaged
 from test_zipdir import BROKEN, GENERATED, VALID
 
-from bioscanfs import zipdir
+from bioscanfs import _cdscan, zipdir
 from bioscanfs.errors import ArchiveError
 from bioscanfs.sources import BytesSource, FileSource
 from bioscanfs.zipdir import Members, Scan, Source, read_members
@@ -196,7 +197,70 @@ def test_spanned_set(tmp_path: Path) -> None:
 
 def test_output_buffers_are_checked() -> None:
     """The extension refuses outputs too small for the count it is given."""
-    from bioscanfs import _cdscan
     small = np.zeros(1, dtype=np.uint8)
     with pytest.raises(ValueError):
         _cdscan.scan(b"", 2, 255, small, np.zeros(2, np.int64), small, np.zeros(2, np.uint64), np.zeros(2, np.uint8))
+
+
+# -- the merge's byte loops against plain Python --------------------------------------------
+#: Names that sort apart only past the 8-byte key, equal ones, prefixes of others, NUL bytes.
+SORT_NAMES = st.lists(st.one_of(st.sampled_from([b"", b"a", b"ab", b"abcdefgh", b"abcdefgh\0", b"abcdefghij",
+                                                 b"abcdefghik", b"abcdefgh/x", b"\xff", b"\0", b"x" * 300,
+                                                 b"x" * 299 + b"y"]),
+                                st.binary(max_size=20)), max_size=40)
+
+
+def _segments(names: List[bytes]) -> tuple:
+    """(blob, begins, lengths) of names laid end to end, shuffled around a gap."""
+    blob = b"#".join(names)
+    begins, at = [], 0
+    for name in names:
+        begins.append(at)
+        at += len(name) + 1
+    return (np.frombuffer(blob, dtype=np.uint8), np.asarray(begins, dtype=np.int64),
+            np.asarray([len(n) for n in names], dtype=np.int64))
+
+
+@settings(max_examples=300, deadline=None)
+@given(SORT_NAMES)
+def test_sort_names_orders_as_python(names: List[bytes]) -> None:
+    blob, begins, lengths = _segments(names)
+    order, same = np.empty(len(names), np.int64), np.empty(len(names), np.uint8)
+    _cdscan.sort_names(blob, begins, lengths, order, same)
+    assert order.tolist() == sorted(range(len(names)), key=lambda i: (names[i], i))
+    ordered = [names[i] for i in order.tolist()]
+    assert same.tolist() == [int(i > 0 and ordered[i] == ordered[i - 1]) for i in range(len(names))]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([b"a/b", b"a/c", b"b", b"a//b", b"/x", b"x/", b"d/e/f", b"d/e/g", b"dd/e",
+                                 b"abcdefghijklmnop/q", b"abcdefghijklmnop/r", b"abcdefghijklmnoq/q", b""]),
+                max_size=30))
+def test_split_dirs_and_gather_as_python(paths: List[bytes]) -> None:
+    blob, begins, lengths = _segments(paths)
+    n = len(paths)
+    base, group, first = (np.empty(n, np.int64) for _ in range(3))
+    groups = _cdscan.split_dirs(blob, begins, begins + lengths, base, group, first)
+    dirs = [p.rpartition(b"/")[0] for p in paths]
+    distinct = list(dict.fromkeys(dirs))
+    assert groups == len(distinct)
+    assert group.tolist() == [distinct.index(d) for d in dirs]
+    assert first[:groups].tolist() == [dirs.index(d) for d in distinct]
+    assert [blob[b:b + len(p)].tobytes()[int(s) - b:] for p, b, s in zip(paths, begins.tolist(), base)] == \
+        [p.rpartition(b"/")[2] for p in paths]
+    gathered, ends = zipdir.gather_segments(blob, base, begins + lengths - base)
+    assert gathered.tobytes() == b"".join(p.rpartition(b"/")[2] for p in paths)
+    assert ends.tolist() == np.cumsum([len(p.rpartition(b"/")[2]) for p in paths], dtype=np.int64).tolist()
+
+
+@pytest.mark.parametrize("begin, length", [(-1, 1), (0, -1), (5, 1), (3, 3), (1 << 62, 1 << 62)])
+def test_segments_outside_the_buffer_are_refused(begin: int, length: int) -> None:
+    """Every segment is bounded by its buffer before a byte is read (a 5-byte one here)."""
+    blob = np.frombuffer(b"ab/cd", dtype=np.uint8)
+    begins, lengths = np.asarray([0, begin], np.int64), np.asarray([2, length], np.int64)
+    out8, out1 = np.empty(2, np.int64), np.empty(64, np.uint8)
+    for call in (lambda: _cdscan.gather(blob, begins, lengths, out1),
+                 lambda: _cdscan.sort_names(blob, begins, lengths, out8, out1),
+                 lambda: _cdscan.split_dirs(blob, begins, begins + lengths, out8, out8.copy(), out8.copy())):
+        with pytest.raises(ValueError):
+            call()
