@@ -137,12 +137,10 @@ static void free_segments(segments *s)
     PyBuffer_Release(&s->lengths); PyBuffer_Release(&s->out);
 }
 
-/* Parses (buf, begins, lengths, out[, extra]) and bounds every segment by buf. */
-static int get_segments(PyObject *args, segments *s, Py_buffer *extra)
+/* Parses (buf, begins, lengths, out) and bounds every segment by buf. */
+static int get_segments(PyObject *args, segments *s)
 {
-    int parsed = extra ? PyArg_ParseTuple(args, "y*y*y*w*w*", &s->buf, &s->begins, &s->lengths, &s->out, extra)
-                       : PyArg_ParseTuple(args, "y*y*y*w*", &s->buf, &s->begins, &s->lengths, &s->out);
-    if (!parsed)
+    if (!PyArg_ParseTuple(args, "y*y*y*w*", &s->buf, &s->begins, &s->lengths, &s->out))
         return 0;
     s->n = (size_t)s->begins.len / 8;
     const int64_t *b = s->begins.buf, *n = s->lengths.buf;
@@ -152,8 +150,6 @@ static int get_segments(PyObject *args, segments *s, Py_buffer *extra)
     if (!ok) {
         PyErr_SetString(PyExc_ValueError, "segments: begins and lengths must be int64 pairs inside the buffer");
         free_segments(s);
-        if (extra)
-            PyBuffer_Release(extra);
     }
     return ok;
 }
@@ -175,7 +171,7 @@ static PyObject *gather(PyObject *self, PyObject *args)
 {
     (void)self;
     segments s;
-    if (!get_segments(args, &s, NULL))
+    if (!get_segments(args, &s))
         return NULL;
     const int64_t *b = s.begins.buf, *n = s.lengths.buf;
     size_t total = 0;
@@ -355,12 +351,9 @@ typedef struct {
     const uint8_t *blob; const int64_t *begins, *lengths;
 } sort_names_job;
 
-static int compare_names(const void *a, const void *b, void *context)
+/* Names whose keys tie: their bytes, then their lengths, then their input order. */
+static int compare_names(const sort_item *x, const sort_item *y, const sort_names_job *job)
 {
-    const sort_item *x = a, *y = b;
-    if (x->key != y->key)
-        return x->key < y->key ? -1 : 1;
-    const sort_names_job *job = context;
     int64_t nx = job->lengths[x->at], ny = job->lengths[y->at];
     int order = memcmp(job->blob + job->begins[x->at], job->blob + job->begins[y->at], (size_t)(nx < ny ? nx : ny));
     if (order)
@@ -370,11 +363,55 @@ static int compare_names(const void *a, const void *b, void *context)
     return x->at < y->at ? -1 : x->at > y->at;
 }
 
+static int item_less(const sort_item *x, const sort_item *y, const sort_names_job *job)
+{
+    if (x->key != y->key)
+        return x->key < y->key;
+    return compare_names(x, y, job) < 0;
+}
+
+static void insertion_sort(sort_item *a, size_t n, const sort_names_job *job)
+{
+    for (size_t i = 1; i < n; i++) {
+        sort_item v = a[i];
+        size_t j = i;
+        for (; j > 0 && item_less(&v, &a[j - 1], job); j--)
+            a[j] = a[j - 1];
+        a[j] = v;
+    }
+}
+
+/* A bottom-up merge sort with the key compared inline (qsort's call per comparison cost
+ * three times as much); returns where the sorted items are, `a` or `tmp`. */
+static sort_item *merge_sort(sort_item *a, sort_item *tmp, size_t n, const sort_names_job *job)
+{
+    const size_t run = 16;
+    for (size_t lo = 0; lo < n; lo += run)
+        insertion_sort(a + lo, n - lo < run ? n - lo : run, job);
+    sort_item *src = a, *dst = tmp;
+    for (size_t width = run; width < n; width *= 2) {
+        for (size_t lo = 0; lo < n; lo += 2 * width) {
+            size_t mid = n - lo < width ? n : lo + width, hi = n - lo < 2 * width ? n : lo + 2 * width;
+            size_t i = lo, j = mid, k = lo;
+            while (i < mid && j < hi)
+                dst[k++] = item_less(&src[j], &src[i], job) ? src[j++] : src[i++];
+            while (i < mid)
+                dst[k++] = src[i++];
+            while (j < hi)
+                dst[k++] = src[j++];
+        }
+        sort_item *swap = src;
+        src = dst;
+        dst = swap;
+    }
+    return src;
+}
+
 /* 0 when out of memory. */
 static int sort_names_run(const sort_names_job *job, size_t n, int64_t *order, uint8_t *same)
 {
-    sort_item *items = malloc((n ? n : 1) * sizeof *items);
-    if (!items)
+    sort_item *buffer = malloc((n ? 2 * n : 1) * sizeof *buffer), *items;
+    if (!buffer)
         return 0;
     for (size_t i = 0; i < n; i++) {
         uint8_t word[8] = {0};
@@ -382,9 +419,9 @@ static int sort_names_run(const sort_names_job *job, size_t n, int64_t *order, u
         uint64_t key = 0;
         for (int k = 0; k < 8; k++)
             key = key << 8 | word[k];
-        items[i] = (sort_item){key, (int64_t)i};
+        buffer[i] = (sort_item){key, (int64_t)i};
     }
-    qsort_r(items, n, sizeof *items, compare_names, (void *)job);
+    items = merge_sort(buffer, buffer + n, n, job);
     for (size_t i = 0; i < n; i++) {
         order[i] = items[i].at;
         same[i] = 0;
@@ -394,43 +431,149 @@ static int sort_names_run(const sort_names_job *job, size_t n, int64_t *order, u
                       memcmp(job->blob + job->begins[a], job->blob + job->begins[b], (size_t)job->lengths[a]) == 0;
         }
     }
-    free(items);
+    free(buffer);
     return 1;
 }
 
-PyDoc_STRVAR(sort_names_doc,
-"sort_names(blob, begins, lengths, order, same)\n\n"
-"Sort the names blob[begin:begin+length] (begins, lengths: int64) by their bytes, equal ones\n"
-"in input order: order[i] (int64) is the input position of the i-th name, same[i] (one byte)\n"
-"is 1 when it equals the name before it.");
+/* An integer column of 2, 4 or 8 bytes a value (the merge keeps its arrays narrow). */
+typedef struct {
+    uint8_t *p;
+    size_t n;
+    size_t width;
+} column;
 
-static PyObject *sort_names(PyObject *self, PyObject *args)
+static int column_of(Py_buffer *buf, Py_ssize_t width, column *c)
+{
+    c->p = buf->buf;
+    c->width = (size_t)width;
+    c->n = width > 0 ? (size_t)buf->len / (size_t)width : 0;
+    return (width == 2 || width == 4 || width == 8) && buf->len % width == 0;
+}
+
+static uint64_t column_get(const column *c, size_t i)
+{
+    uint16_t v2; uint32_t v4; uint64_t v8;
+    switch (c->width) {
+    case 2: memcpy(&v2, c->p + 2 * i, 2); return v2;
+    case 4: memcpy(&v4, c->p + 4 * i, 4); return v4;
+    default: memcpy(&v8, c->p + 8 * i, 8); return v8;
+    }
+}
+
+static void column_put(column *c, size_t i, uint64_t v)
+{
+    uint16_t v2 = (uint16_t)v; uint32_t v4 = (uint32_t)v;
+    switch (c->width) {
+    case 2: memcpy(c->p + 2 * i, &v2, 2); break;
+    case 4: memcpy(c->p + 4 * i, &v4, 4); break;
+    default: memcpy(c->p + 8 * i, &v, 8); break;
+    }
+}
+
+typedef struct {
+    const uint8_t *blob; size_t blob_size;
+    column begins, lengths, order;
+    const int64_t *bounds; size_t n_bounds;
+    uint8_t *same;
+} sort_dirs_job;
+
+/* One folder's rows order[lo:hi] sorted by name; `scratch` holds 4 int64 a row.
+ * -2 when a row, a name or the range lies outside its array. */
+static int sort_dir(sort_dirs_job *job, size_t lo, size_t hi, int64_t *scratch)
+{
+    size_t m = hi - lo;
+    int64_t *rows = scratch, *begins = scratch + m, *lengths = scratch + 2 * m, *by_name = scratch + 3 * m;
+    for (size_t i = 0; i < m; i++) {
+        uint64_t row = column_get(&job->order, lo + i);
+        if (row >= job->begins.n || row >= job->lengths.n)
+            return -2;
+        uint64_t begin = column_get(&job->begins, row), length = column_get(&job->lengths, row);
+        if (begin > job->blob_size || length > job->blob_size - begin)
+            return -2;
+        rows[i] = (int64_t)row;
+        begins[i] = (int64_t)begin;
+        lengths[i] = (int64_t)length;
+    }
+    sort_names_job names = {job->blob, begins, lengths};
+    if (!sort_names_run(&names, m, by_name, job->same + lo))
+        return -1;
+    for (size_t i = 0; i < m; i++)
+        column_put(&job->order, lo + i, (uint64_t)rows[by_name[i]]);
+    return 0;
+}
+
+/* Folders [first, last): 0, -1 when out of memory, -2 when something lies out of bounds. */
+static int sort_dirs_run(sort_dirs_job *job, size_t first, size_t last)
+{
+    int64_t *scratch = NULL;
+    size_t room = 0;
+    int status = 0;
+    for (size_t d = first; status == 0 && d < last; d++) {
+        int64_t lo = job->bounds[d], hi = job->bounds[d + 1];
+        if (lo < 0 || hi < lo || (uint64_t)hi > job->order.n) {
+            status = -2;
+            break;
+        }
+        size_t m = (size_t)(hi - lo);
+        if (m < 2)
+            continue;
+        if (m > room) {
+            free(scratch);
+            room = m;
+            scratch = malloc(4 * room * sizeof *scratch);
+            if (!scratch) {
+                status = -1;
+                break;
+            }
+        }
+        status = sort_dir(job, (size_t)lo, (size_t)hi, scratch);
+    }
+    free(scratch);
+    return status;
+}
+
+PyDoc_STRVAR(sort_dirs_doc,
+"sort_dirs(blob, begins, begins_width, lengths, lengths_width, order, order_width, bounds, same, first, last)\n\n"
+"For each folder d in [first, last), sort its rows order[bounds[d]:bounds[d + 1]] in place by\n"
+"their names blob[begins[row]:begins[row] + lengths[row]] (bytes, then length, equal names in\n"
+"the order they come), and set same[i] (one byte a position) to 1 where the name equals the\n"
+"one before it in its folder. begins, lengths and order are integer arrays of the given\n"
+"widths (2, 4 or 8 bytes); bounds is int64. Every row and name is bounded before use.");
+
+static PyObject *sort_dirs(PyObject *self, PyObject *args)
 {
     (void)self;
-    segments s;
-    Py_buffer same;
-    if (!get_segments(args, &s, &same))
+    Py_buffer blob, begins, lengths, order, bounds, same;
+    Py_ssize_t begins_width, lengths_width, order_width, first, last;
+    if (!PyArg_ParseTuple(args, "y*y*ny*nw*ny*w*nn", &blob, &begins, &begins_width, &lengths, &lengths_width,
+                          &order, &order_width, &bounds, &same, &first, &last))
         return NULL;
-    int ok = (size_t)s.out.len / 8 >= s.n && (size_t)same.len >= s.n, enough = 1;
+    sort_dirs_job job = {blob.buf, (size_t)blob.len, {0}, {0}, {0}, bounds.buf, (size_t)bounds.len / 8, same.buf};
+    int ok = column_of(&begins, begins_width, &job.begins) && column_of(&lengths, lengths_width, &job.lengths)
+             && column_of(&order, order_width, &job.order) && bounds.len % 8 == 0
+             && (size_t)same.len >= job.order.n && first >= 0 && first <= last && (size_t)last < job.n_bounds;
+    int status = -2;
     if (ok) {
-        sort_names_job job = {s.buf.buf, s.begins.buf, s.lengths.buf};
         Py_BEGIN_ALLOW_THREADS
-        enough = sort_names_run(&job, s.n, s.out.buf, same.buf);
+        status = sort_dirs_run(&job, (size_t)first, (size_t)last);
         Py_END_ALLOW_THREADS
     }
-    PyBuffer_Release(&same);
-    if (!enough) {
-        free_segments(&s);
+    PyBuffer_Release(&blob); PyBuffer_Release(&begins); PyBuffer_Release(&lengths);
+    PyBuffer_Release(&order); PyBuffer_Release(&bounds); PyBuffer_Release(&same);
+    if (status == -1)
         return PyErr_NoMemory();
+    if (status == -2) {
+        PyErr_SetString(PyExc_ValueError, "sort_dirs: a folder, row or name lies outside its array");
+        return NULL;
     }
-    return release_segments(&s, ok, "sort_names: order must hold one int64 a name, same one byte a name");
+    Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
     {"scan", scan, METH_VARARGS, scan_doc},
     {"gather", gather, METH_VARARGS, gather_doc},
     {"split_dirs", split_dirs, METH_VARARGS, split_dirs_doc},
-    {"sort_names", sort_names, METH_VARARGS, sort_names_doc},
+    {"sort_dirs", sort_dirs, METH_VARARGS, sort_dirs_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -82,7 +82,8 @@ class Builder:
         for i in np.flatnonzero(is_dir).tolist():
             self._dirs.add(bytes(blob[begins[i]:ends[i]]))
         files = np.flatnonzero(~is_dir)[::-1]
-        self._spill.write(np.ascontiguousarray(members.table[files]).view(np.uint8).data)
+        table = np.ascontiguousarray(members.table, dtype=FILE_DTYPE)
+        self._spill.write(np.take(table.view(_RECORD), files).view(np.uint8).data)
         begins, ends = begins[files], ends[files]
         base_begin, group_first, group_of = _split_paths(blob, begins, ends)
         group_dir = np.asarray([self._dirs.add(bytes(blob[begins[i]:max(begins[i], base_begin[i] - 1)]))
@@ -156,7 +157,7 @@ class Builder:
             files = self._rows(picks)
             dirs = self._file_dir[self._order[picks]]
             counts += np.bincount(dirs, minlength=n_dirs)
-            np.maximum.at(mtime, dirs, files["mtime"])
+            _newest(mtime, dirs, files["mtime"])
             total += _total(files["size"])
             rows_of = self._order[picks]
             names, ends = zipdir.gather_segments(self._blob, self._begins[rows_of], self._lens[rows_of])
@@ -306,26 +307,24 @@ def _order_by_dir_and_name(file_dir: np.ndarray, blob: np.ndarray, begins: np.nd
     the one before it in its directory, first sorted position of each directory and the end).
 
     Stable, so archive order stays among equals. Each directory is sorted on its own, in C
-    without the GIL (_cdscan.sort_names: the first 8 bytes as an integer key, the rest
-    compared only on a tie), directories on every core; memory as large as the largest one.
+    without the GIL (_cdscan.sort_dirs: the first 8 bytes as an integer key, the rest
+    compared only on a tie), spans of directories on every core.
     """
     order = _narrow(np.argsort(file_dir.astype(np.uint16) if n_dirs <= 1 << 16 else file_dir, kind="stable"),
                     len(file_dir))
-    bounds = np.searchsorted(file_dir[order], np.arange(n_dirs + 1))
+    bounds = np.searchsorted(file_dir[order], np.arange(n_dirs + 1)).astype(np.int64)
     same = np.zeros(len(order), dtype=bool)
+    workers = os.cpu_count() or 1
+    # Spans of about equal rows, a few per core so that one large folder does not hold the rest.
+    cuts = np.searchsorted(bounds, np.linspace(0, len(order), 4 * workers + 1)).clip(0, n_dirs)
+    edges = np.unique(np.concatenate(([0], cuts, [n_dirs]))).tolist()
 
-    def sort_one(d: int) -> None:
-        lo, hi = int(bounds[d]), int(bounds[d + 1])
-        if hi - lo < 2:
-            return
-        rows = order[lo:hi].astype(np.int64)
-        by_name = np.empty(hi - lo, dtype=np.int64)
-        _cdscan.sort_names(blob, begins[rows].astype(np.int64), lengths[rows].astype(np.int64), by_name,
-                           same[lo:hi].view(np.uint8))
-        order[lo:hi] = rows[by_name]
+    def sort_span(span: Tuple[int, int]) -> None:
+        _cdscan.sort_dirs(blob, begins, begins.itemsize, lengths, lengths.itemsize, order, order.itemsize, bounds,
+                          same.view(np.uint8), span[0], span[1])
 
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        list(pool.map(sort_one, range(n_dirs)))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(sort_span, zip(edges[:-1], edges[1:])))
     return order, same, bounds
 
 
@@ -384,6 +383,16 @@ def _hide_files_that_are_dirs(dirs: _Dirs, bounds: np.ndarray, name_at: Callable
             warnings.append(f"{dirs.path(dir_id).decode('utf-8', 'surrogateescape')}: both a file and a directory; "
                             "the file is hidden")
     return warnings
+
+
+def _newest(mtime: np.ndarray, dirs: np.ndarray, times: np.ndarray) -> None:
+    """mtime[d] = max(mtime[d], the newest of ``times`` in folder d), where ``dirs`` is in
+    order (the sorted rows): one maximum per run of a folder, not np.maximum.at per row."""
+    if len(dirs) == 0:
+        return
+    starts = np.concatenate(([0], np.flatnonzero(dirs[1:] != dirs[:-1]) + 1))
+    folders = dirs[starts]
+    mtime[folders] = np.maximum(mtime[folders], np.maximum.reduceat(times, starts))
 
 
 def _dir_mtimes(mtime: np.ndarray, parent: List[int]) -> np.ndarray:

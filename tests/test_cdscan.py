@@ -222,14 +222,22 @@ def _segments(names: List[bytes]) -> tuple:
 
 
 @settings(max_examples=300, deadline=None)
-@given(SORT_NAMES)
-def test_sort_names_orders_as_python(names: List[bytes]) -> None:
+@given(SORT_NAMES, st.integers(0, 40), st.sampled_from([(np.uint32, np.uint16, np.uint32), (np.int64,) * 3]))
+def test_sort_dirs_orders_as_python(names: List[bytes], cut: int, widths: tuple) -> None:
+    """Two folders (rows before and after ``cut``), each sorted by its names' bytes, equal
+    names in row order; whatever the widths of the merge's arrays."""
     blob, begins, lengths = _segments(names)
-    order, same = np.empty(len(names), np.int64), np.empty(len(names), np.uint8)
-    _cdscan.sort_names(blob, begins, lengths, order, same)
-    assert order.tolist() == sorted(range(len(names)), key=lambda i: (names[i], i))
-    ordered = [names[i] for i in order.tolist()]
-    assert same.tolist() == [int(i > 0 and ordered[i] == ordered[i - 1]) for i in range(len(names))]
+    n, cut = len(names), min(cut, len(names))
+    order = np.arange(n - 1, -1, -1).astype(widths[2])   # rows come in reverse: the sort must not keep them so
+    bounds = np.asarray([0, cut, n], dtype=np.int64)
+    same = np.zeros(n, np.uint8)
+    _cdscan.sort_dirs(blob, begins.astype(widths[0]), np.dtype(widths[0]).itemsize, lengths.astype(widths[1]),
+                      np.dtype(widths[1]).itemsize, order, order.itemsize, bounds, same, 0, 2)
+    rows = list(range(n - 1, -1, -1))
+    want = [sorted(part, key=lambda i: (names[i], -i)) for part in (rows[:cut], rows[cut:])]
+    assert order.tolist() == want[0] + want[1]
+    ordered = [[names[i] for i in part] for part in want]
+    assert same.tolist() == [int(i > 0 and part[i] == part[i - 1]) for part in ordered for i in range(len(part))]
 
 
 @settings(max_examples=300, deadline=None)
@@ -259,8 +267,19 @@ def test_segments_outside_the_buffer_are_refused(begin: int, length: int) -> Non
     blob = np.frombuffer(b"ab/cd", dtype=np.uint8)
     begins, lengths = np.asarray([0, begin], np.int64), np.asarray([2, length], np.int64)
     out8, out1 = np.empty(2, np.int64), np.empty(64, np.uint8)
+    order, bounds = np.arange(2, dtype=np.int64), np.asarray([0, 2], np.int64)
     for call in (lambda: _cdscan.gather(blob, begins, lengths, out1),
-                 lambda: _cdscan.sort_names(blob, begins, lengths, out8, out1),
+                 lambda: _cdscan.sort_dirs(blob, begins, 8, lengths, 8, order, 8, bounds, out1, 0, 1),
                  lambda: _cdscan.split_dirs(blob, begins, begins + lengths, out8, out8.copy(), out8.copy())):
         with pytest.raises(ValueError):
             call()
+
+
+@pytest.mark.parametrize("order, bounds", [([0, 5], [0, 2]), ([0, 1], [0, 3]), ([0, 1], [1, 0])])
+def test_sort_dirs_bounds_rows_and_folders(order: List[int], bounds: List[int]) -> None:
+    """A row past the names' arrays, a folder past the order, a folder that ends before it starts."""
+    blob = np.frombuffer(b"ab/cd", dtype=np.uint8)
+    begins, lengths = np.asarray([0, 3], np.int64), np.asarray([2, 2], np.int64)
+    with pytest.raises(ValueError):
+        _cdscan.sort_dirs(blob, begins, 8, lengths, 8, np.asarray(order, np.int64), 8, np.asarray(bounds, np.int64),
+                          np.zeros(2, np.uint8), 0, 1)
