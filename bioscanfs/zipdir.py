@@ -317,7 +317,7 @@ def _record_starts(archive: str, buf: np.ndarray) -> np.ndarray:
     if size == 0:
         return np.zeros(0, dtype=np.int64)
     hits = []
-    for align in range(4):
+    for align in range(min(4, size)):  # a directory of 1-3 bytes (with no entries) is possible
         words = np.frombuffer(buf, dtype="<u4", count=(size - align) // 4, offset=align)
         hits.append(np.flatnonzero(words == CENTRAL_SIG) * 4 + align)
     starts = np.sort(np.concatenate(hits)).astype(np.int64)
