@@ -1,8 +1,9 @@
 """Shim for tools that still call setup.py; metadata lives in setup.cfg.
 
 It adds what setup.cfg cannot describe: the optional native FUSE engine (a C extension
-on libfuse 3 and libdeflate). When it cannot be built (no compiler or no libfuse3-dev), the
-install goes on without it and mounts use the mfusepy engine.
+on libfuse 3 and libdeflate; when it cannot be built, no compiler or no libfuse3-dev, the
+install goes on without it and mounts use the mfusepy engine), and the central directory
+walk of zipdir (plain C, no library: always built).
 """
 import shutil
 import subprocess
@@ -24,4 +25,5 @@ native = Extension(
     extra_link_args=(_pkg_config("--libs") or ["-lfuse3", "-lpthread"]) + ["-ldeflate"],
     optional=True,
 )
-setup(ext_modules=[native])
+cdscan = Extension("bioscanfs._cdscan", ["bioscanfs/_cdscan.c"], extra_compile_args=["-Wall", "-Wextra"])
+setup(ext_modules=[native, cdscan])

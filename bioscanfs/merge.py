@@ -1,4 +1,5 @@
-"""Merging the member tables of several archives into one tree's columns (bulk numpy).
+"""Merging the member tables of several archives into one tree's columns (bulk numpy; the
+loops over every name's bytes in C, ``_cdscan``, without the GIL).
 
 Owns the duplicates policy and the tree's order (see ``tree`` for the layout); knows
 nothing of persistence, decoding or FUSE.
@@ -14,7 +15,8 @@ its row, which goes to a spill file, not memory. The merged columns are then wri
 out chunk by chunk (``Builder.write``), so the peak is about 40 bytes per member plus
 the names, never every column of every archive at once (docs/scale.md).
 
-Cost: every step is O(total name bytes) or O(members x a small constant): names are
+Cost: every step is O(total name bytes) or O(members x a small constant), but the sort
+of each folder (O(n log n) comparisons of an 8-byte key, bytes on a tie): names are
 handled as one blob with begin/end offsets, never as a matrix as wide as the longest
 name, so one hostile 4 KB name does not cost 4 KB for every member.
 """
@@ -27,13 +29,11 @@ from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Tuple
 
 import numpy as np
 
-from . import zipdir
+from . import _cdscan, zipdir
 from .bulk import for_chunks
 from .errors import SourceError
 from .tree import ARRAY_TYPES, FILE_DTYPE, LINKED_FILES_MAX, NAMES_MAX, VIEW_TYPES, Tree, find_name
 
-#: Bytes of each name that numpy sorts on; longer names that tie on them are ordered in Python.
-SORT_PREFIX = 24
 #: Warnings listed one by one, in the log and in the index; the rest are counted.
 MAX_WARNINGS = 10
 #: A warning can quote a 64 KiB name; it is cut to this.
@@ -80,19 +80,16 @@ class Builder:
         ends = np.asarray(members.name_ends, dtype=np.int64)
         begins = np.concatenate(([0], ends[:-1]))[:len(ends)].astype(np.int64)
         is_dir = np.asarray(members.is_dir, dtype=bool)
-        blob = np.concatenate((np.asarray(members.names, dtype=np.uint8), np.zeros(_SLASH_WINDOW + 8, np.uint8)))
+        blob = np.ascontiguousarray(members.names, dtype=np.uint8)
         for i in np.flatnonzero(is_dir).tolist():
             self._dirs.add(bytes(blob[begins[i]:ends[i]]))
         files = np.flatnonzero(~is_dir)[::-1]
-        self._spill.write(np.ascontiguousarray(members.table[files]).view(np.uint8).data)
+        table = np.ascontiguousarray(members.table, dtype=FILE_DTYPE)
+        self._spill.write(np.take(table.view(_RECORD), files).view(np.uint8).data)
         begins, ends = begins[files], ends[files]
-        cut = _last_slash(blob, begins, ends)
-        has_dir = cut >= 0
-        cut = np.where(has_dir, cut, begins)
-        base_begin = np.where(has_dir, cut + 1, begins)
-        group_first, group_of = _group_dirs(blob, begins, cut - begins)
-        group_dir = np.asarray([self._dirs.add(bytes(blob[begins[i]:cut[i]])) for i in group_first.tolist()],
-                               dtype=np.uint32)
+        base_begin, group_first, group_of = _split_paths(blob, begins, ends)
+        group_dir = np.asarray([self._dirs.add(bytes(blob[begins[i]:max(begins[i], base_begin[i] - 1)]))
+                                for i in group_first.tolist()], dtype=np.uint32)
         self._dir_of.append(group_dir[group_of] if len(files) else np.zeros(0, np.uint32))
         self._bases.append(zipdir.gather_segments(blob, base_begin, ends - base_begin)[0])
         self._lengths.append((ends - base_begin).astype(np.uint16))
@@ -125,7 +122,7 @@ class Builder:
         ends = np.cumsum(self._lens, dtype=np.int64)
         self._begins = _narrow(ends - self._lens, int(ends[-1]) if len(ends) else 0)
         del ends
-        self._blob = _joined(self._bases + [np.zeros(SORT_PREFIX + 8, np.uint8)], np.uint8)
+        self._blob = _joined(self._bases, np.uint8)
         new_id = self._dirs.number()
         dir_of = _joined(self._dir_of, np.uint32)
         self._file_dir = new_id.astype(np.uint32)[dir_of] if len(dir_of) else dir_of
@@ -162,7 +159,7 @@ class Builder:
             files = self._rows(picks)
             dirs = self._file_dir[self._order[picks]]
             counts += np.bincount(dirs, minlength=n_dirs)
-            np.maximum.at(mtime, dirs, files["mtime"])
+            _newest(mtime, dirs, files["mtime"])
             total += _total(files["size"])
             rows_of = self._order[picks]
             names, ends = zipdir.gather_segments(self._blob, self._begins[rows_of], self._lens[rows_of])
@@ -311,54 +308,26 @@ def _order_by_dir_and_name(file_dir: np.ndarray, blob: np.ndarray, begins: np.nd
     """(order of the rows by (directory, name bytes), whether each sorted row's name equals
     the one before it in its directory, first sorted position of each directory and the end).
 
-    Stable, so archive order stays among equals. Each directory is sorted on its own, on
-    the first SORT_PREFIX bytes of its names (memory as large as the largest directory);
-    runs that tie there and hold a longer name are put in order in Python (rare: BIOSCAN
-    names are about 16 bytes).
+    Stable, so archive order stays among equals. Each directory is sorted on its own, in C
+    without the GIL (_cdscan.sort_dirs: the first 8 bytes as an integer key, the rest
+    compared only on a tie), spans of directories on every core.
     """
     order = _narrow(np.argsort(file_dir.astype(np.uint16) if n_dirs <= 1 << 16 else file_dir, kind="stable"),
                     len(file_dir))
-    bounds = np.searchsorted(file_dir[order], np.arange(n_dirs + 1))
+    bounds = np.searchsorted(file_dir[order], np.arange(n_dirs + 1)).astype(np.int64)
     same = np.zeros(len(order), dtype=bool)
+    workers = os.cpu_count() or 1
+    # Spans of about equal rows, a few per core so that one large folder does not hold the rest.
+    cuts = np.searchsorted(bounds, np.linspace(0, len(order), 4 * workers + 1)).clip(0, n_dirs)
+    edges = np.unique(np.concatenate(([0], cuts, [n_dirs]))).tolist()
 
-    def name_of(row: int) -> bytes:
-        return blob[begins[row]:begins[row] + lengths[row]].tobytes()
+    def sort_span(span: Tuple[int, int]) -> None:
+        _cdscan.sort_dirs(blob, begins, begins.itemsize, lengths, lengths.itemsize, order, order.itemsize, bounds,
+                          same.view(np.uint8), span[0], span[1])
 
-    def sort_one(d: int) -> None:
-        lo, hi = int(bounds[d]), int(bounds[d + 1])
-        if hi - lo < 1:
-            return
-        rows = order[lo:hi]
-        n = lengths[rows].astype(np.int64)
-        width = max(1, min(SORT_PREFIX, int(n.max())))
-        b = begins[rows]
-        keys = fixed_width(blob, b, b + np.minimum(n, width), width).view(f"S{width}").ravel()
-        by_key = np.argsort(keys, kind="stable")
-        rows, keys = rows[by_key], keys[by_key]
-        long = lengths[rows] > width
-        tie = (keys[1:] == keys[:-1]) & (long[1:] | long[:-1])
-        for start, stop in _runs(np.flatnonzero(tie)):  # tie i joins rows i and i+1: rows start..stop
-            rows[start:stop + 1] = sorted(rows[start:stop + 1].tolist(), key=name_of)
-        order[lo:hi] = rows
-        n = lengths[rows]
-        equal = (keys[1:] == keys[:-1]) & (n[1:] == n[:-1])
-        for i in np.flatnonzero(equal & (n[1:] > width)).tolist():
-            equal[i] = name_of(int(rows[i])) == name_of(int(rows[i + 1]))
-        same[lo + 1:hi] = equal
-
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        list(pool.map(sort_one, range(n_dirs)))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(sort_span, zip(edges[:-1], edges[1:])))
     return order, same, bounds
-
-
-def _runs(positions: np.ndarray) -> List[Tuple[int, int]]:
-    """(first, last + 1) of each run of consecutive tie positions (tie i joins rows i and i+1)."""
-    if len(positions) == 0:
-        return []
-    breaks = np.flatnonzero(np.diff(positions) > 1)
-    firsts = np.concatenate(([positions[0]], positions[breaks + 1]))
-    lasts = np.concatenate((positions[breaks], [positions[-1]]))
-    return [(int(a), int(b) + 1) for a, b in zip(firsts, lasts)]
 
 
 class _Conflicts:
@@ -418,6 +387,16 @@ def _hide_files_that_are_dirs(dirs: _Dirs, bounds: np.ndarray, name_at: Callable
     return warnings
 
 
+def _newest(mtime: np.ndarray, dirs: np.ndarray, times: np.ndarray) -> None:
+    """mtime[d] = max(mtime[d], the newest of ``times`` in folder d), where ``dirs`` is in
+    order (the sorted rows): one maximum per run of a folder, not np.maximum.at per row."""
+    if len(dirs) == 0:
+        return
+    starts = np.concatenate(([0], np.flatnonzero(dirs[1:] != dirs[:-1]) + 1))
+    folders = dirs[starts]
+    mtime[folders] = np.maximum(mtime[folders], np.maximum.reduceat(times, starts))
+
+
 def _dir_mtimes(mtime: np.ndarray, parent: List[int]) -> np.ndarray:
     """A folder's mtime is its newest file's, in the whole subtree (children have larger
     ids); ``mtime`` holds each folder's newest own file (the int64 minimum when none)."""
@@ -450,126 +429,20 @@ def fixed_width(blob: np.ndarray, begins: np.ndarray, ends: np.ndarray, width: i
     return out
 
 
-_WORD_MASKS = np.array([(1 << (8 * n)) - 1 for n in range(8)] + [(1 << 64) - 1], dtype=np.uint64)
+def _split_paths(blob: np.ndarray, begins: np.ndarray, ends: np.ndarray
+                 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each path blob[begin:end] split at its last '/': (where its own name starts, the
+    first row of each distinct directory part, the group of each row's directory part).
 
-
-def _unaligned_words(blob: np.ndarray) -> np.ndarray:
-    """A view of blob with one little-endian u64 starting at every byte (stride 1), so a
-    word at any offset is one element gather."""
-    return np.ndarray(shape=(max(len(blob) - 7, 0),), dtype="<u8", buffer=blob, strides=(1,))
-
-
-def _word(words: np.ndarray, begins: np.ndarray, lengths: np.ndarray, j: int) -> np.ndarray:
-    """Word ``j`` (bytes 8j..8j+7) of every segment, zero past its end."""
-    return words[begins + 8 * j] & _WORD_MASKS[np.clip(lengths - 8 * j, 0, 8)]
-
-
-def _longest_first(lengths: np.ndarray) -> Callable[[int], np.ndarray]:
-    """The rows long enough to have word j, as a function of j: word j of a segment is
-    touched only when the segment has it, so hashing costs O(total bytes), not rows x
-    the longest segment."""
-    by_length = np.argsort(-lengths, kind="stable")
-    negated = -lengths[by_length]
-
-    def having(j: int) -> np.ndarray:
-        return by_length[:int(np.searchsorted(negated, -8 * j, side="left"))]
-
-    return having
-
-
-def _group_dirs(blob: np.ndarray, begins: np.ndarray, lengths: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """(first row of each group, group of each row) for equal segments blob[begin:begin+length].
-
-    Segments are hashed word by word (C speed, no dense matrix), grouped by hash, and the
-    grouping is then checked word by word, exactly; a hash collision falls back to
-    grouping the segments' bytes in a dict.
+    In C without the GIL (one pass with a hash table, exact), so the next archive's parse
+    runs meanwhile; the directory part of row i is blob[begin:base - 1] (empty when base
+    == begin: no '/').
     """
-    if len(begins) == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    view = _unaligned_words(blob)
-    h = lengths.astype(np.uint64)
-    prime = np.uint64(0x100000001B3)
-
-    def hash_rows(rows: slice) -> None:
-        b, n, hashes = begins[rows], lengths[rows], h[rows]
-        having = _longest_first(n)
-        with np.errstate(over="ignore"):
-            for j in range(-(-int(n.max(initial=0)) // 8)):
-                live = having(j)
-                hashes[live] = (hashes[live] ^ _word(view, b[live], n[live], j)) * prime
-                hashes[live] ^= hashes[live] >> np.uint64(29)
-
-    for_chunks(len(begins), hash_rows)
-    first, group = _group_keys(h)
-
-    def grouped_right(rows: slice) -> bool:
-        b, n, g = begins[rows], lengths[rows], group[rows]
-        heads = first[g]
-        if not (n == lengths[heads]).all():
-            return False
-        having = _longest_first(n)
-        for j in range(-(-int(n.max(initial=0)) // 8)):
-            live = having(j)
-            if not (_word(view, b[live], n[live], j) == _word(view, begins[heads[live]], n[live], j)).all():
-                return False
-        return True
-
-    if all(for_chunks(len(begins), grouped_right)):
-        return first, group
-    seen: Dict[bytes, int] = {}
-    group = np.asarray([seen.setdefault(blob[b:b + n].tobytes(), len(seen))
-                        for b, n in zip(begins.tolist(), lengths.tolist())], dtype=np.int64)
-    first = np.empty(len(seen), dtype=np.int64)
-    first[group[::-1]] = np.arange(len(group))[::-1]
-    return first, group
-
-
-def _group_keys(keys: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """(a row of each distinct key, group of each row), fast when keys are few.
-
-    The distinct keys are found in a sample, then every row is placed with a binary
-    search; keys the sample missed are added and the search repeated.
-    """
-    distinct = np.unique(keys[::64])
-    while True:
-        group = np.minimum(np.searchsorted(distinct, keys), len(distinct) - 1)
-        missed = distinct[group] != keys
-        if not missed.any():
-            break
-        distinct = np.union1d(distinct, np.unique(keys[missed]))
-    first = np.empty(len(distinct), dtype=np.int64)
-    first[group] = np.arange(len(keys))
-    return first, group
-
-
-_SLASH_WINDOW = 32
-
-
-def _last_slash(blob: np.ndarray, begins: np.ndarray, ends: np.ndarray, window: int = _SLASH_WINDOW) -> np.ndarray:
-    """Blob position of each name's last '/', or -1 when it has none.
-
-    Looks at the last ``window`` bytes of every name at once; names whose slash lies
-    further back (a basename longer than the window) are searched one by one.
-    """
-    last = np.empty(len(begins), dtype=np.int64)
-    view = np.lib.stride_tricks.sliding_window_view(blob, window)
-    column = np.arange(window, dtype=np.int8)
-
-    def search(rows: slice) -> None:
-        b, e = begins[rows], ends[rows]
-        starts = np.maximum(e - window, 0)
-        # Window columns that belong to the name: [begin - start, end - start), in int8.
-        first = np.clip(b - starts, -1, window).astype(np.int8)
-        stop = (e - starts).astype(np.int8)
-        hit = (view[starts] == ord("/")) & (column >= first[:, None]) & (column < stop[:, None])
-        found = hit.any(axis=1)
-        last[rows] = np.where(found, starts + window - 1 - np.argmax(hit[:, ::-1], axis=1), -1)
-        for i in np.flatnonzero(~found & (e - b > window)).tolist():
-            at = bytes(blob[b[i]:e[i]]).rfind(b"/")
-            last[rows.start + i] = b[i] + at if at >= 0 else -1
-
-    for_chunks(len(begins), search)
-    return last
+    n = len(begins)
+    base, group, first = (np.empty(n, dtype=np.int64) for _ in range(3))
+    groups = _cdscan.split_dirs(blob, np.asarray(begins, dtype=np.int64), np.asarray(ends, dtype=np.int64),
+                                base, group, first)
+    return base, first[:groups], group
 
 
 class ViewsBuilder:

@@ -3,10 +3,12 @@
 Owns every byte layout of APPNOTE.TXT (6.3.x); knows nothing of FUSE, caching or the
 merged tree. Section numbers below refer to APPNOTE.TXT.
 
-The central directory of a 5 M-member archive is parsed with numpy over its raw bytes:
-record starts come from a vectorised signature scan checked as one chain, and every
-fixed field is gathered in bulk. Python touches single entries only for names that need
-cleaning (rare) and for archives where the scan finds a false signature (hostile names).
+The central directory of a 5 M-member archive is walked in C (``_cdscan``, without the
+GIL): each record's fixed fields, its name, and whether that name needs cleaning. When
+the walk declines (records that do not chain, a count that disagrees), the same walk in
+numpy (``scan_directory_numpy``: the reference a test holds the C walk to) names the
+fault. The rest is numpy over columns; Python touches single entries only for names that
+need cleaning (rare) and for archives where a signature scan finds a false signature.
 
 Not supported here: encryption of the central directory (4.4.4 bit 13), and archives
 whose records need more than 64 extra-field blocks per entry.
@@ -19,6 +21,7 @@ from typing import List, NamedTuple, Sequence, Tuple
 
 import numpy as np
 
+from . import _cdscan
 from .errors import ArchiveError, MemberError
 from .names import NAME_MAX, clean_name
 
@@ -180,10 +183,7 @@ def read_members(src: Source) -> Members:
     buf = np.frombuffer(src.pread(end.cd_size, end.cd_start), dtype=np.uint8)
     if len(buf) != end.cd_size:
         raise ArchiveError(src.name, "central directory is truncated")
-    starts = _record_starts(src.name, buf)
-    if len(starts) != end.entries:
-        raise ArchiveError(src.name, f"end record counts {end.entries} members, the directory holds {len(starts)}")
-    head = _gather(buf, starts, CENTRAL_DTYPE)
+    starts, head, raw, raw_ends, suspect = scan_directory(src.name, buf, end.entries)
     n = len(starts)
 
     sizes = head["uncompressed_size"].astype(np.uint64)
@@ -214,8 +214,7 @@ def read_members(src: Source) -> Members:
     table["name_length"] = head["name_length"]
     table["extra_room"] = room
 
-    raw, raw_ends = _gather_names(buf, starts, head["name_length"])
-    names, ends, keep, is_dir, warnings = _clean_names(src.name, raw, raw_ends, head["flags"])
+    names, ends, keep, is_dir, warnings = _clean_names(src.name, raw, raw_ends, suspect, head["flags"])
     impossible = keep & (sizes >= np.uint64(SIZE_LIMIT))
     if impossible.any():
         keep, names, ends, is_dir = _drop(keep, impossible, names, ends, is_dir)
@@ -264,6 +263,49 @@ def _drop(keep: np.ndarray, drop: np.ndarray, names: np.ndarray, ends: np.ndarra
     return keep & ~drop, names, np.cumsum(lengths[~gone]).astype(np.uint64), is_dir[~gone]
 
 
+class Scan(NamedTuple):
+    """The central directory walked: what read_members takes from each record."""
+
+    starts: np.ndarray       #: int64, where each record starts in the directory
+    head: np.ndarray         #: CENTRAL_DTYPE, each record's fixed fields
+    names: np.ndarray        #: uint8, the raw names end to end
+    name_ends: np.ndarray    #: uint64, raw name i is names[name_ends[i-1]:name_ends[i]]
+    suspect: np.ndarray      #: bool, names that need cleaning (see _suspect_names)
+
+
+def scan_directory(archive: str, buf: np.ndarray, entries: int) -> Scan:
+    """The ``entries`` records of the directory ``buf``, walked in C without the GIL (so a
+    parse thread overlaps the merge); scan_directory_numpy when the C walk declines.
+
+    The output arrays are bounded by the directory's size: ``entries`` records of 46
+    bytes must fit it (read_end_record checks it too).
+    """
+    if entries * CENTRAL_DTYPE.itemsize > len(buf):
+        return scan_directory_numpy(archive, buf, entries)
+    head = np.empty(entries, dtype=CENTRAL_DTYPE)
+    starts = np.empty(entries, dtype=np.int64)
+    names = np.empty(len(buf) - entries * CENTRAL_DTYPE.itemsize, dtype=np.uint8)
+    ends = np.empty(entries, dtype=np.uint64)
+    suspect = np.empty(entries, dtype=bool)
+    written = _cdscan.scan(buf, entries, NAME_MAX, head.view(np.uint8), starts, names, ends, suspect.view(np.uint8))
+    if written < 0:
+        return scan_directory_numpy(archive, buf, entries)
+    # Extra fields and comments leave room unused: keep it only while it is small.
+    names = names[:written] if 2 * written >= len(names) else names[:written].copy()
+    return Scan(starts, head, names, ends, suspect)
+
+
+def scan_directory_numpy(archive: str, buf: np.ndarray, entries: int) -> Scan:
+    """The same walk in numpy: the reference for the C walk, and what names the fault when
+    the records do not chain or their count disagrees with the end record."""
+    starts = _record_starts(archive, buf)
+    if len(starts) != entries:
+        raise ArchiveError(archive, f"end record counts {entries} members, the directory holds {len(starts)}")
+    head = _gather(buf, starts, CENTRAL_DTYPE)
+    names, ends = gather_segments(buf, starts + CENTRAL_DTYPE.itemsize, head["name_length"])
+    return Scan(starts, head, names, ends, _suspect_names(names, ends))
+
+
 def _record_starts(archive: str, buf: np.ndarray) -> np.ndarray:
     """Offsets of every central header, found by a bulk signature scan.
 
@@ -275,7 +317,7 @@ def _record_starts(archive: str, buf: np.ndarray) -> np.ndarray:
     if size == 0:
         return np.zeros(0, dtype=np.int64)
     hits = []
-    for align in range(4):
+    for align in range(min(4, size)):  # a directory of 1-3 bytes (with no entries) is possible
         words = np.frombuffer(buf, dtype="<u4", count=(size - align) // 4, offset=align)
         hits.append(np.flatnonzero(words == CENTRAL_SIG) * 4 + align)
     starts = np.sort(np.concatenate(hits)).astype(np.int64)
@@ -375,46 +417,32 @@ def _apply_zip64(archive: str, buf: np.ndarray, starts: np.ndarray, head: np.nda
         cursor[rows] += width
 
 
-def _gather_names(buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """All raw names as one byte blob plus end offsets."""
-    return gather_segments(buf, starts + CENTRAL_DTYPE.itemsize, lengths)
-
-
-def gather_segments(buf: np.ndarray, begins: np.ndarray, lengths: np.ndarray,
-                    chunk: int = 1 << 20) -> Tuple[np.ndarray, np.ndarray]:
+def gather_segments(buf: np.ndarray, begins: np.ndarray, lengths: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """The segments buf[begin:begin+length] end to end, plus their end offsets (uint64).
 
-    A gather over byte positions, about ``chunk`` bytes at a time: O(total bytes), so one
-    very long name costs its own length, not a row that wide for every member.
+    One memcpy a segment, in C without the GIL (every segment is bounded by ``buf`` first):
+    O(total bytes), so one very long name costs its own length, not a row that wide for
+    every member.
     """
     lengths = np.asarray(lengths, dtype=np.int64)
-    begins = np.asarray(begins, dtype=np.int64)
     ends = np.cumsum(lengths)
     out = np.empty(int(ends[-1]) if len(ends) else 0, dtype=np.uint8)
-    lo = 0
-    while lo < len(lengths):
-        first = int(ends[lo - 1]) if lo else 0
-        hi = max(lo + 1, int(np.searchsorted(ends, first + chunk, side="right")))
-        out_begins = np.concatenate(([first], ends[lo:hi - 1]))
-        positions = np.repeat(begins[lo:hi] - out_begins, lengths[lo:hi]) + np.arange(first, int(ends[hi - 1]))
-        out[first:int(ends[hi - 1])] = buf[positions]
-        lo = hi
+    _cdscan.gather(buf, np.asarray(begins, dtype=np.int64), lengths, out)
     return out, ends.astype(np.uint64)
 
 
-def _clean_names(archive: str, raw: np.ndarray, ends: np.ndarray, flags: np.ndarray
-                 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, List[str]]:
-    """Keep plain names as they are and send the rest through names.clean_name.
+def _suspect_names(raw: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Which names need cleaning (names.clean_name); the rest are kept as they are.
 
-    A name is plain when it is printable ASCII without a backslash, does not start with
-    '/' or '.', has no '/' followed by '/' or '.', and is at most NAME_MAX bytes long.
-    Everything else is rare.
+    A name is plain when it is not empty, printable ASCII without a backslash, does not
+    start with '/' or '.', does not end with '/', has no '/' followed by '/' or '.', and
+    is at most NAME_MAX bytes long. Everything else is rare. (_cdscan.c's
+    needs_cleaning says the same in C; a test holds the two to one answer.)
     """
     n = len(ends)
     ends = ends.astype(np.int64)
     begins = np.concatenate(([0], ends[:-1])).astype(np.int64)
-    data = raw.tobytes()
-    bad_at = _odd_positions(raw, data)
+    bad_at = _odd_positions(raw, raw.tobytes())
     suspect = np.zeros(n, dtype=bool)
     if len(bad_at):
         suspect[np.searchsorted(ends, bad_at, side="right")] = True
@@ -423,10 +451,20 @@ def _clean_names(archive: str, raw: np.ndarray, ends: np.ndarray, flags: np.ndar
     last = raw[np.maximum(ends - 1, 0)] if len(raw) else np.zeros(n, np.uint8)
     suspect |= ~nonempty | (first == ord("/")) | (first == ord(".")) | (last == ord("/"))
     suspect |= (ends - begins) > NAME_MAX  # a component may be too long
+    return suspect
+
+
+def _clean_names(archive: str, raw: np.ndarray, ends: np.ndarray, suspect: np.ndarray, flags: np.ndarray
+                 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, List[str]]:
+    """Keep plain names as they are and send the ``suspect`` ones through names.clean_name."""
+    n = len(ends)
     is_dir = np.zeros(n, dtype=bool)
     if not suspect.any():
-        return raw, ends.astype(np.uint64), np.ones(n, dtype=bool), is_dir, []
+        return raw, ends, np.ones(n, dtype=bool), is_dir, []
 
+    ends = ends.astype(np.int64)
+    begins = np.concatenate(([0], ends[:-1])).astype(np.int64)
+    data = raw.tobytes()
     keep = np.ones(n, dtype=bool)
     lengths = ends - begins
     warnings: List[str] = []

@@ -204,6 +204,8 @@ BROKEN: Dict[str, Callable[[bytes], bytes]] = {
     "directory-size-past-end": lambda data: _patch_end_record(data, cd_size=len(data) * 2),
     "count-mismatch": lambda data: _patch_end_record(data, entries=_entries(data) + 1,
                                                      disk_entries=_entries(data) + 1),
+    "no-members-in-a-2-byte-directory": lambda data: _patch_end_record(
+        data, entries=0, disk_entries=0, cd_size=2, cd_offset=_end_record_at(data) - 2),
 }
 
 
