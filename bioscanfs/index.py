@@ -7,7 +7,6 @@ Owns when an index is built, reused or rebuilt; the tree's layout and lookups li
 from __future__ import annotations
 
 import glob
-import io
 import itertools
 import json
 import logging
@@ -23,7 +22,7 @@ from . import store, views, zipdir
 from .errors import ArchiveError
 from .layout import METADATA_CSV, METADATA_ZIP
 from .merge import Builder, ViewsBuilder, summarise
-from .reader import MemberFile, Reader
+from .reader import Reader
 from .sources import FileSource
 from .tree import LAZY_COLUMNS, UNIT_ROWS, Tree, check, check_archive_count
 
@@ -159,7 +158,7 @@ def _with_views(images: Tree, kept: List[FileSource], ranks: Sequence[str], inde
         member = images.member(row)
         where = f"{kept[member.archive].name}: {METADATA_CSV}"
         reader = Reader(kept)
-        plan = views.plan(images, lambda: io.BufferedReader(MemberFile(reader, member, METADATA_CSV), 1 << 20),
+        plan = views.plan(images, lambda: views.piped(lambda sink: reader.copy_to(member, METADATA_CSV, sink)),
                           ranks, where, member.mtime)
     elif row is not None:
         log.warning("no views/: the archives hold a views folder or file of their own")

@@ -22,6 +22,7 @@ from conftest import (
     MountFactory,
     copy_archives,
     data_offset,
+    edit_headers,
     expected_tree,
     flip_byte,
     load_script,
@@ -36,9 +37,11 @@ from bioscanfs import Collection, mount_helper, nativefs
 from bioscanfs.cli import main as cli_main
 from bioscanfs.index import load_tree
 from bioscanfs.layout import CSV_COLUMNS, IMGTYPES, METADATA_CSV, METADATA_ZIP, chunk_of, image_path
+from bioscanfs.reader import Reader
 from bioscanfs.sources import open_sources
 from bioscanfs.tree import BadTables, check
-from bioscanfs.views import RANKS, label_name, label_of, parse_ranks
+from bioscanfs.views import RANKS, label_name, label_of, parse_ranks, piped
+from bioscanfs.zipdir import Member, read_members
 
 #: Labels given out in turn, rank by rank ("" leaves a row out of that rank's view).
 POOL = ["Diptera", "Aphis gossypii", "a/b", "Ürümqi ñandú", " spaced ", ".", "..", "50%", "x" * 300,
@@ -59,9 +62,9 @@ def _row(pid: str, split: str, labels: Dict[str, str]) -> List[str]:
 _SPLITS = {"pretrain", "train", "val", "test", "val_unseen", "test_unseen", "key_unseen", "other_heldout"}
 
 
-def write_csv(folder: Path, text: str) -> None:
-    """Replace the metadata zip with one holding this CSV, stored (tests flip its bytes)."""
-    with zipfile.ZipFile(folder / METADATA_ZIP, "w") as zf:
+def write_csv(folder: Path, text: str, method: int = zipfile.ZIP_STORED) -> None:
+    """Replace the metadata zip with one holding this CSV, stored by default (tests flip its bytes)."""
+    with zipfile.ZipFile(folder / METADATA_ZIP, "w", method) as zf:
         zf.writestr(METADATA_CSV, text)
 
 
@@ -203,9 +206,18 @@ def test_views_option_picks_the_ranks(ranks: str, shown: List[str], views_set, m
 
 
 def _broken(folder: Path, how: str) -> None:
-    """Make the metadata CSV unusable: a missing column, broken quoting, or a CRC that fails."""
+    """Make the metadata CSV unusable: a missing column, broken quoting, or a CRC that fails
+    (stored: a flipped byte; deflated, which is inflated in one pass: a flipped byte, or a
+    declared CRC that is not the bytes')."""
     csv_text = zipfile.ZipFile(folder / METADATA_ZIP).read(METADATA_CSV).decode()
-    if how == "missing-column":
+    if how.startswith("deflated"):
+        write_csv(folder, csv_text, zipfile.ZIP_DEFLATED)
+        info = zipfile.ZipFile(folder / METADATA_ZIP).getinfo(METADATA_CSV)
+        if how == "deflated-crc":
+            edit_headers(folder / METADATA_ZIP, METADATA_CSV, crc32=info.CRC ^ 1)
+        else:
+            flip_byte(folder / METADATA_ZIP, data_offset(folder / METADATA_ZIP, info) + info.compress_size // 2, 0x01)
+    elif how == "missing-column":
         write_csv(folder, csv_text.replace("species,", "speciez,", 1))
     elif how == "broken-quoting":
         lines = csv_text.splitlines(keepends=True)
@@ -216,7 +228,7 @@ def _broken(folder: Path, how: str) -> None:
         flip_byte(folder / METADATA_ZIP, at, 0x01)
 
 
-@pytest.mark.parametrize("how", ["missing-column", "broken-quoting", "crc"])
+@pytest.mark.parametrize("how", ["missing-column", "broken-quoting", "crc", "deflated-flip", "deflated-crc"])
 def test_unusable_csv_no_views_one_warning(how: str, views_set, mount: MountFactory, tmp_path: Path) -> None:
     folder = copy_archives(views_set[0], tmp_path / "set")
     _broken(folder, how)
@@ -436,3 +448,28 @@ def test_a_rank_with_no_label_has_an_empty_classes_txt(views_set, tmp_path: Path
             assert c.listdir(f"views/species/{imgtype}") == ["classes.txt"]
             assert c.read(f"views/species/{imgtype}/classes.txt") == b""
             assert c.read(f"views/order/{imgtype}/classes.txt") == b"Diptera\n"
+
+
+def test_a_deflated_csv_gives_the_same_views(views_set, mount: MountFactory, tmp_path: Path) -> None:
+    """A deflated CSV is inflated in one pass on a thread of its own (``Reader.copy_to``,
+    ``views.piped``): the views are those of the stored one."""
+    folder = copy_archives(views_set[0], tmp_path / "set")
+    write_csv(folder, zipfile.ZipFile(folder / METADATA_ZIP).read(METADATA_CSV).decode(), zipfile.ZIP_DEFLATED)
+    live = mount(folder, args=["--views", "all"])
+    assert view_files(live.point) == set(expected_views(views_set[1], views_set[2]))
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_DEFLATED, zipfile.ZIP_STORED])
+def test_copy_to_through_a_pipe_gives_the_member(method: int, tmp_path: Path) -> None:
+    """A member of many inflate pieces (40 MiB: streamed when stored) read whole through
+    ``views.piped``, as the CSV reader takes it, equals zipfile's bytes."""
+    rng = np.random.default_rng(5)
+    data = rng.integers(0, 16, 40 << 20, dtype=np.uint8).tobytes()
+    archive = tmp_path / "a.zip"
+    with zipfile.ZipFile(archive, "w", method) as zf:
+        zf.writestr("m.csv", data)
+    sources = open_sources([([str(archive)], False)])
+    reader = Reader(sources)
+    member = Member._make(read_members(sources[0]).table[0].item())
+    with piped(lambda sink: reader.copy_to(member, "m.csv", sink)) as stream:
+        assert stream.read() == zipfile.ZipFile(archive).read("m.csv")
