@@ -473,3 +473,23 @@ def test_copy_to_through_a_pipe_gives_the_member(method: int, tmp_path: Path) ->
     member = Member._make(read_members(sources[0]).table[0].item())
     with piped(lambda sink: reader.copy_to(member, "m.csv", sink)) as stream:
         assert stream.read() == zipfile.ZipFile(archive).read("m.csv")
+
+
+def test_a_csv_piped_in_small_writes_parses_whole() -> None:
+    """pyarrow's CSV reader takes a file's reads as its blocks: the pipe's reads must be
+    whole (a raw pipe gives what is there, and a row across two short reads is refused)."""
+    from bioscanfs.views import NEEDED_COLUMNS, read_csv
+
+    rows = 20_000
+    text = ",".join(NEEDED_COLUMNS) + "\n" + "".join(
+        f"P{i},{'x' * 300},f,s,g,sp,BOLD:{i},train,{i % 100:02d}\n" for i in range(rows))
+    data = text.encode()
+
+    def produce(sink) -> None:
+        for at in range(0, len(data), 64):
+            sink(data[at:at + 64])
+
+    with piped(produce) as stream:
+        table = read_csv(stream)
+    assert table.num_rows == rows
+    assert table.column("processid")[rows - 1].as_py() == f"P{rows - 1}".encode()
