@@ -352,7 +352,7 @@ def _check_end(src: Source, member: Member, label: str, decoder: Any, produced: 
 def inflate_to(src: Source, member: Member, label: str, sink: Callable[[bytes], None]) -> None:
     """A deflated member's bytes to ``sink`` in order, in pieces of at most INPUT_PIECE: one
     pass, none of the seek points, cursors and caches of ``DeflateStream``, for a reader
-    that takes a large member once from start to end (the views' CSV, 5x the speed).
+    that takes a large member once from start to end (the views' CSV: docs/views.md).
     Checked as a member decoded whole (sizes, stream end, CRC-32), except that ``sink``
     has had the bytes before the fault when MemberError is raised: whoever reads them
     must wait for this to return."""

@@ -176,7 +176,7 @@ def piped(produce: Callable[[Callable[[bytes], None]], None]) -> Iterator[Binary
 
     Why: the CSV member inflates on that thread (zlib-ng releases the GIL) while pyarrow
     parses on its own threads; a Python file that inflated in ``read`` would inflate only
-    while pyarrow waits, at a third of the speed (docs/views.md). ``produce``'s error is
+    while pyarrow waits, at about half the speed (docs/views.md). ``produce``'s error is
     raised when the block ends, over the block's own: the reader saw an early end of file
     and may have parsed a cut CSV. Leaving the block early closes the pipe, which stops
     ``produce`` (its write fails).
