@@ -157,17 +157,19 @@ class _Progress:
 
 
 def _engine(name: Optional[str]) -> Callable[..., None]:
-    """The serve function of the chosen engine: native unless asked otherwise or not built."""
-    from . import fs, nativefs
+    """The serve function of the chosen engine: native unless asked otherwise or not built.
+    Each engine's module is imported only when it serves (mfusepy is not needed by C)."""
+    from . import nativefs
 
-    if name == "python":
-        return fs.serve
-    if nativefs.available():
+    if name != "python" and nativefs.available():
         return nativefs.serve
     if name == "native":
         raise click.ClickException(f"the native engine {nativefs.unavailable_reason()}")
-    click.echo(f"warning: serving with mfusepy, slower per request: the native engine "
-               f"{nativefs.unavailable_reason()}", err=True)
+    if name is None:
+        click.echo(f"warning: serving with mfusepy, slower per request: the native engine "
+                   f"{nativefs.unavailable_reason()}", err=True)
+    from . import fs
+
     return fs.serve
 
 
