@@ -102,6 +102,14 @@ def prebuild_index(sources: Sequence[Path], index_dir: Path) -> None:
     _PREBUILT[tuple(sources)] = index_dir
 
 
+def fresh_index(sources: Sequence[Path], index_dir: Path) -> Path:
+    """``index_dir``, new, holding a copy of the prebuilt index of ``sources`` if there is
+    one (for CLI runs whose subject is not the build; see ``_PREBUILT``)."""
+    if tuple(sources) in _PREBUILT:
+        shutil.copytree(_PREBUILT[tuple(sources)], index_dir)
+    return index_dir
+
+
 # -- zipfile as the reference --------------------------------------------------------------
 @dataclass(frozen=True)
 class Member:
@@ -457,10 +465,7 @@ def _start(sources: Sequence[Path], workdir: Path, args: Sequence[str], index_di
            daemon: bool, engine: str) -> Mount:
     point = workdir / "mnt"
     point.mkdir(parents=True)
-    if index_dir is None:
-        index_dir = workdir / "index"
-        if tuple(sources) in _PREBUILT:
-            shutil.copytree(_PREBUILT[tuple(sources)], index_dir)
+    index_dir = index_dir or fresh_index(sources, workdir / "index")
     # Views (tests/test_views.py) only where a test asks for them: the other tests check
     # the archives' own tree, which views/ would add to.
     views = [] if any(str(arg).startswith("--views") for arg in args) else ["--views", "none"]
