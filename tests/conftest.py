@@ -95,10 +95,11 @@ def fake_set(tmp_path_factory: pytest.TempPathFactory, make_fake: ModuleType) ->
 _PREBUILT: Dict[Tuple[Path, ...], Path] = {}
 
 
-def prebuild_index(sources: Sequence[Path], index_dir: Path) -> None:
-    """Build the index of ``sources`` that a default test mount makes (``--views none``)
-    in ``index_dir``, and offer copies of it to later mounts of the same sources."""
-    Collection(*map(str, sources), index_dir=str(index_dir), views=()).close()
+def prebuild_index(sources: Sequence[Path], index_dir: Path, views: Sequence[str] = ()) -> None:
+    """Build the index of ``sources`` that a test mount with these ``views`` makes (the
+    default: ``--views none``) in ``index_dir``, and offer copies of it to later mounts of
+    the same sources. Called again with other views, the folder holds one tree for each."""
+    Collection(*map(str, sources), index_dir=str(index_dir), views=tuple(views)).close()
     _PREBUILT[tuple(sources)] = index_dir
 
 

@@ -25,6 +25,7 @@ from conftest import (
     expected_tree,
     flip_byte,
     load_script,
+    prebuild_index,
     walk_mount,
     zip_contents,
     zip_members,
@@ -85,10 +86,15 @@ def write_metadata(folder: Path, splits: Dict[str, str]) -> Labels:
 
 @pytest.fixture(scope="module")
 def views_set(tmp_path_factory: pytest.TempPathFactory, make_fake: ModuleType) -> Tuple[Path, Dict[str, str], Labels]:
-    """All four imgtypes and a metadata zip of our own: (folder, processid -> split, labels)."""
+    """All four imgtypes and a metadata zip of our own: (folder, processid -> split, labels),
+    indexed once for the views the tests below mount it with (a mount with others builds)."""
     folder = tmp_path_factory.mktemp("views_set")
     summary = make_fake.make_set(folder, images=64, deflate_fraction=0.4, seed=3)
-    return folder, summary["splits"], write_metadata(folder, summary["splits"])
+    labels = write_metadata(folder, summary["splits"])
+    index_dir = tmp_path_factory.mktemp("views_index")
+    for ranks in ("all", "species", "order+species", "dna_bin,genus", "none"):
+        prebuild_index([folder], index_dir, parse_ranks(ranks))
+    return folder, summary["splits"], labels
 
 
 def expected_views(splits: Dict[str, str], labels: Labels, ranks=RANKS) -> Dict[str, str]:
