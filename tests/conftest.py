@@ -510,7 +510,7 @@ def _cleanup(mount: Mount) -> None:
     force_unmount(mount.point)
     if mount.proc is not None and mount.proc.poll() is None:
         mount.proc.kill()
-        mount.proc.wait()
+        mount.proc.wait(timeout=EXIT_TIMEOUT)   # liveness: see test_umount_clears_a_stale_mount
     elif mount.proc is None and mount.pid and _alive(mount.pid):
         os.kill(mount.pid, 9)
 

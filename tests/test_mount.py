@@ -310,7 +310,9 @@ def test_umount_clears_a_stale_mount(mount: MountFactory, fake_set: Path) -> Non
     live = mount(fake_set)
     assert live.proc is not None
     live.proc.kill()
-    live.proc.wait()
+    # Bounded: a server killed while a thread of its own waits on its mount (the readahead
+    # thread's statvfs) cannot be reaped; the test fails instead of hanging the suite.
+    live.proc.wait(timeout=EXIT_TIMEOUT)
     live.expected_exit = -signal.SIGKILL
     with pytest.raises(OSError) as err:
         os.stat(live.point)
