@@ -158,18 +158,19 @@ class _Progress:
 
 def _engine(name: Optional[str]) -> Callable[..., None]:
     """The serve function of the chosen engine: native unless asked otherwise or not built.
-    ``fs`` is imported only to serve with it: importing mfusepy runs ``ldconfig -p`` to find
-    libfuse, 30-60 ms of every mount."""
+    Each engine's module is imported only when it serves (mfusepy is not needed by C;
+    importing it runs ``ldconfig -p`` to find libfuse, 30-60 ms of every mount)."""
     from . import nativefs
 
     if name != "python" and nativefs.available():
         return nativefs.serve
     if name == "native":
         raise click.ClickException(f"the native engine {nativefs.unavailable_reason()}")
-    if name != "python":
+    if name is None:
         click.echo(f"warning: serving with mfusepy, slower per request: the native engine "
                    f"{nativefs.unavailable_reason()}", err=True)
     from . import fs
+
     return fs.serve
 
 

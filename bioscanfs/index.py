@@ -14,17 +14,32 @@ import os
 import tempfile
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, BinaryIO, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    BinaryIO,
+    Callable,
+    Dict,
+    Iterator,
+    List,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 
 import numpy as np
 
 from . import store, views, zipdir
 from .errors import ArchiveError
 from .layout import METADATA_CSV, METADATA_ZIP
-from .merge import Builder, ViewsBuilder, summarise
 from .reader import Reader
 from .sources import FileSource
 from .tree import LAZY_COLUMNS, UNIT_ROWS, Tree, check, check_archive_count
+
+if TYPE_CHECKING:
+    from .merge import Builder
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +162,8 @@ def _with_views(images: Tree, kept: List[FileSource], ranks: Sequence[str], inde
     the metadata CSV is not there, cannot be read, or a ``views`` folder is already in the
     archives (the same tree with no links, saved as well: a remount does not try again).
     The image tree itself when pyarrow is missing (views come once it is installed)."""
+    from .merge import ViewsBuilder
+
     images.verify_all()   # the views are built from whole columns
     row = views.csv_member(images)
     why = views.available()
@@ -236,7 +253,10 @@ def _build(sources: Sequence[FileSource], index_dir: Optional[str], path: Option
            earlier: Optional[_Earlier] = None) -> Tuple[Tree, List[FileSource]]:
     """Parse the archives (those unchanged since ``earlier`` are taken from it), merge
     them and write the tree to ``path`` (or keep it in memory); the member rows wait in
-    an unlinked spill file meanwhile (see ``merge``)."""
+    an unlinked spill file meanwhile (see ``merge``). ``merge`` is imported here: a
+    remount only maps a tree, and starts sooner without it."""
+    from .merge import Builder
+
     spill = _Spill(index_dir)
     try:
         builder = Builder(spill)
@@ -397,6 +417,8 @@ def _read_members(src: FileSource) -> zipdir.Members:
     """One archive's parsed central directory. Its warnings are summarised before they are
     logged or saved: an archive of 200,000 bad names gives 11 lines, and the index header
     stays small enough to be read back."""
+    from .merge import summarise
+
     members = zipdir.read_members(src)
     members = members._replace(warnings=summarise(
         members.warnings, lambda rest: f"{src.name}: {rest:,} more members whose names were skipped or changed"))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import importlib.util
 import io
 import logging
 import os
@@ -29,7 +30,6 @@ import numpy as np
 
 from .errors import BioscanError, NotFound
 from .layout import IMAGES_ROOT, METADATA_CSV, SPLIT_CHUNK_CHARS
-from .merge import fixed_width
 from .names import NAME_MAX
 from .tree import Tree
 from .zipdir import Members
@@ -121,11 +121,10 @@ def label_of(name: bytes) -> bytes:
 
 
 def available() -> Optional[str]:
-    """None when views can be built here, else why not (pyarrow is missing)."""
-    try:
-        import pyarrow.compute  # noqa: F401
-        import pyarrow.csv  # noqa: F401
-    except ImportError:
+    """None when views can be built here, else why not (pyarrow is missing). Looked up,
+    not imported: every read command asks (cli) to find the index a mount made, and
+    importing pyarrow costs 0.3-0.4 s that only a build needs."""
+    if importlib.util.find_spec("pyarrow") is None:
         return "pyarrow is not installed (pip install 'bioscanfs[views]')"
     return None
 
@@ -310,6 +309,8 @@ def _name_order(names: Any) -> np.ndarray:
     (2.9x pyarrow's sort_indices on 5 M names); longer ones by pyarrow."""
     import pyarrow as pa
     import pyarrow.compute as pc
+
+    from .merge import fixed_width  # build only: a remount starts sooner without merge
 
     names = names.cast(pa.large_binary())
     names = names.combine_chunks() if isinstance(names, pa.ChunkedArray) else names

@@ -28,6 +28,7 @@ from conftest import (
     expected_tree,
     force_unmount,
     is_mounted,
+    prebuild_index,
     run_cli,
     walk_mount,
     zip_members,
@@ -143,8 +144,12 @@ def test_skip_bad_mounts_the_archives_the_limit_allows(mount: MountFactory, many
 
 @pytest.fixture(scope="module")
 def past_select(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """More archives than select() can watch descriptors (FD_SETSIZE is 1024)."""
-    return small_zips(tmp_path_factory.mktemp("past_select"), 1100)
+    """More archives than select() can watch descriptors (FD_SETSIZE is 1024), indexed
+    once for both engines' mounts (the subject is the daemon's pipe, not the build)."""
+    folder = small_zips(tmp_path_factory.mktemp("past_select"), 1100)
+    with file_limit(4096):
+        prebuild_index([folder], tmp_path_factory.mktemp("past_select_index"))
+    return folder
 
 
 def test_daemon_mount_of_more_archives_than_select_watches(mount: MountFactory, past_select: Path) -> None:

@@ -33,6 +33,7 @@ from conftest import (
     data_offset,
     expected_tree,
     flip_byte,
+    fresh_index,
     is_mounted,
     largest_image,
     read_windows,
@@ -309,7 +310,9 @@ def test_umount_clears_a_stale_mount(mount: MountFactory, fake_set: Path) -> Non
     live = mount(fake_set)
     assert live.proc is not None
     live.proc.kill()
-    live.proc.wait()
+    # Bounded: a server killed while a thread of its own waits on its mount (the readahead
+    # thread's statvfs) cannot be reaped; the test fails instead of hanging the suite.
+    live.proc.wait(timeout=EXIT_TIMEOUT)
     live.expected_exit = -signal.SIGKILL
     with pytest.raises(OSError) as err:
         os.stat(live.point)
@@ -362,7 +365,8 @@ def test_bad_fuse_option_is_one_line(mode: List[str], fake_set: Path, tmp_path: 
                                      engine: str) -> None:
     """An -o option libfuse does not know: non-zero exit, one 'Error:' line naming the option, no
     traceback, nothing mounted (the mountpoint fixture fails the test if anything is)."""
-    done = run_cli("mount", fake_set, mountpoint, "--index-dir", tmp_path / "index", "--engine", engine,
+    index_dir = fresh_index([fake_set], tmp_path / "index")   # the subject is the option, not the build
+    done = run_cli("mount", fake_set, mountpoint, "--index-dir", index_dir, "--engine", engine,
                    "-o", "no_such_option", *mode)
     assert_one_error_line(done, "no_such_option")
     assert not is_mounted(mountpoint)

@@ -276,6 +276,7 @@ def test_a_flipped_bit_anywhere_is_found_and_never_served(column: str, good_inde
         assert path.stat().st_ino != before   # rebuilt before serving
 
 
+@pytest.mark.no_c
 @pytest.mark.parametrize("command", ["verify", "info"])
 def test_commands_that_read_every_row_rebuild_a_damaged_index_first(command: str, good_index, small_set: Path,
                                                                      tmp_path: Path) -> None:

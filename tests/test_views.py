@@ -26,6 +26,7 @@ from conftest import (
     expected_tree,
     flip_byte,
     load_script,
+    prebuild_index,
     walk_mount,
     zip_contents,
     zip_members,
@@ -88,10 +89,15 @@ def write_metadata(folder: Path, splits: Dict[str, str]) -> Labels:
 
 @pytest.fixture(scope="module")
 def views_set(tmp_path_factory: pytest.TempPathFactory, make_fake: ModuleType) -> Tuple[Path, Dict[str, str], Labels]:
-    """All four imgtypes and a metadata zip of our own: (folder, processid -> split, labels)."""
+    """All four imgtypes and a metadata zip of our own: (folder, processid -> split, labels),
+    indexed once for the views the tests below mount it with (a mount with others builds)."""
     folder = tmp_path_factory.mktemp("views_set")
     summary = make_fake.make_set(folder, images=64, deflate_fraction=0.4, seed=3)
-    return folder, summary["splits"], write_metadata(folder, summary["splits"])
+    labels = write_metadata(folder, summary["splits"])
+    index_dir = tmp_path_factory.mktemp("views_index")
+    for ranks in ("all", "species", "order+species", "dna_bin,genus", "none"):
+        prebuild_index([folder], index_dir, parse_ranks(ranks))
+    return folder, summary["splits"], labels
 
 
 def expected_views(splits: Dict[str, str], labels: Labels, ranks=RANKS) -> Dict[str, str]:
@@ -256,6 +262,7 @@ def test_remount_reads_no_csv(views_set, tmp_path: Path, mount: MountFactory) ->
     assert len(os.listdir(live.path("views"))) == len(RANKS)
 
 
+@pytest.mark.no_c
 @pytest.mark.parametrize("label, name", [
     ("Diptera", "Diptera"), ("Aphis gossypii", "Aphis gossypii"), ("a/b", "a%2Fb"), ("50%", "50%25"),
     (" spaced ", "%20spaced%20"), (".", "%2E"), ("..", "%2E%2E"), ("...", "..."), ("a\nb\rc\0", "a%0Ab%0Dc%00"),
@@ -265,6 +272,7 @@ def test_label_names(label: str, name: str) -> None:
     assert label_of(name.encode()) == label.encode()
 
 
+@pytest.mark.no_c
 def test_long_labels_are_cut_distinctly() -> None:
     first, second = ("é" * 200 + "a").encode(), ("é" * 200 + "b").encode()
     names = {label_name(first), label_name(second)}
@@ -273,6 +281,7 @@ def test_long_labels_are_cut_distinctly() -> None:
     assert label_of(label_name(first)).decode() == "é" * 118
 
 
+@pytest.mark.no_c
 def test_ranks_option() -> None:
     assert parse_ranks("all") == RANKS and parse_ranks("none") == ()
     assert parse_ranks("species,order") == parse_ranks("order+species") == ("order", "species")
@@ -280,6 +289,7 @@ def test_ranks_option() -> None:
         parse_ranks("order,kingdom")
 
 
+@pytest.mark.no_c
 def test_views_as_a_mount_option(tmp_path: Path) -> None:
     """``-o views=order+species`` (fstab, mount -t) becomes --views: ',' separates options there."""
     where = [str(tmp_path), str(tmp_path)]
@@ -295,6 +305,7 @@ def views_index(views_set, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         yield c
 
 
+@pytest.mark.no_c
 def test_collection_offers_the_views(views_set, views_index: Collection) -> None:
     folder, splits, labels = views_set
     expected = expected_views(splits, labels)
@@ -391,6 +402,7 @@ def _load(zips: List[Path], index_dir: Optional[Path]):
             src.close()
 
 
+@pytest.mark.no_c
 def test_reindex_of_one_changed_archive_keeps_the_views(tmp_path: Path, bench_scale: ModuleType,
                                                          caplog: pytest.LogCaptureFixture) -> None:
     """With views, one changed image archive is the only one parsed again (the others' rows
@@ -411,6 +423,7 @@ def test_reindex_of_one_changed_archive_keeps_the_views(tmp_path: Path, bench_sc
     assert_same_tree(tree, _load(zips, None))
 
 
+@pytest.mark.no_c
 def test_name_order_is_byte_order() -> None:
     """The numpy word sort of file names orders them as bytes, stably (ties keep row order)."""
     import pyarrow as pa
@@ -432,6 +445,7 @@ def test_a_views_folder_in_the_archives_wins(views_set, mount: MountFactory, tmp
     assert live.path("views/readme.txt").read_bytes() == b"theirs\n"
 
 
+@pytest.mark.no_c
 def test_a_rank_with_no_label_has_an_empty_classes_txt(views_set, tmp_path: Path) -> None:
     """A rank no row labels (species, often, in a small set): its view folders hold only an
     empty classes.txt; the other ranks are as ever (the build used to fail on it)."""
