@@ -264,7 +264,7 @@ def mount(sources, mountpoint, foreground, options, cache_size, log_file, verbos
     Returns once the tree can be read; the filesystem keeps running in the background
     until `bioscanfs umount MOUNTPOINT`.
     """
-    from .serving import mount_options, widen_readahead
+    from .serving import mount_options, widen_readahead, widen_readahead_soon
 
     serve = _engine(engine)
     mountpoint = os.path.realpath(mountpoint)
@@ -298,18 +298,19 @@ def mount(sources, mountpoint, foreground, options, cache_size, log_file, verbos
     fuse_options = mount_options(list(options), mount_helper.source_name(sources))
 
     def announce() -> None:
-        widen_readahead(mountpoint)
         log.info("mounted %d files from %d archives at %s", len(collection.tree.files),
                  len(collection.sources), mountpoint)
 
     _tune_heap()
     if foreground:
         _setup_logging(verbose, log_file)
-        serve(collection, mountpoint, fuse_options, on_ready=announce, threads=not single_threaded)
+        serve(collection, mountpoint, fuse_options, on_ready=lambda: (widen_readahead_soon(mountpoint), announce()),
+              threads=not single_threaded)
         return
     _daemonize(lambda ready: serve(collection, mountpoint, fuse_options, threads=not single_threaded,
                                    on_ready=lambda: (announce(), ready())),
                verbose, log_file)
+    widen_readahead(mountpoint)   # from this process, not the server's (see serving)
     click.echo(f"mounted {len(collection.tree.files)} files from {len(collection.sources)} archives at {mountpoint}")
     click.echo(f"log: {log_file}; unmount with: bioscanfs umount {mountpoint}")
     _leave_now()

@@ -81,13 +81,12 @@ def widen_readahead(mountpoint: str) -> None:
     may (as root); otherwise the kernel's default stays, and the log says so at debug level.
     Each FUSE mount has a backing device of its own, so no other filesystem is touched.
 
-    Called from the engines' init callback, it does its work on a thread of its own once
-    the kernel has taken the INIT reply, which sets the readahead to at most the kernel's
-    default (a statvfs of the mount waits for that)."""
-    threading.Thread(target=_widen_readahead, args=(mountpoint,), name="bioscanfs-readahead", daemon=True).start()
-
-
-def _widen_readahead(mountpoint: str) -> None:
+    Its statvfs of the mount first waits until the kernel has taken the server's INIT
+    reply, which sets the readahead to at most the kernel's default. So call it from
+    another process than the server (the daemon's parent): a server thread waiting on its
+    own mount cannot be killed cleanly (after SIGKILL it waits for a reply no one will
+    send, and the process is never reaped). A foreground server has no other process:
+    ``widen_readahead_soon``."""
     try:
         os.statvfs(mountpoint)
         mounts = mounts_at(mountpoint)
@@ -97,3 +96,9 @@ def _widen_readahead(mountpoint: str) -> None:
                 f.write(f"{READAHEAD_KB}\n")
     except OSError as err:
         log.debug("readahead stays the kernel's: %s", err)
+
+
+def widen_readahead_soon(mountpoint: str) -> None:
+    """``widen_readahead`` on a thread of its own, for a server in the foreground: called
+    from its init callback, which must return before the INIT reply goes out."""
+    threading.Thread(target=widen_readahead, args=(mountpoint,), name="bioscanfs-readahead", daemon=True).start()
