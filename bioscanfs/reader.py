@@ -319,24 +319,33 @@ def _pieces(src: Source, member: Member, label: str, first: bytes, data_offset: 
 
 def _decode_pieces(src: Source, member: Member, label: str, decoder: Any, pieces: Iterator[memoryview]) -> bytes:
     """Feed ``pieces`` to ``decoder`` (zlib's ``decompress(data, max_length)``, ``eof``,
-    ``unused_data``) until its stream ends. The stream must give exactly the declared
-    size (decoding stops one byte past it) and end exactly at the declared compressed size."""
+    ``unused_data``) until its stream ends, as ``_decoded`` checks it; the whole member."""
+    return b"".join(_decoded(src, member, label, decoder, pieces, member.size + 1))
+
+
+def _decoded(src: Source, member: Member, label: str, decoder: Any, pieces: Iterator[memoryview],
+             most: int) -> Iterator[bytes]:
+    """The output of ``decoder`` fed ``pieces``, at most ``most`` bytes a piece, until its
+    stream ends. The stream must give exactly the declared size (decoding stops one byte
+    past it) and end exactly at the declared compressed size (``_check_end``); a piece
+    whose output is cut at ``most`` is drained through ``unconsumed_tail`` (zlib's)."""
     name = method_name(member.method)
-    size, produced, fed = member.size, 0, 0
-    out: List[bytes] = []
+    produced = fed = 0
     try:
         for piece in pieces:
             fed += len(piece)
-            out.append(decoder.decompress(piece, size + 1 - produced))
-            produced += len(out[-1])
-            if produced > size:
-                raise MemberError(src.name, label, f"{name} stream inflates past its declared size")
+            while piece and not decoder.eof:
+                out = decoder.decompress(piece, min(most, member.size + 1 - produced))
+                produced += len(out)
+                if produced > member.size:
+                    raise MemberError(src.name, label, f"{name} stream inflates past its declared size")
+                yield out
+                piece = getattr(decoder, "unconsumed_tail", b"")
             if decoder.eof:
                 break
     except (inflate_impl.error, OSError, ValueError, EOFError) as err:
         raise MemberError(src.name, label, f"{name} stream is corrupt ({err})") from None
     _check_end(src, member, label, decoder, produced, fed)
-    return b"".join(out)
 
 
 def _check_end(src: Source, member: Member, label: str, decoder: Any, produced: int, fed: int) -> None:
@@ -358,24 +367,11 @@ def inflate_to(src: Source, member: Member, label: str, sink: Callable[[bytes], 
     must wait for this to return."""
     check_sizes(src, member, label)
     header = read_local_header(src, member, label)
-    decoder = inflate_impl.decompressobj(-15)
-    produced = fed = crc = 0
-    try:
-        for piece in _pieces(src, member, label, b"", header.data_offset):
-            fed += len(piece)
-            while piece and not decoder.eof:
-                out = decoder.decompress(piece, INPUT_PIECE)
-                piece = decoder.unconsumed_tail
-                produced += len(out)
-                if produced > member.size:
-                    raise MemberError(src.name, label, "deflate stream inflates past its declared size")
-                crc = inflate_impl.crc32(out, crc)
-                sink(out)
-            if decoder.eof:
-                break
-    except (inflate_impl.error, ValueError, EOFError) as err:
-        raise MemberError(src.name, label, f"deflate stream is corrupt ({err})") from None
-    _check_end(src, member, label, decoder, produced, fed)
+    crc = 0
+    for out in _decoded(src, member, label, inflate_impl.decompressobj(-15),
+                        _pieces(src, member, label, b"", header.data_offset), INPUT_PIECE):
+        crc = inflate_impl.crc32(out, crc)
+        sink(out)
     check_crc(src, member, label, b"", crc)
 
 
