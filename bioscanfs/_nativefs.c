@@ -112,6 +112,7 @@ typedef struct {
     int *direct;                /* per archive: the same file opened with O_DIRECT, or -1 */
     const char *dir_names;      /* each directory's own name, end to end */
     uint64_t n_dirs, n_archives, whole_max, total_bytes;
+    uint64_t read_around;       /* bytes around a buffered read brought into the page cache, or 0 */
     double timeout;             /* how long the kernel may keep names and attributes (Python's choice) */
     uint64_t block_size;        /* st_blksize and f_bsize (Python's choice) */
     mode_t file_mode, dir_mode; /* st_mode of files and directories (Python's choice) */
@@ -467,10 +468,16 @@ static void op_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t of
 /* ``len`` bytes of archive ``a`` from ``off`` in one pread: returns the block to free and
  * sets *at to the byte at ``off`` inside it and *got to the bytes read from there.
  *
- * Why O_DIRECT: the bytes read here go on to the mount's page cache (the READ reply or the
- * store), so reading them through the archive's page cache as well would keep every file
- * in memory twice. A filesystem that refuses O_DIRECT (at open, or EINVAL here) is read
- * through the cache, as is every read made in Python. */
+ * Two ways, chosen per mount in nativefs.read_through_cache:
+ * - archives that fit in memory are read through the page cache, with the read_around span
+ *   around the read asked for ahead of it: a pass reads each block of the archive from disk
+ *   once, in large reads, however its members are ordered;
+ * - larger ones exactly, with O_DIRECT (``direct`` holds a descriptor): the bytes read here
+ *   go on to the mount's page cache (the READ reply or the store), so reading them through
+ *   the archive's page cache as well would keep every file in memory twice, and a random
+ *   epoch would read neighbours that are evicted before their turn.
+ * A filesystem that refuses O_DIRECT (at open, or EINVAL here) is read through the cache,
+ * exactly, as is every read made in Python. */
 static unsigned char *read_span(server_t *s, uint16_t a, uint64_t off, size_t len,
                                 const unsigned char **at, size_t *got)
 {
@@ -496,6 +503,9 @@ static unsigned char *read_span(server_t *s, uint16_t a, uint64_t off, size_t le
     unsigned char *block = malloc(len);
     if (!block)
         return NULL;
+    if (s->read_around)   /* a power of two, checked in serve; only a hint, so its errors do not matter */
+        posix_fadvise((int)s->fds[a], (off_t)(off & ~(s->read_around - 1)), (off_t)s->read_around,
+                      POSIX_FADV_WILLNEED);
     ssize_t n = pread((int)s->fds[a], block, len, (off_t)off);
     *at = block;
     *got = n > 0 ? (size_t)n : 0;
@@ -1164,29 +1174,31 @@ static int run_session(server_t *s, const char *mountpoint, const char *options,
 static PyObject *serve(PyObject *self, PyObject *args, PyObject *kwargs)
 {
     static char *keywords[] = {"mountpoint", "options", "tables", "whole_max", "total_bytes", "timeout",
-                               "block_size", "file_mode", "dir_mode", "read", "attr", "readlink", "ready",
-                               "damaged", "threads", NULL};
+                               "block_size", "file_mode", "dir_mode", "read_around", "read", "attr", "readlink",
+                               "ready", "damaged", "threads", NULL};
     const char *mountpoint, *options;
     PyObject *tables;
     server_t s;
     int threads = 1;
     unsigned int file_mode, dir_mode;
-    unsigned long long whole_max, total_bytes, block_size;
+    unsigned long long whole_max, total_bytes, block_size, read_around;
     memset(&s, 0, sizeof s);
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "ssOKKdKIIOOOOO|p", keywords, &mountpoint, &options, &tables,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "ssOKKdKIIKOOOOO|p", keywords, &mountpoint, &options, &tables,
                                      &whole_max, &total_bytes, &s.timeout, &block_size, &file_mode,
-                                     &dir_mode, &s.read_cb, &s.attr_cb, &s.readlink_cb, &s.ready_cb, &s.damaged_cb,
+                                     &dir_mode, &read_around, &s.read_cb, &s.attr_cb, &s.readlink_cb, &s.ready_cb, &s.damaged_cb,
                                      &threads))
         return NULL;
-    if (block_size == 0 || block_size > (1u << 30) || !S_ISREG(file_mode) || !S_ISDIR(dir_mode)) {
-        PyErr_SetString(PyExc_ValueError, "block_size, file_mode or dir_mode out of range");
+    if (block_size == 0 || block_size > (1u << 30) || !S_ISREG(file_mode) || !S_ISDIR(dir_mode)
+        || read_around > (1u << 30) || (read_around & (read_around - 1))) {
+        PyErr_SetString(PyExc_ValueError, "block_size, file_mode, dir_mode or read_around out of range");
         return NULL;
     }
     s.block_size = block_size;
     s.file_mode = (mode_t)file_mode;
     s.dir_mode = (mode_t)dir_mode;
     s.whole_max = whole_max;
+    s.read_around = read_around;
     s.total_bytes = total_bytes;
     s.uid = getuid();
     s.gid = getgid();

@@ -255,10 +255,14 @@ def main() -> None:
               help="Keep byte ranges fetched from URLs in this folder (may be shared by mounts).")
 @click.option("--cache-max", type=SIZE, default="10G", show_default=True,
               help="Bound on --cache-dir; the least recently used ranges go first.")
+@click.option("--cache-archives", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
+              help="Native engine: read the archives through the page cache, 256 KiB around each read (yes), "
+                   "or exactly each member (no); auto: yes when they fit in a quarter of the memory.")
 @views_option
 @_source_options
-def mount(sources, mountpoint, foreground, options, cache_size, log_file, verbose, index_dir,
-          skip_bad, allow_incomplete, single_threaded, engine, password_file, cache_dir, cache_max, views) -> None:
+def mount(sources, mountpoint, foreground, options, cache_size, log_file, verbose, index_dir, skip_bad,
+          allow_incomplete, single_threaded, engine, password_file, cache_dir, cache_max, cache_archives,
+          views) -> None:
     """Mount the archives in SOURCES (folders, zip files or URLs) at MOUNTPOINT.
 
     Returns once the tree can be read; the filesystem keeps running in the background
@@ -302,12 +306,13 @@ def mount(sources, mountpoint, foreground, options, cache_size, log_file, verbos
                  len(collection.sources), mountpoint)
 
     _tune_heap()
+    engine_options = dict(threads=not single_threaded, cache_archives={"yes": True, "no": False}.get(cache_archives))
     if foreground:
         _setup_logging(verbose, log_file)
         serve(collection, mountpoint, fuse_options, on_ready=lambda: (widen_readahead_soon(mountpoint), announce()),
-              threads=not single_threaded)
+              **engine_options)
         return
-    _daemonize(lambda ready: serve(collection, mountpoint, fuse_options, threads=not single_threaded,
+    _daemonize(lambda ready: serve(collection, mountpoint, fuse_options, **engine_options,
                                    on_ready=lambda: (announce(), ready())),
                verbose, log_file)
     widen_readahead(mountpoint)   # from this process, not the server's (see serving)

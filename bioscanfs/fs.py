@@ -97,8 +97,11 @@ class BioscanFS(mfusepy.Operations):
 
 
 def serve(collection: Collection, mountpoint: str, options: Dict[str, Union[bool, str, int]],
-          on_ready: Optional[Callable[[], None]] = None, threads: bool = True) -> None:
-    """Mount and serve until unmounted or signalled (blocks; stays in the foreground)."""
+          on_ready: Optional[Callable[[], None]] = None, threads: bool = True,
+          cache_archives: Optional[bool] = None) -> None:
+    """Mount and serve until unmounted or signalled (blocks; stays in the foreground).
+    ``cache_archives`` is the C engine's choice: every read made here goes through the
+    page cache, with the kernel's readahead."""
     with _libfuse_setup_output() as setup, _default_signals(signal.SIGTERM, signal.SIGHUP):
         def ready() -> None:
             setup.done()

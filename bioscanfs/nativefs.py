@@ -89,6 +89,28 @@ def check_tables(arrays: Dict[str, np.ndarray], fds: np.ndarray, direct: np.ndar
     _nativefs.check(tables(arrays, arrays.get("__blocks__"), unit_rows, fds, direct, archive_sizes))
 
 
+#: Archives that together fit in this share of the machine's memory are read through the
+#: page cache, READ_AROUND bytes at a time; larger ones exactly, with O_DIRECT (why: read_span
+#: in _nativefs.c).
+CACHED_SHARE = 0.25
+#: The aligned span brought into the page cache around each read of a cached archive: about
+#: 25 images of 10 KB, so that a pass over a small archive reads it from disk about once.
+READ_AROUND = 256 << 10
+
+
+def read_through_cache(archive_sizes: Sequence[int], choice: Optional[bool] = None) -> bool:
+    """Whether the C engine reads the archives through the page cache: as ``choice`` says,
+    or (None) when they fit in CACHED_SHARE of this machine's memory. Then a pass over an
+    archive reads each of its blocks from disk once, in READ_AROUND spans, and its pages,
+    read once and no more, are the first the kernel reclaims. Larger archives are read
+    exactly, so that a random epoch reads no byte it does not serve and no file is held
+    in memory twice."""
+    if choice is not None:
+        return choice
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return sum(archive_sizes) <= CACHED_SHARE * memory
+
+
 def _direct_fd(fd: int) -> int:
     """The archive behind ``fd`` opened again with O_DIRECT, or -1 where that is refused
     (why: read_span in _nativefs.c). Through /proc/self/fd, so that it is the same file even
@@ -102,8 +124,10 @@ def _direct_fd(fd: int) -> int:
 
 
 def serve(collection: Collection, mountpoint: str, options: Dict[str, Union[bool, str, int]],
-          on_ready: Optional[Callable[[], None]] = None, threads: bool = True) -> None:
-    """Mount and serve until unmounted or signalled (blocks; stays in the foreground)."""
+          on_ready: Optional[Callable[[], None]] = None, threads: bool = True,
+          cache_archives: Optional[bool] = None) -> None:
+    """Mount and serve until unmounted or signalled (blocks; stays in the foreground);
+    ``cache_archives``: see read_through_cache."""
     assert _nativefs is not None
     c, tree = collection, collection.tree
 
@@ -121,14 +145,17 @@ def serve(collection: Collection, mountpoint: str, options: Dict[str, Union[bool
 
     option_string = options_text(options)
     fds = np.array([-1 if getattr(src, "fd", None) is None else src.fd for src in c.served], dtype=np.int64)
-    direct = np.array([_direct_fd(int(fd)) for fd in fds], dtype=np.int64)
+    sizes = [src.size for src in c.served]
+    cached = read_through_cache(sizes, cache_archives)
+    direct = np.array([-1 if cached else _direct_fd(int(fd)) for fd in fds], dtype=np.int64)
     try:
         _nativefs.serve(
             mountpoint=mountpoint, options=option_string,
-            tables=tables(tree.arrays, tree.blocks, tree.unit_rows, fds, direct, [src.size for src in c.served]),
+            tables=tables(tree.arrays, tree.blocks, tree.unit_rows, fds, direct, sizes),
             whole_max=WHOLE_READ_MAX, total_bytes=min(tree.total_bytes, (1 << 64) - 1),
             timeout=float(CACHE_SECONDS), block_size=BLOCK_SIZE, file_mode=FILE_MODE, dir_mode=DIR_MODE,
-            read=read, attr=attr, readlink=readlink, ready=on_ready, damaged=tree.report_damage, threads=threads)
+            read_around=READ_AROUND if cached else 0, read=read, attr=attr, readlink=readlink,
+            ready=on_ready, damaged=tree.report_damage, threads=threads)
     except OSError as err:
         raise MountError(mountpoint, f"{err} with -o {option_string}") from None
     finally:

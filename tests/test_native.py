@@ -296,17 +296,9 @@ def test_small_stored_and_deflated_members_are_served_in_c(fake_set: Path, tmp_p
         assert f"{path}: " in live.log_text() and "read through Python" in live.log_text()
 
 
-# Native only: the O_DIRECT descriptor is the C engine's; the Python reader reads through the cache.
-def test_whole_reads_leave_the_archive_uncached(native_mount: Mount, fake_set: Path,
-                                                fake_members: Dict[str, Member]) -> None:
-    """Every small stored or deflated member read through a fresh mount (each open asks isatty,
-    which stores the file in the mount's page cache): the archives' own pages stay out of the
-    cache, so each file is in memory once, as an extracted file would be, not twice. The bytes
-    are zipfile's."""
-    sample = _whole_in_c(fake_members)
-    assert len(sample) >= 20
-    archives = zip_paths(fake_set)
-    for archive in archives:  # the archives' pages out of the cache (written back first: only clean ones go)
+def _uncache(archives: List[Path]) -> None:
+    """The archives' pages out of the page cache (written back first: only clean ones go)."""
+    for archive in archives:
         fd = os.open(archive, os.O_RDONLY)
         try:
             os.fdatasync(fd)
@@ -314,9 +306,54 @@ def test_whole_reads_leave_the_archive_uncached(native_mount: Mount, fake_set: P
         finally:
             os.close(fd)
     assert sum(map(_resident_bytes, archives)) == 0
-    served = {path: native_mount.path(path).read_bytes() for path in sample}
-    assert sum(map(_resident_bytes, archives)) == 0, "members were read through the archive's page cache"
+
+
+# Native only: the O_DIRECT descriptor is the C engine's; the Python reader reads through the cache.
+def test_whole_reads_leave_the_archive_uncached(fake_set: Path, tmp_path: Path,
+                                                fake_members: Dict[str, Member]) -> None:
+    """With --cache-archives no, every small stored or deflated member read through a fresh
+    mount (each open asks isatty, which stores the file in the mount's page cache): the
+    archives' own pages stay out of the cache, so each file is in memory once, as an
+    extracted file would be, not twice. The bytes are zipfile's."""
+    sample = _whole_in_c(fake_members)
+    assert len(sample) >= 20
+    archives = zip_paths(fake_set)
+    with mounted([fake_set], tmp_path / "native", args=["--cache-archives", "no"], engine="native") as live:
+        _uncache(archives)
+        served = {path: live.path(path).read_bytes() for path in sample}
+        assert sum(map(_resident_bytes, archives)) == 0, "members were read through the archive's page cache"
     assert served == zip_contents(sample)
+
+
+# Native only: how the C engine reads an archive; the Python reader has one way.
+def test_cached_archives_are_read_around(fake_set: Path, tmp_path: Path, fake_members: Dict[str, Member]) -> None:
+    """With --cache-archives yes (auto's choice for archives this small), one whole read
+    brings the aligned READ_AROUND span around the member into the archive's page cache,
+    far more than the member, so that its neighbours are read from memory; every member's
+    bytes are still zipfile's."""
+    sample = _whole_in_c(fake_members)
+    archive = max(zip_paths(fake_set), key=lambda p: p.stat().st_size)
+    size = archive.stat().st_size
+    path, member = max(((p, m) for p, m in sample.items() if m.archive == archive),
+                       key=lambda pm: min(pm[1].info.header_offset, size - pm[1].info.header_offset))
+    low = member.info.header_offset & ~(nativefs.READ_AROUND - 1)
+    window = min(low + nativefs.READ_AROUND, size) - low
+    assert window >= 4 * (member.info.compress_size + 4096), "the fixture archive is too small to tell"
+    with mounted([fake_set], tmp_path / "native", args=["--cache-archives", "yes"], engine="native") as live:
+        _uncache([archive])
+        assert live.path(path).read_bytes() == member.read()
+        assert _resident_bytes(archive) >= window - 4096
+        assert {p: live.path(p).read_bytes() for p in sample} == zip_contents(sample)
+
+
+@pytest.mark.no_c
+def test_archives_are_cached_when_they_fit_in_a_quarter_of_memory() -> None:
+    """auto reads through the page cache the archives that fit in CACHED_SHARE of memory."""
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    share = int(nativefs.CACHED_SHARE * memory)
+    assert nativefs.read_through_cache([share // 2, share // 2])
+    assert not nativefs.read_through_cache([share // 2, share // 2 + 1])
+    assert nativefs.read_through_cache([memory], choice=True) and not nativefs.read_through_cache([1], choice=False)
 
 
 # Native only: the C engine's fallback when O_DIRECT is refused.
