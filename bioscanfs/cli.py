@@ -257,7 +257,7 @@ def main() -> None:
               help="Bound on --cache-dir; the least recently used ranges go first.")
 @click.option("--cache-archives", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
               help="Native engine: read the archives through the page cache, 256 KiB around each read (yes), "
-                   "or exactly each member (no); auto: yes when they fit in a quarter of the memory.")
+                   "or exactly each member (no); auto: yes when they fit in a quarter of the memory (or cgroup limit).")
 @views_option
 @_source_options
 def mount(sources, mountpoint, foreground, options, cache_size, log_file, verbose, index_dir, skip_bad,

@@ -98,17 +98,43 @@ CACHED_SHARE = 0.25
 READ_AROUND = 256 << 10
 
 
+def memory_bytes() -> int:
+    """This machine's memory, or less where this process's cgroup is limited (v2
+    ``memory.max``, v1 ``memory.limit_in_bytes``): a job's page cache is charged to its
+    cgroup (Slurm, containers), so that is the memory its archives must fit in. Limits of
+    parent cgroups are not looked at."""
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return memory
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            limit = f"/sys/fs/cgroup{path}/memory.max"
+        elif "memory" in controllers.split(","):
+            limit = f"/sys/fs/cgroup/memory{path}/memory.limit_in_bytes"
+        else:
+            continue
+        try:
+            with open(limit) as f:
+                memory = min(memory, int(f.read()))
+        except (OSError, ValueError):   # no such file, or "max"
+            pass
+    return memory
+
+
 def read_through_cache(archive_sizes: Sequence[int], choice: Optional[bool] = None) -> bool:
     """Whether the C engine reads the archives through the page cache: as ``choice`` says,
-    or (None) when they fit in CACHED_SHARE of this machine's memory. Then a pass over an
+    or (None) when they fit in CACHED_SHARE of memory_bytes(). Then a pass over an
     archive reads each of its blocks from disk once, in READ_AROUND spans, and its pages,
     read once and no more, are the first the kernel reclaims. Larger archives are read
     exactly, so that a random epoch reads no byte it does not serve and no file is held
     in memory twice."""
     if choice is not None:
         return choice
-    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return sum(archive_sizes) <= CACHED_SHARE * memory
+    return sum(archive_sizes) <= CACHED_SHARE * memory_bytes()
 
 
 def _direct_fd(fd: int) -> int:

@@ -18,6 +18,7 @@ import random
 import re
 import stat
 import subprocess
+import sys
 import zipfile
 import zlib
 from collections import Counter
@@ -354,6 +355,34 @@ def test_archives_are_cached_when_they_fit_in_a_quarter_of_memory() -> None:
     assert nativefs.read_through_cache([share // 2, share // 2])
     assert not nativefs.read_through_cache([share // 2, share // 2 + 1])
     assert nativefs.read_through_cache([memory], choice=True) and not nativefs.read_through_cache([1], choice=False)
+
+
+def _memory_cgroup(name: str) -> Tuple[Path, str]:
+    """A new memory cgroup (v1 where that hierarchy is mounted, else v2) and the file of its limit."""
+    v1 = Path("/sys/fs/cgroup/memory")
+    if (v1 / "cgroup.procs").exists():
+        return v1 / name, "memory.limit_in_bytes"
+    return Path("/sys/fs/cgroup") / name, "memory.max"
+
+
+@pytest.mark.no_c
+def test_memory_is_the_cgroups_where_it_is_limited(tmp_path: Path) -> None:
+    """A server in a cgroup limited to 1 GiB (as a Slurm job's) weighs its archives against
+    1 GiB, not against the machine's memory: the job's page cache is charged there."""
+    group, limit_file = _memory_cgroup(f"bioscanfs-test-{os.getpid()}")
+    group.mkdir()
+    try:
+        if not (group / limit_file).exists():
+            pytest.skip(f"no memory controller in {group.parent} (its cgroup.subtree_control)")
+        (group / limit_file).write_text(str(1 << 30))
+        child = ("import os, sys; open(sys.argv[1], 'w').write(str(os.getpid())); "
+                 "from bioscanfs import nativefs; print(nativefs.memory_bytes())")
+        done = subprocess.run([sys.executable, "-c", child, str(group / "cgroup.procs")],
+                              capture_output=True, text=True, check=True)
+        assert int(done.stdout) == 1 << 30
+        assert nativefs.memory_bytes() > 1 << 30
+    finally:
+        group.rmdir()
 
 
 # Native only: the C engine's fallback when O_DIRECT is refused.
