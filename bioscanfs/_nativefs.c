@@ -114,6 +114,7 @@ typedef struct {
     const char *dir_names;      /* each directory's own name, end to end */
     uint64_t n_dirs, n_archives, whole_max, total_bytes;
     uint64_t read_around;       /* bytes around a buffered read brought into the page cache, or 0 */
+    unsigned int init_readahead;  /* the readahead asked for in the INIT reply (serving.INIT_READAHEAD_KB) */
     double timeout;             /* how long the kernel may keep names and attributes (Python's choice) */
     uint64_t block_size;        /* st_blksize and f_bsize (Python's choice) */
     mode_t file_mode, dir_mode; /* st_mode of files and directories (Python's choice) */
@@ -319,6 +320,10 @@ static void op_init(void *userdata, struct fuse_conn_info *conn)
     conn->want &= ~FUSE_CAP_READDIRPLUS_AUTO;
     if (conn->capable & FUSE_CAP_CACHE_SYMLINKS)
         conn->want |= FUSE_CAP_CACHE_SYMLINKS;
+    /* The kernel can only lower its readahead here; the value tells serving.widen_readahead
+     * that the reply has been taken. */
+    if (s->init_readahead < conn->max_readahead)
+        conn->max_readahead = s->init_readahead;
 
     if (s->ready_cb != Py_None) {
         PyGILState_STATE gil = PyGILState_Ensure();
@@ -1190,8 +1195,8 @@ static int run_session(server_t *s, const char *mountpoint, const char *options,
 static PyObject *serve(PyObject *self, PyObject *args, PyObject *kwargs)
 {
     static char *keywords[] = {"mountpoint", "options", "tables", "whole_max", "total_bytes", "timeout",
-                               "block_size", "file_mode", "dir_mode", "read_around", "read", "attr", "readlink",
-                               "ready", "damaged", "threads", NULL};
+                               "block_size", "file_mode", "dir_mode", "read_around", "init_readahead", "read", "attr",
+                               "readlink", "ready", "damaged", "threads", NULL};
     const char *mountpoint, *options;
     PyObject *tables;
     server_t s;
@@ -1200,9 +1205,9 @@ static PyObject *serve(PyObject *self, PyObject *args, PyObject *kwargs)
     unsigned long long whole_max, total_bytes, block_size, read_around;
     memset(&s, 0, sizeof s);
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "ssOKKdKIIKOOOOO|p", keywords, &mountpoint, &options, &tables,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "ssOKKdKIIKIOOOOO|p", keywords, &mountpoint, &options, &tables,
                                      &whole_max, &total_bytes, &s.timeout, &block_size, &file_mode,
-                                     &dir_mode, &read_around, &s.read_cb, &s.attr_cb, &s.readlink_cb, &s.ready_cb, &s.damaged_cb,
+                                     &dir_mode, &read_around, &s.init_readahead, &s.read_cb, &s.attr_cb, &s.readlink_cb, &s.ready_cb, &s.damaged_cb,
                                      &threads))
         return NULL;
     if (block_size == 0 || block_size > (1u << 30) || !S_ISREG(file_mode) || !S_ISDIR(dir_mode)

@@ -315,7 +315,7 @@ def mount(sources, mountpoint, foreground, options, cache_size, log_file, verbos
     _daemonize(lambda ready: serve(collection, mountpoint, fuse_options, **engine_options,
                                    on_ready=lambda: (announce(), ready())),
                verbose, log_file)
-    widen_readahead(mountpoint)   # from this process, not the server's (see serving)
+    widen_readahead(mountpoint)   # before returning, so that the mount's readahead is set when it is used
     click.echo(f"mounted {len(collection.tree.files)} files from {len(collection.sources)} archives at {mountpoint}")
     click.echo(f"log: {log_file}; unmount with: bioscanfs umount {mountpoint}")
     _leave_now()

@@ -20,7 +20,7 @@ import mfusepy
 from .collection import BLOCK_SIZE, Collection
 from .errors import BioscanError, MountError
 from .names import NAME_MAX
-from .serving import CACHE_OPTIONS, options_text, read_or_errno
+from .serving import CACHE_OPTIONS, INIT_READAHEAD_KB, options_text, read_or_errno
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def serve(collection: Collection, mountpoint: str, options: Dict[str, Union[bool
 
         try:
             mfusepy.FUSE(BioscanFS(collection, ready), mountpoint, foreground=True, nothreads=not threads,
-                         **dict(CACHE_OPTIONS, **options))
+                         max_readahead=INIT_READAHEAD_KB << 10, **dict(CACHE_OPTIONS, **options))
         except RuntimeError:  # fuse_main failed; libfuse said why on stderr, which setup kept
             why = setup.done() or "libfuse refused to mount"
             raise MountError(mountpoint, f"{why} with -o {options_text(options)}") from None

@@ -10,6 +10,7 @@ import errno
 import logging
 import os
 import threading
+import time
 from typing import Dict, List, Union
 
 from .collection import CACHE_SECONDS, Collection
@@ -76,29 +77,47 @@ def options_text(options: Dict[str, Union[bool, str, int]]) -> str:
 READAHEAD_KB = 1024
 
 
-def widen_readahead(mountpoint: str) -> None:
-    """Set the readahead of the mount at ``mountpoint`` to READAHEAD_KB where this process
-    may (as root); otherwise the kernel's default stays, and the log says so at debug level.
-    Each FUSE mount has a backing device of its own, so no other filesystem is touched.
+#: The readahead the server asks for in its INIT reply, in KiB: a page below the kernel's
+#: 128 KiB default, which the reply can only lower, so that the mount's knob showing it
+#: tells that the kernel has taken the reply (before that, a value written there is
+#: lowered again by the reply).
+INIT_READAHEAD_KB = 128 - os.sysconf("SC_PAGE_SIZE") // 1024
+#: How long widen_readahead waits by default for the knob to show INIT_READAHEAD_KB, in
+#: seconds: the reply goes out right after the ready callback, so this is only a bound.
+INIT_WAIT = 2.0
 
-    Its statvfs of the mount first waits until the kernel has taken the server's INIT
-    reply, which sets the readahead to at most the kernel's default. So call it from
-    another process than the server (the daemon's parent): a server thread waiting on its
-    own mount cannot be killed cleanly (after SIGKILL it waits for a reply no one will
-    send, and the process is never reaped). A foreground server has no other process:
-    ``widen_readahead_soon``."""
+
+def widen_readahead(mountpoint: str, wait: float = INIT_WAIT) -> None:
+    """Set the readahead of the mount at ``mountpoint`` to READAHEAD_KB where this process
+    may (as root), once the kernel has taken the server's INIT reply; otherwise the kernel's
+    default stays, and the log says so at debug level. Each FUSE mount has a backing device
+    of its own, so no other filesystem is touched.
+
+    It reads only the mount table and the knob, never the mount itself: a server thread
+    waiting on its own mount (a statvfs, as this once did) cannot be killed cleanly (after
+    SIGKILL it waits for a reply no one will send, and the process is never reaped)."""
+    mounts = mounts_at(mountpoint)
+    knob = f"/sys/class/bdi/{mounts[-1].device}/read_ahead_kb" if mounts else None
+    deadline = time.monotonic() + wait
     try:
-        os.statvfs(mountpoint)
-        mounts = mounts_at(mountpoint)
-        knob = f"/sys/class/bdi/{mounts[-1].device}/read_ahead_kb" if mounts else None
+        while knob and _read_kb(knob) != INIT_READAHEAD_KB:
+            if time.monotonic() > deadline:
+                raise OSError(f"{knob} never showed the INIT reply's {INIT_READAHEAD_KB} KiB")
+            time.sleep(0.001)
         if knob:
             with open(knob, "w") as f:
                 f.write(f"{READAHEAD_KB}\n")
-    except OSError as err:
+    except (OSError, ValueError) as err:
         log.debug("readahead stays the kernel's: %s", err)
 
 
+def _read_kb(knob: str) -> int:
+    with open(knob) as f:
+        return int(f.read())
+
+
 def widen_readahead_soon(mountpoint: str) -> None:
-    """``widen_readahead`` on a thread of its own, for a server in the foreground: called
-    from its init callback, which must return before the INIT reply goes out."""
+    """``widen_readahead`` on a thread of its own, for a server in the foreground (it has no
+    other process): called from its init callback, which must return before the INIT
+    reply goes out."""
     threading.Thread(target=widen_readahead, args=(mountpoint,), name="bioscanfs-readahead", daemon=True).start()

@@ -13,6 +13,8 @@ import os
 import re
 import signal
 import stat
+import threading
+import time
 import zipfile
 import zlib
 from pathlib import Path
@@ -43,7 +45,7 @@ from conftest import (
     zip_members,
 )
 
-from bioscanfs.serving import READAHEAD_KB
+from bioscanfs.serving import READAHEAD_KB, widen_readahead
 
 IMGTYPES = ("original_full", "cropped", "original_256", "cropped_256")
 #: Split -> md5 hex chars of its chunk folder (bioscan5m.md, "Paths inside the zips").
@@ -95,10 +97,35 @@ def test_directory_attributes(fake_mount: Mount, fake_members: Dict[str, Member]
 
 def test_readahead_is_widened(fake_mount: Mount) -> None:
     """As root the mount's own backing device reads ahead READAHEAD_KB, so a sequential
-    reader (the CSV's md5) gets 1 MiB requests instead of the kernel's 128 KiB."""
+    reader (the CSV's md5) gets 1 MiB requests instead of the kernel's 128 KiB. A
+    foreground server widens it on a thread of its own once the kernel took its INIT
+    reply, so shortly after the mount answers (a daemon's parent, before it returns)."""
     dev = os.stat(fake_mount.point).st_dev
     assert os.geteuid() == 0, "the suite runs as root (FUSE mounts)"
     knob = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+    deadline = time.monotonic() + 5
+    while int(knob.read_text()) != READAHEAD_KB and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert int(knob.read_text()) == READAHEAD_KB
+
+
+def test_widening_the_readahead_never_waits_on_the_mount(mount: MountFactory, fake_set: Path) -> None:
+    """widen_readahead reads the mount table and the knob only: with the server stopped it
+    still returns (a server thread waiting on its own mount could not be reaped after a
+    SIGKILL). The knob already shows the widened value, not the INIT reply's, so it gives
+    up after its wait and leaves the knob as it was."""
+    live = mount(fake_set)
+    assert live.proc is not None
+    dev = os.stat(live.point).st_dev
+    knob = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+    live.proc.send_signal(signal.SIGSTOP)
+    try:
+        call = threading.Thread(target=widen_readahead, args=(str(live.point), 0.2), daemon=True)
+        call.start()
+        call.join(5)
+        assert not call.is_alive(), "widen_readahead waited on the stopped server's mount"
+    finally:
+        live.proc.send_signal(signal.SIGCONT)
     assert int(knob.read_text()) == READAHEAD_KB
 
 
@@ -257,8 +284,11 @@ def test_corrupt_large_stored_member_gets_eio(mount: MountFactory, big_stored_se
 # -- the CLI: daemon mode, errors, stale mounts, signals ---------------------------------------
 def test_daemon_mount_is_ready_on_return_and_umount(mount: MountFactory, fake_set: Path,
                                                     fake_members: Dict[str, Member]) -> None:
-    """`bioscanfs mount` (no -f) returns 0 only once files read; `umount` removes the mount."""
+    """`bioscanfs mount` (no -f) returns 0 only once files read, and its readahead widened;
+    `umount` removes the mount."""
     live = mount(fake_set, daemon=True)
+    dev = os.stat(live.point).st_dev
+    assert Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb").read_text() == f"{READAHEAD_KB}\n"
     assert live.path(METADATA_CSV).read_bytes() == fake_members[METADATA_CSV].read()
     done = run_cli("umount", live.point)
     assert done.returncode == 0, done.stderr
