@@ -262,11 +262,10 @@ def _plan(tree: Tree, table: Any, ranks: Sequence[str], mtime: int) -> Plan:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    table = table.unify_dictionaries()   # one dictionary per column, not one per block
     file_names = pc.binary_join_element_wise(table.column("processid"), b".jpg", b"")
     file_names = file_names.cast(pa.large_binary()).combine_chunks()
-    by_name = _name_order(file_names)   # stable: a repeated processid after its first row
-    keep, stats = _first_rows(table, file_names.take(by_name), by_name)
+    by_name, repeated = _name_order(file_names)   # stable: a repeated processid after its first row
+    keep, stats = _first_rows(table, by_name[1:][repeated])
     split_rank, split_names = _splits(table.column("split").combine_chunks())
     split_rank[~keep] = -1   # a row left out is as a row of no split: in no view
     offsets = np.frombuffer(file_names.buffers()[1], dtype=np.int64)[file_names.offset:][:len(file_names) + 1]
@@ -336,10 +335,11 @@ def _stable_order(keys: np.ndarray) -> np.ndarray:
     return _radix_order([(keys >> 16).astype(np.uint16), (keys & 0xFFFF).astype(np.uint16)])
 
 
-def _name_order(names: Any) -> np.ndarray:
-    """The stable order of binary ``names`` by their bytes. Names of up to _SORT_WIDTH bytes
-    (processids are about 12) are cut into big-endian 16-bit digits and radix sorted
-    (``_radix_order``); longer ones by pyarrow's sort_indices (2.9x np.lexsort's time)."""
+def _name_order(names: Any) -> Tuple[np.ndarray, np.ndarray]:
+    """(the stable order of binary ``names`` by their bytes, whether each name but the first
+    in that order equals the one before). Names of up to _SORT_WIDTH bytes (processids are
+    about 12) are cut into big-endian 16-bit digits and radix sorted (``_radix_order``);
+    longer ones by pyarrow's sort_indices (2.9x np.lexsort's time)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -351,22 +351,28 @@ def _name_order(names: Any) -> np.ndarray:
     offsets = np.frombuffer(names.buffers()[1], dtype=np.int64)[names.offset:names.offset + n + 1]
     width = int(np.diff(offsets).max(initial=0))
     if width > _SORT_WIDTH or names.null_count:
-        return pc.sort_indices(names).to_numpy()
+        order = pc.sort_indices(names).to_numpy()
+        in_order = names.take(order)
+        return order, pc.equal(in_order[1:], in_order[:-1]).to_numpy(zero_copy_only=False)
     width = max(2, width + width % 2)
     data = np.frombuffer(names.buffers()[2], dtype=np.uint8) if n else np.zeros(0, np.uint8)
     blob = np.concatenate((data, np.zeros(width, np.uint8)))
-    digits = fixed_width(blob, offsets[:-1], offsets[1:], width).view(">u2")
-    return _radix_order(np.ascontiguousarray(digits.T, dtype=np.uint16))
+    padded = fixed_width(blob, offsets[:-1], offsets[1:], width)
+    digits = list(np.ascontiguousarray(padded.view(">u2").T, dtype=np.uint16))
+    lengths = np.diff(offsets)
+    if not data.all():   # a name that holds NUL pads like a shorter one: its length decides
+        digits.append(lengths.astype(np.uint16))
+    order = _radix_order(digits)
+    lengths, padded = lengths[order], padded[order]
+    return order, (lengths[1:] == lengths[:-1]) & (padded[1:] == padded[:-1]).all(axis=1)
 
 
-def _first_rows(table: Any, sorted_names: Any, by_name: np.ndarray) -> Tuple[np.ndarray, Dict[str, Any]]:
-    """Which rows count: those with a processid (one path component: no '/' or NUL), the first
-    of each processid only (``sorted_names``: the file names in the stable order
-    ``by_name``, so a repeat follows its first row); counts for the log."""
+def _first_rows(table: Any, repeats: np.ndarray) -> Tuple[np.ndarray, Dict[str, Any]]:
+    """Which rows count: those with a processid (one path component: no '/' or NUL), but not
+    the ``repeats`` (rows whose processid an earlier row has); counts for the log."""
     import pyarrow.compute as pc
 
     pid = table.column("processid").combine_chunks()
-    repeats = by_name[1:][pc.equal(sorted_names[1:], sorted_names[:-1]).to_numpy(zero_copy_only=False)]
     stats: Dict[str, Any] = {"csv_rows": table.num_rows, "processids_repeated": len(repeats)}
     if len(repeats):
         log.info("views: %d CSV rows repeat a processid listed before; the first row of each wins", len(repeats))

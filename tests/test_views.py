@@ -431,7 +431,8 @@ def test_reindex_of_one_changed_archive_keeps_the_views(tmp_path: Path, bench_sc
 
 @pytest.mark.no_c
 def test_name_order_is_byte_order() -> None:
-    """The numpy word sort of file names orders them as bytes, stably (ties keep row order)."""
+    """The radix sort of file names orders them as bytes, stably (ties keep row order), and
+    flags each name equal to the one before it in that order."""
     import pyarrow as pa
 
     from bioscanfs.views import _name_order
@@ -440,8 +441,11 @@ def test_name_order_is_byte_order() -> None:
     rng = np.random.default_rng(5)   # many 16-bit digits, odd lengths, shared heads, every byte
     drawn = [b"AB" * int(rng.integers(0, 3)) + rng.integers(0, 256, int(rng.integers(0, 20)), np.uint8).tobytes()
              for _ in range(3000)]
-    for picked in (names, names * 3, [b"x" * 70] + names, drawn + drawn[:500], []):
-        assert _name_order(pa.array(picked, pa.binary())).tolist() == sorted(range(len(picked)), key=picked.__getitem__)
+    nul = [b"a\0", b"a", b"a\0\0", b"a", b"a\0"]   # NUL pads: as long as the other, equal
+    for picked in (names, names * 3, [b"x" * 70] + names, drawn + drawn[:500], nul, []):
+        order, repeated = _name_order(pa.array(picked, pa.binary()))
+        assert order.tolist() == sorted(range(len(picked)), key=picked.__getitem__)
+        assert repeated.tolist() == [picked[a] == picked[b] for a, b in zip(order[:-1], order[1:])]
 
 
 @pytest.mark.no_c
