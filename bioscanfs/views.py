@@ -6,9 +6,10 @@ columns needed) and which image row each view file is; knows nothing of how the 
 written (``merge.ViewsBuilder``) or served. See docs/views.md.
 
 Why pyarrow: its multithreaded reader parses the needed columns of the CSV many times
-faster than the csv module (scripts/bench_views_csv.py, docs/views.md), and its hash
-join finds millions of image paths without a Python object per row. Without pyarrow
-there are no views (one warning); everything else is served as always.
+faster than the csv module (scripts/bench_views_csv.py, docs/views.md) and hands the
+labels over as dictionary codes, so the plan is numpy over integers and fixed-width
+names, with a Python object per distinct label, not per row. Without pyarrow there are
+no views (one warning); everything else is served as always.
 """
 from __future__ import annotations
 
@@ -303,7 +304,8 @@ def _rank_views(rank: str, column: Any, rows: _Rows) -> Tuple[list, list, list, 
     dirs, counts, targets, class_files = [], [], [], []
     for imgtype, image_rows in rows.images:
         found = image_rows[at]
-        sorted_keys = key[found >= 0]
+        has = found >= 0
+        sorted_keys = key[has]
         base = VIEWS + b"/" + rank.encode() + b"/" + imgtype
         present = np.flatnonzero(np.bincount(sorted_keys % width, minlength=len(names)))
         class_files.append((base, b"".join(names[i] + b"\n" for i in present.tolist())))
@@ -311,7 +313,7 @@ def _rank_views(rank: str, column: Any, rows: _Rows) -> Tuple[list, list, list, 
         firsts = sorted_keys[starts].tolist()
         dirs.append((base, [rows.split_names[k // width] for k in firsts], [names[k % width] for k in firsts]))
         counts.append(np.diff(np.append(starts, len(sorted_keys))))
-        targets.append(found[found >= 0])
+        targets.append(found[has])
     return dirs, counts, targets, class_files
 
 
@@ -384,8 +386,8 @@ def _first_rows(table: Any, repeats: np.ndarray) -> Tuple[np.ndarray, Dict[str, 
 
 
 def _splits(split: Any) -> Tuple[np.ndarray, List[bytes]]:
-    """(rank of each row's split (a DictionaryArray) among the splits' names in byte order, -1 for a split
-    that is not one of the dataset's; those names)."""
+    """(rank of each row's split (a DictionaryArray) among the splits' names in byte
+    order, -1 for a split that is not one of the dataset's; those names)."""
     values = split.dictionary.to_pylist()
     known = sorted(v for v in values if v.decode("utf-8", "replace") in SPLIT_CHUNK_CHARS)
     rank_of = np.array([known.index(v) if v in known else -1 for v in values] + [-1], dtype=np.int64)
@@ -517,8 +519,8 @@ def _lookup(tree: Tree, lo: int, hi: int, keys: _Keys, asked: np.ndarray) -> np.
 
 
 def _labels(column: Any) -> Tuple[np.ndarray, List[bytes]]:
-    """(each row's label (a DictionaryArray) as its rank among the folder names, -1 when empty; the folder
-    names in byte order)."""
+    """(each row's label (a DictionaryArray) as its rank among the folder names, -1 when
+    empty; the folder names in byte order)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
