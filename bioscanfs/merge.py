@@ -486,13 +486,19 @@ class ViewsBuilder:
         tree, plan = self._tree, self._plan
         dir_hi = np.cumsum(self._counts)
         shift = (dir_hi - self._counts)[self._old] - tree.dir_lo.astype(np.int64)   # per image folder
-        targets = plan.targets + np.repeat(shift, (tree.dir_hi - tree.dir_lo).astype(np.int64))[plan.targets]
-        starts = np.cumsum(plan.counts) - plan.counts
+        ends = np.cumsum(plan.counts)
         by_folder = np.argsort(view_ids, kind="stable")
-        counts = plan.counts[by_folder]
-        gather = np.repeat(starts[by_folder] - (np.cumsum(counts) - counts), counts) + np.arange(int(counts.sum()))
-        self._link_mtimes = np.asarray(tree.files["mtime"])[plan.targets[gather]]
-        return targets[gather].astype(np.uint32)
+        # Runs of folders that follow each other in the plan too (a rank's imgtype: the
+        # plan lists the ranks in RANKS order, the tree by name) are moved as one slice.
+        starts = np.flatnonzero(np.diff(by_folder, prepend=-2) != 1)
+        firsts, lasts = by_folder[starts], by_folder[np.append(starts[1:], len(by_folder))[:len(starts)] - 1]
+        targets = np.concatenate([plan.targets[hi - n:end] for hi, n, end in
+                                  zip(ends[firsts].tolist(), plan.counts[firsts].tolist(), ends[lasts].tolist())]
+                                 or [np.zeros(0, np.int64)])
+        # From contiguous copies: gathering from the mapped, strided column cost 2 s.
+        self._link_mtimes = np.ascontiguousarray(tree.files["mtime"])[targets]
+        moved = np.repeat(shift.astype(np.int32), (tree.dir_hi - tree.dir_lo).astype(np.int64))
+        return (targets + moved[targets]).astype(np.uint32)
 
     def layout(self) -> Dict[str, Tuple[np.dtype, int]]:
         tree, n = self._tree, self._dirs.count

@@ -6,9 +6,10 @@ columns needed) and which image row each view file is; knows nothing of how the 
 written (``merge.ViewsBuilder``) or served. See docs/views.md.
 
 Why pyarrow: its multithreaded reader parses the needed columns of the CSV many times
-faster than the csv module (scripts/bench_views_csv.py, docs/views.md), and its hash
-join finds millions of image paths without a Python object per row. Without pyarrow
-there are no views (one warning); everything else is served as always.
+faster than the csv module (scripts/bench_views_csv.py, docs/views.md) and hands the
+labels over as dictionary codes, so the plan is numpy over integers and fixed-width
+names, with a Python object per distinct label, not per row. Without pyarrow there are
+no views (one warning); everything else is served as always.
 """
 from __future__ import annotations
 
@@ -158,14 +159,18 @@ def empty_plan() -> Plan:
 
 def read_csv(stream: BinaryIO) -> Any:
     """The needed columns of the CSV as a pyarrow Table of binary columns (labels need not
-    be UTF-8). Raises pyarrow's ArrowInvalid for a CSV it cannot parse or missing columns."""
+    be UTF-8), all but the processid dictionary-encoded: the parser's threads encode them
+    while the CSV streams in, so the plan starts from integer codes. Raises pyarrow's
+    ArrowInvalid for a CSV it cannot parse or missing columns."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
+    encoded = pa.dictionary(pa.int32(), pa.binary())
     return pacsv.read_csv(stream, read_options=pacsv.ReadOptions(block_size=_CSV_BLOCK),
                           convert_options=pacsv.ConvertOptions(
                               include_columns=list(NEEDED_COLUMNS), check_utf8=False,
-                              column_types={name: pa.binary() for name in NEEDED_COLUMNS}))
+                              column_types={name: pa.binary() if name == "processid" else encoded
+                                            for name in NEEDED_COLUMNS}))
 
 
 @contextlib.contextmanager
@@ -245,27 +250,34 @@ def plan(tree: Tree, open_csv: Callable[[], BinaryIO], ranks: Sequence[str], whe
 
 
 class _Rows(NamedTuple):
-    """What every rank's views are made from: per CSV row."""
+    """What every rank's views are made from: per CSV row, the rows in the byte order of
+    their file names (so a sort by folder that keeps that order sorts by folder and name)."""
 
-    split_rank: np.ndarray                    #: its split among ``split_names``, -1 when left out
+    by_name: np.ndarray                       #: the rows in the byte order of their file names
+    split_rank: np.ndarray                    #: in that order: its split among ``split_names``, -1 when left out
     split_names: List[bytes]
-    name_rank: np.ndarray                     #: its file name's rank in byte order
-    images: List[Tuple[bytes, np.ndarray]]    #: per imgtype, its image row or -1
+    images: List[Tuple[bytes, np.ndarray]]    #: per imgtype, in that order: its image row or -1
 
 
 def _plan(tree: Tree, table: Any, ranks: Sequence[str], mtime: int) -> Plan:
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     file_names = pc.binary_join_element_wise(table.column("processid"), b".jpg", b"")
-    by_name = _name_order(file_names)   # stable: a repeated processid after its first row
-    keep, stats = _first_rows(table, file_names.take(by_name), by_name)
+    file_names = file_names.cast(pa.large_binary()).combine_chunks()
+    by_name, repeated = _name_order(file_names)   # stable: a repeated processid after its first row
+    keep, stats = _first_rows(table, by_name[1:][repeated])
     split_rank, split_names = _splits(table.column("split").combine_chunks())
     split_rank[~keep] = -1   # a row left out is as a row of no split: in no view
-    name_rank = np.empty(len(by_name), dtype=np.int64)
-    name_rank[by_name] = np.arange(len(by_name))
-    rows = _Rows(split_rank, split_names, name_rank, _image_rows(tree, _image_keys(table, split_names, split_rank)))
-    for imgtype, image_rows in rows.images:
+    offsets = np.frombuffer(file_names.buffers()[1], dtype=np.int64)[file_names.offset:][:len(file_names) + 1]
+    data = np.frombuffer(file_names.buffers()[2], dtype=np.uint8) if len(file_names) else np.zeros(0, np.uint8)
+    keys = _Keys(np.concatenate((data, np.zeros(NAME_MAX, np.uint8))), offsets[:-1], offsets[1:],
+                 *_folder_paths(table.column("chunk").combine_chunks(), split_names, split_rank))
+    images = _image_rows(tree, keys)
+    for imgtype, image_rows in images:
         stats[f"missing_{imgtype.decode('utf-8', 'replace')}"] = int(((image_rows < 0) & (split_rank >= 0)).sum())
+    rows = _Rows(by_name, split_rank[by_name], split_names, [(imgtype, found[by_name]) for imgtype, found in images])
+    del keys, images, split_rank
     # The ranks in threads: numpy's sorts and pyarrow release the GIL.
     with ThreadPoolExecutor(max_workers=min(len(ranks), os.cpu_count() or 1) or 1) as pool:
         per_rank = list(pool.map(lambda rank: _rank_views(rank, table.column(rank).combine_chunks(), rows), ranks))
@@ -284,29 +296,52 @@ def _rank_views(rank: str, column: Any, rows: _Rows) -> Tuple[list, list, list, 
     """One rank's (folder groups, files per folder, image rows, classes.txt files), per imgtype."""
     label_rank, names = _labels(column)
     width = max(len(names), 1)
-    key = np.where((label_rank >= 0) & (rows.split_rank >= 0), rows.split_rank * width + label_rank, -1)
-    labelled = np.flatnonzero(key >= 0)
-    # By folder, then by file name: one sort of (folder, name rank) in 64 bits.
-    labelled = labelled[np.argsort(key[labelled] * len(rows.name_rank) + rows.name_rank[labelled])]
+    label = label_rank[rows.by_name]   # in file name order from here on
+    key = np.where((label >= 0) & (rows.split_rank >= 0), rows.split_rank * width + label, -1)
+    at = np.flatnonzero(key >= 0)
+    at = at[_stable_order(key[at])]   # by folder, then by file name
+    key = key[at]
     dirs, counts, targets, class_files = [], [], [], []
     for imgtype, image_rows in rows.images:
-        order = labelled[image_rows[labelled] >= 0]
+        found = image_rows[at]
+        has = found >= 0
+        sorted_keys = key[has]
         base = VIEWS + b"/" + rank.encode() + b"/" + imgtype
-        present = np.flatnonzero(np.bincount(label_rank[order], minlength=len(names)))
+        present = np.flatnonzero(np.bincount(sorted_keys % width, minlength=len(names)))
         class_files.append((base, b"".join(names[i] + b"\n" for i in present.tolist())))
-        sorted_keys = key[order]
         starts = np.flatnonzero(np.diff(sorted_keys, prepend=-1))
         firsts = sorted_keys[starts].tolist()
         dirs.append((base, [rows.split_names[k // width] for k in firsts], [names[k % width] for k in firsts]))
-        counts.append(np.diff(np.append(starts, len(order))))
-        targets.append(image_rows[order])
+        counts.append(np.diff(np.append(starts, len(sorted_keys))))
+        targets.append(found[has])
     return dirs, counts, targets, class_files
 
 
-def _name_order(names: Any) -> np.ndarray:
-    """The stable order of binary ``names`` by their bytes. Names of up to _SORT_WIDTH bytes
-    (processids are about 12) are cut into big-endian 64-bit words and sorted with numpy
-    (2.9x pyarrow's sort_indices on 5 M names); longer ones by pyarrow."""
+def _radix_order(digits: Sequence[np.ndarray]) -> np.ndarray:
+    """The stable order of rows by uint16 digit columns, most significant first: a pass of
+    numpy's stable sort per column, least significant first. For 16-bit keys that sort is
+    a radix sort (linear); for wider ones it is a merge sort, about twice the time on 5 M
+    rows, and np.lexsort of 64-bit words 1.7x this on the bench's 5 M file names."""
+    order = np.argsort(digits[-1], kind="stable")
+    for column in reversed(digits[:-1]):
+        order = order[np.argsort(column[order], kind="stable")]
+    return order
+
+
+def _stable_order(keys: np.ndarray) -> np.ndarray:
+    """The stable order of non-negative int64 ``keys`` (a label folder: split and label)."""
+    if len(keys) == 0 or keys.max() >= 1 << 32:
+        return np.argsort(keys, kind="stable")
+    if keys.max() < 1 << 16:
+        return _radix_order([keys.astype(np.uint16)])
+    return _radix_order([(keys >> 16).astype(np.uint16), (keys & 0xFFFF).astype(np.uint16)])
+
+
+def _name_order(names: Any) -> Tuple[np.ndarray, np.ndarray]:
+    """(the stable order of binary ``names`` by their bytes, whether each name but the first
+    in that order equals the one before). Names of up to _SORT_WIDTH bytes (processids are
+    about 12) are cut into big-endian 16-bit digits and radix sorted (``_radix_order``);
+    longer ones by pyarrow's sort_indices (2.9x np.lexsort's time)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -318,22 +353,28 @@ def _name_order(names: Any) -> np.ndarray:
     offsets = np.frombuffer(names.buffers()[1], dtype=np.int64)[names.offset:names.offset + n + 1]
     width = int(np.diff(offsets).max(initial=0))
     if width > _SORT_WIDTH or names.null_count:
-        return pc.sort_indices(names).to_numpy()
-    words = max(1, -(-width // 8))
+        order = pc.sort_indices(names).to_numpy()
+        in_order = names.take(order)
+        return order, pc.equal(in_order[1:], in_order[:-1]).to_numpy(zero_copy_only=False)
+    width = max(2, width + width % 2)
     data = np.frombuffer(names.buffers()[2], dtype=np.uint8) if n else np.zeros(0, np.uint8)
-    blob = np.concatenate((data, np.zeros(8 * words + 8, np.uint8)))
-    keys = fixed_width(blob, offsets[:-1], offsets[1:], 8 * words).view(">u8")
-    return np.lexsort(tuple(keys[:, k] for k in reversed(range(words))))
+    blob = np.concatenate((data, np.zeros(width, np.uint8)))
+    padded = fixed_width(blob, offsets[:-1], offsets[1:], width)
+    digits = list(np.ascontiguousarray(padded.view(">u2").T, dtype=np.uint16))
+    lengths = np.diff(offsets)
+    if not data.all():   # a name that holds NUL pads like a shorter one: its length decides
+        digits.append(lengths.astype(np.uint16))
+    order = _radix_order(digits)
+    lengths, padded = lengths[order], padded[order]
+    return order, (lengths[1:] == lengths[:-1]) & (padded[1:] == padded[:-1]).all(axis=1)
 
 
-def _first_rows(table: Any, sorted_names: Any, by_name: np.ndarray) -> Tuple[np.ndarray, Dict[str, Any]]:
-    """Which rows count: those with a processid (one path component: no '/' or NUL), the first
-    of each processid only (``sorted_names``: the file names in the stable order
-    ``by_name``, so a repeat follows its first row); counts for the log."""
+def _first_rows(table: Any, repeats: np.ndarray) -> Tuple[np.ndarray, Dict[str, Any]]:
+    """Which rows count: those with a processid (one path component: no '/' or NUL), but not
+    the ``repeats`` (rows whose processid an earlier row has); counts for the log."""
     import pyarrow.compute as pc
 
     pid = table.column("processid").combine_chunks()
-    repeats = by_name[1:][pc.equal(sorted_names[1:], sorted_names[:-1]).to_numpy(zero_copy_only=False)]
     stats: Dict[str, Any] = {"csv_rows": table.num_rows, "processids_repeated": len(repeats)}
     if len(repeats):
         log.info("views: %d CSV rows repeat a processid listed before; the first row of each wins", len(repeats))
@@ -345,45 +386,60 @@ def _first_rows(table: Any, sorted_names: Any, by_name: np.ndarray) -> Tuple[np.
 
 
 def _splits(split: Any) -> Tuple[np.ndarray, List[bytes]]:
-    """(rank of each row's split among the splits' names in byte order, -1 for a split
-    that is not one of the dataset's; those names)."""
-    import pyarrow.compute as pc
-
-    encoded = pc.dictionary_encode(split)
-    values = encoded.dictionary.to_pylist()
+    """(rank of each row's split (a DictionaryArray) among the splits' names in byte
+    order, -1 for a split that is not one of the dataset's; those names)."""
+    values = split.dictionary.to_pylist()
     known = sorted(v for v in values if v.decode("utf-8", "replace") in SPLIT_CHUNK_CHARS)
     rank_of = np.array([known.index(v) if v in known else -1 for v in values] + [-1], dtype=np.int64)
-    codes = encoded.indices.fill_null(len(values)).to_numpy(zero_copy_only=False)
+    codes = split.indices.fill_null(len(values)).to_numpy(zero_copy_only=False)
     return rank_of[codes], known
 
 
-def _image_keys(table: Any, split_names: List[bytes], split_rank: np.ndarray) -> Any:
-    """Each row's image path below ``images/<imgtype>/``: split/[chunk/]processid.jpg by
-    the dataset's chunk rule (the CSV's chunk cut to the split's width); null for a row of
-    an unknown split."""
+def _folder_paths(chunk: Any, split_names: List[bytes], split_rank: np.ndarray) -> Tuple[np.ndarray, Any]:
+    """(each row's image folder below ``images/<imgtype>/`` as an index into the paths, -1
+    for a row of an unknown split; the paths ``split/[chunk/]``).
+
+    The folder follows the dataset's chunk rule (the CSV's chunk cut to the split's
+    width), made once per split and distinct chunk value, not once per row."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    widths = np.array([SPLIT_CHUNK_CHARS[s.decode()] for s in split_names] + [0], dtype=np.int64)
-    width = widths[np.where(split_rank >= 0, split_rank, len(split_names))]
-    chunk = table.column("chunk").combine_chunks()
-    chunk = pc.if_else(pa.array(width == 2), pc.binary_slice(chunk, 0, 2),
-                       pc.if_else(pa.array(width == 1), pc.binary_slice(chunk, 0, 1), b""))
-    slash = pc.if_else(pa.array(width > 0), b"/", b"")
-    key = pc.binary_join_element_wise(table.column("split").combine_chunks(), b"/", chunk, slash,
-                                      table.column("processid").combine_chunks(), b".jpg", b"")
-    return pc.if_else(pa.array(split_rank >= 0), key, pa.scalar(None, pa.binary()))
+    values = chunk.dictionary
+    slots = len(values) + 1   # the last: a row with no chunk value
+    paths = []
+    for name in split_names:
+        width = SPLIT_CHUNK_CHARS[name.decode()]
+        if width:
+            cut = pc.binary_join_element_wise(pc.binary_slice(values, 0, width), b"/", b"")
+            paths.append(pc.binary_join_element_wise(name + b"/", cut, b"").cast(pa.binary()))
+        else:
+            paths.append(pa.array([name + b"/"] * len(values), pa.binary()))
+        paths.append(pa.array([b""], pa.binary()))   # a chunked split's row with no chunk: no folder
+    codes = chunk.indices.fill_null(len(values)).to_numpy(zero_copy_only=False).astype(np.int64)
+    folder = np.where(split_rank >= 0, split_rank * slots + codes, -1)
+    return folder, pa.concat_arrays(paths) if paths else pa.array([], pa.binary())
 
 
 Spans = List[Tuple[bytes, int, int]]   #: (folder path below the imgtype + "/", first row, end row), by row
 
 
-def _image_rows(tree: Tree, keys: Any) -> List[Tuple[bytes, np.ndarray]]:
+class _Keys(NamedTuple):
+    """The CSV rows' file names (``processid.jpg``) as a padded byte blob, and their image
+    folders (``_folder_paths``)."""
+
+    blob: np.ndarray
+    begins: np.ndarray
+    ends: np.ndarray
+    folder: np.ndarray
+    paths: Any
+
+
+def _image_rows(tree: Tree, keys: _Keys) -> List[Tuple[bytes, np.ndarray]]:
     """(imgtype, the image row of each CSV row or -1) for every folder under images/.
 
-    One hash join; an imgtype whose folders and names are the same as the one before
-    (the packages of BIOSCAN-5M hold the same processids) takes that one's answer, each
-    row moved by its folder's offset."""
+    An imgtype whose folders and names are the same as the one before (the packages of
+    BIOSCAN-5M hold the same processids) takes that one's answer, each row moved by its
+    folder's offset."""
     try:
         images = -1 - tree.lookup(IMAGES_ROOT.encode())
     except NotFound:
@@ -424,48 +480,58 @@ def _same_names(tree: Tree, a: Spans, b: Spans) -> bool:
     return True
 
 
-def _join(tree: Tree, spans: Spans, keys: Any) -> np.ndarray:
-    """The row of each key (folder/name below the imgtype) among ``spans``' rows, or -1."""
+def _join(tree: Tree, spans: Spans, keys: _Keys) -> np.ndarray:
+    """The row of each CSV row's image among ``spans``' rows, or -1.
+
+    Why not a hash join of paths: a folder's rows are sorted by name (``tree``), so each
+    CSV row is looked up by binary search among the names of its own folder only, as
+    fixed-width byte strings (numpy compares them as memcmp does): no path is built."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    ends = tree.name_ends.astype(np.int64)
-    rows = np.concatenate([np.arange(lo, hi) for _, lo, hi in spans]) if spans else np.zeros(0, np.int64)
-    begins = np.where(rows > 0, ends[np.maximum(rows - 1, 0)], 0)
-    offsets = np.concatenate(([0], np.cumsum(ends[rows] - begins)))
-    blob = np.concatenate([tree.names[b:e] for b, e in _runs(begins, ends[rows])]) if len(rows) else \
-        np.zeros(0, np.uint8)
-    names = pa.Array.from_buffers(pa.large_binary(), len(rows), [None, pa.py_buffer(offsets), pa.py_buffer(blob)])
-    folder = pa.array([p for p, _, _ in spans], pa.large_binary())
-    which = np.repeat(np.arange(len(spans)), [hi - lo for _, lo, hi in spans])
-    values = pc.binary_join_element_wise(pc.take(folder, pa.array(which)), names, pa.scalar(b"", pa.large_binary()))
-    at = pc.index_in(keys.cast(pa.large_binary()), value_set=values).fill_null(-1)
-    at = at.to_numpy(zero_copy_only=False).astype(np.int64)
-    return np.where(at >= 0, rows[np.maximum(at, 0)] if len(rows) else -1, -1)
+    span_of_path = pc.index_in(keys.paths, value_set=pa.array([p for p, _, _ in spans], pa.binary()))
+    span_of_path = np.append(span_of_path.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64), -1)
+    span = span_of_path[keys.folder]   # a folder of -1 takes the last: none
+    order = np.argsort(span, kind="stable")
+    bounds = np.searchsorted(span[order], np.arange(len(spans) + 1))
+    rows = np.full(len(span), -1, dtype=np.int64)
+    for j, (_, lo, hi) in enumerate(spans):
+        asked = order[bounds[j]:bounds[j + 1]]
+        if len(asked) and hi > lo:
+            rows[asked] = _lookup(tree, lo, hi, keys, asked)
+    return rows
 
 
-def _runs(begins: np.ndarray, ends: np.ndarray) -> List[Tuple[int, int]]:
-    """Contiguous byte ranges covering name segments that follow each other."""
-    if len(begins) == 0:
-        return []
-    breaks = np.flatnonzero(begins[1:] != ends[:-1]) + 1
-    starts = np.concatenate(([0], breaks))
-    stops = np.concatenate((breaks, [len(begins)]))
-    return [(int(begins[a]), int(ends[b - 1])) for a, b in zip(starts.tolist(), stops.tolist())]
+def _lookup(tree: Tree, lo: int, hi: int, keys: _Keys, asked: np.ndarray) -> np.ndarray:
+    """The rows among ``lo:hi`` (one folder, sorted by name) named as the CSV rows ``asked``, or -1."""
+    from .merge import fixed_width  # build only: a remount starts sooner without merge
+
+    ends = tree.name_ends[lo:hi].astype(np.int64)
+    start = int(tree.name_ends[lo - 1]) if lo else 0
+    begins = np.concatenate(([start], ends[:-1]))
+    width = int((ends - begins).max())   # no name here is longer (each <= NAME_MAX): none is cut
+    blob = np.concatenate((tree.names[start:int(ends[-1])], np.zeros(width, np.uint8)))
+    names = fixed_width(blob, begins - start, ends - start, width).view(f"S{width}").ravel()
+    wanted = fixed_width(keys.blob, keys.begins[asked], keys.ends[asked], width).view(f"S{width}").ravel()
+    at = np.minimum(np.searchsorted(names, wanted), len(names) - 1)
+    same = (names[at] == wanted) & ((ends - begins)[at] == keys.ends[asked] - keys.begins[asked])
+    return np.where(same, lo + at, -1)
 
 
 def _labels(column: Any) -> Tuple[np.ndarray, List[bytes]]:
-    """(each row's label as its rank among the folder names, -1 when empty; the folder
-    names in byte order)."""
+    """(each row's label (a DictionaryArray) as its rank among the folder names, -1 when
+    empty; the folder names in byte order)."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
-    encoded = pc.dictionary_encode(column)
-    values = encoded.dictionary.to_pylist()
-    named = sorted((label_name(v), i) for i, v in enumerate(values) if v)
+    values = column.dictionary.to_pylist()
+    labelled = [i for i, v in enumerate(values) if v]
+    folders = [label_name(values[i]) for i in labelled]
+    order = pc.sort_indices(pa.array(folders, pa.binary())).to_numpy() if folders else np.zeros(0, np.int64)
     rank_of = np.full(len(values) + 1, -1, dtype=np.int64)
-    rank_of[[i for _, i in named]] = np.arange(len(named))
-    codes = encoded.indices.fill_null(len(values)).to_numpy(zero_copy_only=False)
-    return rank_of[codes], [name for name, _ in named]
+    rank_of[np.asarray(labelled, dtype=np.int64)[order]] = np.arange(len(order))
+    codes = column.indices.fill_null(len(values)).to_numpy(zero_copy_only=False)
+    return rank_of[codes], [folders[i] for i in order.tolist()]
 
 
 def _classes_zip(files: List[Tuple[bytes, bytes]], mtime: int) -> Tuple[bytes, Members]:

@@ -71,7 +71,9 @@ def write_csv(folder: Path, text: str, method: int = zipfile.ZIP_STORED) -> None
 
 def write_metadata(folder: Path, splits: Dict[str, str]) -> Labels:
     """A metadata CSV that labels every image, then repeats five processids with other
-    labels, and adds a row without images and one of an unknown split."""
+    labels, and adds a row without images, one of an unknown split, and for every image a
+    row whose file name starts with the image's, in the image's folder (``pid.jpgX``: no
+    image; a join that compared names only as long as the folder's longest finds one)."""
     labels: Labels = {}
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
@@ -83,6 +85,10 @@ def write_metadata(folder: Path, splits: Dict[str, str]) -> Labels:
         writer.writerow(_row(pid, splits[pid], dict.fromkeys(RANKS, "Repeated")))
     writer.writerow(_row("NOIMAGE1-24", "train", dict.fromkeys(RANKS, "Nowhere")))
     writer.writerow(_row(sorted(splits)[0], "weird", dict.fromkeys(RANKS, "Weird")))
+    for pid in sorted(splits):
+        longer = _row(pid + ".jpgX", splits[pid], dict.fromkeys(RANKS, "Nowhere"))
+        longer[CSV_COLUMNS.index("chunk")] = chunk_of(pid, splits[pid])
+        writer.writerow(longer)
     write_csv(folder, out.getvalue())
     return labels
 
@@ -425,14 +431,31 @@ def test_reindex_of_one_changed_archive_keeps_the_views(tmp_path: Path, bench_sc
 
 @pytest.mark.no_c
 def test_name_order_is_byte_order() -> None:
-    """The numpy word sort of file names orders them as bytes, stably (ties keep row order)."""
+    """The radix sort of file names orders them as bytes, stably (ties keep row order), and
+    flags each name equal to the one before it in that order."""
     import pyarrow as pa
 
     from bioscanfs.views import _name_order
     names = [b"ab.jpg", b"a.jpg", b"a\xff.jpg", b"B.jpg", b"\xc3\xa9.jpg", b"a.jpg", b"abcdefghijklmnopq.jpg",
              b"abcdefgh.jpg"]
-    for picked in (names, names * 3, [b"x" * 70] + names):
-        assert _name_order(pa.array(picked, pa.binary())).tolist() == sorted(range(len(picked)), key=picked.__getitem__)
+    rng = np.random.default_rng(5)   # many 16-bit digits, odd lengths, shared heads, every byte
+    drawn = [b"AB" * int(rng.integers(0, 3)) + rng.integers(0, 256, int(rng.integers(0, 20)), np.uint8).tobytes()
+             for _ in range(3000)]
+    nul = [b"a\0", b"a", b"a\0\0", b"a", b"a\0"]   # NUL pads: as long as the other, equal
+    for picked in (names, names * 3, [b"x" * 70] + names, drawn + drawn[:500], nul, []):
+        order, repeated = _name_order(pa.array(picked, pa.binary()))
+        assert order.tolist() == sorted(range(len(picked)), key=picked.__getitem__)
+        assert repeated.tolist() == [picked[a] == picked[b] for a, b in zip(order[:-1], order[1:])]
+
+
+@pytest.mark.no_c
+def test_stable_order_of_folder_keys() -> None:
+    """The radix passes over 16-bit halves order folder keys as numpy's stable sort does."""
+    from bioscanfs.views import _stable_order
+    rng = np.random.default_rng(6)
+    for top in (1, 300, 1 << 16, 70_000, 1 << 32, 1 << 40):
+        keys = rng.integers(0, top, 5000, dtype=np.int64)
+        assert _stable_order(keys).tolist() == np.argsort(keys, kind="stable").tolist(), top
 
 
 def test_a_views_folder_in_the_archives_wins(views_set, mount: MountFactory, tmp_path: Path) -> None:
