@@ -462,10 +462,16 @@ static PyObject *split_dirs(PyObject *self, PyObject *args)
 /* Rows ahead of the one in hand whose memory is asked for (__builtin_prefetch). */
 #define PREFETCH_AHEAD 16
 
-/* Names to sort: the first 8 bytes as a big-endian key (so most comparisons are one
- * integer compare), and the position in the input (equal names keep their order). */
+/* Bytes of a name's sort key: real processids share their first 8 bytes (BIOUG12345-A01,
+ * BIOUG12346-...), so 8 would tie on most rows and fall back to the names' bytes, all
+ * over the blob; 16 cover a processid and its '.jpg'. */
+#define KEY_BYTES 16
+
+/* Names to sort: the first KEY_BYTES bytes as two big-endian integers (so most
+ * comparisons are one or two integer compares), and the position in the input (equal
+ * names keep their order). */
 typedef struct {
-    uint64_t key;
+    uint64_t key[KEY_BYTES / 8];
     int64_t at;
 } sort_item;
 
@@ -485,10 +491,17 @@ static int compare_names(const sort_item *x, const sort_item *y, const sort_name
     return x->at < y->at ? -1 : x->at > y->at;
 }
 
+static int same_key(const sort_item *x, const sort_item *y)
+{
+    return x->key[0] == y->key[0] && x->key[1] == y->key[1];
+}
+
 static int item_less(const sort_item *x, const sort_item *y, const sort_names_job *job)
 {
-    if (x->key != y->key)
-        return x->key < y->key;
+    if (x->key[0] != y->key[0])
+        return x->key[0] < y->key[0];
+    if (x->key[1] != y->key[1])
+        return x->key[1] < y->key[1];
     return compare_names(x, y, job) < 0;
 }
 
@@ -538,12 +551,12 @@ static int sort_names_run(const sort_names_job *job, size_t n, int64_t *order, u
     for (size_t i = 0; i < n; i++) {
         if (i + PREFETCH_AHEAD < n)   /* the names lie all over the blob: overlap the cache misses */
             __builtin_prefetch(job->blob + job->begins[i + PREFETCH_AHEAD]);
-        uint8_t word[8] = {0};
-        memcpy(word, job->blob + job->begins[i], job->lengths[i] < 8 ? (size_t)job->lengths[i] : 8);
-        uint64_t key = 0;
-        for (int k = 0; k < 8; k++)
-            key = key << 8 | word[k];
-        buffer[i] = (sort_item){key, (int64_t)i};
+        uint8_t word[KEY_BYTES] = {0};
+        memcpy(word, job->blob + job->begins[i], job->lengths[i] < KEY_BYTES ? (size_t)job->lengths[i] : KEY_BYTES);
+        sort_item item = {{0}, (int64_t)i};
+        for (int k = 0; k < KEY_BYTES; k++)
+            item.key[k / 8] = item.key[k / 8] << 8 | word[k];
+        buffer[i] = item;
     }
     items = merge_sort(buffer, buffer + n, n, job);
     for (size_t i = 0; i < n; i++) {
@@ -551,7 +564,7 @@ static int sort_names_run(const sort_names_job *job, size_t n, int64_t *order, u
         same[i] = 0;
         if (i > 0) {
             int64_t a = items[i - 1].at, b = items[i].at;
-            same[i] = items[i - 1].key == items[i].key && job->lengths[a] == job->lengths[b] &&
+            same[i] = same_key(&items[i - 1], &items[i]) && job->lengths[a] == job->lengths[b] &&
                       memcmp(job->blob + job->begins[a], job->blob + job->begins[b], (size_t)job->lengths[a]) == 0;
         }
     }

@@ -11,6 +11,7 @@ raises. Also run under AddressSanitizer and UBSan (scripts/test).
 from __future__ import annotations
 
 import shutil
+import struct
 import subprocess
 from pathlib import Path
 from types import ModuleType
@@ -222,10 +223,13 @@ def test_local_headers_out_of_order_overlapping_or_past_the_data() -> None:
 def test_placement(bases: tuple, prefix: int) -> None:
     """Offsets made global (a disk's base, a prefix) and bounded by the data's end, ZIP64
     extras, disk numbers past the set."""
-    entries = _hostile_entries()
     for disk in (0, 1, 2, 3):
+        # The first record's disk in its own field, the last one's in its ZIP64 extra (4.5.3).
+        entries = _hostile_entries() + [Entry(b"disk.bin", b"d", central_extra=struct.pack("<HHI", 1, 4, disk))]
         data = bytearray(_directory(entries))
-        data[34:36] = disk.to_bytes(2, "little")   # the first record's disk
+        data[34:36] = disk.to_bytes(2, "little")
+        last = len(_directory(entries[:-1]))
+        data[last + 34:last + 36] = b"\xff\xff"
         for data_end in (1 << 40, 30_000, 100_000):
             assert_walks_agree(np.frombuffer(bytes(data), dtype=np.uint8), len(entries),
                                Placement(bases, prefix, data_end))
@@ -246,11 +250,15 @@ def test_output_buffers_are_checked() -> None:
 
 
 # -- the merge's byte loops against plain Python --------------------------------------------
-#: Names that sort apart only past the 8-byte key, equal ones, prefixes of others, NUL bytes.
+#: Names that sort apart only in the key's second word or past the 16-byte key (real
+#: processids share their first 8 bytes), equal ones, prefixes of others, NUL bytes.
 SORT_NAMES = st.lists(st.one_of(st.sampled_from([b"", b"a", b"ab", b"abcdefgh", b"abcdefgh\0", b"abcdefghij",
                                                  b"abcdefghik", b"abcdefgh/x", b"\xff", b"\0", b"x" * 300,
-                                                 b"x" * 299 + b"y"]),
-                                st.binary(max_size=20)), max_size=40)
+                                                 b"x" * 299 + b"y", b"abcdefghijklmnop", b"abcdefghijklmnop\0",
+                                                 b"abcdefghijklmnopq", b"abcdefghijklmnoq", b"abcdefghijklmnor",
+                                                 b"BIOUG12345-A01.jpg", b"BIOUG12345-A01.jpeg",
+                                                 b"BIOUG12345-A02.jpg", b"BIOUG12346-A01.jpg"]),
+                                st.binary(max_size=24)), max_size=40)
 
 
 def _segments(names: List[bytes]) -> tuple:
