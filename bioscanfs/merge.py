@@ -9,9 +9,10 @@ differ, the member of the archive listed first wins (archives are ordered by pat
 the conflict is recorded; inside one archive the last entry wins, as with zipfile and
 unzip. A file whose path is also a directory is hidden with a warning; the directory wins.
 
-Memory: archives are added one at a time (``Builder.add``) and each is reduced at once
-to what the merge needs: a directory id (4 bytes), its own name (its bytes plus 2) and
-its row, which goes to a spill file, not memory. The merged columns are then written
+Memory: each archive is reduced at once (``reduce``, in the thread that parsed it) to
+what the merge needs: a folder group (4 bytes), its own name (its bytes plus 2) and its
+row, in (folder, name) order; archives are added one at a time (``Builder.add``), the
+rows to a spill file, not memory. The merged columns are then written
 out chunk by chunk (``Builder.write``), so the peak is about 40 bytes per member plus
 the names, never every column of every archive at once (docs/scale.md).
 

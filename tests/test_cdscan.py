@@ -13,6 +13,7 @@ from __future__ import annotations
 import shutil
 import struct
 import subprocess
+import zipfile
 from pathlib import Path
 from types import ModuleType
 from typing import List, Union
@@ -25,7 +26,7 @@ from hypothesis import strategies as st
 from test_fuzz import damaged
 from test_zipdir import BROKEN, GENERATED, VALID
 
-from bioscanfs import _cdscan, zipdir
+from bioscanfs import _cdscan, merge, zipdir
 from bioscanfs.errors import ArchiveError
 from bioscanfs.sources import BytesSource, FileSource
 from bioscanfs.zipdir import Members, Placement, Source, Walk, read_members
@@ -334,3 +335,25 @@ def test_sort_dirs_bounds_rows_and_folders(order: List[int], bounds: List[int]) 
     with pytest.raises(ValueError):
         _cdscan.sort_dirs(blob, begins, 8, lengths, 8, np.asarray(order, np.int64), 8, np.asarray(bounds, np.int64),
                           np.zeros(2, np.uint8), 0, 1)
+
+
+
+def test_an_archive_is_reduced_in_folder_and_name_order(tmp_path: Path) -> None:
+    """merge.reduce gives each folder's rows together and by name (so the merge's sort and
+    gathers read runs), and of two equal paths in one archive the later entry first (it
+    wins); against zipfile's view of the same archive."""
+    names = [b"b/z.jpg", b"a/y.jpg", b"b/a.jpg", b"top.txt", b"a/x.jpg", b"b/a.jpg", b"a/BIOUG12345-A02.jpg",
+             b"a/BIOUG12345-A01.jpg"]
+    path = write_zip(tmp_path / "order.zip", [Entry(n, b"%d" % i) for i, n in enumerate(names)])
+    archive = merge.reduce(read_members(FileSource([str(path)])))
+    folders = [archive.group_dirs[g] for g in archive.group_of.tolist()]
+    ends = np.cumsum(archive.lengths, dtype=np.int64).tolist()
+    own = [archive.bases[e - n:e].tobytes() for e, n in zip(ends, archive.lengths.tolist())]
+    with zipfile.ZipFile(path) as zf:
+        infos = zf.infolist()
+    assert sorted(f + b"/" + o if f else o for f, o in zip(folders, own)) == sorted(i.filename.encode() for i in infos)
+    assert len([i for i in range(len(folders)) if i == 0 or folders[i] != folders[i - 1]]) == len(set(folders))
+    assert all(folders[i] != folders[i + 1] or own[i] <= own[i + 1] for i in range(len(own) - 1))
+    offsets = archive.rows["header_offset"].tolist()
+    twice = [offsets[i] for i, row in enumerate(zip(folders, own)) if row == (b"b", b"a.jpg")]
+    assert twice == sorted((i.header_offset for i in infos if i.filename == "b/a.jpg"), reverse=True)
