@@ -128,19 +128,22 @@ class Builder:
 
     def add_from_tree(self, tree: Tree, rows: np.ndarray, warnings: List[str]) -> None:
         """Add an archive unchanged since an earlier tree was built, from its ``rows``
-        there: no parse, its rows and names are taken as they are (the caller has made
+        there (ascending): no parse, its rows and names are taken as they are (the caller has made
         sure that tree lost none of them to a duplicate or a folder: ``index._lost_nothing``)."""
         self.warnings.append(list(warnings))
         self._spill.write(np.take(tree.files.view(_RECORD), rows).view(np.uint8).data)
-        old_dir = np.searchsorted(tree.dir_hi, rows, side="right")
-        used = np.unique(old_dir)
+        # Rows ascend and each folder's rows are a range: its count of ``rows`` is a
+        # difference of two binary searches (the tree's whole columns are not read again
+        # for each archive: that cost 0.5 s an archive at 20.6 M members).
+        counts = np.diff(np.searchsorted(rows, tree.dir_hi.astype(np.int64)), prepend=0)
         new_dir = np.zeros(tree.n_dirs, dtype=np.uint32)
+        used = np.flatnonzero(counts)
         new_dir[used] = [self._dirs.add(tree.dir_path(int(d))) for d in used.tolist()]
-        self._dir_of.append(new_dir[old_dir])
-        ends = tree.name_ends.astype(np.int64)
-        begins = np.where(rows > 0, ends[np.maximum(rows - 1, 0)], 0)
-        self._bases.append(zipdir.gather_segments(tree.names, begins, ends[rows] - begins)[0])
-        self._lengths.append((ends[rows] - begins).astype(np.uint16))
+        self._dir_of.append(np.repeat(new_dir, counts))
+        ends = tree.name_ends[rows].astype(np.int64)
+        begins = np.where(rows > 0, tree.name_ends[np.maximum(rows - 1, 0)].astype(np.int64), 0)
+        self._bases.append(zipdir.gather_segments(tree.names, begins, ends - begins)[0])
+        self._lengths.append((ends - begins).astype(np.uint16))
         self._starts.append(self._starts[-1] + len(rows))
 
     def merge(self) -> Dict[str, Tuple[np.dtype, int]]:
