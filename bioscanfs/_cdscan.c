@@ -5,14 +5,18 @@
  *
  * Why C: a 5 M-member directory walked with numpy costs about 2 us a member, most of it
  * holding the GIL, so the thread that parses the next archive stalls the merge of the
- * previous one. The walk copies each record's 46 fixed bytes, its name and where it
- * starts, and marks the names that need cleaning, in one pass and with the GIL released.
+ * previous one. The walk writes each record's member row (zipdir.MEMBER_DTYPE, ZIP64
+ * extras applied, DOS times converted, the room for each local extra field), copies its
+ * name and marks the names that need cleaning, in one pass with the GIL released,
+ * straight into the arrays zipdir returns (no table of raw records in between).
  * Gathering segments with numpy needs an index per byte; here it is one memcpy a segment.
  *
  * It does only the common case. When the records do not chain exactly from offset 0 to
- * the end of the directory, or their number is not the expected one, it returns -1 and
- * zipdir's numpy walk (the reference: same outputs, and it names the fault) takes over.
- * Everything after the walk (ZIP64 extras, offsets, name cleaning) stays in zipdir.py.
+ * the end of the directory, their number is not the expected one, or a ZIP64 extra field
+ * or a disk number cannot be read, it returns -1 and zipdir's numpy walk (the reference:
+ * same outputs, and it names the fault) takes over; when the local headers are not in
+ * directory order (or overlap, or lie past the data), zipdir computes the rooms. Name
+ * cleaning stays in zipdir.py.
  *
  * The directory is untrusted input: every length read from it is bounded by the
  * directory's size before it is used, and every write by its output buffer's size; the
@@ -52,13 +56,98 @@ static int needs_cleaning(const uint8_t *name, size_t length, size_t name_max)
     return 0;
 }
 
+/* 4.3.12 fields of a central directory header, by offset. */
+enum { AT_MADE_BY = 4, AT_FLAGS = 8, AT_METHOD = 10, AT_TIME = 12, AT_DATE = 14, AT_CRC = 16,
+       AT_CSIZE = 20, AT_SIZE = 24, AT_DISK = 34, AT_EXTERNAL = 38, AT_OFFSET = 42 };
+#define LOCAL_SIZE 30              /* 4.3.7, fixed part of a local header */
+#define ZIP64_EXTRA_ID 0x0001      /* 4.5.3 */
+#define MAX_EXTRA_BLOCKS 64        /* zipdir.MAX_EXTRA_BLOCKS */
+#define MADE_BY_UNIX 3
+#define MARK32 0xFFFFFFFFu
+#define MARK16 0xFFFFu
+
+/* A row of zipdir.MEMBER_DTYPE (packed, 48 bytes): where each field is. zipdir checks
+ * at import that ROW_FIELDS, built from these, is its dtype's layout. */
+enum { ROW_OFFSET = 0, ROW_CSIZE = 8, ROW_SIZE = 16, ROW_CRC = 24, ROW_MTIME = 28, ROW_METHOD = 36,
+       ROW_FLAGS = 38, ROW_MODE = 40, ROW_NAME_LENGTH = 42, ROW_ARCHIVE = 44, ROW_ROOM = 46, ROW_BYTES = 48 };
+#define DOS_CODES 65536            /* a DOS date or time is 16 bits: one table entry each */
+
+/* Little-endian stores, as the dtype says ('<'), whatever the host. */
+static void put_le(uint8_t *p, uint64_t v, int width)
+{
+    for (int k = 0; k < width; k++)
+        p[k] = (uint8_t)(v >> (8 * k));
+}
+static void put16(uint8_t *p, uint64_t v) { put_le(p, v, 2); }
+static void put32(uint8_t *p, uint64_t v) { put_le(p, v, 4); }
+static void put64(uint8_t *p, uint64_t v) { put_le(p, v, 8); }
+static uint64_t le64(const uint8_t *p) { return (uint64_t)u32(p) | (uint64_t)u32(p + 4) << 32; }
+
 typedef struct {
     const uint8_t *dir; size_t dir_size; size_t count; size_t name_max;
-    uint8_t *head; int64_t *starts; uint8_t *names; size_t names_size; uint64_t *ends; uint8_t *suspect;
+    const uint64_t *bases; size_t n_bases; uint64_t prefix; uint64_t data_end;
+    const int64_t *day_seconds, *time_seconds;   /* DOS_CODES each */
+    uint8_t *table; uint8_t *names; size_t names_size; uint64_t *ends; uint8_t *suspect;
 } scan_job;
 
+/* The saturated fields of a record (values[0..3]: size, compressed size, offset, disk)
+ * replaced by its ZIP64 extra field's (4.5.3), read from extra[0:length]; 0 when it has
+ * none or it is too short (zipdir._apply_zip64 names the fault). */
+static int apply_zip64(const uint8_t *extra, size_t length, const int saturated[4], uint64_t values[4])
+{
+    size_t block = 0;
+    int k = 0;
+    for (; k < MAX_EXTRA_BLOCKS && length >= 4 && block <= length - 4; k++) {
+        if (u16(extra + block) == ZIP64_EXTRA_ID)
+            break;
+        block += 4 + (size_t)u16(extra + block + 2);
+    }
+    if (k == MAX_EXTRA_BLOCKS || length < 4 || block > length - 4)
+        return 0;
+    size_t cursor = block + 4, end = cursor + u16(extra + block + 2);
+    if (end > length)
+        return 0;
+    for (int f = 0; f < 4; f++) {
+        size_t width = f < 3 ? 8 : 4;
+        if (!saturated[f])
+            continue;
+        if (end - cursor < width)
+            return 0;
+        values[f] = width == 8 ? le64(extra + cursor) : u32(extra + cursor);
+        cursor += width;
+    }
+    return 1;
+}
+
+/* One member row from the record `rec` (already bounded: its name and extra field lie in
+ * the directory); 0 when its ZIP64 extra is missing or short, or its disk is unknown. */
+static int fill_row(const scan_job *job, const uint8_t *rec, size_t name_length, uint8_t *row)
+{
+    uint64_t values[4] = {u32(rec + AT_SIZE), u32(rec + AT_CSIZE), u32(rec + AT_OFFSET), u16(rec + AT_DISK)};
+    int saturated[4] = {values[0] == MARK32, values[1] == MARK32, values[2] == MARK32, values[3] == MARK16};
+    if ((saturated[0] || saturated[1] || saturated[2] || saturated[3])
+            && !apply_zip64(rec + CENTRAL_SIZE + name_length, u16(rec + NAME_LENGTH_AT + 2), saturated, values))
+        return 0;
+    if (values[3] >= job->n_bases)
+        return 0;
+    uint32_t external = u32(rec + AT_EXTERNAL);
+    put64(row + ROW_OFFSET, job->bases[values[3]] + values[2] + job->prefix);   /* wraps as numpy's uint64 */
+    put64(row + ROW_CSIZE, values[1]);
+    put64(row + ROW_SIZE, values[0]);
+    put32(row + ROW_CRC, u32(rec + AT_CRC));
+    put64(row + ROW_MTIME, (uint64_t)job->day_seconds[u16(rec + AT_DATE)] + (uint64_t)job->time_seconds[u16(rec + AT_TIME)]);
+    put16(row + ROW_METHOD, u16(rec + AT_METHOD));
+    put16(row + ROW_FLAGS, u16(rec + AT_FLAGS));
+    put16(row + ROW_MODE, u16(rec + AT_MADE_BY) >> 8 == MADE_BY_UNIX ? external >> 16 : 0);
+    put16(row + ROW_NAME_LENGTH, name_length);
+    put16(row + ROW_ARCHIVE, 0);
+    put16(row + ROW_ROOM, 0);
+    return 1;
+}
+
 /* The walk; returns the name bytes written, or -1 when the directory is not `count`
- * records chained end to end (or the names do not fit the output). */
+ * records chained end to end, a record's ZIP64 fields or disk cannot be read, or the
+ * names do not fit the output. */
 static Py_ssize_t walk(const scan_job *job)
 {
     size_t pos = 0, written = 0;
@@ -72,10 +161,10 @@ static Py_ssize_t walk(const scan_job *job)
         size_t record = CENTRAL_SIZE + name_length + u16(rec + NAME_LENGTH_AT + 2) + u16(rec + NAME_LENGTH_AT + 4);
         if (job->dir_size - pos < record || job->names_size - written < name_length)
             return -1;
-        memcpy(job->head + i * CENTRAL_SIZE, rec, CENTRAL_SIZE);
+        if (!fill_row(job, rec, name_length, job->table + i * ROW_BYTES))
+            return -1;
         memcpy(job->names + written, rec + CENTRAL_SIZE, name_length);
         job->suspect[i] = (uint8_t)needs_cleaning(rec + CENTRAL_SIZE, name_length, job->name_max);
-        job->starts[i] = (int64_t)pos;
         written += name_length;
         job->ends[i] = written;
         pos += record;
@@ -83,48 +172,76 @@ static Py_ssize_t walk(const scan_job *job)
     return pos == job->dir_size ? (Py_ssize_t)written : -1;
 }
 
-/* The output buffers must be writable and hold `count` entries (names: any size). */
-static int big_enough(const Py_buffer *buf, size_t count, size_t item, const char *what)
+/* Each member's room for its local extra field (zipdir._extra_room, in the common case
+ * of local headers in directory order): 1 when set, 0 when a member lies past the data
+ * area, overlaps the next, or the offsets are not in order (then zipdir does it). */
+static int set_rooms(const scan_job *job)
 {
-    if (buf->readonly || (size_t)buf->len / item < count) {
-        PyErr_Format(PyExc_ValueError, "scan: %s must be writable and hold %zu entries", what, count);
+    const uint64_t limit = job->data_end;
+    for (size_t i = 0; i < job->count; i++) {
+        uint8_t *row = job->table + i * ROW_BYTES;
+        uint64_t offset = le64(row + ROW_OFFSET), csize = le64(row + ROW_CSIZE);
+        uint64_t stop = offset + LOCAL_SIZE + u16(row + ROW_NAME_LENGTH) + csize;   /* wraps as numpy's */
+        uint64_t next = i + 1 < job->count ? le64(row + ROW_BYTES + ROW_OFFSET) : limit;
+        if (offset > limit || csize > limit || stop > limit || next < offset || stop > next)
+            return 0;
+        put16(row + ROW_ROOM, next - stop < 0xFFFF ? next - stop : 0xFFFF);
+    }
+    return 1;
+}
+
+/* An input or output buffer holds `count` entries of `item` bytes (and is writable if an
+ * output). */
+static int big_enough(const Py_buffer *buf, size_t count, size_t item, int output, const char *what)
+{
+    if ((output && buf->readonly) || (size_t)buf->len / item < count) {
+        PyErr_Format(PyExc_ValueError, "scan: %s must %shold %zu entries", what, output ? "be writable and " : "",
+                     count);
         return 0;
     }
     return 1;
 }
 
 PyDoc_STRVAR(scan_doc,
-"scan(directory, count, name_max, head, starts, names, ends, suspect) -> int\n\n"
-"Walk `count` central directory records of `directory` (bytes-like). Fills head (46 bytes a\n"
-"record), starts (int64), names (the names end to end), ends (uint64, where each name ends\n"
-"in names) and suspect (one byte a name: 1 when it needs cleaning). Returns the name bytes\n"
-"written, or -1 when the records do not chain exactly over the directory.");
+"scan(directory, count, name_max, bases, prefix, data_end, day_seconds, time_seconds, table, names, ends,\n"
+"     suspect) -> (int, bool)\n\n"
+"Walk `count` central directory records of `directory` (bytes-like) into the member table:\n"
+"table (zipdir.MEMBER_DTYPE rows; header_offset = bases[disk] + offset + prefix, bases:\n"
+"uint64; mtime from day_seconds[date] + time_seconds[time], int64 tables of 65536), names\n"
+"(the names end to end), ends (uint64, where each name ends in names) and suspect (one byte\n"
+"a name: 1 when it needs cleaning). Returns (name bytes written, whether extra_room is set:\n"
+"the members lie in order below data_end without overlapping); written is -1 when the\n"
+"records do not chain exactly over the directory, or a ZIP64 extra or disk is missing.");
 
 static PyObject *scan(PyObject *self, PyObject *args)
 {
     (void)self;
-    Py_buffer dir, head, starts, names, ends, suspect;
+    Py_buffer dir, bases, days, times, table, names, ends, suspect;
     Py_ssize_t count, name_max;
-    if (!PyArg_ParseTuple(args, "y*nnw*w*w*w*w*", &dir, &count, &name_max, &head, &starts, &names, &ends,
-                          &suspect))
+    unsigned long long prefix, data_end;
+    if (!PyArg_ParseTuple(args, "y*nny*KKy*y*w*w*w*w*", &dir, &count, &name_max, &bases, &prefix, &data_end,
+                          &days, &times, &table, &names, &ends, &suspect))
         return NULL;
     Py_ssize_t written = -1;
-    int ok = count >= 0 && name_max >= 0;
+    int rooms = 0, ok = count >= 0 && name_max >= 0;
     if (!ok)
         PyErr_SetString(PyExc_ValueError, "scan: count and name_max must not be negative");
-    ok = ok && big_enough(&head, (size_t)count, CENTRAL_SIZE, "head") && big_enough(&starts, (size_t)count, 8, "starts")
-         && big_enough(&names, 0, 1, "names") && big_enough(&ends, (size_t)count, 8, "ends")
-         && big_enough(&suspect, (size_t)count, 1, "suspect");
+    ok = ok && big_enough(&bases, 1, 8, 0, "bases") && big_enough(&days, DOS_CODES, 8, 0, "day_seconds")
+         && big_enough(&times, DOS_CODES, 8, 0, "time_seconds")
+         && big_enough(&table, (size_t)count, ROW_BYTES, 1, "table") && big_enough(&names, 0, 1, 1, "names")
+         && big_enough(&ends, (size_t)count, 8, 1, "ends") && big_enough(&suspect, (size_t)count, 1, 1, "suspect");
     if (ok) {
-        scan_job job = {dir.buf, (size_t)dir.len, (size_t)count, (size_t)name_max, head.buf, starts.buf,
-                        names.buf, (size_t)names.len, ends.buf, suspect.buf};
+        scan_job job = {dir.buf, (size_t)dir.len, (size_t)count, (size_t)name_max, bases.buf, (size_t)bases.len / 8,
+                        prefix, data_end, days.buf, times.buf, table.buf, names.buf, (size_t)names.len, ends.buf,
+                        suspect.buf};
         Py_BEGIN_ALLOW_THREADS
         written = walk(&job);
+        rooms = written >= 0 && set_rooms(&job);
         Py_END_ALLOW_THREADS
     }
-    PyBuffer_Release(&dir); PyBuffer_Release(&head); PyBuffer_Release(&starts);
-    PyBuffer_Release(&names); PyBuffer_Release(&ends); PyBuffer_Release(&suspect);
-    return ok ? PyLong_FromSsize_t(written) : NULL;
+    PyBuffer_Release(&dir); PyBuffer_Release(&bases); PyBuffer_Release(&days); PyBuffer_Release(&times);
+    PyBuffer_Release(&table); PyBuffer_Release(&names); PyBuffer_Release(&ends); PyBuffer_Release(&suspect);
+    return ok ? Py_BuildValue("(nO)", written, rooms ? Py_True : Py_False) : NULL;
 }
 
 /* Segments (begin, length) of `buf`, int64 each, checked against buf before any is read. */
@@ -345,10 +462,16 @@ static PyObject *split_dirs(PyObject *self, PyObject *args)
 /* Rows ahead of the one in hand whose memory is asked for (__builtin_prefetch). */
 #define PREFETCH_AHEAD 16
 
-/* Names to sort: the first 8 bytes as a big-endian key (so most comparisons are one
- * integer compare), and the position in the input (equal names keep their order). */
+/* Bytes of a name's sort key: real processids share their first 8 bytes (BIOUG12345-A01,
+ * BIOUG12346-...), so 8 would tie on most rows and fall back to the names' bytes, all
+ * over the blob; 16 cover a processid and its '.jpg'. */
+#define KEY_BYTES 16
+
+/* Names to sort: the first KEY_BYTES bytes as two big-endian integers (so most
+ * comparisons are one or two integer compares), and the position in the input (equal
+ * names keep their order). */
 typedef struct {
-    uint64_t key;
+    uint64_t key[KEY_BYTES / 8];
     int64_t at;
 } sort_item;
 
@@ -368,10 +491,17 @@ static int compare_names(const sort_item *x, const sort_item *y, const sort_name
     return x->at < y->at ? -1 : x->at > y->at;
 }
 
+static int same_key(const sort_item *x, const sort_item *y)
+{
+    return x->key[0] == y->key[0] && x->key[1] == y->key[1];
+}
+
 static int item_less(const sort_item *x, const sort_item *y, const sort_names_job *job)
 {
-    if (x->key != y->key)
-        return x->key < y->key;
+    if (x->key[0] != y->key[0])
+        return x->key[0] < y->key[0];
+    if (x->key[1] != y->key[1])
+        return x->key[1] < y->key[1];
     return compare_names(x, y, job) < 0;
 }
 
@@ -421,12 +551,12 @@ static int sort_names_run(const sort_names_job *job, size_t n, int64_t *order, u
     for (size_t i = 0; i < n; i++) {
         if (i + PREFETCH_AHEAD < n)   /* the names lie all over the blob: overlap the cache misses */
             __builtin_prefetch(job->blob + job->begins[i + PREFETCH_AHEAD]);
-        uint8_t word[8] = {0};
-        memcpy(word, job->blob + job->begins[i], job->lengths[i] < 8 ? (size_t)job->lengths[i] : 8);
-        uint64_t key = 0;
-        for (int k = 0; k < 8; k++)
-            key = key << 8 | word[k];
-        buffer[i] = (sort_item){key, (int64_t)i};
+        uint8_t word[KEY_BYTES] = {0};
+        memcpy(word, job->blob + job->begins[i], job->lengths[i] < KEY_BYTES ? (size_t)job->lengths[i] : KEY_BYTES);
+        sort_item item = {{0}, (int64_t)i};
+        for (int k = 0; k < KEY_BYTES; k++)
+            item.key[k / 8] = item.key[k / 8] << 8 | word[k];
+        buffer[i] = item;
     }
     items = merge_sort(buffer, buffer + n, n, job);
     for (size_t i = 0; i < n; i++) {
@@ -434,7 +564,7 @@ static int sort_names_run(const sort_names_job *job, size_t n, int64_t *order, u
         same[i] = 0;
         if (i > 0) {
             int64_t a = items[i - 1].at, b = items[i].at;
-            same[i] = items[i - 1].key == items[i].key && job->lengths[a] == job->lengths[b] &&
+            same[i] = same_key(&items[i - 1], &items[i]) && job->lengths[a] == job->lengths[b] &&
                       memcmp(job->blob + job->begins[a], job->blob + job->begins[b], (size_t)job->lengths[a]) == 0;
         }
     }
@@ -598,4 +728,23 @@ static struct PyModuleDef module = {
     NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__cdscan(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__cdscan(void)
+{
+    PyObject *m = PyModule_Create(&module);
+    if (!m)
+        return NULL;
+    PyObject *fields = Py_BuildValue("((si)(si)(si)(si)(si)(si)(si)(si)(si)(si)(si))", "header_offset", ROW_OFFSET,
+                                     "compressed_size", ROW_CSIZE, "size", ROW_SIZE, "crc32", ROW_CRC,
+                                     "mtime", ROW_MTIME, "method", ROW_METHOD, "flags", ROW_FLAGS, "mode", ROW_MODE,
+                                     "name_length", ROW_NAME_LENGTH, "archive", ROW_ARCHIVE, "extra_room", ROW_ROOM);
+    if (!fields || PyModule_AddObject(m, "ROW_FIELDS", fields) < 0) {
+        Py_XDECREF(fields);
+        Py_DECREF(m);
+        return NULL;
+    }
+    if (PyModule_AddIntConstant(m, "ROW_BYTES", ROW_BYTES) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -39,15 +39,16 @@ from .sources import FileSource
 from .tree import LAZY_COLUMNS, UNIT_ROWS, Tree, check, check_archive_count
 
 if TYPE_CHECKING:
-    from .merge import Builder
+    from .merge import Archive, Builder
 
 log = logging.getLogger(__name__)
 
 INDEX_VERSION = 5
-#: Archives parsed ahead of the merge (one while the previous one is merged in): each parsed
-#: archive waiting holds its whole member table, the largest cost of a build (docs/scale.md).
-#: Two ahead was no faster on 2 cores (39.8 s against 36.7 s at 20.6 M, loaded) for 111 MB more peak.
-PARSE_AHEAD = 1
+#: Archives parsed and reduced for the merge (``merge.reduce``) ahead of it, in threads:
+#: each in flight holds up to ~0.45 GB (a 2.34 M-member archive's directory and member
+#: table) and sorts on every core, so two keep two cores busy and more would add memory,
+#: not speed, whatever the core count (docs/scale.md: 20.6 M members, 1.55 GB peak with two).
+PARSE_AHEAD = 2 if (os.cpu_count() or 1) > 1 else 1
 _COPY_BLOCK = 8 << 20
 
 
@@ -368,7 +369,7 @@ def _add_all(builder: Builder, sources: Sequence[FileSource], on_archive: Option
                 on_archive(src.name, len(rows), done, len(sources))
             continue
         if on_archive:
-            on_archive(src.name, 0 if isinstance(result, ArchiveError) else len(result.table), done, len(sources))
+            on_archive(src.name, 0 if isinstance(result, ArchiveError) else result.members, done, len(sources))
         if isinstance(result, ArchiveError):
             pieces = len(src.identity) > 1
             if skip_bad or (allow_incomplete and pieces):
@@ -388,13 +389,15 @@ def _add_all(builder: Builder, sources: Sequence[FileSource], on_archive: Option
 
 
 def _parsed(to_parse: Sequence[FileSource], sources: Sequence[FileSource]
-            ) -> Iterator[Tuple[FileSource, Union[zipdir.Members, ArchiveError, None]]]:
-    """(archive, its members or why not; None for those not ``to_parse``) in order, at
-    most PARSE_AHEAD parsed ahead of the consumer: memory holds a bounded number of
-    parsed archives, whatever their count."""
-    def parse(src: FileSource) -> Union[zipdir.Members, ArchiveError]:
+            ) -> Iterator[Tuple[FileSource, Union[Archive, ArchiveError, None]]]:
+    """(archive, its members reduced for the merge or why not; None for those not
+    ``to_parse``) in order, at most PARSE_AHEAD parsed ahead of the consumer: memory holds
+    a bounded number of parsed archives, whatever their count."""
+    from .merge import reduce
+
+    def parse(src: FileSource) -> Union[Archive, ArchiveError]:
         try:
-            return _read_members(src)
+            return reduce(_read_members(src))
         except ArchiveError as err:
             return err
         except OSError as err:  # an archive that opened but cannot be read (an I/O error)

@@ -4,11 +4,12 @@ Owns every byte layout of APPNOTE.TXT (6.3.x); knows nothing of FUSE, caching or
 merged tree. Section numbers below refer to APPNOTE.TXT.
 
 The central directory of a 5 M-member archive is walked in C (``_cdscan``, without the
-GIL): each record's fixed fields, its name, and whether that name needs cleaning. When
-the walk declines (records that do not chain, a count that disagrees), the same walk in
-numpy (``scan_directory_numpy``: the reference a test holds the C walk to) names the
-fault. The rest is numpy over columns; Python touches single entries only for names that
-need cleaning (rare) and for archives where a signature scan finds a false signature.
+GIL), straight into the member table: each record's row, its name, and whether that name
+needs cleaning. When the walk declines (records that do not chain, a count that
+disagrees, a ZIP64 extra that cannot be read), the same walk in numpy
+(``walk_directory_numpy``: the reference a test holds the C walk to) names the fault.
+Python touches single entries only for names that need cleaning (rare) and for archives
+where a signature scan finds a false signature.
 
 Not supported here: encryption of the central directory (4.4.4 bit 13), and archives
 whose records need more than 64 extra-field blocks per entry.
@@ -86,6 +87,9 @@ class Member(NamedTuple):
 
 
 assert Member._fields == MEMBER_DTYPE.names
+# The C walk writes these rows itself: its layout must be this dtype's.
+assert _cdscan.ROW_FIELDS == tuple((name, MEMBER_DTYPE.fields[name][1]) for name in MEMBER_DTYPE.names)
+assert _cdscan.ROW_BYTES == MEMBER_DTYPE.itemsize
 
 #: How much of the file tail may hold the end record (22 bytes + a 64 KiB comment).
 _TAIL = EOCD.size + 0xFFFF + EOCD64_LOCATOR.size + EOCD64.size
@@ -177,31 +181,87 @@ def _global(src: Source, disk: int, offset: int) -> int:
     return src.disk_bases[disk] + offset
 
 
+class Placement(NamedTuple):
+    """Where an archive's members are: what turns a record's offset into a global one and
+    bounds where its data may lie."""
+
+    bases: Tuple[int, ...]   #: where each disk starts in the source ((0,) for a single file)
+    prefix: int              #: bytes before the archive (EndRecord.prefix; 0 for a spanned set)
+    data_end: int            #: where the central directory starts: no member data past it
+
+
+class Walk(NamedTuple):
+    """The central directory walked: the member table and each raw name."""
+
+    table: np.ndarray        #: MEMBER_DTYPE, central-directory order
+    names: np.ndarray        #: uint8, the raw names end to end
+    name_ends: np.ndarray    #: uint64, raw name i is names[name_ends[i-1]:name_ends[i]]
+    suspect: np.ndarray      #: bool, names that need cleaning (see _suspect_names)
+
+
 def read_members(src: Source) -> Members:
     """Parse the whole central directory into a member table (no local header is read)."""
     end = read_end_record(src)
     buf = np.frombuffer(src.pread(end.cd_size, end.cd_start), dtype=np.uint8)
     if len(buf) != end.cd_size:
         raise ArchiveError(src.name, "central directory is truncated")
-    starts, head, raw, raw_ends, suspect = scan_directory(src.name, buf, end.entries)
-    n = len(starts)
+    bases = tuple(src.disk_bases) if len(src.disk_bases) > 1 else (0,)
+    table, raw, raw_ends, suspect = walk_directory(src.name, buf, end.entries, Placement(bases, end.prefix,
+                                                                                          end.cd_start))
+    del buf
+    names, ends, keep, is_dir, warnings = _clean_names(src.name, raw, raw_ends, suspect, table["flags"])
+    impossible = keep & (table["size"] >= np.uint64(SIZE_LIMIT))
+    if impossible.any():
+        keep, names, ends, is_dir = _drop(keep, impossible, names, ends, is_dir)
+        warnings.append(f"{src.name}: {int(impossible.sum())} members declare a size of 2^63 bytes or more: skipped")
+    return Members(table if keep.all() else table[keep], names, ends, is_dir, warnings)
 
+
+def walk_directory(archive: str, buf: np.ndarray, entries: int, place: Placement) -> Walk:
+    """The ``entries`` records of the directory ``buf`` as a member table, walked in C
+    without the GIL (so a parse thread overlaps the merge) straight into the arrays
+    returned; walk_directory_numpy (the reference) when the C walk declines, which names
+    the fault.
+
+    The output arrays are bounded by the directory's size: ``entries`` records of 46
+    bytes must fit it (read_end_record checks it too).
+    """
+    if entries * CENTRAL_DTYPE.itemsize > len(buf):
+        return walk_directory_numpy(archive, buf, entries, place)
+    table = np.empty(entries, dtype=MEMBER_DTYPE)
+    names = np.empty(len(buf) - entries * CENTRAL_DTYPE.itemsize, dtype=np.uint8)
+    ends = np.empty(entries, dtype=np.uint64)
+    suspect = np.empty(entries, dtype=bool)
+    days, times = _dos_tables()
+    written, rooms = _cdscan.scan(buf, entries, NAME_MAX, np.asarray(place.bases, dtype=np.uint64), place.prefix,
+                                  place.data_end, days, times, table.view(np.uint8), names, ends,
+                                  suspect.view(np.uint8))
+    if written < 0:
+        return walk_directory_numpy(archive, buf, entries, place)
+    if not rooms:   # local headers out of directory order, or a fault _extra_room names
+        table["extra_room"] = _extra_room(archive, table["header_offset"], table["compressed_size"],
+                                          table["name_length"], place.data_end)
+    # Extra fields and comments leave room unused: keep it only while it is small.
+    names = names[:written] if 2 * written >= len(names) else names[:written].copy()
+    return Walk(table, names, ends, suspect)
+
+
+def walk_directory_numpy(archive: str, buf: np.ndarray, entries: int, place: Placement) -> Walk:
+    """The same walk in numpy: the reference for the C walk, and what names the fault when
+    the records do not chain, their count disagrees with the end record, or a ZIP64 extra
+    field or a disk number cannot be read."""
+    starts, head, raw, raw_ends, suspect = scan_directory_numpy(archive, buf, entries)
     sizes = head["uncompressed_size"].astype(np.uint64)
     csizes = head["compressed_size"].astype(np.uint64)
     offsets = head["local_header_offset"].astype(np.uint64)
     disks = head["disk_start"].astype(np.uint64)
-    _apply_zip64(src.name, buf, starts, head, sizes, csizes, offsets, disks)
+    _apply_zip64(archive, buf, starts, head, sizes, csizes, offsets, disks)
 
-    bases = np.asarray(src.disk_bases, dtype=np.uint64)
+    bases = np.asarray(place.bases, dtype=np.uint64)
     if int(disks.max(initial=0)) >= len(bases):
-        raise ArchiveError(src.name, f"a member starts on disk {int(disks.max()) + 1} of a set of {len(bases)}")
-    if len(bases) > 1:
-        header_offsets = bases[disks.astype(np.intp)] + offsets
-    else:
-        header_offsets = offsets + np.uint64(end.prefix)
-    room = _extra_room(src.name, header_offsets, csizes, head["name_length"], end.cd_start)
-
-    table = np.zeros(n, dtype=MEMBER_DTYPE)
+        raise ArchiveError(archive, f"a member starts on disk {int(disks.max()) + 1} of a set of {len(bases)}")
+    header_offsets = bases[disks.astype(np.intp)] + offsets + np.uint64(place.prefix)
+    table = np.zeros(len(starts), dtype=MEMBER_DTYPE)
     table["header_offset"] = header_offsets
     table["compressed_size"] = csizes
     table["size"] = sizes
@@ -212,14 +272,8 @@ def read_members(src: Source) -> Members:
     unix = (head["version_made_by"] >> 8) == MADE_BY_UNIX
     table["mode"] = np.where(unix, head["external_attr"] >> 16, 0)
     table["name_length"] = head["name_length"]
-    table["extra_room"] = room
-
-    names, ends, keep, is_dir, warnings = _clean_names(src.name, raw, raw_ends, suspect, head["flags"])
-    impossible = keep & (sizes >= np.uint64(SIZE_LIMIT))
-    if impossible.any():
-        keep, names, ends, is_dir = _drop(keep, impossible, names, ends, is_dir)
-        warnings.append(f"{src.name}: {int(impossible.sum())} members declare a size of 2^63 bytes or more: skipped")
-    return Members(table if keep.all() else table[keep], names, ends, is_dir, warnings)
+    table["extra_room"] = _extra_room(archive, header_offsets, csizes, head["name_length"], place.data_end)
+    return Walk(table, raw, raw_ends, suspect)
 
 
 def _extra_room(archive: str, offsets: np.ndarray, csizes: np.ndarray, name_lengths: np.ndarray,
@@ -264,7 +318,7 @@ def _drop(keep: np.ndarray, drop: np.ndarray, names: np.ndarray, ends: np.ndarra
 
 
 class Scan(NamedTuple):
-    """The central directory walked: what read_members takes from each record."""
+    """The central directory walked record by record (the reference walk's raw output)."""
 
     starts: np.ndarray       #: int64, where each record starts in the directory
     head: np.ndarray         #: CENTRAL_DTYPE, each record's fixed fields
@@ -273,31 +327,8 @@ class Scan(NamedTuple):
     suspect: np.ndarray      #: bool, names that need cleaning (see _suspect_names)
 
 
-def scan_directory(archive: str, buf: np.ndarray, entries: int) -> Scan:
-    """The ``entries`` records of the directory ``buf``, walked in C without the GIL (so a
-    parse thread overlaps the merge); scan_directory_numpy when the C walk declines.
-
-    The output arrays are bounded by the directory's size: ``entries`` records of 46
-    bytes must fit it (read_end_record checks it too).
-    """
-    if entries * CENTRAL_DTYPE.itemsize > len(buf):
-        return scan_directory_numpy(archive, buf, entries)
-    head = np.empty(entries, dtype=CENTRAL_DTYPE)
-    starts = np.empty(entries, dtype=np.int64)
-    names = np.empty(len(buf) - entries * CENTRAL_DTYPE.itemsize, dtype=np.uint8)
-    ends = np.empty(entries, dtype=np.uint64)
-    suspect = np.empty(entries, dtype=bool)
-    written = _cdscan.scan(buf, entries, NAME_MAX, head.view(np.uint8), starts, names, ends, suspect.view(np.uint8))
-    if written < 0:
-        return scan_directory_numpy(archive, buf, entries)
-    # Extra fields and comments leave room unused: keep it only while it is small.
-    names = names[:written] if 2 * written >= len(names) else names[:written].copy()
-    return Scan(starts, head, names, ends, suspect)
-
-
 def scan_directory_numpy(archive: str, buf: np.ndarray, entries: int) -> Scan:
-    """The same walk in numpy: the reference for the C walk, and what names the fault when
-    the records do not chain or their count disagrees with the end record."""
+    """The records of the directory, walked in numpy (walk_directory_numpy's first step)."""
     starts = _record_starts(archive, buf)
     if len(starts) != entries:
         raise ArchiveError(archive, f"end record counts {entries} members, the directory holds {len(starts)}")

@@ -1,19 +1,22 @@
 """The C byte loops of an index build (_cdscan) against references: the numpy walk of
 the central directory, and plain Python for the merge's segment loops.
 
-zipdir.scan_directory walks in C and falls back to scan_directory_numpy when the C walk
-declines; the numpy walk is the reference. Over every kind of archive (generated sets,
-unusual valid zips, broken ones, hostile names, a spanned set, random damage) both give
-the same Members or the same error, and the C walk alone declines exactly where the
-reference raises. Also run under AddressSanitizer and UBSan (scripts/test).
+zipdir.walk_directory walks in C straight into the member table and falls back to
+walk_directory_numpy when the C walk declines; the numpy walk is the reference. Over every
+kind of archive (generated sets, unusual valid zips, broken ones, hostile names, ZIP64
+extras, a spanned set, local headers out of order, random damage) both give the same
+Members or the same error, and the C walk alone declines exactly where the reference
+raises. Also run under AddressSanitizer and UBSan (scripts/test).
 """
 from __future__ import annotations
 
 import shutil
+import struct
 import subprocess
+import zipfile
 from pathlib import Path
 from types import ModuleType
-from typing import List, Optional, Union
+from typing import List, Union
 
 import numpy as np
 import pytest
@@ -23,10 +26,10 @@ from hypothesis import strategies as st
 from test_fuzz import damaged
 from test_zipdir import BROKEN, GENERATED, VALID
 
-from bioscanfs import _cdscan, zipdir
+from bioscanfs import _cdscan, merge, zipdir
 from bioscanfs.errors import ArchiveError
 from bioscanfs.sources import BytesSource, FileSource
-from bioscanfs.zipdir import Members, Scan, Source, read_members
+from bioscanfs.zipdir import Members, Placement, Source, Walk, read_members
 
 #: Names of every kind the plainness rule tells apart (names.clean_name cleans the odd ones).
 EDGY_NAMES = [b"a/b.jpg", b"a//b.jpg", b"/abs.jpg", b"./x.jpg", b"x/.hidden", b"dir/", b"", b"a\\b.jpg",
@@ -38,17 +41,24 @@ class _Declined(Exception):
     """Raised in place of the numpy fallback: the C walk declined."""
 
 
-def _c_walk(buf: np.ndarray, entries: int) -> Optional[Scan]:
-    """scan_directory's C walk alone: None when it declines."""
-    def declined(*_: object) -> Scan:
+#: A single file whose data may lie anywhere below 1 TiB: directories tested on their own.
+ANYWHERE = Placement((0,), 0, 1 << 40)
+
+
+def _c_walk(buf: np.ndarray, entries: int, place: Placement = ANYWHERE) -> Union[Walk, str, None]:
+    """walk_directory's C walk alone: None when it declines, the error when the rooms it
+    left to zipdir._extra_room raise."""
+    def declined(*_: object) -> Walk:
         raise _Declined
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(zipdir, "scan_directory_numpy", declined)
+        patch.setattr(zipdir, "walk_directory_numpy", declined)
         try:
-            return zipdir.scan_directory("fuzz.zip", buf, entries)
+            return zipdir.walk_directory("fuzz.zip", buf, entries, place)
         except _Declined:
             return None
+        except ArchiveError as err:
+            return str(err)
 
 
 def _outcome(src: Source) -> Union[Members, str]:
@@ -58,7 +68,7 @@ def _outcome(src: Source) -> Union[Members, str]:
         return str(err)
 
 
-def _assert_same(got: Union[Members, Scan, str], want: Union[Members, Scan, str]) -> None:
+def _assert_same(got: Union[Members, Walk, str], want: Union[Members, Walk, str]) -> None:
     assert type(got) is type(want), (got, want)
     if isinstance(want, str):
         assert got == want
@@ -74,7 +84,7 @@ def assert_c_walk_matches_numpy(src: Source) -> None:
     """read_members with the C walk and with the numpy walk agree, and so do the walks."""
     with_c = _outcome(src)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(zipdir, "scan_directory", zipdir.scan_directory_numpy)
+        patch.setattr(zipdir, "walk_directory", zipdir.walk_directory_numpy)
         reference = _outcome(src)
     _assert_same(with_c, reference)
     try:
@@ -82,15 +92,16 @@ def assert_c_walk_matches_numpy(src: Source) -> None:
     except ArchiveError:
         return
     buf = np.frombuffer(src.pread(end.cd_size, end.cd_start), dtype=np.uint8)
+    bases = tuple(src.disk_bases) if len(src.disk_bases) > 1 else (0,)
     if len(buf) == end.cd_size:
-        assert_walks_agree(buf, end.entries)
+        assert_walks_agree(buf, end.entries, Placement(bases, end.prefix, end.cd_start))
 
 
-def assert_walks_agree(buf: np.ndarray, entries: int) -> None:
+def assert_walks_agree(buf: np.ndarray, entries: int, place: Placement = ANYWHERE) -> None:
     """The C walk declines exactly where the reference raises, and otherwise equals it."""
-    c = _c_walk(buf, entries)
+    c = _c_walk(buf, entries, place)
     try:
-        reference: Union[Scan, str] = zipdir.scan_directory_numpy("fuzz.zip", buf, entries)
+        reference: Union[Walk, str] = zipdir.walk_directory_numpy("fuzz.zip", buf, entries, place)
     except ArchiveError as err:
         reference = str(err)
     if c is None:
@@ -195,19 +206,60 @@ def test_spanned_set(tmp_path: Path) -> None:
     assert_c_walk_matches_numpy(src)
 
 
+def test_local_headers_out_of_order_overlapping_or_past_the_data() -> None:
+    """The rooms of members whose local headers are not in directory order come from
+    zipdir._extra_room, as do the faults it names (overlaps, data past the directory)."""
+    entries = [Entry(b"a%d.jpg" % i, b"x" * (i * 7 + 1)) for i in range(6)]
+    in_order = b"".join(central_record(e, 100 * i) for i, e in enumerate(entries))
+    shuffled = b"".join(central_record(e, 100 * i) for i, e in reversed(list(enumerate(entries))))
+    overlapping = b"".join(central_record(e, 10 * i) for i, e in enumerate(entries))
+    for data, data_end in ((in_order, 1 << 40), (in_order, 560), (in_order, 500), (shuffled, 600),
+                           (overlapping, 1 << 40)):
+        assert_walks_agree(np.frombuffer(data, dtype=np.uint8), len(entries), Placement((0,), 0, data_end))
+    walked = _c_walk(np.frombuffer(shuffled, dtype=np.uint8), len(entries), Placement((0,), 0, 600))
+    assert isinstance(walked, Walk) and walked.table["extra_room"].tolist()[::-1] == [63, 56, 49, 42, 35, 28]
+
+
+@pytest.mark.parametrize("bases, prefix", [((0,), 0), ((0,), 12345), ((0, 5000, 90000), 0)])
+def test_placement(bases: tuple, prefix: int) -> None:
+    """Offsets made global (a disk's base, a prefix) and bounded by the data's end, ZIP64
+    extras, disk numbers past the set."""
+    for disk in (0, 1, 2, 3):
+        # The first record's disk in its own field, the last one's in its ZIP64 extra (4.5.3).
+        entries = _hostile_entries() + [Entry(b"disk.bin", b"d", central_extra=struct.pack("<HHI", 1, 4, disk))]
+        data = bytearray(_directory(entries))
+        data[34:36] = disk.to_bytes(2, "little")
+        last = len(_directory(entries[:-1]))
+        data[last + 34:last + 36] = b"\xff\xff"
+        for data_end in (1 << 40, 30_000, 100_000):
+            assert_walks_agree(np.frombuffer(bytes(data), dtype=np.uint8), len(entries),
+                               Placement(bases, prefix, data_end))
+
+
 def test_output_buffers_are_checked() -> None:
-    """The extension refuses outputs too small for the count it is given."""
-    small = np.zeros(1, dtype=np.uint8)
+    """The extension refuses inputs and outputs too small for the count it is given."""
+    small, days = np.zeros(1, dtype=np.uint8), np.zeros(1 << 16, np.int64)
+    table, bases = np.zeros(2 * 48, np.uint8), np.zeros(1, np.uint64)
+    calls = [(small, days, days), (table, small, days), (table, days, small), (table[:-1], days, days)]
+    for out, day_seconds, time_seconds in calls:
+        with pytest.raises(ValueError):
+            _cdscan.scan(b"", 2, 255, bases, 0, 0, day_seconds, time_seconds, out, small, np.zeros(2, np.uint64),
+                         np.zeros(2, np.uint8))
     with pytest.raises(ValueError):
-        _cdscan.scan(b"", 2, 255, small, np.zeros(2, np.int64), small, np.zeros(2, np.uint64), np.zeros(2, np.uint8))
+        _cdscan.scan(b"", 0, 255, np.zeros(0, np.uint64), 0, 0, days, days, table, small, np.zeros(2, np.uint64),
+                     np.zeros(2, np.uint8))
 
 
 # -- the merge's byte loops against plain Python --------------------------------------------
-#: Names that sort apart only past the 8-byte key, equal ones, prefixes of others, NUL bytes.
+#: Names that sort apart only in the key's second word or past the 16-byte key (real
+#: processids share their first 8 bytes), equal ones, prefixes of others, NUL bytes.
 SORT_NAMES = st.lists(st.one_of(st.sampled_from([b"", b"a", b"ab", b"abcdefgh", b"abcdefgh\0", b"abcdefghij",
                                                  b"abcdefghik", b"abcdefgh/x", b"\xff", b"\0", b"x" * 300,
-                                                 b"x" * 299 + b"y"]),
-                                st.binary(max_size=20)), max_size=40)
+                                                 b"x" * 299 + b"y", b"abcdefghijklmnop", b"abcdefghijklmnop\0",
+                                                 b"abcdefghijklmnopq", b"abcdefghijklmnoq", b"abcdefghijklmnor",
+                                                 b"BIOUG12345-A01.jpg", b"BIOUG12345-A01.jpeg",
+                                                 b"BIOUG12345-A02.jpg", b"BIOUG12346-A01.jpg"]),
+                                st.binary(max_size=24)), max_size=40)
 
 
 def _segments(names: List[bytes]) -> tuple:
@@ -283,3 +335,25 @@ def test_sort_dirs_bounds_rows_and_folders(order: List[int], bounds: List[int]) 
     with pytest.raises(ValueError):
         _cdscan.sort_dirs(blob, begins, 8, lengths, 8, np.asarray(order, np.int64), 8, np.asarray(bounds, np.int64),
                           np.zeros(2, np.uint8), 0, 1)
+
+
+
+def test_an_archive_is_reduced_in_folder_and_name_order(tmp_path: Path) -> None:
+    """merge.reduce gives each folder's rows together and by name (so the merge's sort and
+    gathers read runs), and of two equal paths in one archive the later entry first (it
+    wins); against zipfile's view of the same archive."""
+    names = [b"b/z.jpg", b"a/y.jpg", b"b/a.jpg", b"top.txt", b"a/x.jpg", b"b/a.jpg", b"a/BIOUG12345-A02.jpg",
+             b"a/BIOUG12345-A01.jpg"]
+    path = write_zip(tmp_path / "order.zip", [Entry(n, b"%d" % i) for i, n in enumerate(names)])
+    archive = merge.reduce(read_members(FileSource([str(path)])))
+    folders = [archive.group_dirs[g] for g in archive.group_of.tolist()]
+    ends = np.cumsum(archive.lengths, dtype=np.int64).tolist()
+    own = [archive.bases[e - n:e].tobytes() for e, n in zip(ends, archive.lengths.tolist())]
+    with zipfile.ZipFile(path) as zf:
+        infos = zf.infolist()
+    assert sorted(f + b"/" + o if f else o for f, o in zip(folders, own)) == sorted(i.filename.encode() for i in infos)
+    assert len([i for i in range(len(folders)) if i == 0 or folders[i] != folders[i - 1]]) == len(set(folders))
+    assert all(folders[i] != folders[i + 1] or own[i] <= own[i + 1] for i in range(len(own) - 1))
+    offsets = archive.rows["header_offset"].tolist()
+    twice = [offsets[i] for i, row in enumerate(zip(folders, own)) if row == (b"b", b"a.jpg")]
+    assert twice == sorted((i.header_offset for i in infos if i.filename == "b/a.jpg"), reverse=True)
