@@ -14,9 +14,9 @@ CHUNK_ROWS = 1 << 16
 
 
 def for_chunks(n: int, body: Callable[[slice], Any], size: int = CHUNK_ROWS) -> List[Any]:
-    """``body`` of every row slice of ``range(n)``, in order (one slice: on this thread,
-    with no pool to start; the views' join calls it once per image folder)."""
+    """``body`` of every row slice of ``range(n)``, in order; none when ``n`` is 0 (the
+    links of a tree without views). One slice runs on this thread, with no pool to start."""
     if n <= size:
-        return [body(slice(0, n))]
+        return [body(slice(0, n))] if n else []
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         return list(pool.map(body, (slice(lo, min(lo + size, n)) for lo in range(0, n, size))))
