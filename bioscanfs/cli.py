@@ -385,13 +385,16 @@ _M_ARENA_MAX = -8
 
 
 def _tune_heap() -> None:
-    """Give the heap freed after a cold index build back to the system (glibc), so the
-    server does not start with the builder's high-water mark; and let its threads share
+    """Give the heap freed after a cold index build back to the system (pyarrow's pool,
+    which the views' build filled, and glibc's), so the server does not start with the
+    builder's high-water mark (a cold mount with views left it 716 MB); and let its threads share
     one heap per core. With a heap per worker thread, each keeps the 1 MiB buffers of the
     reads it answered (the soak test, 2 cores: +79-109 MB after warm-up; +44-67 MB with 2).
     Python allocates under the GIL, so sharing costs little. Mapping big buffers on their
     own instead (M_MMAP_THRESHOLD 256 KiB) grew it least (+21-26 MB) but halved the CSV
     stream (0.49-0.60 of zipfile), each buffer paying its page faults again."""
+    if "pyarrow" in sys.modules:   # imported only to build views
+        sys.modules["pyarrow"].default_memory_pool().release_unused()
     try:
         libc = ctypes.CDLL(None)
         libc.malloc_trim(0)

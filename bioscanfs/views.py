@@ -219,9 +219,12 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def csv_member(tree: Tree) -> Optional[int]:
-    """The row of the metadata CSV in an image tree, or None when it has none."""
+    """The row of the metadata CSV in an image tree, or None when it has none, or no image
+    (the metadata zip mounted alone: every view would be empty, and reading the CSV for
+    them would cost a cold mount its GBs)."""
     try:
         row = tree.lookup(METADATA_CSV.encode())
+        tree.lookup(IMAGES_ROOT.encode())
     except NotFound:
         return None
     return row if row >= 0 else None

@@ -206,6 +206,18 @@ def test_no_metadata_zip_no_views(views_set, mount: MountFactory, tmp_path: Path
     assert os.listdir(live.point) == ["bioscan5m"]
 
 
+def test_no_image_no_views(views_set, mount: MountFactory, tmp_path: Path) -> None:
+    """The metadata zip mounted alone: no views/ (every view would be empty), and the CSV
+    is not read for them (no plan logged); the CSV itself is served."""
+    folder, _, _ = views_set
+    metadata = copy_archives(folder, tmp_path / "metadata", [METADATA_ZIP])
+    live = mount(metadata, args=["--views", "all", "-v"])
+    assert os.listdir(live.point) == ["bioscan5m"]
+    assert "views: " not in live.log_text()
+    with zipfile.ZipFile(metadata / METADATA_ZIP) as zf:
+        assert live.path(METADATA_CSV).read_bytes() == zf.read(METADATA_CSV)
+
+
 @pytest.mark.parametrize("ranks, shown", [("none", []), ("order+species", ["order", "species"]),
                                           ("dna_bin,genus", ["dna_bin", "genus"])])
 def test_views_option_picks_the_ranks(ranks: str, shown: List[str], views_set, mount: MountFactory) -> None:
