@@ -376,7 +376,8 @@ class _Ahead:
                 self._changed.wait()
             if self._end() < want_end or offset < self._start:
                 return None
-            out = bytes(self._buffer[offset - self._start:want_end - self._start])
+            with memoryview(self._buffer) as view:   # one copy, not a slice's and then bytes'
+                out = bytes(view[offset - self._start:want_end - self._start])
             self._trim()
             return out, self._crc if want_end == self._stream.size else None
 
