@@ -201,7 +201,7 @@ def test_fstab_line(small_set: Path, helper_on_path: None, engine: str, tmp_path
 FLAG_SAMPLES = {"cache_size": "64M", "log": "/var/log/b.log", "engine": "python", "password_file": "{file}",
                 "cache_dir": "/var/cache/ranges", "cache_max": "5G", "index_dir": "/var/cache/bioscanfs",
                 "verbose": "2", "foreground": None, "single_threaded": None, "skip_bad": None,
-                "allow_incomplete": None, "views": "order+species"}
+                "allow_incomplete": None, "views": "order+species", "cache_archives": "no"}
 
 
 def test_every_mount_flag_maps(tmp_path: Path) -> None:
