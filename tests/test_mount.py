@@ -95,14 +95,19 @@ def test_directory_attributes(fake_mount: Mount, fake_members: Dict[str, Member]
         assert (st.st_uid, st.st_gid) == (os.getuid(), os.getgid()), folder
 
 
+def _readahead_knob(point: Path) -> Path:
+    """The readahead knob of the mount at ``point``: its own backing device's, by st_dev."""
+    dev = os.stat(point).st_dev
+    return Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+
+
 def test_readahead_is_widened(fake_mount: Mount) -> None:
     """As root the mount's own backing device reads ahead READAHEAD_KB, so a sequential
     reader (the CSV's md5) gets 1 MiB requests instead of the kernel's 128 KiB. A
     foreground server widens it on a thread of its own once the kernel took its INIT
     reply, so shortly after the mount answers (a daemon's parent, before it returns)."""
-    dev = os.stat(fake_mount.point).st_dev
     assert os.geteuid() == 0, "the suite runs as root (FUSE mounts)"
-    knob = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+    knob = _readahead_knob(fake_mount.point)
     deadline = time.monotonic() + 5
     while int(knob.read_text()) != READAHEAD_KB and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -116,8 +121,7 @@ def test_widening_the_readahead_never_waits_on_the_mount(mount: MountFactory, fa
     up after its wait and leaves the knob as it was."""
     live = mount(fake_set)
     assert live.proc is not None
-    dev = os.stat(live.point).st_dev
-    knob = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+    knob = _readahead_knob(live.point)
     live.proc.send_signal(signal.SIGSTOP)
     try:
         call = threading.Thread(target=widen_readahead, args=(str(live.point), 0.2), daemon=True)
@@ -287,8 +291,7 @@ def test_daemon_mount_is_ready_on_return_and_umount(mount: MountFactory, fake_se
     """`bioscanfs mount` (no -f) returns 0 only once files read, and its readahead widened;
     `umount` removes the mount."""
     live = mount(fake_set, daemon=True)
-    dev = os.stat(live.point).st_dev
-    assert Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb").read_text() == f"{READAHEAD_KB}\n"
+    assert _readahead_knob(live.point).read_text() == f"{READAHEAD_KB}\n"
     assert live.path(METADATA_CSV).read_bytes() == fake_members[METADATA_CSV].read()
     done = run_cli("umount", live.point)
     assert done.returncode == 0, done.stderr
