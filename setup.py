@@ -18,8 +18,17 @@ def _pkg_config(*args: str) -> list:
     return done.stdout.split() if done.returncode == 0 else []
 
 
+def _fuse_api() -> str:
+    """The libfuse API version to build against: 3.12's where the library has it (its
+    request loop takes a bound on workers, which the engine sets), else 3.5's."""
+    found = (_pkg_config("--modversion") or ["0"])[0].split(".")
+    minor = int(found[1]) if len(found) > 1 and found[0] == "3" and found[1].isdigit() else 0
+    return "312" if minor >= 12 else "35"
+
+
 native = Extension(
     "bioscanfs._nativefs", ["bioscanfs/_nativefs.c"],
+    define_macros=[("FUSE_USE_VERSION", _fuse_api())],
     # C is held to -Wall -Wextra with no warning (scripts/sanitize adds -Werror, so scripts/test fails on one).
     extra_compile_args=(_pkg_config("--cflags") or ["-I/usr/include/fuse3"]) + ["-Wall", "-Wextra"],
     extra_link_args=(_pkg_config("--libs") or ["-lfuse3", "-lpthread"]) + ["-ldeflate"],

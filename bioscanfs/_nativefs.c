@@ -31,7 +31,10 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+/* setup.py asks for API 3.12 where the headers have it (the loop's worker bound, run_loop). */
+#ifndef FUSE_USE_VERSION
 #define FUSE_USE_VERSION 35
+#endif
 #include <fuse_lowlevel.h>
 #include <fuse_log.h>
 
@@ -71,6 +74,8 @@ enum {
     FLAG_ENCRYPTED = 1,
     FLAG_DESCRIPTOR = 8,
     NAME_MAX_BYTES = 255,
+    IDLE_WORKERS = 10,      /* workers kept when idle, beyond them idle ones end (libfuse's loop) */
+    WORKERS_MAX = 4096,     /* a bound on serve()'s workers, far above any core count's need */
 };
 
 /* The tables, by the keys of the dict that Python passes (nativefs.tables). */
@@ -1146,9 +1151,33 @@ static void free_server(server_t *s)
     release_tables(s);
 }
 
+/* libfuse's request loop: on `workers` threads (0: this one only). A worker waits for
+ * its archive read, so the bound is how many reads can be in flight at once: libfuse
+ * 3.12 and later start at most 10 unless told (serving.max_workers says why more);
+ * before 3.12 it starts one whenever none is idle, with no bound to set. */
+static int run_loop(struct fuse_session *se, unsigned workers)
+{
+    if (!workers)
+        return fuse_session_loop(se);
+#if FUSE_USE_VERSION >= FUSE_MAKE_VERSION(3, 12)
+    struct fuse_loop_config *config = fuse_loop_cfg_create();
+    if (!config)
+        return -ENOMEM;
+    fuse_loop_cfg_set_max_threads(config, workers);
+    fuse_loop_cfg_set_idle_threads(config, IDLE_WORKERS);
+    int rc = fuse_session_loop_mt(se, config);
+    fuse_loop_cfg_destroy(config);
+    return rc;
+#else
+    struct fuse_loop_config config = {.clone_fd = 0, .max_idle_threads = IDLE_WORKERS};
+    return fuse_session_loop_mt(se, &config);
+#endif
+}
+
 /* Mounts and runs libfuse's request loop until unmounted or signalled (called without the
    GIL). Returns the loop's result; *failed says why when the mount could not be made. */
-static int run_session(server_t *s, const char *mountpoint, const char *options, int threads, const char **failed)
+static int run_session(server_t *s, const char *mountpoint, const char *options, unsigned workers,
+                       const char **failed)
 {
     char *argv[] = {"bioscanfs", "-o", (char *)options, NULL};
     struct fuse_args fargs = FUSE_ARGS_INIT(3, argv);
@@ -1160,7 +1189,7 @@ static int run_session(server_t *s, const char *mountpoint, const char *options,
     fuse_set_log_func(keep_message);
     struct fuse_session *se = fuse_session_new(&fargs, &OPS, sizeof OPS, s);
     s->se = se;
-    s->push = threads;
+    s->push = workers > 0;
     if (!se) {
         *failed = "the mount options were refused";
     } else {
@@ -1173,12 +1202,7 @@ static int run_session(server_t *s, const char *mountpoint, const char *options,
                 *failed = "cannot mount";
             } else {
                 fuse_set_log_func(NULL);   /* from now on libfuse logs to stderr (the log file) */
-                if (threads) {
-                    struct fuse_loop_config config = {.clone_fd = 0, .max_idle_threads = 10};
-                    rc = fuse_session_loop_mt(se, &config);
-                } else {
-                    rc = fuse_session_loop(se);
-                }
+                rc = run_loop(se, workers);
                 fuse_session_unmount(se);
             }
             fuse_remove_signal_handlers(se);
@@ -1196,23 +1220,22 @@ static PyObject *serve(PyObject *self, PyObject *args, PyObject *kwargs)
 {
     static char *keywords[] = {"mountpoint", "options", "tables", "whole_max", "total_bytes", "timeout",
                                "block_size", "file_mode", "dir_mode", "read_around", "init_readahead", "read", "attr",
-                               "readlink", "ready", "damaged", "threads", NULL};
+                               "readlink", "ready", "damaged", "workers", NULL};
     const char *mountpoint, *options;
     PyObject *tables;
     server_t s;
-    int threads = 1;
-    unsigned int file_mode, dir_mode;
+    unsigned int workers = 0, file_mode, dir_mode;
     unsigned long long whole_max, total_bytes, block_size, read_around;
     memset(&s, 0, sizeof s);
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "ssOKKdKIIKIOOOOO|p", keywords, &mountpoint, &options, &tables,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "ssOKKdKIIKIOOOOO|I", keywords, &mountpoint, &options, &tables,
                                      &whole_max, &total_bytes, &s.timeout, &block_size, &file_mode,
                                      &dir_mode, &read_around, &s.init_readahead, &s.read_cb, &s.attr_cb, &s.readlink_cb, &s.ready_cb, &s.damaged_cb,
-                                     &threads))
+                                     &workers))
         return NULL;
     if (block_size == 0 || block_size > (1u << 30) || !S_ISREG(file_mode) || !S_ISDIR(dir_mode)
-        || read_around > (1u << 30) || (read_around & (read_around - 1))) {
-        PyErr_SetString(PyExc_ValueError, "block_size, file_mode, dir_mode or read_around out of range");
+        || read_around > (1u << 30) || (read_around & (read_around - 1)) || workers > WORKERS_MAX) {
+        PyErr_SetString(PyExc_ValueError, "block_size, file_mode, dir_mode, read_around or workers out of range");
         return NULL;
     }
     s.block_size = block_size;
@@ -1233,7 +1256,7 @@ static PyObject *serve(PyObject *self, PyObject *args, PyObject *kwargs)
     const char *failed = NULL;
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = run_session(&s, mountpoint, options, threads, &failed);
+    rc = run_session(&s, mountpoint, options, workers, &failed);
     Py_END_ALLOW_THREADS
     free_server(&s);
     if (failed) {   /* MountError in nativefs: one line for the user */

@@ -21,7 +21,7 @@ from .collection import BLOCK_SIZE, CACHE_SECONDS, DIR_MODE, FILE_MODE, Collecti
 from .errors import MountError
 from .names import NAME_MAX
 from .reader import WHOLE_READ_MAX
-from .serving import INIT_READAHEAD_KB, options_text, read_or_errno
+from .serving import INIT_READAHEAD_KB, max_workers, options_text, read_or_errno
 from .store import Blocks
 from .tree import FILE_DTYPE, LAZY_COLUMNS, UNIT_ROWS
 
@@ -181,7 +181,8 @@ def serve(collection: Collection, mountpoint: str, options: Dict[str, Union[bool
             whole_max=WHOLE_READ_MAX, total_bytes=min(tree.total_bytes, (1 << 64) - 1),
             timeout=float(CACHE_SECONDS), block_size=BLOCK_SIZE, file_mode=FILE_MODE, dir_mode=DIR_MODE,
             read_around=READ_AROUND if cached else 0, init_readahead=INIT_READAHEAD_KB << 10, read=read,
-            attr=attr, readlink=readlink, ready=on_ready, damaged=tree.report_damage, threads=threads)
+            attr=attr, readlink=readlink, ready=on_ready, damaged=tree.report_damage,
+            workers=max_workers() if threads else 0)
     except OSError as err:
         raise MountError(mountpoint, f"{err} with -o {option_string}") from None
     finally:

@@ -69,6 +69,18 @@ def options_text(options: Dict[str, Union[bool, str, int]]) -> str:
     return ",".join(k if v is True else f"{k}={v}" for k, v in options.items() if v is not False)
 
 
+def max_workers() -> int:
+    """How many requests the native engine answers at once, at most (its threads; each
+    starts only when no other is free). A read waits on its archive's storage: under a
+    millisecond on a local disk, several on a network file system, where a cluster keeps
+    the zips. So the bound is how many reads can be in flight, not a count of cores.
+    libfuse 3.12 and later stop at 10 unless told, which held 32 readers to about 1,600
+    files/s on a 5 ms store; 16 workers served 2,900 (docs/design.md). Four per core this
+    process may run on, at least 16: a loader has about one process per core, each
+    reading one file at a time."""
+    return max(16, 4 * len(os.sched_getaffinity(0)))
+
+
 #: Readahead of the mount's own backing device, in KiB. The kernel's default (128 KiB)
 #: cuts a sequential read, such as the loader's md5 of the metadata CSV, into 128 KiB
 #: requests, each a round trip; 1 MiB, the largest request libfuse 3 takes, streams it

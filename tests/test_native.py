@@ -11,6 +11,7 @@ comes from scripts/make_fake_bioscan.py; every read goes through the kernel.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
@@ -19,14 +20,17 @@ import re
 import stat
 import subprocess
 import sys
+import threading
 import zipfile
 import zlib
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, Iterator, List, Tuple
 
 import pytest
 from conftest import (
+    REPO,
     Member,
     Mount,
     assert_eio,
@@ -42,7 +46,7 @@ from conftest import (
 )
 from craft import Entry, deflated, raw_deflate, write_zip
 
-from bioscanfs import cli, nativefs
+from bioscanfs import cli, nativefs, serving
 from bioscanfs.reader import WHOLE_READ_MAX
 
 TRACEFS = Path("/sys/kernel/tracing")
@@ -440,3 +444,53 @@ def test_bad_deflate_stream_gets_eio(case: str, tmp_path: Path, engine: str) -> 
         assert_eio(live.path(f"bad/{case}").read_bytes, case)
         want = [bytes([i]) * 5000 + b"tail" for i in range(3)]
         assert [live.path(f"good/{i}").read_bytes() for i in range(3)] == want
+
+
+@contextlib.contextmanager
+def _slow_store(folder: Path, workdir: Path, latency_ms: int) -> Iterator[Path]:
+    """``folder`` seen through scripts/bench_store.c: a stand-in for a network file system,
+    each read that misses the page cache waiting ``latency_ms`` (built with gcc and
+    libfuse3-dev, which the C engine needs too)."""
+    program, view = workdir / "bench_store", workdir / "store"
+    view.mkdir(parents=True)
+    flags = subprocess.run(["pkg-config", "--cflags", "--libs", "fuse3"], check=True, capture_output=True, text=True)
+    subprocess.run(["gcc", "-O2", "-o", str(program), str(REPO / "scripts" / "bench_store.c"), *flags.stdout.split()],
+                   check=True, capture_output=True)
+    env = dict(os.environ, STORE_FOLDER=str(folder), STORE_LATENCY_US=str(latency_ms * 1000))
+    subprocess.run([str(program), str(view)], check=True, env=env, capture_output=True)
+    try:
+        yield view
+    finally:
+        subprocess.run(["fusermount3", "-u", str(view)], check=True, capture_output=True)
+
+
+def _peak_threads(pid: int, stop: threading.Event) -> int:
+    """The most threads process ``pid`` had while sampled, until ``stop`` is set."""
+    peak = 0
+    while not stop.is_set():
+        peak = max(peak, len(os.listdir(f"/proc/{pid}/task")))
+        stop.wait(0.005)
+    return peak
+
+
+# Native only: the bound on reads in flight is the C engine's own (serving.max_workers);
+# the mfusepy engine runs libfuse's loop as mfusepy sets it up.
+def test_reads_in_flight_are_not_capped_at_ten(fake_set: Path, tmp_path: Path,
+                                               fake_members: Dict[str, Member]) -> None:
+    """With every archive read waiting 50 ms on a slow store (as on a cluster's network file
+    system), 24 readers at once keep more workers busy than libfuse's default bound of 10
+    (the server then had 11 threads at most, with its main thread), and every member they
+    read is zipfile's. Exact reads (--cache-archives no): each goes to the store."""
+    assert serving.max_workers() >= 16
+    members = {path: m for path, m in fake_members.items() if m.archive.name == "BIOSCAN_5M_original_256.zip"}
+    with _slow_store(fake_set, tmp_path / "slow", latency_ms=50) as view, \
+            mounted([view], tmp_path / "native", ["--cache-archives", "no"], engine="native") as live:
+        expected = zip_contents(members)
+        stop = threading.Event()
+        with ThreadPoolExecutor(max_workers=2) as sampler:
+            peak = sampler.submit(_peak_threads, live.pid, stop)
+            with ThreadPoolExecutor(max_workers=24) as readers:
+                read = list(readers.map(lambda path: (path, live.path(path).read_bytes()), sorted(expected)[:240]))
+            stop.set()
+        assert all(data == expected[path] for path, data in read)
+        assert peak.result() >= 14, f"at most {peak.result()} threads served 24 readers"
