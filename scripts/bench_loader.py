@@ -29,8 +29,13 @@ It is mounted with ``-o notrim`` so its tree keeps the members' full paths. rata
 Pillow come with the ``bench`` extra (``.venv/bin/pip install -e .[test,bench]``). Run as
 root, so that cold passes can drop the page cache.
 
+``--store-latency-ms MS`` puts the whole set (zips and extracted copy) behind a stand-in
+for a network file system, whose every read that misses the page cache waits MS first
+(scripts/bench_store.c, compiled with gcc and libfuse3-dev on each run): what a cluster's
+NFS, Lustre or GPFS costs, where a mount's reads in flight bound a loader.
+
     python scripts/bench_loader.py [--set DIR] [--images N] [--files N] [--workers 0,2,4] [--rounds N]
-        [--no-ratarmount] [--no-mount-zip] [--no-exact] [--json]
+        [--no-ratarmount] [--no-mount-zip] [--no-exact] [--store-latency-ms MS] [--json]
 """
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ import os
 import shlex
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -214,6 +220,21 @@ def first_mounts(mounts: List[MountTarget], extracted: Path, sample: Sequence[st
     return seconds
 
 
+def latency_store(folder: Path, work: Path, latency_ms: float) -> MountTarget:
+    """``folder`` seen through scripts/bench_store.c, each read that misses the page cache
+    delayed by ``latency_ms`` (compiled into ``work``; mounted by ``mount()``)."""
+    program = work / "bench_store"
+    flags = subprocess.run(["pkg-config", "--cflags", "--libs", "fuse3"], capture_output=True, text=True)
+    built = subprocess.run(["gcc", "-O2", "-o", str(program), str(Path(__file__).with_name("bench_store.c")),
+                            *flags.stdout.split()], capture_output=True, text=True)
+    if flags.returncode or built.returncode:
+        raise BenchError(f"cannot build scripts/bench_store.c (gcc, libfuse3-dev):\n{flags.stderr}{built.stderr}")
+    root = work / "store"
+    root.mkdir()
+    return MountTarget("store", root, ["env", f"STORE_FOLDER={folder}", f"STORE_LATENCY_US={round(latency_ms * 1000)}",
+                                       str(program), str(root)], fusermount(root))
+
+
 # ---------------------------------------------------------------- running
 
 @dataclass
@@ -318,6 +339,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--no-exact", action="store_true",
                         help="leave out bioscanfs reading exactly (--cache-archives no, as for archives larger "
                              "than a quarter of the memory)")
+    parser.add_argument("--store-latency-ms", type=float,
+                        help="read the set through a stand-in for a network file system whose reads that miss "
+                             "the page cache wait this long (see the docstring)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shuffled sample (default 0)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     return parser.parse_args(argv)
@@ -342,11 +366,17 @@ def measure(args: argparse.Namespace, folder: Path, sample: List[str], summary: 
         summary["notes"].append("mount-zip not on PATH (see this script's docstring): left out")
     drop = can_drop_caches()
     summary["caches_dropped"] = drop
-    targets: List[Target] = [Target(EXTRACTED, folder / EXTRACTED)]
     # On the set's own disk: an index in a tmpfs would dodge drop_caches.
     with tempfile.TemporaryDirectory(prefix=".run-", dir=folder) as tmp:
-        mounts = make_targets(folder, Path(tmp), ratarmount, mount_zip, exact=not args.no_exact)
+        store = latency_store(folder, Path(tmp), args.store_latency_ms) if args.store_latency_ms else None
+        mounts: List[MountTarget] = []
         try:
+            if store:
+                store.mount()
+                folder = store.root
+                summary["store_latency_ms"] = args.store_latency_ms
+            targets: List[Target] = [Target(EXTRACTED, folder / EXTRACTED)]
+            mounts = make_targets(folder, Path(tmp), ratarmount, mount_zip, exact=not args.no_exact)
             summary["first_mount_seconds"] = first_mounts(mounts, folder / EXTRACTED, sample)
             targets += mounts
             expected: Dict[str, int] = {}
@@ -354,7 +384,7 @@ def measure(args: argparse.Namespace, folder: Path, sample: List[str], summary: 
             for round_ in range(args.rounds):
                 results += run_round(round_, args.workers, targets, sample, drop, expected, LOADERS[args.read])
         finally:
-            for target in mounts:
+            for target in mounts + ([store] if store else []):
                 target.close()
     summary["results"] = medians(results)
     summary["passes"] = [r.__dict__ for r in results]
