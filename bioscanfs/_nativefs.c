@@ -67,7 +67,7 @@ enum {
     LOCAL_SIZE = 30,        /* APPNOTE 4.3.7 local file header, fixed part */
     EXTRA_SLACK = 128,      /* read past the name for the extra field: one pread, mostly */
     PUSH_MAX = 128 << 10,   /* pushed on open: no more than the kernel's first readahead */
-    PUSH_WORKERS = 4,       /* at most this many workers pushing at once (see op_ioctl) */
+    PUSH_SHARE = 4,         /* at most one worker in this many pushing at once (see op_ioctl) */
     DIRECT_ALIGN = 4096,    /* O_DIRECT offsets, lengths and buffers: enough for any block size up to a page */
     METHOD_STORED = 0,
     METHOD_DEFLATE = 8,
@@ -135,7 +135,7 @@ typedef struct {
     int damaged;                /* Python has been told of a failed unit */
     PyObject *damaged_cb;       /* told once: the problem, as text (None in check()) */
     uint8_t *pushed;            /* one bit per file row: bytes stored in the page cache once */
-    int push;                   /* pushing allowed (multi-threaded loop only) */
+    int push_max;               /* workers allowed to push at once (0: the single-threaded loop) */
     int pushing;                /* workers inside a push now */
 } server_t;
 
@@ -698,9 +698,9 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
  *
  * A store waits for any page of the file that another reader has locked, until that
  * reader's READ is answered, by another worker. So stores are skipped in the
- * single-threaded loop, and at most PUSH_WORKERS workers store at once: libfuse starts
- * up to 10 workers, and the others stay free for READs. A skipped store costs nothing
- * but the READ it would have saved. */
+ * single-threaded loop, and at most a PUSH_SHARE-th of the workers store at once: the
+ * others stay free for READs. A skipped store costs nothing but the READ it would have
+ * saved. */
 static void push_to_page_cache(server_t *s, fuse_ino_t ino)
 {
     uint64_t row = row_of(s, ino);
@@ -710,7 +710,7 @@ static void push_to_page_cache(server_t *s, fuse_ino_t ino)
     uint8_t bit = (uint8_t)(1u << (row & 7));
     if (m->size > PUSH_MAX || __atomic_load_n(&s->pushed[row >> 3], __ATOMIC_RELAXED) & bit)
         return;
-    if (__atomic_add_fetch(&s->pushing, 1, __ATOMIC_ACQ_REL) <= PUSH_WORKERS
+    if (__atomic_add_fetch(&s->pushing, 1, __ATOMIC_ACQ_REL) <= s->push_max
         && !(__atomic_fetch_or(&s->pushed[row >> 3], bit, __ATOMIC_ACQ_REL) & bit)) {
         const unsigned char *data;
         unsigned char *block = read_whole(s, m, &data);
@@ -729,7 +729,7 @@ static void op_ioctl(fuse_req_t req, fuse_ino_t ino, unsigned int cmd, void *arg
 {
     server_t *s = fuse_req_userdata(req);
     (void)cmd, (void)arg, (void)fi, (void)flags, (void)in_buf, (void)in_bufsz, (void)out_bufsz;
-    if (s->push && is_file(s, ino))
+    if (s->push_max && is_file(s, ino))
         push_to_page_cache(s, ino);
     fuse_reply_err(req, ENOTTY);
 }
@@ -1189,7 +1189,7 @@ static int run_session(server_t *s, const char *mountpoint, const char *options,
     fuse_set_log_func(keep_message);
     struct fuse_session *se = fuse_session_new(&fargs, &OPS, sizeof OPS, s);
     s->se = se;
-    s->push = workers > 0;
+    s->push_max = workers / PUSH_SHARE;
     if (!se) {
         *failed = "the mount options were refused";
     } else {
