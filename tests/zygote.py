@@ -17,8 +17,8 @@ with the dispositions of a fresh interpreter. It rewrites the child's /proc/PID/
 to make room), since the tests find a daemon's server by its command line.
 
 What stays a real interpreter (``spawn`` falls back to ``subprocess.Popen``): runs with an
-environment that differs in what is read at the interpreter's start or at import (only
-``HOME`` and ``XDG_CACHE_HOME`` may differ: they are read when used), and runs behind a prefix
+environment that differs in what is read at the interpreter's start or at import (see
+``RUNTIME_ENV`` for what may differ), and runs behind a prefix
 (setpriv). Tests whose subject is the start itself (what gets imported, the installed
 command) run their own interpreter and do not come here.
 """
@@ -40,8 +40,9 @@ import traceback
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 #: Environment variables a child may set otherwise than the zygote had them: read by the
-#: code when it runs, not at the interpreter's start or at an import the zygote did.
-RUNTIME_ENV = frozenset({"HOME", "XDG_CACHE_HOME"})
+#: code when it runs, not at the interpreter's start or at an import the zygote did; or
+#: not read at all (pytest names the running test in PYTEST_CURRENT_TEST).
+RUNTIME_ENV = frozenset({"HOME", "XDG_CACHE_HOME", "PYTEST_CURRENT_TEST"})
 #: Room for the children's command lines, in the zygote's own (two arguments of the
 #: kernel's largest, MAX_ARG_STRLEN 128 KiB, less their NULs).
 _PAD = "x" * ((128 << 10) - 1)
