@@ -4,10 +4,11 @@ Every CLI run and mount of the suite is `python -m bioscanfs ARGS`, and each pai
 CPU for the interpreter's start and its imports (numpy alone 0.2 s) before doing anything:
 of the suite's CPU, about a third. Here one interpreter per test process (the zygote) imports
 what `python -m bioscanfs` imports at start (``bioscanfs.cli``), then forks a child per run
-that takes the test's argv, environment, folder and stdio, and runs ``bioscanfs`` as
-``python -m`` does (``runpy``: same ``sys.argv[0]``, same program name in click's messages).
-The test gets a process with a pid it can signal, an exit status as the interpreter would
-give it (a code, or minus the signal), and output in the files or pipes it chose.
+that takes the test's argv, environment, folder, umask, resource limits and stdio, and runs
+``bioscanfs`` as ``python -m`` does (``runpy``: same ``sys.argv[0]``, same program name in
+click's messages). The test gets a process with a pid it can signal, an exit status as the
+interpreter would give it (a code, or minus the signal), and output in the files or
+descriptors it chose.
 
 The zygote is a process of its own, started with ``python zygote.py`` by the test process,
 so that it is single-threaded when it forks (a pytest-xdist worker has threads). It changes no
@@ -29,6 +30,7 @@ import atexit
 import io
 import json
 import os
+import resource
 import select
 import signal
 import socket
@@ -47,6 +49,10 @@ RUNTIME_ENV = frozenset({"HOME", "XDG_CACHE_HOME", "PYTEST_CURRENT_TEST"})
 #: kernel's largest, MAX_ARG_STRLEN 128 KiB, less their NULs).
 _PAD = "x" * ((128 << 10) - 1)
 _MAX_FDS = 3
+#: The resource limits a child takes from the test process, as it would inherit them
+#: (tests lower RLIMIT_NOFILE to provoke EMFILE).
+_LIMITS = ("RLIMIT_NOFILE", "RLIMIT_AS", "RLIMIT_DATA", "RLIMIT_FSIZE", "RLIMIT_CORE", "RLIMIT_STACK",
+           "RLIMIT_CPU", "RLIMIT_NPROC", "RLIMIT_MEMLOCK")
 StdioSpec = Union[None, int, io.IOBase]
 
 
@@ -127,6 +133,10 @@ def _child(request: Dict[str, object], fds: List[int], span: Tuple[int, int]) ->
             os.dup2(fd, target)
         os.closerange(3, os.sysconf("SC_OPEN_MAX"))   # the zygote's sockets and pidfds
         os.chdir(str(request["cwd"]))
+        os.umask(int(request["umask"]))   # type: ignore[call-overload]
+        for name, limits in request["limits"].items():   # type: ignore[attr-defined]
+            if resource.getrlimit(getattr(resource, name)) != tuple(limits):
+                resource.setrlimit(getattr(resource, name), tuple(limits))
         os.environ.clear()
         os.environ.update(request["env"])   # type: ignore[arg-type]
         sys.path[0] = os.getcwd()   # as -m sets it
@@ -261,7 +271,11 @@ class _Zygote:
     def spawn(self, argv: List[str], env: Dict[str, str], fds: Sequence[int]) -> ForkedProcess:
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         conn.connect(self.path)
-        request = json.dumps({"argv": argv, "env": env, "cwd": os.getcwd()}).encode()
+        umask = os.umask(0o22)
+        os.umask(umask)
+        limits = {name: resource.getrlimit(getattr(resource, name)) for name in _LIMITS}
+        request = json.dumps({"argv": argv, "env": env, "cwd": os.getcwd(), "umask": umask,
+                              "limits": limits}).encode()
         conn.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
         return ForkedProcess(argv, conn)
 
