@@ -248,7 +248,7 @@ class _Zygote:
         self.path = os.path.join(self.folder, "socket")
         self.env = dict(os.environ)
         self.proc = subprocess.Popen([sys.executable, __file__, self.path, _PAD, _PAD],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd="/")
         assert self.proc.stdout is not None
         self.room = int(self.proc.stdout.readline() or 0)
         if not self.room:
