@@ -27,6 +27,7 @@ from typing import IO, Callable, Dict, Iterable, Iterator, List, Optional, Patte
 
 import click.testing
 import pytest
+import zygote
 
 from bioscanfs import Collection, store
 from bioscanfs.cli import main as cli_main
@@ -36,6 +37,8 @@ PYTHON = sys.executable
 #: Liveness bounds only (a hung mount must not hang the suite); never speed checks.
 MOUNT_TIMEOUT = 60.0
 EXIT_TIMEOUT = 10.0
+#: A server or CLI run: forked by tests/zygote.py, or a real interpreter.
+Process = Union[zygote.ForkedProcess, subprocess.Popen]
 
 #: Log lines that fail a mount test unless the test declared them with Mount.expect_log.
 _PROBLEM_LINE = re.compile(r"\b(WARNING|ERROR|CRITICAL)\b|^warning:|^Error|\w+Warning:|Exception")
@@ -287,15 +290,41 @@ def run_cli(*args: object, timeout: float = MOUNT_TIMEOUT, stdin: Union[str, byt
     output: text, undecodable bytes replaced so that a wrong byte cannot raise here, or
     bytes with ``binary`` (what `cat` writes). ``stdin`` is fed to the command (nothing by
     default); ``env`` replaces the environment (a test's own XDG_CACHE_HOME); ``stdout``
-    may be a file to write to instead (/dev/full)."""
-    feed = {"stdin": subprocess.DEVNULL} if stdin is None else {
-        "input": stdin.encode() if isinstance(stdin, str) else stdin}
-    done = subprocess.run([*prefix, PYTHON, "-m", "bioscanfs", *map(str, args)], stdout=stdout,
-                          stderr=subprocess.PIPE, timeout=timeout, env=env, **feed)
+    may be a file to write to instead (/dev/full). Forked by tests/zygote.py, unless
+    ``prefix`` or ``env`` asks for a new interpreter."""
+    if prefix:
+        feed = {"stdin": subprocess.DEVNULL} if stdin is None else {
+            "input": stdin.encode() if isinstance(stdin, str) else stdin}
+        done = subprocess.run([*prefix, PYTHON, "-m", "bioscanfs", *map(str, args)], stdout=stdout,
+                              stderr=subprocess.PIPE, timeout=timeout, env=env, **feed)
+    else:
+        done = _run_forked(args, timeout, stdin.encode() if isinstance(stdin, str) else stdin, env, stdout)
     if binary:
         return done
     return subprocess.CompletedProcess(done.args, done.returncode, (done.stdout or b"").decode(errors="replace"),
                                        done.stderr.decode(errors="replace"))
+
+
+def _run_forked(args: Sequence[object], timeout: float, feed: Optional[bytes], env: Optional[Dict[str, str]],
+                stdout: Union[int, IO[bytes]] = subprocess.PIPE) -> subprocess.CompletedProcess:
+    """``subprocess.run`` of ``python -m bioscanfs ARGS`` through zygote.spawn, its output
+    captured in files (a child of the zygote cannot write to our pipes' other ends unread)."""
+    with tempfile.TemporaryFile() as given, tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        if feed is not None:
+            given.write(feed)
+            given.seek(0)
+        proc = zygote.spawn(args, stdin=subprocess.DEVNULL if feed is None else given,
+                            stdout=out if stdout == subprocess.PIPE else stdout, stderr=err, env=env)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(proc.args, code, out.read() if stdout == subprocess.PIPE else None,
+                                           err.read())
 
 
 def _unescape(field_text: str) -> str:
@@ -441,7 +470,7 @@ class Mount:
     point: Path
     log: Path
     index_dir: Path
-    proc: Optional[subprocess.Popen]   #: the foreground server; None in daemon mode
+    proc: Optional[Process]   #: the foreground server; None in daemon mode
     pid: int
     expected_exit: int = 0             #: the foreground server's exit code at teardown
     allowed: List[Pattern[str]] = field(default_factory=list)
@@ -470,11 +499,10 @@ def _start(sources: Sequence[Path], workdir: Path, args: Sequence[str], index_di
     # Views (tests/test_views.py) only where a test asks for them: the other tests check
     # the archives' own tree, which views/ would add to.
     views = [] if any(str(arg).startswith("--views") for arg in args) else ["--views", "none"]
-    command = [PYTHON, "-m", "bioscanfs", "mount", *map(str, sources), str(point),
-               "--index-dir", str(index_dir), "--engine", engine, *views, *args]
+    command = ["mount", *map(str, sources), str(point), "--index-dir", str(index_dir), "--engine", engine,
+               *views, *map(str, args)]
     if daemon:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=MOUNT_TIMEOUT,
-                              stdin=subprocess.DEVNULL)
+        done = run_cli(*command)
         mount = Mount(point, index_dir / "bioscanfs.log", index_dir, None, 0)
         # The contract: the command returns 0 only once the tree is there.
         if done.returncode != 0 or not is_mounted(point):
@@ -489,8 +517,7 @@ def _start(sources: Sequence[Path], workdir: Path, args: Sequence[str], index_di
         return mount
     log = workdir / "mount.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen(command + ["-f"], stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
+        proc = zygote.spawn(command + ["-f"], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     mount = Mount(point, log, index_dir, proc, proc.pid)
     deadline = time.monotonic() + MOUNT_TIMEOUT
     while not is_mounted(point):

@@ -30,9 +30,9 @@ from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Set, Tu
 
 import numpy as np
 import pytest
+import zygote
 from conftest import (
     MOUNT_TIMEOUT,
-    PYTHON,
     Mount,
     MountFactory,
     assert_one_error_line,
@@ -760,9 +760,8 @@ def test_foreground_logs_to_stderr_without_log_option(fake_set: Path, tmp_path: 
     point, index_dir = tmp_path / "mnt", tmp_path / "index"
     point.mkdir()
     with open(tmp_path / "stdout", "wb") as out, open(tmp_path / "stderr", "wb") as err:
-        proc = subprocess.Popen([PYTHON, "-m", "bioscanfs", "mount", tmp_path / "zips", point, "--index-dir",
-                                 index_dir, "--engine", engine, "-f", "-v"],
-                                stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+        proc = zygote.spawn(["mount", tmp_path / "zips", point, "--index-dir", index_dir, "--engine", engine,
+                             "-f", "-v"], stdout=out, stderr=err, stdin=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + MOUNT_TIMEOUT
         while not is_mounted(point) and proc.poll() is None and time.monotonic() < deadline:
