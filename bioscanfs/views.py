@@ -515,8 +515,38 @@ def _plan(images: _Images, batches: List[_Batch], found: List[List[np.ndarray]],
     names, usable, splits, _, labels = (list(column) for column in zip(*batches)) if batches \
         else ([], [], [], [], [])
     batches.clear()
+    columns = [pa.chunked_array([per_rank[i] for per_rank in labels], pa.dictionary(pa.int32(), pa.binary()))
+               for i in range(len(ranks))]
+    del labels
+    # Longest first: the rank with the most labels per batch (dna_bin) takes most of its
+    # thread's time, in merging the batches' dictionaries above all.
+    sizes = [sum(len(chunk.dictionary) for chunk in column.chunks) for column in columns]
+    first = sorted(range(len(ranks)), key=lambda i: -sizes[i])
+    # The ranks in threads: numpy's sorts and pyarrow release the GIL. Their dictionaries
+    # merge while this thread puts the rows in name order.
+    with ThreadPoolExecutor(max_workers=min(len(ranks), os.cpu_count() or 1) or 1) as pool:
+        merged = {i: pool.submit(columns[i].combine_chunks) for i in first}
+        del columns
+        rows, stats = _rows(images, names, usable, splits, found)
+        del names, usable, splits
+        found.clear()
+        done = {i: pool.submit(lambda i: _rank_views(ranks[i], merged[i].result(), rows), i) for i in first}
+        per_rank = [done[i].result() for i in range(len(ranks))]
+    dirs = [group for part in per_rank for group in part[0]]
+    counts = [c for part in per_rank for c in part[1]]
+    targets = [t for part in per_rank for t in part[2]]
+    class_files = [f for part in per_rank for f in part[3]]
+    zipped, members = _classes_zip(class_files, mtime)
+    stats.update(view_files=int(sum(len(t) for t in targets)), view_folders=sum(len(n) for _, _, n in dirs))
+    return Plan(dirs, np.concatenate(counts) if counts else np.zeros(0, np.int64),
+                np.concatenate(targets) if targets else np.zeros(0, np.int64),
+                [base for base, _ in class_files], zipped, members, stats)
+
+
+def _rows(images: _Images, names: List[_Names], usable: List[np.ndarray], splits: List[np.ndarray],
+          found: List[List[np.ndarray]]) -> Tuple["_Rows", Dict[str, Any]]:
+    """What every rank's views are made from (``_Rows``), and the counts for the log."""
     by_name, repeated = _name_order(names)   # stable: a repeated processid after its first row
-    del names
     repeats = by_name[1:][repeated]
     keep = _concat(usable, bool)
     stats: Dict[str, Any] = {"csv_rows": len(keep), "processids_repeated": len(repeats)}
@@ -529,23 +559,7 @@ def _plan(images: _Images, batches: List[_Batch], found: List[List[np.ndarray]],
                                   for j in range(sum(joined for _, _, joined in images.imgtypes))])
     for imgtype, rows_of in image_rows:
         stats[f"missing_{imgtype.decode('utf-8', 'replace')}"] = int(((rows_of < 0) & (split_rank >= 0)).sum())
-    rows = _Rows(by_name, split_rank[by_name], [(imgtype, rows_of[by_name]) for imgtype, rows_of in image_rows])
-    columns = [pa.chunked_array([per_rank[i] for per_rank in labels], pa.dictionary(pa.int32(), pa.binary()))
-               for i in range(len(ranks))]
-    del image_rows, split_rank, labels
-    found.clear()
-    # The ranks in threads: numpy's sorts and pyarrow release the GIL.
-    with ThreadPoolExecutor(max_workers=min(len(ranks), os.cpu_count() or 1) or 1) as pool:
-        per_rank = list(pool.map(lambda i: _rank_views(ranks[i], columns[i].combine_chunks(), rows), range(len(ranks))))
-    dirs = [group for part in per_rank for group in part[0]]
-    counts = [c for part in per_rank for c in part[1]]
-    targets = [t for part in per_rank for t in part[2]]
-    class_files = [f for part in per_rank for f in part[3]]
-    zipped, members = _classes_zip(class_files, mtime)
-    stats.update(view_files=int(sum(len(t) for t in targets)), view_folders=sum(len(n) for _, _, n in dirs))
-    return Plan(dirs, np.concatenate(counts) if counts else np.zeros(0, np.int64),
-                np.concatenate(targets) if targets else np.zeros(0, np.int64),
-                [base for base, _ in class_files], zipped, members, stats)
+    return _Rows(by_name, split_rank[by_name], [(imgtype, rows_of[by_name]) for imgtype, rows_of in image_rows]), stats
 
 
 def _concat(parts: List[np.ndarray], dtype: Any) -> np.ndarray:
