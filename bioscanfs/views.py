@@ -358,7 +358,7 @@ class _Images:
                 his = np.array([hi for _, _, hi in before], dtype=np.int64)
                 moved = np.array([lo - old_lo for (_, lo, _), (_, old_lo, _) in zip(spans, before)], dtype=np.int64)
                 rows = out[-1][1]
-                rows = np.where(rows >= 0, rows + moved[np.searchsorted(his, rows, side="right")], -1)
+                rows = np.where(rows >= 0, rows + moved[np.searchsorted(his, rows, side="right")], -1).astype(np.int32)
             out.append((imgtype, rows))
             before = spans
         return out
@@ -553,9 +553,9 @@ def _rows(images: _Images, names: List[_Names], usable: List[np.ndarray], splits
     if len(repeats):
         log.info("views: %d CSV rows repeat a processid listed before; the first row of each wins", len(repeats))
     keep[repeats] = False
-    split_rank = _concat(splits, np.int64)
+    split_rank = _concat(splits, np.int32)
     split_rank[~keep] = -1   # a row left out is as a row of no split: in no view
-    image_rows = images.all_rows([_concat([rows[j] for rows in found], np.int64)
+    image_rows = images.all_rows([_concat([rows[j] for rows in found], np.int32)
                                   for j in range(sum(joined for _, _, joined in images.imgtypes))])
     for imgtype, rows_of in image_rows:
         stats[f"missing_{imgtype.decode('utf-8', 'replace')}"] = int(((rows_of < 0) & (split_rank >= 0)).sum())
@@ -571,7 +571,7 @@ def _rank_views(rank: str, column: Any, rows: _Rows) -> Tuple[list, list, list, 
     label_rank, names = _labels(column)
     width = max(len(names), 1)
     label = label_rank[rows.by_name]   # in file name order from here on
-    key = np.where((label >= 0) & (rows.split_rank >= 0), rows.split_rank * width + label, -1)
+    key = np.where((label >= 0) & (rows.split_rank >= 0), rows.split_rank.astype(np.int64) * width + label, -1)
     at = np.flatnonzero(key >= 0)
     at = at[_stable_order(key[at])]   # by folder, then by file name
     key = key[at]
@@ -633,8 +633,9 @@ def _name_order(parts: List[_Names]) -> Tuple[np.ndarray, np.ndarray]:
     if any(p.has_nul for p in parts):   # a name that holds NUL pads like a shorter one: its length decides
         digits.append(lengths.astype(np.uint16))
     order = _radix_order(digits)
-    lengths, padded = lengths[order], padded[order]
-    return order, (lengths[1:] == lengths[:-1]) & (padded[1:] == padded[:-1]).all(axis=1)
+    # Equal as numpy strings (which ignore trailing NULs) and in length: the same bytes.
+    lengths, padded = lengths[order], padded.view(f"S{width}").ravel()[order]
+    return order, (lengths[1:] == lengths[:-1]) & (padded[1:] == padded[:-1])
 
 
 def _splits(split: Any) -> np.ndarray:
@@ -681,7 +682,7 @@ def _labels(column: Any) -> Tuple[np.ndarray, List[bytes]]:
     labelled = [i for i, v in enumerate(values) if v]
     folders = [label_name(values[i]) for i in labelled]
     order = pc.sort_indices(pa.array(folders, pa.binary())).to_numpy() if folders else np.zeros(0, np.int64)
-    rank_of = np.full(len(values) + 1, -1, dtype=np.int64)
+    rank_of = np.full(len(values) + 1, -1, dtype=np.int32)
     rank_of[np.asarray(labelled, dtype=np.int64)[order]] = np.arange(len(order))
     codes = column.indices.fill_null(len(values)).to_numpy(zero_copy_only=False)
     return rank_of[codes], [folders[i] for i in order.tolist()]
