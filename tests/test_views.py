@@ -552,10 +552,11 @@ def test_a_csv_piped_in_small_writes_parses_whole() -> None:
 
 
 @pytest.mark.no_c
-def test_a_csv_in_many_batches_plans_as_in_one(views_set, tmp_path: Path) -> None:
+def test_a_csv_in_many_batches_plans_as_in_one(views_set, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The CSV is planned batch by batch as it streams in (``views._Batch``): cut into many
     small blocks (labels, chunks and splits first seen in a later one, a processid repeated
-    in another block), the plan is that of one block, and every repeat is counted."""
+    in another block), joined to the images in groups of a few blocks, the plan is that of
+    one block joined at once, and every repeat is counted."""
     from bioscanfs import views
     from bioscanfs.collection import open_tree
     from bioscanfs.discover import find_archives
@@ -565,8 +566,9 @@ def test_a_csv_in_many_batches_plans_as_in_one(views_set, tmp_path: Path) -> Non
     specs, _ = find_archives([str(folder)])
     tree, kept = open_tree(specs, str(tmp_path), views=())
     try:
-        one, many = (views.plan(tree, lambda: io.BytesIO(text), RANKS, "csv", 0, block_size=size)
-                     for size in (len(text) + 1, 2048))
+        one = views.plan(tree, lambda: io.BytesIO(text), RANKS, "csv", 0, block_size=len(text) + 1)
+        monkeypatch.setattr(views, "_JOIN_ROWS", 40)
+        many = views.plan(tree, lambda: io.BytesIO(text), RANKS, "csv", 0, block_size=2048)
     finally:
         for source in kept:
             source.close()
