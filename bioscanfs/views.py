@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import fcntl
 import hashlib
 import importlib.util
 import io
 import logging
 import os
+import queue
 import re
 import threading
 import time
@@ -52,8 +52,8 @@ _AS_IS = re.compile(rb"(?![ .])(?!\.\.?\Z)[^%/\0\n\r]*(?<! )\Z")
 _SHORTENED = b"%#"
 _DIGEST_HEX = 16
 _CSV_BLOCK = 16 << 20
-#: The pipe that takes the inflated CSV to pyarrow: its size, and its reader's buffer.
-_PIPE_BYTES = 1 << 20
+#: Pieces of the inflated CSV (up to 1 MiB each) queued ahead of pyarrow (``piped``).
+_QUEUED_PIECES = 48
 #: Longest file name sorted in numpy words (``_name_order``).
 _SORT_WIDTH = 64
 #: Widest a batch's padded file names are kept (``_Batch``): an image name is at most
@@ -185,46 +185,89 @@ def read_batches(stream: BinaryIO, block_size: int = _CSV_BLOCK) -> Iterator[Any
 @contextlib.contextmanager
 def piped(produce: Callable[[Callable[[bytes], None]], None]) -> Iterator[BinaryIO]:
     """A file that reads the bytes ``produce`` gives its sink, on a thread of its own,
-    through a pipe.
+    through a bounded queue of its pieces (``_Pieces``).
 
     Why: the CSV member inflates on that thread (zlib-ng releases the GIL) while pyarrow
-    parses on its own threads; a Python file that inflated in ``read`` would inflate only
-    while pyarrow waits, at about half the speed (docs/views.md). ``produce``'s error is
-    raised when the block ends, over the block's own: the reader saw an early end of file
-    and may have parsed a cut CSV. Leaving the block early closes the pipe, which stops
-    ``produce`` (its write fails).
+    parses and the batches are planned on others; a Python file that inflated in ``read``
+    would inflate only while pyarrow waits, at about half the speed (docs/views.md). A
+    queue, not an OS pipe: the inflated bytes are not copied into the kernel and back
+    (the pipe cost about 3 s of system time for the bench's 4.2 GB CSV). ``produce``'s
+    error is raised when the block ends, over the block's own: the reader saw an early
+    end of file and may have parsed a cut CSV. Leaving the block early stops ``produce``
+    (its sink raises BrokenPipeError).
     """
-    read_end, write_end = os.pipe()
-    with contextlib.suppress(OSError):   # fewer, larger writes and reads (Linux)
-        fcntl.fcntl(write_end, getattr(fcntl, "F_SETPIPE_SZ", 1031), _PIPE_BYTES)
+    pieces: "queue.Queue[Optional[bytes]]" = queue.Queue(maxsize=_QUEUED_PIECES)
+    stop = threading.Event()
     failed: List[BaseException] = []
+
+    def put(piece: Optional[bytes]) -> bool:
+        while not stop.is_set():
+            with contextlib.suppress(queue.Full):
+                pieces.put(piece, timeout=0.1)
+                return True
+        return False
+
+    def sink(data: bytes) -> None:
+        if not put(data if isinstance(data, bytes) else bytes(data)):
+            raise BrokenPipeError("the CSV's reader left")
 
     def run() -> None:
         try:
-            produce(lambda data: _write_all(write_end, data))
+            produce(sink)
         except BrokenPipeError:
             pass   # the reader left early: its own error is raised
         except BaseException as err:   # noqa: BLE001 - raised on the reader's thread
             failed.append(err)
         finally:
-            os.close(write_end)
+            put(None)
 
     thread = threading.Thread(target=run, name="views-csv", daemon=True)
     thread.start()
-    stream = os.fdopen(read_end, "rb", buffering=_PIPE_BYTES)   # buffered: read(n) gives n bytes (pyarrow's blocks)
+    stream = _Pieces(pieces)
     try:
-        yield stream
+        yield stream   # type: ignore[misc]
     finally:
+        stop.set()
         stream.close()
         thread.join()
         if failed:
             raise failed[0]
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+class _Pieces(io.RawIOBase):
+    """The reading end of ``piped``: its queue's pieces, read in any sizes; ``read(n)``
+    gives n bytes but at the end (pyarrow's blocks: a short read would cut a row)."""
+
+    def __init__(self, pieces: "queue.Queue[Optional[bytes]]") -> None:
+        super().__init__()
+        self._pieces = pieces
+        self._head = memoryview(b"")
+        self._ended = False
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: Optional[int] = -1) -> bytes:
+        size = -1 if size is None else size
+        out: List[memoryview] = []
+        got = 0
+        while (size < 0 or got < size) and not self._ended:
+            if not self._head:
+                piece = self._pieces.get()
+                if piece is None:
+                    self._ended = True
+                    break
+                self._head = memoryview(piece)
+            take = self._head if size < 0 else self._head[:size - got]
+            out.append(take)
+            got += len(take)
+            self._head = self._head[len(take):]
+        return b"".join(out)
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
 
 
 def csv_member(tree: Tree) -> Optional[int]:

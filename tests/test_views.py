@@ -580,3 +580,22 @@ def test_a_csv_in_many_batches_plans_as_in_one(views_set, tmp_path: Path, monkey
     assert (many.dirs, many.class_dirs, many.classes) == (one.dirs, one.class_dirs, one.classes)
     assert many.counts.tolist() == one.counts.tolist() and many.targets.tolist() == one.targets.tolist()
     assert len(many.targets) == sum(1 for pid in views_set[1] for rank in RANKS if views_set[2][pid][rank]) * 4
+
+
+def test_leaving_piped_early_stops_its_producer() -> None:
+    """A reader that stops before the end (pyarrow on a CSV it cannot parse) leaves the
+    block at once, and the producer, stopped in its sink, ends: nothing waits forever."""
+    import threading
+
+    def produce(sink) -> None:
+        while True:   # never ends by itself
+            sink(b"x" * 4096)
+
+    def read_a_little() -> None:
+        with piped(produce) as stream:
+            assert stream.read(10_000) == b"x" * 10_000
+
+    reader = threading.Thread(target=read_a_little, daemon=True)
+    reader.start()
+    reader.join(30)
+    assert not reader.is_alive()   # piped's block waits for the producer to end
