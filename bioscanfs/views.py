@@ -52,17 +52,19 @@ _AS_IS = re.compile(rb"(?![ .])(?!\.\.?\Z)[^%/\0\n\r]*(?<! )\Z")
 _SHORTENED = b"%#"
 _DIGEST_HEX = 16
 _CSV_BLOCK = 16 << 20
-#: Pieces of the inflated CSV (up to 1 MiB each) queued ahead of pyarrow (``piped``).
-_QUEUED_PIECES = 48
+#: Pieces of the inflated CSV (up to 1 MiB each) queued ahead of pyarrow (``piped``): a
+#: few of its 16 MiB blocks, so the inflate rarely waits.
+_QUEUED_PIECES = 96
 #: Longest file name sorted in numpy words (``_name_order``).
 _SORT_WIDTH = 64
 #: Widest a batch's padded file names are kept (``_Batch``): an image name is at most
 #: NAME_MAX bytes, so a longer one, cut here, still differs from every image's in length.
 _PADDED_MAX = NAME_MAX + 1
-#: CSV rows joined together (``_Images.join``): about 50 blocks.
-_JOIN_ROWS = 1 << 20
+#: CSV rows joined together (``_Images.join``): about 13 blocks; the last group is joined
+#: after the CSV's end, so it is kept short.
+_JOIN_ROWS = 1 << 18
 #: Batches parsed ahead of their plan (``_read``): each a few MB.
-_QUEUED = 8
+_QUEUED = 16
 #: The split names a CSV row can have, in byte order (a view folder's split is its rank here).
 _SPLIT_NAMES = sorted(name.encode() for name in SPLIT_CHUNK_CHARS)
 
