@@ -444,20 +444,25 @@ def test_reindex_of_one_changed_archive_keeps_the_views(tmp_path: Path, bench_sc
 @pytest.mark.no_c
 def test_name_order_is_byte_order() -> None:
     """The radix sort of file names orders them as bytes, stably (ties keep row order), and
-    flags each name equal to the one before it in that order."""
+    flags each name equal to the one before it in that order; the names come in batches of
+    other widths (as the CSV's blocks do), one batch or many."""
     import pyarrow as pa
 
-    from bioscanfs.views import _name_order
+    from bioscanfs.views import _name_order, _Names
     names = [b"ab.jpg", b"a.jpg", b"a\xff.jpg", b"B.jpg", b"\xc3\xa9.jpg", b"a.jpg", b"abcdefghijklmnopq.jpg",
              b"abcdefgh.jpg"]
     rng = np.random.default_rng(5)   # many 16-bit digits, odd lengths, shared heads, every byte
     drawn = [b"AB" * int(rng.integers(0, 3)) + rng.integers(0, 256, int(rng.integers(0, 20)), np.uint8).tobytes()
              for _ in range(3000)]
     nul = [b"a\0", b"a", b"a\0\0", b"a", b"a\0"]   # NUL pads: as long as the other, equal
-    for picked in (names, names * 3, [b"x" * 70] + names, drawn + drawn[:500], nul, []):
-        order, repeated = _name_order(pa.array(picked, pa.binary()))
-        assert order.tolist() == sorted(range(len(picked)), key=picked.__getitem__)
-        assert repeated.tolist() == [picked[a] == picked[b] for a, b in zip(order[:-1], order[1:])]
+    wide = [b"y" * 300 + b"b"] + names + [b"y" * 300 + b"a"]   # longer than a batch keeps padded
+    for picked in (names, names * 3, [b"x" * 70] + names, wide, drawn + drawn[:500], nul, []):
+        for size in (len(picked) or 1, 3, 1000):
+            batches = [_Names.of(pa.array(picked[at:at + size], pa.binary()))
+                       for at in range(0, len(picked), size)]
+            order, repeated = _name_order(batches)
+            assert order.tolist() == sorted(range(len(picked)), key=picked.__getitem__)
+            assert repeated.tolist() == [picked[a] == picked[b] for a, b in zip(order[:-1], order[1:])]
 
 
 @pytest.mark.no_c
@@ -527,7 +532,9 @@ def test_copy_to_through_a_pipe_gives_the_member(method: int, tmp_path: Path) ->
 def test_a_csv_piped_in_small_writes_parses_whole() -> None:
     """pyarrow's CSV reader takes a file's reads as its blocks: the pipe's reads must be
     whole (a raw pipe gives what is there, and a row across two short reads is refused)."""
-    from bioscanfs.views import NEEDED_COLUMNS, read_csv
+    import pyarrow as pa
+
+    from bioscanfs.views import NEEDED_COLUMNS, read_batches
 
     rows = 20_000
     text = ",".join(NEEDED_COLUMNS) + "\n" + "".join(
@@ -539,6 +546,56 @@ def test_a_csv_piped_in_small_writes_parses_whole() -> None:
             sink(data[at:at + 64])
 
     with piped(produce) as stream:
-        table = read_csv(stream)
+        table = pa.Table.from_batches(list(read_batches(stream)))
     assert table.num_rows == rows
     assert table.column("processid")[rows - 1].as_py() == f"P{rows - 1}".encode()
+
+
+@pytest.mark.no_c
+def test_a_csv_in_many_batches_plans_as_in_one(views_set, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CSV is planned batch by batch as it streams in (``views._Batch``): cut into many
+    small blocks (labels, chunks and splits first seen in a later one, a processid repeated
+    in another block), joined to the images in groups of a few blocks, the plan is that of
+    one block joined at once, and every repeat is counted."""
+    from bioscanfs import views
+    from bioscanfs.collection import open_tree
+    from bioscanfs.discover import find_archives
+
+    folder = views_set[0]
+    text = zipfile.ZipFile(folder / METADATA_ZIP).read(METADATA_CSV)
+    specs, _ = find_archives([str(folder)])
+    tree, kept = open_tree(specs, str(tmp_path), views=())
+    try:
+        one = views.plan(tree, lambda: io.BytesIO(text), RANKS, "csv", 0, block_size=len(text) + 1)
+        monkeypatch.setattr(views, "_JOIN_ROWS", 40)
+        many = views.plan(tree, lambda: io.BytesIO(text), RANKS, "csv", 0, block_size=2048)
+    finally:
+        for source in kept:
+            source.close()
+    assert len(text) > 10 * 2048
+    seconds = ("csv_seconds", "plan_seconds")
+    assert {k: v for k, v in many.stats.items() if k not in seconds} == \
+        {k: v for k, v in one.stats.items() if k not in seconds}
+    assert many.stats["processids_repeated"] == 6 and many.stats["csv_rows"] == len(views_set[1]) * 2 + 7
+    assert (many.dirs, many.class_dirs, many.classes) == (one.dirs, one.class_dirs, one.classes)
+    assert many.counts.tolist() == one.counts.tolist() and many.targets.tolist() == one.targets.tolist()
+    assert len(many.targets) == sum(1 for pid in views_set[1] for rank in RANKS if views_set[2][pid][rank]) * 4
+
+
+def test_leaving_piped_early_stops_its_producer() -> None:
+    """A reader that stops before the end (pyarrow on a CSV it cannot parse) leaves the
+    block at once, and the producer, stopped in its sink, ends: nothing waits forever."""
+    import threading
+
+    def produce(sink) -> None:
+        while True:   # never ends by itself
+            sink(b"x" * 4096)
+
+    def read_a_little() -> None:
+        with piped(produce) as stream:
+            assert stream.read(10_000) == b"x" * 10_000
+
+    reader = threading.Thread(target=read_a_little, daemon=True)
+    reader.start()
+    reader.join(30)
+    assert not reader.is_alive()   # piped's block waits for the producer to end
