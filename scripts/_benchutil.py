@@ -214,6 +214,20 @@ class MountTarget(Target):
         self.unmount()
 
 
+def store_command(work: Path, folder: Path, root: Path, latency_ms: float) -> List[str]:
+    """The command that mounts ``folder`` at ``root`` through scripts/bench_store.c (a
+    stand-in for a network file system: each read that misses the page cache waits
+    ``latency_ms``), compiled into ``work`` first (gcc, libfuse3-dev). The command returns
+    once mounted; unmount with ``fusermount(root)``."""
+    program = work / "bench_store"
+    flags = subprocess.run(["pkg-config", "--cflags", "--libs", "fuse3"], capture_output=True, text=True)
+    built = subprocess.run(["gcc", "-O2", "-o", str(program), str(Path(__file__).with_name("bench_store.c")),
+                            *flags.stdout.split()], capture_output=True, text=True)
+    if flags.returncode or built.returncode:
+        raise BenchError(f"cannot build scripts/bench_store.c (gcc, libfuse3-dev):\n{flags.stderr}{built.stderr}")
+    return ["env", f"STORE_FOLDER={folder}", f"STORE_LATENCY_US={round(latency_ms * 1000)}", str(program), str(root)]
+
+
 def fusermount(root: Path) -> List[List[str]]:
     """The commands that unmount a FUSE mount of any tool, in the order to try them."""
     return [[tool, "-u", str(root)] for tool in ("fusermount3", "fusermount") if shutil.which(tool)]

@@ -45,7 +45,6 @@ import os
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -71,6 +70,7 @@ from _benchutil import (
     parse_counts,
     ratarmount_target,
     run_main,
+    store_command,
     time_forked,
 )
 from _fakeids import ProcessIds
@@ -222,17 +222,10 @@ def first_mounts(mounts: List[MountTarget], extracted: Path, sample: Sequence[st
 
 def latency_store(folder: Path, work: Path, latency_ms: float) -> MountTarget:
     """``folder`` seen through scripts/bench_store.c, each read that misses the page cache
-    delayed by ``latency_ms`` (compiled into ``work``; mounted by ``mount()``)."""
-    program = work / "bench_store"
-    flags = subprocess.run(["pkg-config", "--cflags", "--libs", "fuse3"], capture_output=True, text=True)
-    built = subprocess.run(["gcc", "-O2", "-o", str(program), str(Path(__file__).with_name("bench_store.c")),
-                            *flags.stdout.split()], capture_output=True, text=True)
-    if flags.returncode or built.returncode:
-        raise BenchError(f"cannot build scripts/bench_store.c (gcc, libfuse3-dev):\n{flags.stderr}{built.stderr}")
+    delayed by ``latency_ms`` (mounted by ``mount()``)."""
     root = work / "store"
     root.mkdir()
-    return MountTarget("store", root, ["env", f"STORE_FOLDER={folder}", f"STORE_LATENCY_US={round(latency_ms * 1000)}",
-                                       str(program), str(root)], fusermount(root))
+    return MountTarget("store", root, store_command(work, folder, root, latency_ms), fusermount(root))
 
 
 # ---------------------------------------------------------------- running

@@ -30,7 +30,6 @@ from typing import Dict, Iterator, List, Tuple
 
 import pytest
 from conftest import (
-    REPO,
     Member,
     Mount,
     assert_eio,
@@ -39,6 +38,7 @@ from conftest import (
     data_offset,
     expected_tree,
     flip_byte,
+    load_script,
     mounted,
     zip_contents,
     zip_members,
@@ -451,17 +451,14 @@ def _slow_store(folder: Path, workdir: Path, latency_ms: int) -> Iterator[Path]:
     """``folder`` seen through scripts/bench_store.c: a stand-in for a network file system,
     each read that misses the page cache waiting ``latency_ms`` (built with gcc and
     libfuse3-dev, which the C engine needs too)."""
-    program, view = workdir / "bench_store", workdir / "store"
+    view = workdir / "store"
     view.mkdir(parents=True)
-    flags = subprocess.run(["pkg-config", "--cflags", "--libs", "fuse3"], check=True, capture_output=True, text=True)
-    subprocess.run(["gcc", "-O2", "-o", str(program), str(REPO / "scripts" / "bench_store.c"), *flags.stdout.split()],
-                   check=True, capture_output=True)
-    env = dict(os.environ, STORE_FOLDER=str(folder), STORE_LATENCY_US=str(latency_ms * 1000))
-    subprocess.run([str(program), str(view)], check=True, env=env, capture_output=True)
+    benchutil = load_script("_benchutil")
+    subprocess.run(benchutil.store_command(workdir, folder, view, latency_ms), check=True, capture_output=True)
     try:
         yield view
     finally:
-        subprocess.run(["fusermount3", "-u", str(view)], check=True, capture_output=True)
+        subprocess.run(benchutil.fusermount(view)[0], check=True, capture_output=True)
 
 
 def _peak_threads(pid: int, stop: threading.Event) -> int:
