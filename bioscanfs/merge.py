@@ -573,14 +573,12 @@ class ViewsBuilder:
         dir_lo = np.cumsum(self._counts) - self._counts
         # Classes row i goes where its folder starts; the image rows before it are that less i.
         old_at = 0
-        ends = tree.name_ends.astype(np.int64)
         cuts = [int(p) - i for i, p in enumerate(dir_lo[self._classes_at].tolist())] + [len(tree.files)]
         for i, cut in enumerate(cuts):
             for rows in _slices(cut - old_at):
                 lo, hi = old_at + rows.start, old_at + rows.stop
-                begin = int(ends[lo - 1]) if lo else 0
-                yield (np.asarray(tree.files[lo:hi]), np.asarray(tree.names[begin:int(ends[hi - 1])]),
-                       ends[lo:hi] - begin)
+                names, ends = tree.name_span(lo, hi)
+                yield np.asarray(tree.files[lo:hi]), np.asarray(names), ends
             old_at = cut
             if i < len(self._class_rows):
                 yield (self._class_rows[i:i + 1], np.frombuffer(CLASSES_NAME, np.uint8),

@@ -418,9 +418,18 @@ class Tree:
 
     def name(self, row: int) -> bytes:
         """A file's own name."""
-        self.rows_ready(row, row + 1)
-        begin = int(self.name_ends[row - 1]) if row else 0
-        return self.names[begin:int(self.name_ends[row])].tobytes()
+        names, _ = self.name_span(row, row + 1)
+        return names.tobytes()
+
+    def name_span(self, lo: int, hi: int) -> Tuple[np.ndarray, np.ndarray]:
+        """The own names of file rows lo..hi (checked), end to end, and where each ends in
+        them (int64, from 0): one slice of ``names``, no copy."""
+        if hi <= lo:
+            return self.names[:0], np.zeros(0, np.int64)
+        self.rows_ready(lo, hi)
+        first = int(self.name_ends[lo - 1]) if lo else 0
+        ends = self.name_ends[lo:hi].astype(np.int64) - first
+        return self.names[first:first + int(ends[-1])], ends
 
     def find_file(self, dir_id: int, name: bytes) -> int:
         """The row of file ``name`` in a directory, or -1 (binary search by bytes)."""
@@ -457,12 +466,8 @@ class Tree:
         return list(zip(range(lo, hi), self._names(lo, hi))) + [(row, self.name(row)) for row in linked]
 
     def _names(self, lo: int, hi: int) -> List[bytes]:
-        if lo >= hi:
-            return []
-        self.rows_ready(lo, hi)
-        first = int(self.name_ends[lo - 1]) if lo else 0
-        data = self.names[first:int(self.name_ends[hi - 1])].tobytes()
-        ends = (self.name_ends[lo:hi].astype(np.int64) - first).tolist()
+        names, ends = self.name_span(lo, hi)
+        data, ends = names.tobytes(), ends.tolist()
         return [data[a:b] for a, b in zip([0] + ends[:-1], ends)]
 
     def dir_path(self, dir_id: int) -> bytes:

@@ -415,13 +415,11 @@ class _Images:
         from .merge import fixed_width  # build only: a remount starts sooner without merge
 
         if lo not in self._sorted:
-            tree = self.tree
-            ends = tree.name_ends[lo:hi].astype(np.int64)
-            start = int(tree.name_ends[lo - 1]) if lo else 0
-            begins = np.concatenate(([start], ends[:-1]))
+            data, ends = self.tree.name_span(lo, hi)
+            begins = np.concatenate(([0], ends[:-1]))
             width = int((ends - begins).max())
-            blob = np.concatenate((tree.names[start:int(ends[-1])], np.zeros(width, np.uint8)))
-            names = fixed_width(blob, begins - start, ends - start, width).view(f"S{width}").ravel()
+            blob = np.concatenate((data, np.zeros(width, np.uint8)))
+            names = fixed_width(blob, begins, ends, width).view(f"S{width}").ravel()
             self._sorted[lo] = names, (ends - begins).astype(np.int32)
         return self._sorted[lo]
 
@@ -437,14 +435,9 @@ def _same_names(tree: Tree, a: Spans, b: Spans) -> bool:
     """Whether two imgtypes' folders hold the same names, folder by folder."""
     if [(path, hi - lo) for path, lo, hi in a] != [(path, hi - lo) for path, lo, hi in b]:
         return False
-    ends = tree.name_ends
     for (_, lo_a, hi_a), (_, lo_b, hi_b) in zip(a, b):
-        if hi_a == lo_a:
-            continue
-        start_a = int(ends[lo_a - 1]) if lo_a else 0
-        start_b = int(ends[lo_b - 1]) if lo_b else 0
-        if not (np.array_equal(ends[lo_a:hi_a].astype(np.int64) - start_a, ends[lo_b:hi_b].astype(np.int64) - start_b)
-                and np.array_equal(tree.names[start_a:int(ends[hi_a - 1])], tree.names[start_b:int(ends[hi_b - 1])])):
+        (names_a, ends_a), (names_b, ends_b) = tree.name_span(lo_a, hi_a), tree.name_span(lo_b, hi_b)
+        if not (np.array_equal(ends_a, ends_b) and np.array_equal(names_a, names_b)):
             return False
     return True
 
