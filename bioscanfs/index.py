@@ -105,14 +105,14 @@ def load_tree(sources: Sequence[FileSource], index_dir: Optional[str],
         store.prepare_folder(index_dir)
         path = _tree_path(index_dir, sources, tree_key, skip_bad, allow_incomplete)
         store.tidy(index_dir, [path])
-    mapped = _mapped(path, tree_key, sources) if path else None
+    mapped = _reused(path, tree_key, sources) if path else None
     if mapped is not None:
         return mapped
     if not views:
         return _images(sources, index_dir, path, tree_key, on_archive, skip_bad, allow_incomplete)
     images_key = _tree_key(sources, skip_bad, allow_incomplete, ())
     images_path = path and _tree_path(index_dir, sources, images_key, skip_bad, allow_incomplete)
-    images = _mapped(images_path, images_key, sources) if images_path else None
+    images = _reused(images_path, images_key, sources) if images_path else None
     built = images is None
     if images is None:
         images = _images(sources, index_dir, images_path, images_key, on_archive, skip_bad, allow_incomplete)
@@ -186,12 +186,73 @@ def _with_views(images: Tree, kept: List[FileSource], ranks: Sequence[str], inde
                  [s.name for s in kept], [s.size for s in kept] + [len(builder.views_zip)])
 
 
+def _reused(path: str, key: Any, sources: Sequence[FileSource]) -> Optional[Tuple[Tree, List[FileSource]]]:
+    """The tree saved at ``path`` under ``key`` (``_mapped``), or else an earlier one whose
+    archives are all the same but for their identities (``_rekeyed``)."""
+    return _mapped(path, key, sources) or _rekeyed(path, key, sources)
+
+
+def _newest_earlier(path: str) -> Optional[Tuple[str, Dict[str, Any]]]:
+    """(path, header) of the newest other tree of the same slot (archive paths and options),
+    when its header has a key."""
+    folder, name = os.path.split(path)
+    candidates = [p for p in glob.glob(os.path.join(glob.escape(folder), name.partition("-")[0] + "-*.tree"))
+                  if p != path]
+    if not candidates:
+        return None
+    newest = max(candidates, key=lambda p: os.stat(p).st_mtime_ns)
+    header = store.read_header(newest)
+    return (newest, header) if header and isinstance(header.get("key"), list) else None
+
+
+def _rekeyed(path: str, key: Any, sources: Sequence[FileSource]) -> Optional[Tuple[Tree, List[FileSource]]]:
+    """The newest earlier tree of this slot saved again at ``path`` under ``key``, when it
+    was built from these very archives with the same options, every archive was kept, and
+    each whose identity (size, mtime, inode) changed since has the same directory digest:
+    touched, copied back or downloaded again. It is checked whole first (as a re-index
+    checks the tree it takes rows from: a damaged one is not copied), then its columns and
+    CRCs are copied as they are; no archive is parsed. None otherwise."""
+    earlier = _newest_earlier(path)
+    if earlier is None:
+        return None
+    old_path, header = earlier
+    old_key, extra, key = header["key"], header.get("extra"), json.loads(json.dumps(key))
+    if len(old_key) != len(key) or old_key[:2] != key[:2] or old_key[3:] != key[3:]:
+        return None
+    try:
+        if extra["kept"] != [src.name for src in sources] or not _same_directories(sources, extra):
+            return None
+    except (KeyError, TypeError, ValueError, ArchiveError, OSError):
+        return None
+    if store.load(old_path, old_key) is None:
+        return None
+    log.info("archives touched or copied again since the last index, with the same directories: "
+             "it is used again, nothing is parsed")
+    try:
+        store.rekey(old_path, path, key, dict(extra, identities=key[2]))
+    except OSError:
+        return None
+    return _mapped(path, key, sources)
+
+
+def _same_directories(sources: Sequence[FileSource], extra: Dict[str, Any]) -> bool:
+    """Whether every archive whose identity differs from the one ``extra`` saved has the
+    directory digest saved there (only those are read). Raises what ``directory_digest`` does."""
+    old = extra["identities"]
+    digests = extra["digests"]
+    if not (isinstance(old, list) and isinstance(digests, list) and len(old) == len(digests) == len(sources)):
+        return False
+    return all(json.dumps(identity) == _identity(src) or zipdir.directory_digest(src) == digest
+               for src, identity, digest in zip(sources, old, digests))
+
+
 class _Earlier(NamedTuple):
     """A tree built before for the same archive paths, and what can be taken from it."""
 
     tree: Tree
     archive_of: Dict[str, int]      #: identity (JSON) of each unchanged archive -> its number there
     warnings: List[List[str]]       #: each archive's warnings there
+    digests: List[Optional[str]]    #: each archive's directory digest there (None: built before they were kept)
     archives: np.ndarray            #: its archive column, copied once (not scanned in the mapping per archive)
 
 
@@ -203,15 +264,12 @@ def _earlier_tree(path: str, key: Any, sources: Sequence[FileSource]) -> Optiona
     """The newest tree of the same slot (archive paths and options) built before, when some
     of its archives are unchanged and it lost none of their files (see ``_lost_nothing``):
     then only the others are parsed again. None otherwise, or when it is damaged."""
-    folder, name = os.path.split(path)
-    candidates = [p for p in glob.glob(os.path.join(glob.escape(folder), name.partition("-")[0] + "-*.tree"))
-                  if p != path]
-    if not candidates:
+    earlier = _newest_earlier(path)
+    if earlier is None:
         return None
-    newest = max(candidates, key=lambda p: os.stat(p).st_mtime_ns)
-    header = store.read_header(newest)
-    old_key = header.get("key") if header else None
-    if not (isinstance(old_key, list) and len(old_key) == len(key) and old_key[:2] == key[:2]
+    newest, header = earlier
+    old_key = header["key"]
+    if not (len(old_key) == len(key) and old_key[:2] == key[:2]
             and old_key[3:5] == key[3:5]):   # the archives may differ, and the views' ranks
         return None
     arrays = store.load(newest, old_key)
@@ -230,7 +288,10 @@ def _earlier_tree(path: str, key: Any, sources: Sequence[FileSource]) -> Optiona
         if not _lost_nothing(tree, extra):
             return None
         archive_of = {identity: j for j, identity in enumerate(identities) if identity in current}
-        return _Earlier(tree, archive_of, extra["archive_warnings"], np.array(tree.files["archive"])) \
+        digests = extra.get("digests")
+        if not (isinstance(digests, list) and len(digests) == len(identities)):
+            digests = [None] * len(identities)   # built before digests were kept, or damaged
+        return _Earlier(tree, archive_of, extra["archive_warnings"], digests, np.array(tree.files["archive"])) \
             if archive_of else None
     except (KeyError, ValueError, IndexError, TypeError):  # BadTables is a ValueError
         return None
@@ -362,7 +423,7 @@ def _add_all(builder: Builder, sources: Sequence[FileSource], on_archive: Option
         if result is None and earlier is not None:  # unchanged
             archive = reuse[_identity(src)]
             rows = np.flatnonzero(earlier.archives == archive)
-            builder.add_from_tree(earlier.tree, rows, earlier.warnings[archive])
+            builder.add_from_tree(earlier.tree, rows, earlier.warnings[archive], earlier.digests[archive])
             store.release_pages(earlier.tree.arrays)   # its pages stay cached, out of our RSS
             kept.append(src)
             if on_archive:

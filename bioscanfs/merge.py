@@ -26,7 +26,7 @@ from __future__ import annotations
 import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, BinaryIO, Callable, Dict, Iterator, List, NamedTuple, Tuple
+from typing import Any, BinaryIO, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -67,6 +67,7 @@ class Archive(NamedTuple):
     lengths: np.ndarray         #: uint16, the length of each of those names
     members: int                #: entries in its central directory that were kept
     warnings: List[str]
+    digest: str                 #: of its directory (``zipdir.directory_digest``)
 
 
 def reduce(members: zipdir.Members) -> Archive:
@@ -94,7 +95,7 @@ def reduce(members: zipdir.Members) -> Archive:
     lengths, base_begin = lengths[by_name], base_begin[by_name]
     return Archive(rows, group_of[by_name].astype(np.uint32), group_dirs, explicit_dirs,
                    zipdir.gather_segments(blob, base_begin, lengths)[0], lengths.astype(np.uint16), len(members.table),
-                   list(members.warnings))
+                   list(members.warnings), members.digest)
 
 
 class Builder:
@@ -113,10 +114,13 @@ class Builder:
         self._lengths: List[np.ndarray] = []  #: per archive, the length of each of those names
         self._starts = [0]                    #: first row of each archive
         self.warnings: List[List[str]] = []   #: per archive
+        #: per archive, of its directory (``index`` reuses a tree whose archives' digests are unchanged)
+        self.digests: List[Optional[str]] = []
 
     def add(self, archive: Archive) -> None:
         """Add one archive, reduced by ``reduce``: its folders numbered, its rows to the spill."""
         self.warnings.append(list(archive.warnings))
+        self.digests.append(archive.digest)
         for path in archive.explicit_dirs:
             self._dirs.add(path)
         self._spill.write(archive.rows.view(np.uint8).data)
@@ -126,11 +130,13 @@ class Builder:
         self._lengths.append(archive.lengths)
         self._starts.append(self._starts[-1] + len(archive.rows))
 
-    def add_from_tree(self, tree: Tree, rows: np.ndarray, warnings: List[str]) -> None:
+    def add_from_tree(self, tree: Tree, rows: np.ndarray, warnings: List[str],
+                      digest: Optional[str]) -> None:
         """Add an archive unchanged since an earlier tree was built, from its ``rows``
         there (ascending): no parse, its rows and names are taken as they are (the caller has made
         sure that tree lost none of them to a duplicate or a folder: ``index._lost_nothing``)."""
         self.warnings.append(list(warnings))
+        self.digests.append(digest)
         self._spill.write(np.take(tree.files.view(_RECORD), rows).view(np.uint8).data)
         # Rows ascend and each folder's rows are a range: its count of ``rows`` is a
         # difference of two binary searches (the tree's whole columns are not read again
@@ -211,7 +217,7 @@ class Builder:
             out.write(name, array)
         return {"warnings": [w for ws in self.warnings for w in ws] + self.hidden_warnings, "total_bytes": total,
                 "duplicates": int(self._same.sum()) - self._conflicts.rows, "hidden": self.hidden,
-                "archive_warnings": self.warnings}
+                "archive_warnings": self.warnings, "digests": self.digests}
 
     def _rows(self, positions: np.ndarray) -> np.ndarray:
         """The member rows at sorted positions, archive column set."""

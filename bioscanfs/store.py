@@ -30,6 +30,7 @@ and mode bits only.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -152,12 +153,7 @@ class ColumnWriter:
             self._offsets[name] = offset = -(-offset // _ALIGN) * _ALIGN
             offset += dtype.itemsize * count
         self._end = offset
-        self._fd, self._tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=_TEMP_PREFIX)
-        try:
-            os.fchmod(self._fd, _FILE_MODE)
-        except OSError:
-            self.abort()
-            raise
+        self._fd, self._tmp = _temporary_beside(path)
 
     def write(self, name: str, chunk: np.ndarray) -> None:
         """Append ``chunk`` to column ``name``."""
@@ -207,14 +203,8 @@ class ColumnWriter:
         try:
             layout = {name: [_dtype_to_json(dtype), [count], self._offsets[name]]
                       for name, (dtype, count) in self.layout.items()}
-            header = json.dumps({"key": key, "arrays": layout, "extra": extra, "crc_block": self.block,
-                                 "crc32": self._crcs}).encode()
-            if len(header) > _MAX_HEADER:
-                raise OSError(errno.EFBIG, f"its header of {len(header):,} bytes is over the {_MAX_HEADER:,} "
-                                           "that a mount reads back", self.path)
-            os.pwrite(self._fd, MAGIC + self._end.to_bytes(8, "little") + len(header).to_bytes(8, "little"), 0)
-            _pwrite_all(self._fd, header, self._end)
-            os.ftruncate(self._fd, self._end + len(header))
+            _write_header(self._fd, self._end, {"key": key, "arrays": layout, "extra": extra,
+                                                "crc_block": self.block, "crc32": self._crcs}, str(self.path))
             os.close(self._fd)
             self._fd = -1
             os.replace(self._tmp, str(self.path))
@@ -233,6 +223,89 @@ class ColumnWriter:
                 os.unlink(self._tmp)
             except OSError:
                 pass
+
+
+def _temporary_beside(path: str) -> Tuple[int, str]:
+    """(descriptor, name) of a new temporary file in ``path``'s folder, readable as index files are."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=_TEMP_PREFIX)
+    try:
+        os.fchmod(fd, _FILE_MODE)
+    except OSError:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    return fd, tmp
+
+
+def _write_header(fd: int, end: int, header: Dict[str, Any], path: str) -> None:
+    """Write ``header`` after the columns (which end at ``end``) of the file being written,
+    and where it is in its first bytes. Raises EFBIG for a header over what ``load`` reads
+    back (``path`` names the file in that error)."""
+    data = json.dumps(header).encode()
+    if len(data) > _MAX_HEADER:
+        raise OSError(errno.EFBIG, f"its header of {len(data):,} bytes is over the {_MAX_HEADER:,} "
+                                   "that a mount reads back", path)
+    os.pwrite(fd, MAGIC + end.to_bytes(8, "little") + len(data).to_bytes(8, "little"), 0)
+    _pwrite_all(fd, data, end)
+    os.ftruncate(fd, end + len(data))
+
+
+def rekey(old: str, path: str, key: Any, extra: Any) -> None:
+    """Save the file ``old`` again at ``path`` under ``key`` and ``extra``: its columns and
+    their CRCs as they are (copied in the kernel), so ``load`` checks them there as it
+    would have here. For a file whose columns are still right for a new key (the caller
+    says when). Whole or not at all; raises OSError as ``save`` does (EINVAL when ``old``
+    is not an index file), UntrustedIndexError as ``load`` does."""
+    src = os.open(old, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(src)
+        why = _untrusted_because(st)
+        if why:
+            raise UntrustedIndexError(old, f"index file could be written by another user ({why})")
+        header, end = _header_of(src, st)
+        fd, tmp = _temporary_beside(path)
+        try:
+            try:
+                _copy_range(src, fd, end)
+                _write_header(fd, end, dict(header, key=key, extra=extra), path)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    finally:
+        os.close(src)
+
+
+def _header_of(fd: int, st: os.stat_result) -> Tuple[Dict[str, Any], int]:
+    """(header, where the columns end) of an open index file; OSError EINVAL when it has none."""
+    try:
+        if stat.S_ISREG(st.st_mode) and st.st_size >= _DATA_START:
+            with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as data:
+                header, end = _header(data, st.st_size)
+            if header is not None:
+                return header, end
+    except (ValueError, UnicodeDecodeError):
+        pass
+    raise OSError(errno.EINVAL, "not an index file")
+
+
+def _copy_range(src: int, dst: int, length: int) -> None:
+    """Copy the first ``length`` bytes of ``src`` to ``dst``, in the kernel where it can."""
+    done = 0
+    try:
+        while done < length:
+            copied = os.copy_file_range(src, dst, length - done, done, done)
+            if copied == 0:
+                raise OSError(errno.EIO, "index file shrank while it was copied")
+            done += copied
+    except OSError as err:
+        if err.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+        for at in range(done, length, _CHECK_BLOCK):
+            _pwrite_all(dst, os.pread(src, min(_CHECK_BLOCK, length - at), at), at)
 
 
 def _pwrite_all(fd: int, data: bytes, position: int) -> None:
@@ -297,12 +370,8 @@ def read_header(path: str) -> Optional[Dict[str, Any]]:
     file], extra, CRCs), or None; for inspection: ``load`` is what checks a file."""
     try:
         with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size < _DATA_START:
-                return None
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-                return _header(data, size)[0]
-    except (OSError, ValueError):
+            return _header_of(f.fileno(), os.fstat(f.fileno()))[0]
+    except OSError:
         return None
 
 

@@ -165,7 +165,7 @@ def empty_plan() -> Plan:
     """No views: the tree is saved as it is (with no links)."""
     from .zipdir import MEMBER_DTYPE
 
-    none = Members(np.zeros(0, MEMBER_DTYPE), np.zeros(0, np.uint8), np.zeros(0, np.uint64), np.zeros(0, bool), [])
+    none = Members(np.zeros(0, MEMBER_DTYPE), np.zeros(0, np.uint8), np.zeros(0, np.uint64), np.zeros(0, bool), [], "")
     return Plan([], np.zeros(0, np.int64), np.zeros(0, np.int64), [], b"", none, {})
 
 

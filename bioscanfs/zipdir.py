@@ -17,6 +17,8 @@ whose records need more than 64 extra-field blocks per entry.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import struct
 from typing import List, NamedTuple, Sequence, Tuple
 
@@ -127,6 +129,7 @@ class Members(NamedTuple):
     name_ends: np.ndarray    #: uint64, name i is names[name_ends[i-1]:name_ends[i]]
     is_dir: np.ndarray       #: bool, explicit directory entries
     warnings: List[str]      #: one line per member that was skipped or renamed
+    digest: str              #: of what the table is made of (``directory_digest``)
 
 
 def read_end_record(src: Source) -> EndRecord:
@@ -199,12 +202,35 @@ class Walk(NamedTuple):
     suspect: np.ndarray      #: bool, names that need cleaning (see _suspect_names)
 
 
+def _directory(src: Source) -> Tuple[EndRecord, bytes]:
+    """The end record and the central directory's bytes: all a member table is made of."""
+    end = read_end_record(src)
+    raw = src.pread(end.cd_size, end.cd_start)
+    if len(raw) != end.cd_size:
+        raise ArchiveError(src.name, "central directory is truncated")
+    return end, raw
+
+
+def _digest(src: Source, end: EndRecord, raw: bytes) -> str:
+    """SHA-256 (128 bits kept) of the source's size, its pieces' starts, the end record and the
+    directory's bytes: equal digests give equal member tables (``read_members`` reads nothing
+    else), so an archive whose mtime changed but whose digest did not needs no parse."""
+    head = json.dumps([src.size, list(src.disk_bases), list(end)]).encode()
+    return hashlib.sha256(head + b"\0" + raw).hexdigest()[:32]
+
+
+def directory_digest(src: Source) -> str:
+    """The digest ``read_members`` gives the archive's table, without parsing it: one read of
+    its end record and central directory (raises ArchiveError or OSError as that does)."""
+    return _digest(src, *_directory(src))
+
+
 def read_members(src: Source) -> Members:
     """Parse the whole central directory into a member table (no local header is read)."""
-    end = read_end_record(src)
-    buf = np.frombuffer(src.pread(end.cd_size, end.cd_start), dtype=np.uint8)
-    if len(buf) != end.cd_size:
-        raise ArchiveError(src.name, "central directory is truncated")
+    end, raw = _directory(src)
+    digest = _digest(src, end, raw)
+    buf = np.frombuffer(raw, dtype=np.uint8)
+    del raw
     bases = tuple(src.disk_bases) if len(src.disk_bases) > 1 else (0,)
     table, raw, raw_ends, suspect = walk_directory(src.name, buf, end.entries, Placement(bases, end.prefix,
                                                                                           end.cd_start))
@@ -214,7 +240,7 @@ def read_members(src: Source) -> Members:
     if impossible.any():
         keep, names, ends, is_dir = _drop(keep, impossible, names, ends, is_dir)
         warnings.append(f"{src.name}: {int(impossible.sum())} members declare a size of 2^63 bytes or more: skipped")
-    return Members(table if keep.all() else table[keep], names, ends, is_dir, warnings)
+    return Members(table if keep.all() else table[keep], names, ends, is_dir, warnings, digest)
 
 
 def walk_directory(archive: str, buf: np.ndarray, entries: int, place: Placement) -> Walk:

@@ -30,6 +30,7 @@ from conftest import (
     prebuild_index,
     replace_name_bytes,
     run_cli,
+    touch,
     zip_contents,
     zip_members,
     zip_paths,
@@ -100,11 +101,6 @@ def test_index_round_trip_equals_fresh_parse(fake_set: Path, tmp_path: Path) -> 
     assert_tree_matches_zipfile(reloaded, fake_set)
 
 
-def _touch(archive: Path) -> None:
-    st = archive.stat()
-    os.utime(archive, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-
-
 def _replace_same_size(archive: Path) -> None:
     """A new file with the same size and mtime but a renamed member moved over the archive."""
     st = archive.stat()
@@ -131,7 +127,7 @@ def test_long_names_that_share_a_prefix_are_sorted_and_found(tmp_path: Path) -> 
             assert c.read(name) == name.encode()
 
 
-@pytest.mark.parametrize("change", [_touch, _replace_same_size], ids=["touched", "replaced-same-size"])
+@pytest.mark.parametrize("change", [touch, _replace_same_size], ids=["touched", "replaced-same-size"])
 def test_stale_index_is_rebuilt(small_set: Path, tmp_path: Path, change: Callable[[Path], None]) -> None:
     """A changed archive gets a new index that describes its new content."""
     zips, index_dir = zip_paths(small_set), tmp_path / "index"
@@ -169,7 +165,7 @@ def _flip(path: Path, at: int, mask: int = 0x40) -> None:
 
 
 Corruption = Callable[[Path, Path], None]  # (index file, a valid index file of other archives)
-_CORRUPTIONS: Dict[str, Corruption] = {
+CORRUPTIONS: Dict[str, Corruption] = {
     "flip-magic": lambda p, other: _flip(p, 0),
     "flip-header-offset": lambda p, other: _flip(p, 9, 0x01),
     "flip-header-length": lambda p, other: _flip(p, 17, 0x01),
@@ -189,7 +185,7 @@ _CORRUPTIONS: Dict[str, Corruption] = {
 _FOUND_ON_FIRST_USE = {"flip-row-data"}
 
 
-@pytest.mark.parametrize("corruption", list(_CORRUPTIONS))
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
 def test_corrupt_index_file_is_rebuilt(small_set: Path, fake_set: Path, tmp_path: Path, corruption: str) -> None:
     """A damaged index file is never trusted."""
     zips, index_dir = zip_paths(small_set), tmp_path / "index"
@@ -199,7 +195,7 @@ def test_corrupt_index_file_is_rebuilt(small_set: Path, fake_set: Path, tmp_path
     other = next(p for p in other_dir.iterdir() if p.suffix == ".tree")
     targets = [p for p in index_dir.iterdir() if p.suffix == ".tree"]
     for target in targets:
-        _CORRUPTIONS[corruption](target, other)
+        CORRUPTIONS[corruption](target, other)
     tree = load(zips, index_dir)
     if corruption in _FOUND_ON_FIRST_USE:
         with pytest.raises(DamagedIndex):

@@ -32,6 +32,7 @@ from conftest import (
     index_files,
     is_mounted,
     run_cli,
+    touch,
     zip_members,
     zip_paths,
 )
@@ -386,11 +387,6 @@ def test_index_command_with_many_conflicts_maps_or_says_why(tmp_path: Path) -> N
 
 
 # == issue 21 row 8: superseded indexes and leftover temporaries go ================================
-def _touch(archive: Path) -> None:
-    st = archive.stat()
-    os.utime(archive, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-
-
 def test_superseded_and_leftover_files_are_removed_after_the_grace(small_set: Path, tmp_path: Path) -> None:
     """Five touches write five new indexes; once older than the grace period, the old
     ones, a killed build's temporary and month-old files of other archive sets are
@@ -399,7 +395,7 @@ def test_superseded_and_leftover_files_are_removed_after_the_grace(small_set: Pa
     zips = zip_paths(small_set)
     assert run_cli("index", small_set, "--index-dir", folder).returncode == 0
     for _ in range(5):
-        _touch(zips[0])
+        touch(zips[0])
         assert run_cli("index", small_set, "--index-dir", folder).returncode == 0
     assert len(index_files(folder)) > 3, "superseded files went before their grace period"
     for path in folder.iterdir():
@@ -422,7 +418,7 @@ def test_superseded_and_leftover_files_are_removed_after_the_grace(small_set: Pa
     shutil.copy(other_tree, folder / "00000000000000bb-0123456789abcdef.members")  # as version 4 wrote
     age(folder / "00000000000000bb-0123456789abcdef.members", 2 * HOUR)
 
-    _touch(zips[1])
+    touch(zips[1])
     assert run_cli("index", small_set, "--index-dir", folder).returncode == 0
     left = set(os.listdir(folder))
     kept = {".tmp-writing", "fedcba9876543210-0123456789abcdef.tree",
@@ -459,7 +455,7 @@ def test_live_mount_keeps_serving_after_its_index_is_removed(mount: MountFactory
     for path in folder.iterdir():
         age(path, 2 * HOUR)
     for archive in zip_paths(small_set):
-        _touch(archive)
+        touch(archive)
     assert run_cli("index", small_set, "--index-dir", folder).returncode == 0
     assert not mapped & set(index_files(folder)), "the mapped index was not removed"
     assert_serves_members(live, zip_members(small_set))
