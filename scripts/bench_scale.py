@@ -36,6 +36,8 @@ from _zipkit import dos_stamp, split_counts
 
 from bioscanfs.layout import EVAL_SPLITS, IMGTYPES, SPLIT_SIZES, image_path
 from bioscanfs.mounts import is_mounted
+from bioscanfs.sources import FileSource
+from bioscanfs.zipdir import read_end_record
 
 #: The checkout this script belongs to, which its bioscanfs runs come from.
 REPO = Path(__file__).resolve().parent.parent
@@ -267,23 +269,25 @@ def _measure_mounts(label: str, command: list[str], mountpoint: Path, server: st
     listing a chunk, the cold one with the index's size."""
     rows = []
     largest = _largest(Path(command[command.index("mount") + 1])) if index_dir is not None else None
-    for phase in ("cold mount", "warm remount", "page cache dropped", "one archive touched"):
-        if (phase == "page cache dropped" and not _drop_page_cache()) or (phase == "one archive touched"
-                                                                          and largest is None):
+    for phase in PHASES:
+        change = _CHANGES.get(phase)
+        if (phase == "page cache dropped" and not _drop_page_cache()) or (change and largest is None):
             continue
-        # ``python -m`` imports from its working folder first: the checkout measured.
-        with _touched(largest if phase == "one archive touched" else None):
+        with change(largest) if change else contextlib.nullcontext() as added:
+            # ``python -m`` imports from its working folder first: the checkout measured.
             seconds, peak = _run_timed(command, dict(os.environ, PYTHONPATH=str(checkout)) if checkout else None,
                                        checkout)
-        listing, entries = _list_chunk(mountpoint)
-        resident = rss(server_pid(mountpoint, server))
+            if added:
+                _check_added(mountpoint, *added)
+            listing, entries = _list_chunk(mountpoint)
+            resident = rss(server_pid(mountpoint, server))
+            _unmount(mountpoint)
         row = {"tool": label, "phase": phase, "seconds": seconds, "mount_command_peak_rss": peak,
                "server_rss_after_listing": resident, "chunk_listing_seconds": listing, "chunk_entries": entries}
         if phase == "cold mount" and index_dir is not None:
             row["index_bytes_per_member"] = sum(p.stat().st_size for p in index_dir.iterdir()
                                                 if p.is_file() and p.suffix in (".tree", ".members")) / members
         rows.append(row)
-        _unmount(mountpoint)
     return rows
 
 
@@ -292,17 +296,67 @@ def _largest(folder: Path) -> Path:
 
 
 @contextlib.contextmanager
-def _touched(archive: Optional[Path]) -> Iterator[None]:
-    """The archive with a new mtime (a changed archive to the index), its old one back after."""
-    if archive is None:
-        yield
-        return
+def _touched(archive: Path) -> Iterator[None]:
+    """The archive with a new mtime and the same bytes, its old mtime back after."""
     st = archive.stat()
     os.utime(archive, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     try:
         yield
     finally:
         os.utime(archive, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+#: What the "one archive grown" phase appends to the largest archive's first folder.
+_GROWN_NAME = b"grown-by-bench.jpg"
+_GROWN_DATA = b"appended after the index was built\n" * 64
+
+
+@contextlib.contextmanager
+def _grown(archive: Path) -> Iterator[tuple[str, bytes]]:
+    """The archive with one more stored member, written where its central directory was and
+    followed by the directory again with the new record and new end records: a change of
+    content that the index must parse again. Yields (the new member's path, its bytes);
+    the archive's bytes and mtime are put back after."""
+    st = archive.stat()
+    src = FileSource([str(archive)])
+    try:
+        end = read_end_record(src)
+        old_tail = src.pread(src.size - end.cd_start, end.cd_start)  # the directory and end records
+    finally:
+        src.close()
+    first_name = old_tail[46:46 + struct.unpack_from("<H", old_tail, 28)[0]]
+    name = first_name.rpartition(b"/")[0] + b"/" + _GROWN_NAME
+    offset = end.cd_start
+    assert offset < _ZIP64_LIMIT, "the bench's archives keep their data under 4 GiB"
+    stamp, crc, size = dos_stamp(2024, 6, 1, 12, 0), zlib.crc32(_GROWN_DATA), len(_GROWN_DATA)
+    local = struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, _UTF8_FLAG, 0, *stamp, crc, size, size, len(name), 0)
+    central = struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, _UNIX | 20, 20, _UTF8_FLAG, 0, *stamp, crc, size, size,
+                          len(name), 0, 0, 0, 0, _FILE_MODE, offset)
+    directory = old_tail[:end.cd_size] + central + name
+    added = local + name + _GROWN_DATA
+    with open(archive, "r+b") as f:
+        f.seek(offset)
+        f.write(added + directory + _end_records(end.entries + 1, offset + len(added), len(directory)))
+    try:
+        yield name.decode(), _GROWN_DATA
+    finally:
+        with open(archive, "r+b") as f:
+            f.seek(offset)
+            f.write(old_tail)
+            f.truncate(st.st_size)
+        os.utime(archive, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+#: Phases of ``_measure_mounts``, in order; those that change the largest archive first.
+PHASES = ("cold mount", "warm remount", "page cache dropped", "one archive touched", "one archive grown")
+_CHANGES = {"one archive touched": _touched, "one archive grown": _grown}
+
+
+def _check_added(mountpoint: Path, path: str, data: bytes) -> None:
+    """The member a phase added is served with its bytes: the re-indexed tree holds it."""
+    with open(mountpoint / path, "rb") as f:
+        if f.read() != data:
+            raise SystemExit(f"{path}: not served as written after the re-index")
 
 
 def _one_package(outdir: Path, work: Path) -> Path:
