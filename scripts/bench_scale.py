@@ -27,7 +27,7 @@ import tempfile
 import time
 import zlib
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import BinaryIO, Iterator, Optional, Union
 
 import numpy as np
 from _benchutil import can_drop_caches, drop_caches, find_ratarmount, fusermount, rss, server_pid
@@ -316,35 +316,48 @@ def _grown(archive: Path) -> Iterator[tuple[str, bytes]]:
     """The archive with one more stored member, written where its central directory was and
     followed by the directory again with the new record and new end records: a change of
     content that the index must parse again. Yields (the new member's path, its bytes);
-    the archive's bytes and mtime are put back after."""
+    the archive's bytes and mtime are put back after. The old directory goes through a file
+    beside the archive, copied in the kernel: this process stays small, since a child's peak
+    RSS (``_run_timed``) starts from the peak of the process that forked it."""
     st = archive.stat()
     src = FileSource([str(archive)])
     try:
         end = read_end_record(src)
-        old_tail = src.pread(src.size - end.cd_start, end.cd_start)  # the directory and end records
+        first = src.pread(46 + 0xFFFF, end.cd_start)  # the first record and its name
     finally:
         src.close()
-    first_name = old_tail[46:46 + struct.unpack_from("<H", old_tail, 28)[0]]
-    name = first_name.rpartition(b"/")[0] + b"/" + _GROWN_NAME
+    name = first[46:46 + struct.unpack_from("<H", first, 28)[0]].rpartition(b"/")[0] + b"/" + _GROWN_NAME
     offset = end.cd_start
     assert offset < _ZIP64_LIMIT, "the bench's archives keep their data under 4 GiB"
     stamp, crc, size = dos_stamp(2024, 6, 1, 12, 0), zlib.crc32(_GROWN_DATA), len(_GROWN_DATA)
-    local = struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, _UTF8_FLAG, 0, *stamp, crc, size, size, len(name), 0)
-    central = struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, _UNIX | 20, 20, _UTF8_FLAG, 0, *stamp, crc, size, size,
-                          len(name), 0, 0, 0, 0, _FILE_MODE, offset)
-    directory = old_tail[:end.cd_size] + central + name
-    added = local + name + _GROWN_DATA
-    with open(archive, "r+b") as f:
-        f.seek(offset)
-        f.write(added + directory + _end_records(end.entries + 1, offset + len(added), len(directory)))
+    added = struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, _UTF8_FLAG, 0, *stamp, crc, size, size, len(name), 0) \
+        + name + _GROWN_DATA
+    record = struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, _UNIX | 20, 20, _UTF8_FLAG, 0, *stamp, crc, size, size,
+                         len(name), 0, 0, 0, 0, _FILE_MODE, offset) + name
+    kept = archive.with_name(archive.name + ".bench-tail")
+    with open(archive, "r+b") as f, open(kept, "w+b") as tail:
+        _copy_range(f, tail, offset, 0, st.st_size - offset)
+        os.pwrite(f.fileno(), added, offset)
+        _copy_range(tail, f, 0, offset + len(added), end.cd_size)
+        os.pwrite(f.fileno(), record + _end_records(end.entries + 1, offset + len(added), end.cd_size + len(record)),
+                  offset + len(added) + end.cd_size)
     try:
         yield name.decode(), _GROWN_DATA
     finally:
-        with open(archive, "r+b") as f:
-            f.seek(offset)
-            f.write(old_tail)
+        with open(archive, "r+b") as f, open(kept, "rb") as tail:
+            _copy_range(tail, f, 0, offset, st.st_size - offset)
             f.truncate(st.st_size)
+        kept.unlink()
         os.utime(archive, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _copy_range(src: BinaryIO, dst: BinaryIO, src_at: int, dst_at: int, length: int) -> None:
+    """``length`` bytes from ``src_at`` of one file to ``dst_at`` of another, in the kernel."""
+    while length > 0:
+        done = os.copy_file_range(src.fileno(), dst.fileno(), length, src_at, dst_at)
+        if done == 0:
+            raise SystemExit(f"{src.name}: shorter than expected")
+        src_at, dst_at, length = src_at + done, dst_at + done, length - done
 
 
 #: Phases of ``_measure_mounts``, in order; those that change the largest archive first.
