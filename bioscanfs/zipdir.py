@@ -215,8 +215,9 @@ def _digest(src: Source, end: EndRecord, raw: bytes) -> str:
     """SHA-256 (128 bits kept) of the source's size, its pieces' starts, the end record and the
     directory's bytes: equal digests give equal member tables (``read_members`` reads nothing
     else), so an archive whose mtime changed but whose digest did not needs no parse."""
-    head = json.dumps([src.size, list(src.disk_bases), list(end)]).encode()
-    return hashlib.sha256(head + b"\0" + raw).hexdigest()[:32]
+    digest = hashlib.sha256(json.dumps([src.size, list(src.disk_bases), list(end)]).encode() + b"\0")
+    digest.update(raw)   # not joined to the head: that would copy a directory of hundreds of MB
+    return digest.hexdigest()[:32]
 
 
 def directory_digest(src: Source) -> str:
