@@ -211,7 +211,8 @@ def _rekeyed(path: str, key: Any, sources: Sequence[FileSource]) -> Optional[Tup
     each whose identity (size, mtime, inode) changed since has the same directory digest:
     touched, copied back or downloaded again. It is checked whole first (as a re-index
     checks the tree it takes rows from: a damaged one is not copied), then its columns and
-    CRCs are copied as they are; no archive is parsed. None otherwise."""
+    CRCs are copied as they are; no archive is parsed. Where it cannot be saved (a shared
+    read-only index), the earlier file is mapped as it is. None otherwise."""
     earlier = _newest_earlier(path)
     if earlier is None:
         return None
@@ -230,8 +231,8 @@ def _rekeyed(path: str, key: Any, sources: Sequence[FileSource]) -> Optional[Tup
              "it is used again, nothing is parsed")
     try:
         store.rekey(old_path, path, key, dict(extra, identities=key[2]))
-    except OSError:
-        return None
+    except OSError:   # a folder we may not write (a shared index), or a full one: served as it is
+        return _mapped(old_path, old_key, sources)
     return _mapped(path, key, sources)
 
 

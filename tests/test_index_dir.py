@@ -224,9 +224,11 @@ def test_default_folder_is_created_private_whatever_the_umask(small_set: Path, t
     assert_one_whole_index(cache / "bioscanfs", 2)
 
 
-def test_shared_read_only_index_is_mapped_by_another_user(fake_set: Path) -> None:
+@pytest.mark.parametrize("touched", [False, True], ids=["as-built", "archive-touched"])
+def test_shared_read_only_index_is_mapped_by_another_user(fake_set: Path, touched: bool) -> None:
     """The README's recipe: root builds the index in a 0755 folder; another user maps it
-    (no rebuild, no warning) though the folder is root's and not writable by them."""
+    (no rebuild, no warning) though the folder is root's and not writable by them; also
+    once an archive was touched since (the same directory: the index still holds)."""
     shared = Path(tempfile.mkdtemp(prefix="bioscanfs-shared-"))  # outside pytest's 0700 tmp
     try:
         os.chmod(shared, 0o755)
@@ -235,6 +237,8 @@ def test_shared_read_only_index_is_mapped_by_another_user(fake_set: Path) -> Non
         folder.mkdir(mode=0o755)
         assert run_cli("index", archives, "--index-dir", folder).returncode == 0
         built = index_files(folder)
+        if touched:
+            touch(zip_paths(archives)[0])
         done = subprocess.run(
             ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
              PYTHON, "-m", "bioscanfs", "info", "--json", archives, "--index-dir", folder],
