@@ -15,6 +15,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, TypeVar
@@ -91,12 +92,46 @@ def server_pid(mountpoint: Path, name: str) -> int:
     return max(found)
 
 
-def rss(pid: int) -> int:
-    """Resident set size of a process in bytes (VmRSS), 0 when the kernel does not say."""
+def rss(pid: int, field: str = "VmRSS") -> int:
+    """Resident set size of a process in bytes (``VmRSS``; ``VmHWM``: its peak so far), 0
+    when the kernel does not say."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+#: How often ``run_measured`` reads a child's peak RSS.
+_PEAK_POLL = 0.02
+
+
+def run_measured(command: Sequence[str], env: Optional[dict] = None, cwd: Optional[Path] = None,
+                 stdout: Optional[int] = None) -> Tuple[float, int, int]:
+    """(wall seconds, peak RSS in bytes, exit status) of a command run to completion. The
+    peak is the child's own VmHWM, read by a thread until it exits: ``ru_maxrss`` of a
+    child starts from this process's peak at the fork, so it says more of the script than
+    of the command. The time ends when the child does (``wait4``), not at a poll."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(command, env=env, cwd=cwd, stdout=stdout, stderr=subprocess.STDOUT if stdout else None)
+    peak = [0]
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            try:
+                peak[0] = max(peak[0], rss(proc.pid, "VmHWM"))
+            except (OSError, ValueError):
+                pass   # exited, or between fork and exec
+            done.wait(_PEAK_POLL)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    _, status, _ = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - started
+    done.set()
+    watcher.join()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return elapsed, peak[0], proc.returncode
 
 
 # ---------------------------------------------------------------- caches and machine

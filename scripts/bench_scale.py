@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator, Optional, Union
 
 import numpy as np
-from _benchutil import can_drop_caches, drop_caches, find_ratarmount, fusermount, rss, server_pid
+from _benchutil import can_drop_caches, drop_caches, find_ratarmount, fusermount, rss, run_measured, server_pid
 from _fakeids import ProcessIds
 from _zipkit import dos_stamp, split_counts
 
@@ -226,13 +226,10 @@ def _cmd_write(args: argparse.Namespace) -> int:
 
 def _run_timed(command: list[str], env: Optional[dict] = None, cwd: Optional[Path] = None) -> tuple[float, int]:
     """(wall seconds, peak RSS in bytes) of a command run to completion; fails loudly."""
-    started = time.perf_counter()
-    proc = subprocess.Popen(command, env=env, cwd=cwd)
-    _, status, usage = os.wait4(proc.pid, 0)
-    elapsed = time.perf_counter() - started
-    if os.waitstatus_to_exitcode(status) != 0:
+    elapsed, peak, status = run_measured(command, env, cwd)
+    if status != 0:
         raise SystemExit(f"failed: {' '.join(command)}")
-    return elapsed, usage.ru_maxrss * 1024
+    return elapsed, peak
 
 
 def _list_chunk(mountpoint: Path) -> tuple[float, int]:
@@ -317,8 +314,7 @@ def _grown(archive: Path) -> Iterator[tuple[str, bytes]]:
     followed by the directory again with the new record and new end records: a change of
     content that the index must parse again. Yields (the new member's path, its bytes);
     the archive's bytes and mtime are put back after. The old directory goes through a file
-    beside the archive, copied in the kernel: this process stays small, since a child's peak
-    RSS (``_run_timed``) starts from the peak of the process that forked it."""
+    beside the archive, copied in the kernel, not through this process's memory."""
     st = archive.stat()
     src = FileSource([str(archive)])
     try:
