@@ -44,11 +44,12 @@ from bioscanfs.sources import open_sources
 SMALL_ZIPS = ["BIOSCAN_5M_cropped_256_eval.zip", "BIOSCAN_5M_cropped_256_train.zip"]
 
 
-def load(zips: Sequence[Path], index_dir: Optional[Path]) -> Tree:
-    """The merged tree of ``zips`` through the public index entry point; files closed after."""
+def load(zips: Sequence[Path], index_dir: Optional[Path], views: Sequence[str] = ()) -> Tree:
+    """The merged tree of ``zips`` (with the views of those ranks) through the public index
+    entry point; files closed after."""
     sources = open_sources([([str(path)], False) for path in zips])
     try:
-        tree, _ = load_tree(sources, str(index_dir) if index_dir else None)
+        tree, _ = load_tree(sources, str(index_dir) if index_dir else None, views=views)
     finally:
         for src in sources:
             src.close()

@@ -16,8 +16,11 @@ from types import ModuleType
 from typing import List
 
 import pytest
-from conftest import index_files, touch, zip_paths
+from conftest import index_files, load_script, touch, zip_paths
 from test_index import CORRUPTIONS, assert_same_tree, assert_tree_matches_zipfile, load
+
+from bioscanfs.layout import METADATA_ZIP
+from bioscanfs.views import RANKS
 
 UNCHANGED = "archives are unchanged since the last index"
 
@@ -139,3 +142,23 @@ def test_a_damaged_tree_is_not_saved_again(two_packages: Path, tmp_path: Path, c
     tree.verify_all()
     assert_same_tree(tree, load(zips, None))
     assert_tree_matches_zipfile(tree, two_packages)
+
+
+@pytest.mark.no_c
+def test_touched_archives_keep_the_views_without_a_parse(tmp_path: Path, bench_scale: ModuleType,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """With views: the metadata zip and an image zip touched; the views' tree is saved again
+    (no archive parsed, no CSV read) and equals a fresh build's."""
+    folder = tmp_path / "set"
+    bench_scale.write_scale_set(folder, total=20_000, seed=0, packages=1)
+    load_script("bench_views").write_csv(folder / METADATA_ZIP, bench_scale.scale_ids(20_000, 0))
+    zips, index_dir = zip_paths(folder), tmp_path / "index"
+    built = load(zips, index_dir, views=RANKS)
+    assert built.find_dir(0, b"views") > 0
+    touch(folder / METADATA_ZIP)
+    touch(zips[0])
+    with caplog.at_level(logging.INFO, logger="bioscanfs"):
+        tree = load(zips, index_dir, views=RANKS)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(REKEYED in m for m in messages) and _unchanged_lines(caplog) == [], messages
+    assert_same_tree(tree, load(zips, None, views=RANKS))
