@@ -223,7 +223,7 @@ def _rekeyed(path: str, key: Any, sources: Sequence[FileSource]) -> Optional[Tup
     try:
         if extra["kept"] != [src.name for src in sources] or not _same_directories(sources, extra):
             return None
-    except (KeyError, TypeError, ValueError, ArchiveError, OSError):
+    except (KeyError, IndexError, TypeError, ValueError, ArchiveError, OSError):
         return None
     if store.load(old_path, old_key) is None:
         return None
@@ -238,13 +238,17 @@ def _rekeyed(path: str, key: Any, sources: Sequence[FileSource]) -> Optional[Tup
 
 def _same_directories(sources: Sequence[FileSource], extra: Dict[str, Any]) -> bool:
     """Whether every archive whose identity differs from the one ``extra`` saved has the
-    directory digest saved there (only those are read). Raises what ``directory_digest`` does."""
-    old = extra["identities"]
-    digests = extra["digests"]
+    directory digest saved there. Those are read only when every one of them kept its
+    size (the digest covers it): a grown archive costs no read here. Raises what
+    ``directory_digest`` does, IndexError or TypeError for a damaged ``extra``."""
+    old, digests = extra["identities"], extra["digests"]
     if not (isinstance(old, list) and isinstance(digests, list) and len(old) == len(digests) == len(sources)):
         return False
-    return all(json.dumps(identity) == _identity(src) or zipdir.directory_digest(src) == digest
-               for src, identity, digest in zip(sources, old, digests))
+    changed = [(src, identity, digest) for src, identity, digest in zip(sources, old, digests)
+               if json.dumps(identity) != _identity(src)]
+    if any([piece[1] for piece in identity] != [piece[1] for piece in src.identity] for src, identity, _ in changed):
+        return False
+    return all(zipdir.directory_digest(src) == digest for src, _, digest in changed)
 
 
 class _Earlier(NamedTuple):
