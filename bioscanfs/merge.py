@@ -88,7 +88,7 @@ def reduce(members: zipdir.Members) -> Archive:
     base_begin, group_first, group_of = _split_paths(blob, begins, ends)
     group_dirs = [bytes(blob[begins[i]:max(begins[i], base_begin[i] - 1)]) for i in group_first.tolist()]
     lengths = ends - base_begin
-    by_name = _order_by_dir_and_name(group_of, blob, base_begin, lengths, len(group_first))[0]
+    by_name = order_by_dir_and_name(group_of, blob, base_begin, lengths, len(group_first))[0]
     table = np.ascontiguousarray(members.table, dtype=FILE_DTYPE)
     rows = np.take(table.view(_RECORD), files[by_name]).view(FILE_DTYPE)
     lengths, base_begin = lengths[by_name], base_begin[by_name]
@@ -161,7 +161,7 @@ class Builder:
         dir_of = _joined(self._dir_of, np.uint32)
         self._file_dir = new_id.astype(np.uint32)[dir_of] if len(dir_of) else dir_of
         del dir_of
-        self._order, self._same, self._bounds = _order_by_dir_and_name(
+        self._order, self._same, self._bounds = order_by_dir_and_name(
             self._file_dir, self._blob, self._begins, self._lens, self._dirs.count)
         self._conflicts = _conflicts(self._rows, self._name_at, self._file_dir[self._order], self._same,
                                      self._dirs)
@@ -337,7 +337,7 @@ class _Dirs:
                 "dir_ends": np.cumsum([len(b) for b in self.base]).astype(np.uint64)}
 
 
-def _order_by_dir_and_name(file_dir: np.ndarray, blob: np.ndarray, begins: np.ndarray, lengths: np.ndarray,
+def order_by_dir_and_name(file_dir: np.ndarray, blob: np.ndarray, begins: np.ndarray, lengths: np.ndarray,
                            n_dirs: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(order of the rows by (directory, name bytes), whether each sorted row's name equals
     the one before it in its directory, first sorted position of each directory and the end).

@@ -443,7 +443,7 @@ def test_reindex_of_one_changed_archive_keeps_the_views(tmp_path: Path, bench_sc
 
 @pytest.mark.no_c
 def test_name_order_is_byte_order() -> None:
-    """The radix sort of file names orders them as bytes, stably (ties keep row order), and
+    """The sort of file names orders them as bytes, stably (ties keep row order), and
     flags each name equal to the one before it in that order; the names come in batches of
     other widths (as the CSV's blocks do), one batch or many."""
     import pyarrow as pa
