@@ -605,8 +605,9 @@ def _rank_views(rank: str, column: Any, rows: _Rows) -> Tuple[list, list, list, 
     """One rank's (folder groups, files per folder, image rows, classes.txt files), per imgtype."""
     label_rank, names = _labels(column)
     width = max(len(names), 1)
+    wide = np.int32 if len(_SPLIT_NAMES) * width < 1 << 31 else np.int64   # half the bytes of int64 keys
     label = label_rank[rows.by_name]   # in file name order from here on
-    key = np.where((label >= 0) & (rows.split_rank >= 0), rows.split_rank.astype(np.int64) * width + label, -1)
+    key = np.where((label >= 0) & (rows.split_rank >= 0), rows.split_rank.astype(wide) * width + label, -1)
     at = np.flatnonzero(key >= 0)
     at = at[_stable_order(key[at])]   # by folder, then by file name
     key = key[at]
@@ -616,10 +617,11 @@ def _rank_views(rank: str, column: Any, rows: _Rows) -> Tuple[list, list, list, 
         has = found >= 0
         sorted_keys = key[has]
         base = VIEWS + b"/" + rank.encode() + b"/" + imgtype
-        present = np.flatnonzero(np.bincount(sorted_keys % width, minlength=len(names)))
-        class_files.append((base, b"".join(names[i] + b"\n" for i in present.tolist())))
         starts = np.flatnonzero(np.diff(sorted_keys, prepend=-1))
-        firsts = sorted_keys[starts].tolist()
+        firsts = sorted_keys[starts]
+        present = np.unique(firsts % width)   # from the folders, not per file
+        class_files.append((base, b"".join(names[i] + b"\n" for i in present.tolist())))
+        firsts = firsts.tolist()
         dirs.append((base, [_SPLIT_NAMES[k // width] for k in firsts], [names[k % width] for k in firsts]))
         counts.append(np.diff(np.append(starts, len(sorted_keys))))
         targets.append(found[has])
