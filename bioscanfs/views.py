@@ -628,24 +628,24 @@ def _rank_views(rank: str, column: Any, rows: _Rows) -> Tuple[list, list, list, 
     return dirs, counts, targets, class_files
 
 
-def _radix_order(digits: Sequence[np.ndarray]) -> np.ndarray:
-    """The stable order of rows by uint16 digit columns, most significant first: a pass of
-    numpy's stable sort per column, least significant first. For 16-bit keys that sort is
-    a radix sort (linear); for wider ones it is a merge sort, about twice the time on 5 M
-    rows, and np.lexsort of 64-bit words 1.7x this on the bench's 5 M file names."""
-    order = np.argsort(digits[-1], kind="stable")
-    for column in reversed(digits[:-1]):
-        order = order[np.argsort(column[order], kind="stable")]
-    return order
-
-
 def _stable_order(keys: np.ndarray) -> np.ndarray:
-    """The stable order of non-negative int64 ``keys`` (a label folder: split and label)."""
-    if len(keys) == 0 or keys.max() >= 1 << 32:
+    """The stable order of non-negative integer ``keys`` (a label folder: split and label).
+
+    Keys under 2**16: numpy's stable sort of uint16, a radix sort (linear). Larger ones,
+    when a key and a row number fit in 64 bits together: a sort of those words (numpy's
+    quicksort, SIMD where the CPU has it; the row number breaks ties, so the order is
+    stable), 3x faster than two 16-bit radix passes on dna_bin's 2.5 M folder keys."""
+    if len(keys) == 0:
+        return np.zeros(0, np.intp)
+    top = int(keys.max())
+    if top < 1 << 16:
+        return np.argsort(keys.astype(np.uint16), kind="stable")
+    bits = int(len(keys) - 1).bit_length()
+    if top >> (64 - bits):
         return np.argsort(keys, kind="stable")
-    if keys.max() < 1 << 16:
-        return _radix_order([keys.astype(np.uint16)])
-    return _radix_order([(keys >> 16).astype(np.uint16), (keys & 0xFFFF).astype(np.uint16)])
+    words = keys.astype(np.uint64) << np.uint64(bits) | np.arange(len(keys), dtype=np.uint64)
+    words.sort()
+    return (words & np.uint64((1 << bits) - 1)).astype(np.intp)
 
 
 def _name_order(parts: List[_Names]) -> Tuple[np.ndarray, np.ndarray]:
