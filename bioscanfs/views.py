@@ -619,8 +619,9 @@ def _rank_views(rank: str, column: Any, rows: _Rows) -> Tuple[list, list, list, 
         base = VIEWS + b"/" + rank.encode() + b"/" + imgtype
         starts = np.flatnonzero(np.diff(sorted_keys, prepend=-1))
         firsts = sorted_keys[starts]
-        present = np.unique(firsts % width)   # from the folders, not per file
-        class_files.append((base, b"".join(names[i] + b"\n" for i in present.tolist())))
+        present = np.zeros(width, dtype=bool)
+        present[firsts % width] = True   # from the folders, not per file
+        class_files.append((base, b"".join(names[i] + b"\n" for i in np.flatnonzero(present).tolist())))
         firsts = firsts.tolist()
         dirs.append((base, [_SPLIT_NAMES[k // width] for k in firsts], [names[k % width] for k in firsts]))
         counts.append(np.diff(np.append(starts, len(sorted_keys))))
