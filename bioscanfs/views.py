@@ -672,11 +672,11 @@ def _name_blob(parts: List[_Names]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]
     copy of each name), else the names end to end."""
     import pyarrow as pa
 
-    lengths = _concat([p.lengths for p in parts], np.int64)
+    lengths = _concat([p.lengths for p in parts], np.int32)
     width = int(lengths.max(initial=0))
     if width <= _SORT_WIDTH:
         rows = [_padded_to(p.padded, width).ravel() for p in parts]
-        begins = np.arange(len(lengths), dtype=np.int64) * width
+        begins = np.arange(len(lengths), dtype=np.uint32 if len(lengths) * width < 1 << 32 else np.int64) * width
     else:
         names = pa.chunked_array([p.binary() for p in parts], pa.large_binary()).combine_chunks()
         begins = np.frombuffer(names.buffers()[1], np.int64)[names.offset:names.offset + len(names)]
