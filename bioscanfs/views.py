@@ -30,6 +30,7 @@ from typing import Any, BinaryIO, Callable, Deque, Dict, Iterator, List, NamedTu
 
 import numpy as np
 
+from .bulk import give_back_freed
 from .errors import BioscanError, NotFound
 from .layout import IMAGES_ROOT, METADATA_CSV, SPLIT_CHUNK_CHARS
 from .names import NAME_MAX
@@ -303,6 +304,7 @@ def plan(tree: Tree, open_csv: Callable[[], BinaryIO], ranks: Sequence[str], whe
         return None
     parsed = time.monotonic() - started
     result = _plan(images, batches, found, ranks, mtime)
+    give_back_freed()   # the plan's threads' temporaries, before the tree's peak (ViewsBuilder)
     result.stats.update(csv_seconds=round(parsed, 2), plan_seconds=round(time.monotonic() - started - parsed, 2))
     log.info("views: %s", ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}"
                                     for k, v in result.stats.items()))
