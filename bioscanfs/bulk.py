@@ -29,7 +29,7 @@ def give_back_freed() -> None:
     Why: glibc keeps the memory a thread frees in that thread's arena (numpy's temporaries
     of a few to tens of MB, once its mmap threshold has grown past them), so the next
     step's peak counts it again: the views build's peak (in ``merge.ViewsBuilder``, after
-    the plan's threads) was 1.81-1.86 GB without this, 1.69 GB with it (docs/views.md)."""
+    the plan's threads) was about 90 MB higher without this (docs/views.md)."""
     import ctypes  # a build's step only: a remount does not import it
 
     try:

@@ -658,7 +658,7 @@ def _name_order(parts: List[_Names]) -> Tuple[np.ndarray, np.ndarray]:
     Sorted in C without the GIL (``merge.order_by_dir_and_name``: 16-byte integer keys, the
     rest compared only on a tie), each name in the folder of its first two bytes (NUL when
     shorter), so that the folders, in name order themselves, are sorted on every core:
-    2-3x the radix passes of numpy's stable sort over 16-bit digits this replaced."""
+    1.4-2.9x faster than the radix passes over 16-bit digits it replaced (docs/views.md)."""
     from .merge import order_by_dir_and_name  # build only: a remount starts sooner without merge
 
     blob, begins, lengths = _name_blob(parts)
