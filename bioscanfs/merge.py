@@ -338,7 +338,7 @@ class _Dirs:
 
 
 def order_by_dir_and_name(file_dir: np.ndarray, blob: np.ndarray, begins: np.ndarray, lengths: np.ndarray,
-                           n_dirs: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+                          n_dirs: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(order of the rows by (directory, name bytes), whether each sorted row's name equals
     the one before it in its directory, first sorted position of each directory and the end).
 
