@@ -89,7 +89,7 @@ def reduce(members: zipdir.Members) -> Archive:
     base_begin, group_first, group_of = _split_paths(blob, begins, ends)
     group_dirs = [bytes(blob[begins[i]:max(begins[i], base_begin[i] - 1)]) for i in group_first.tolist()]
     lengths = ends - base_begin
-    by_name = _order_by_dir_and_name(group_of, blob, base_begin, lengths, len(group_first))[0]
+    by_name = order_by_dir_and_name(group_of, blob, base_begin, lengths, len(group_first))[0]
     table = np.ascontiguousarray(members.table, dtype=FILE_DTYPE)
     rows = np.take(table.view(_RECORD), files[by_name]).view(FILE_DTYPE)
     lengths, base_begin = lengths[by_name], base_begin[by_name]
@@ -167,7 +167,7 @@ class Builder:
         dir_of = _joined(self._dir_of, np.uint32)
         self._file_dir = new_id.astype(np.uint32)[dir_of] if len(dir_of) else dir_of
         del dir_of
-        self._order, self._same, self._bounds = _order_by_dir_and_name(
+        self._order, self._same, self._bounds = order_by_dir_and_name(
             self._file_dir, self._blob, self._begins, self._lens, self._dirs.count)
         self._conflicts = _conflicts(self._rows, self._name_at, self._file_dir[self._order], self._same,
                                      self._dirs)
@@ -343,8 +343,8 @@ class _Dirs:
                 "dir_ends": np.cumsum([len(b) for b in self.base]).astype(np.uint64)}
 
 
-def _order_by_dir_and_name(file_dir: np.ndarray, blob: np.ndarray, begins: np.ndarray, lengths: np.ndarray,
-                           n_dirs: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def order_by_dir_and_name(file_dir: np.ndarray, blob: np.ndarray, begins: np.ndarray, lengths: np.ndarray,
+                          n_dirs: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(order of the rows by (directory, name bytes), whether each sorted row's name equals
     the one before it in its directory, first sorted position of each directory and the end).
 
@@ -438,11 +438,23 @@ def _newest(mtime: np.ndarray, dirs: np.ndarray, times: np.ndarray) -> None:
 
 
 def _dir_mtimes(mtime: np.ndarray, parent: List[int]) -> np.ndarray:
-    """A folder's mtime is its newest file's, in the whole subtree (children have larger
-    ids); ``mtime`` holds each folder's newest own file (the int64 minimum when none)."""
+    """A folder's mtime is its newest file's, in the whole subtree; ``mtime`` holds each
+    folder's newest own file (the int64 minimum when none).
+
+    Folders are numbered breadth first (``_Dirs.number``): ``parent`` never decreases and
+    each depth is a run of ids, so the subtrees are folded one depth at a time, deepest
+    first (``_newest`` per depth), not one Python step per folder (0.26 s for the 740,000
+    folders of a views tree)."""
     mtime = np.where(mtime == np.iinfo(np.int64).min, 0, mtime)
-    for dir_id in range(len(mtime) - 1, 0, -1):
-        mtime[parent[dir_id]] = max(mtime[parent[dir_id]], mtime[dir_id])
+    parent = np.asarray(parent, dtype=np.int64)
+    depths = [1]   # where each depth starts, from depth 1; a depth's children follow it
+    while depths[-1] < len(parent):
+        end = int(np.searchsorted(parent, depths[-1]))   # the first folder whose parent is deeper
+        if end <= depths[-1]:
+            raise ValueError("folders not numbered breadth first")
+        depths.append(end)
+    for lo, hi in reversed(list(zip(depths[:-1], depths[1:]))):
+        _newest(mtime, parent[lo:hi], mtime[lo:hi])
     return mtime
 
 
@@ -522,7 +534,8 @@ class ViewsBuilder:
         self._classes_at = np.sort(self._classes_at)
 
     def _place_links(self, view_ids: np.ndarray) -> np.ndarray:
-        """The links in folder order, as rows of the new files array."""
+        """The links in folder order, as rows of the new files array; their targets' mtimes
+        in ``_link_mtimes`` (the view folders' mtimes)."""
         tree, plan = self._tree, self._plan
         dir_hi = np.cumsum(self._counts)
         shift = (dir_hi - self._counts)[self._old] - tree.dir_lo.astype(np.int64)   # per image folder
@@ -536,9 +549,18 @@ class ViewsBuilder:
                                   zip(ends[firsts].tolist(), plan.counts[firsts].tolist(), ends[lasts].tolist())]
                                  or [np.zeros(0, np.int64)])
         # From contiguous copies: gathering from the mapped, strided column cost 2 s.
-        self._link_mtimes = np.ascontiguousarray(tree.files["mtime"])[targets]
+        mtimes = np.ascontiguousarray(tree.files["mtime"])
         moved = np.repeat(shift.astype(np.int32), (tree.dir_hi - tree.dir_lo).astype(np.int64))
-        return (targets + moved[targets]).astype(np.uint32)
+        links = np.empty(len(targets), dtype=np.uint32)
+        self._link_mtimes = np.empty(len(targets), dtype=mtimes.dtype)
+
+        def place(rows: slice) -> None:   # the gathers of ~20 M links, on every core
+            picked = targets[rows]
+            self._link_mtimes[rows] = mtimes[picked]
+            links[rows] = picked + moved[picked]
+
+        for_chunks(len(targets), place)
+        return links
 
     def layout(self) -> Dict[str, Tuple[np.dtype, int]]:
         tree, n = self._tree, self._dirs.count

@@ -443,7 +443,7 @@ def test_reindex_of_one_changed_archive_keeps_the_views(tmp_path: Path, bench_sc
 
 @pytest.mark.no_c
 def test_name_order_is_byte_order() -> None:
-    """The radix sort of file names orders them as bytes, stably (ties keep row order), and
+    """The sort of file names orders them as bytes, stably (ties keep row order), and
     flags each name equal to the one before it in that order; the names come in batches of
     other widths (as the CSV's blocks do), one batch or many."""
     import pyarrow as pa
@@ -467,10 +467,11 @@ def test_name_order_is_byte_order() -> None:
 
 @pytest.mark.no_c
 def test_stable_order_of_folder_keys() -> None:
-    """The radix passes over 16-bit halves order folder keys as numpy's stable sort does."""
+    """Folder keys (below 2**16, with a row number in 64 bits, or wider) are ordered as
+    numpy's stable sort orders them."""
     from bioscanfs.views import _stable_order
     rng = np.random.default_rng(6)
-    for top in (1, 300, 1 << 16, 70_000, 1 << 32, 1 << 40):
+    for top in (1, 300, 1 << 16, 70_000, 1 << 32, 1 << 40, 1 << 60):
         keys = rng.integers(0, top, 5000, dtype=np.int64)
         assert _stable_order(keys).tolist() == np.argsort(keys, kind="stable").tolist(), top
 
