@@ -14,7 +14,7 @@ import shutil
 import zipfile
 from pathlib import Path
 from types import ModuleType
-from typing import Dict, Iterator, List, Optional, Set, Tuple
+from typing import Dict, Iterator, List, Set, Tuple
 
 import numpy as np
 import pytest
@@ -31,12 +31,11 @@ from conftest import (
     zip_contents,
     zip_members,
 )
-from test_index import assert_same_tree
+from test_index import assert_same_tree, load
 from test_tampered import flip, read_tree, served_or_eio, tampered
 
 from bioscanfs import Collection, mount_helper, nativefs
 from bioscanfs.cli import main as cli_main
-from bioscanfs.index import load_tree
 from bioscanfs.layout import CSV_COLUMNS, IMGTYPES, METADATA_CSV, METADATA_ZIP, chunk_of, image_path
 from bioscanfs.reader import Reader
 from bioscanfs.sources import open_sources
@@ -411,15 +410,6 @@ def test_index_command_builds_what_mount_and_the_read_commands_map(views_set, tm
     assert {p.name: p.stat().st_mtime_ns for p in index_dir.glob("*.tree")} == built
 
 
-def _load(zips: List[Path], index_dir: Optional[Path]):
-    sources = open_sources([([str(path)], False) for path in zips])
-    try:
-        return load_tree(sources, str(index_dir) if index_dir else None, views=RANKS)[0]
-    finally:
-        for src in sources:
-            src.close()
-
-
 @pytest.mark.no_c
 def test_reindex_of_one_changed_archive_keeps_the_views(tmp_path: Path, bench_scale: ModuleType,
                                                          caplog: pytest.LogCaptureFixture) -> None:
@@ -431,14 +421,14 @@ def test_reindex_of_one_changed_archive_keeps_the_views(tmp_path: Path, bench_sc
     bench_views.write_csv(folder / METADATA_ZIP, bench_scale.scale_ids(20_000, 0))
     bench_scale.write_scale_set(other, total=20_000, seed=1, packages=2)
     zips, index_dir = sorted(folder.glob("*.zip")), tmp_path / "index"
-    _load(zips, index_dir)
+    load(zips, index_dir, views=RANKS)
     changed = folder / "BIOSCAN_5M_cropped_256_train.zip"
     shutil.copyfile(other / changed.name, changed)
     with caplog.at_level(logging.INFO, logger="bioscanfs.index"):
-        tree = _load(zips, index_dir)
+        tree = load(zips, index_dir, views=RANKS)
     assert [r.getMessage() for r in caplog.records if "unchanged" in r.getMessage()] == \
         ["8 of 9 archives are unchanged since the last index: only the others are parsed"]
-    assert_same_tree(tree, _load(zips, None))
+    assert_same_tree(tree, load(zips, None, views=RANKS))
 
 
 @pytest.mark.no_c
