@@ -29,7 +29,7 @@ class Request:
     path: str
     range: Optional[str]
     status: int
-    sent: int   #: body bytes written (0 until the reply is done)
+    sent: int   #: body bytes of the reply (0 until it is sent; see Handler._record)
 
 
 @dataclass
@@ -82,7 +82,10 @@ class Handler(BaseHTTPRequestHandler):
         self._serve(head=False)
 
     def _record(self, status: int, sent: int, path: str) -> None:
-        """Complete this request's log entry, appended when it arrived."""
+        """Complete this request's log entry, appended when it arrived. A whole reply is
+        logged before its headers go out (end_headers sends them): a client that has read it
+        must find its entry complete, or a test that looks right after a read races this
+        thread (status 0 seen under load)."""
         with self.server.site.lock:
             self._request.status, self._request.sent = status, sent
 
@@ -92,10 +95,10 @@ class Handler(BaseHTTPRequestHandler):
         for key, value in (headers or {}).items():
             self.send_header(key, value)
         self.send_header("Content-Length", str(len(body)))
+        self._record(status, 0 if head else len(body), path)
         self.end_headers()
         if not head:
             self.wfile.write(body)
-        self._record(status, 0 if head else len(body), path)
 
     def _serve(self, head: bool) -> None:
         site = self.server.site
@@ -129,8 +132,8 @@ class Handler(BaseHTTPRequestHandler):
             for key, value in headers.items():
                 self.send_header(key, value)
             self.send_header("Content-Length", str(st.st_size))
-            self.end_headers()
-            return self._record(200, 0, path)
+            self._record(200, 0, path)
+            return self.end_headers()
         spec = self.headers.get("Range")
         if spec is None:
             return self._reply(200, path, target.read_bytes(), headers)

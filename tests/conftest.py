@@ -12,6 +12,7 @@ import errno
 import importlib.util
 import os
 import re
+import select
 import shutil
 import stat
 import struct
@@ -37,6 +38,8 @@ PYTHON = sys.executable
 #: Liveness bounds only (a hung mount must not hang the suite); never speed checks.
 MOUNT_TIMEOUT = 60.0
 EXIT_TIMEOUT = 10.0
+#: The longest sleep of a wait for a mount or a process (between checks of the clock).
+_TICK = 0.02
 #: A server or CLI run: forked by tests/zygote.py, or a real interpreter.
 Process = Union[zygote.ForkedProcess, subprocess.Popen]
 
@@ -522,20 +525,41 @@ def _start(sources: Sequence[Path], workdir: Path, args: Sequence[str], index_di
         mount.pid = pids[0]
         return mount
     log = workdir / "mount.log"
-    with open(log, "wb") as out:
-        proc = zygote.spawn(command + ["-f"], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    mount = Mount(point, log, index_dir, proc, proc.pid)
+    with _mount_table_changes() as changed:
+        with open(log, "wb") as out:
+            proc = zygote.spawn(command + ["-f"], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        mount = Mount(point, log, index_dir, proc, proc.pid)
+        _wait_mounted(mount, proc, changed)
+    return mount
+
+
+@contextlib.contextmanager
+def _mount_table_changes() -> Iterator[Callable[[], object]]:
+    """A wait that returns when the mount table changes, or after _TICK at most. The kernel
+    flags /proc/self/mountinfo (POLLPRI) at each mount and unmount after it is opened, so a
+    test waiting for its mount wakes as it appears, not on the next tick of a fixed sleep."""
+    fd = os.open("/proc/self/mountinfo", os.O_RDONLY)
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLPRI | select.POLLERR)
+        yield lambda: poller.poll(_TICK * 1000)
+    finally:
+        os.close(fd)
+
+
+def _wait_mounted(mount: Mount, proc: Process, changed: Callable[[], object]) -> None:
+    """Until the foreground server's mount is in the table; fails the test (after cleaning
+    up) if the server exits first or MOUNT_TIMEOUT passes."""
     deadline = time.monotonic() + MOUNT_TIMEOUT
-    while not is_mounted(point):
+    while not is_mounted(mount.point):
         if proc.poll() is not None:
             _cleanup(mount)
             pytest.fail(f"mount exited with {proc.returncode} before mounting:\n{mount.log_text()}")
         if time.monotonic() > deadline:
             _cleanup(mount)
-            pytest.fail(f"{point} not mounted after {MOUNT_TIMEOUT} s\n--- log:\n{mount.log_text()}"
+            pytest.fail(f"{mount.point} not mounted after {MOUNT_TIMEOUT} s\n--- log:\n{mount.log_text()}"
                         f"\n--- mount table:\n{mount_table()}")
-        time.sleep(0.02)
-    return mount
+        changed()
 
 
 def _cleanup(mount: Mount) -> None:
@@ -553,7 +577,7 @@ def _wait_gone(pid: int) -> bool:
     while _alive(pid):
         if time.monotonic() > deadline:
             return False
-        time.sleep(0.02)
+        time.sleep(_TICK)
     return True
 
 

@@ -446,10 +446,10 @@ def test_collection_reads_a_stored_member_over_one_pread(tmp_path: Path) -> None
                                                     crc=crc32_of_zeros(size))])
     code = ("import sys, bioscanfs; "
             "data = bioscanfs.Collection(sys.argv[1], index_dir=sys.argv[2]).read('big/zeros.bin'); "
-            "print(len(data), data.count(0))")
+            "print(len(data), data == bytes(len(data)))")  # all zeros: 4x faster than count(0)
     done = subprocess.run([PYTHON, "-c", code, str(tmp_path / "zips"), str(tmp_path / "index")],
                           capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and done.stdout.split() == [str(size)] * 2, done.stdout + done.stderr
+    assert done.returncode == 0 and done.stdout.split() == [str(size), "True"], done.stdout + done.stderr
 
 
 # == Minor cases ==================================================================================
