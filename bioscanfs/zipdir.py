@@ -20,6 +20,7 @@ import functools
 import hashlib
 import json
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from typing import List, NamedTuple, Sequence, Tuple
 
 import numpy as np
@@ -229,19 +230,22 @@ def directory_digest(src: Source) -> str:
 def read_members(src: Source) -> Members:
     """Parse the whole central directory into a member table (no local header is read)."""
     end, raw = _directory(src)
-    digest = _digest(src, end, raw)
-    buf = np.frombuffer(raw, dtype=np.uint8)
-    del raw
-    bases = tuple(src.disk_bases) if len(src.disk_bases) > 1 else (0,)
-    table, raw, raw_ends, suspect = walk_directory(src.name, buf, end.entries, Placement(bases, end.prefix,
-                                                                                          end.cd_start))
-    del buf
+    # The digest on a core of its own beside the walk (both without the GIL): free where
+    # the index build leaves cores idle, as on any machine of more than two.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        digest = pool.submit(_digest, src, end, raw)
+        buf = np.frombuffer(raw, dtype=np.uint8)
+        del raw
+        bases = tuple(src.disk_bases) if len(src.disk_bases) > 1 else (0,)
+        table, raw, raw_ends, suspect = walk_directory(src.name, buf, end.entries, Placement(bases, end.prefix,
+                                                                                              end.cd_start))
+        del buf
     names, ends, keep, is_dir, warnings = _clean_names(src.name, raw, raw_ends, suspect, table["flags"])
     impossible = keep & (table["size"] >= np.uint64(SIZE_LIMIT))
     if impossible.any():
         keep, names, ends, is_dir = _drop(keep, impossible, names, ends, is_dir)
         warnings.append(f"{src.name}: {int(impossible.sum())} members declare a size of 2^63 bytes or more: skipped")
-    return Members(table if keep.all() else table[keep], names, ends, is_dir, warnings, digest)
+    return Members(table if keep.all() else table[keep], names, ends, is_dir, warnings, digest.result())
 
 
 def walk_directory(archive: str, buf: np.ndarray, entries: int, place: Placement) -> Walk:
