@@ -108,6 +108,14 @@ def _untrusted_because(st: os.stat_result) -> Optional[str]:
     return None
 
 
+def _refuse_untrusted(path: str, st: os.stat_result) -> None:
+    """Raise UntrustedIndexError when another user could have written the index file ``st``."""
+    why = _untrusted_because(st)
+    if why:
+        raise UntrustedIndexError(path, f"index file could be written by another user ({why}); "
+                                        "remove it, or use another --index-dir")
+
+
 def prepare_folder(folder: str) -> None:
     """Create the index folder if missing (0700, whatever the umask) and refuse one that
     another user could write. A folder that cannot be created is left to ``save``, whose
@@ -259,9 +267,7 @@ def rekey(old: str, path: str, key: Any, extra: Any) -> None:
     src = os.open(old, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         st = os.fstat(src)
-        why = _untrusted_because(st)
-        if why:
-            raise UntrustedIndexError(old, f"index file could be written by another user ({why})")
+        _refuse_untrusted(old, st)
         header, end = _header_of(src, st)
         fd, tmp = _temporary_beside(path)
         try:
@@ -390,10 +396,7 @@ def load(path: str, key: Any, lazy: Iterable[str] = ()) -> Optional[Dict[str, An
         return None
     try:
         st = os.fstat(fd)
-        why = _untrusted_because(st)
-        if why:
-            raise UntrustedIndexError(path, f"index file could be written by another user ({why}); "
-                                            "remove it, or use another --index-dir")
+        _refuse_untrusted(path, st)
         size = st.st_size
         if not stat.S_ISREG(st.st_mode) or size < _DATA_START:
             return None
