@@ -62,6 +62,17 @@ class Site:
         with self.lock:
             return list(self.log[mark:])
 
+    def settled(self, mark: int, timeout: float = 10.0) -> List[Request]:
+        """The requests since ``mark`` once none is in flight, each with its reply logged (or
+        as they are after ``timeout``): a client may still be reading, e.g. a mount's
+        read-ahead after the read that a test waited for."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.lock:
+                if (self.inflight == 0 and all(r.status for r in self.log[mark:])) or time.monotonic() > deadline:
+                    return list(self.log[mark:])
+            time.sleep(0.01)
+
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
