@@ -417,9 +417,11 @@ class Tree:
         return row
 
     def name(self, row: int) -> bytes:
-        """A file's own name."""
-        names, _ = self.name_span(row, row + 1)
-        return names.tobytes()
+        """A file's own name. Not through ``name_span``: a binary search calls this about 15
+        times a lookup, and the span's arrays doubled its cost (1.8 us against 0.85)."""
+        self.rows_ready(row, row + 1)
+        begin = int(self.name_ends[row - 1]) if row else 0
+        return self.names[begin:int(self.name_ends[row])].tobytes()
 
     def name_span(self, lo: int, hi: int) -> Tuple[np.ndarray, np.ndarray]:
         """The own names of file rows lo..hi (checked), end to end, and where each ends in
