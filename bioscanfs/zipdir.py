@@ -206,18 +206,18 @@ class Walk(NamedTuple):
 def _directory(src: Source) -> Tuple[EndRecord, bytes]:
     """The end record and the central directory's bytes: all a member table is made of."""
     end = read_end_record(src)
-    raw = src.pread(end.cd_size, end.cd_start)
-    if len(raw) != end.cd_size:
+    directory = src.pread(end.cd_size, end.cd_start)
+    if len(directory) != end.cd_size:
         raise ArchiveError(src.name, "central directory is truncated")
-    return end, raw
+    return end, directory
 
 
-def _digest(src: Source, end: EndRecord, raw: bytes) -> str:
+def _digest(src: Source, end: EndRecord, directory: bytes) -> str:
     """SHA-256 (128 bits kept) of the source's size, its pieces' starts, the end record and the
     directory's bytes: equal digests give equal member tables (``read_members`` reads nothing
     else), so an archive whose mtime changed but whose digest did not needs no parse."""
     digest = hashlib.sha256(json.dumps([src.size, list(src.disk_bases), list(end)]).encode() + b"\0")
-    digest.update(raw)   # not joined to the head: that would copy a directory of hundreds of MB
+    digest.update(directory)   # not joined to the head: that would copy a directory of hundreds of MB
     return digest.hexdigest()[:32]
 
 
@@ -229,13 +229,13 @@ def directory_digest(src: Source) -> str:
 
 def read_members(src: Source) -> Members:
     """Parse the whole central directory into a member table (no local header is read)."""
-    end, raw = _directory(src)
+    end, directory = _directory(src)
     # The digest on a core of its own beside the walk (both without the GIL): free where
     # the index build leaves cores idle, as on any machine of more than two.
     with ThreadPoolExecutor(max_workers=1) as pool:
-        digest = pool.submit(_digest, src, end, raw)
-        buf = np.frombuffer(raw, dtype=np.uint8)
-        del raw
+        digest = pool.submit(_digest, src, end, directory)
+        buf = np.frombuffer(directory, dtype=np.uint8)
+        del directory
         bases = tuple(src.disk_bases) if len(src.disk_bases) > 1 else (0,)
         table, raw, raw_ends, suspect = walk_directory(src.name, buf, end.entries, Placement(bases, end.prefix,
                                                                                               end.cd_start))
