@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 import numpy as np
-from _benchutil import can_drop_caches, drop_caches, fusermount
+from _benchutil import can_drop_caches, drop_caches, fusermount, run_measured
 from bench_scale import FULL_TOTAL, scale_ids, write_scale_set
 
 from bioscanfs.layout import CSV_COLUMNS, METADATA_CSV, METADATA_ZIP, SPLIT_CHUNK_CHARS
@@ -86,32 +86,15 @@ def write_csv(path: Path, by_split: Dict[str, List[str]], seed: int = 0) -> int:
 
 
 def run(command: List[str]) -> Tuple[float, int, str]:
-    """(seconds, peak RSS in bytes, output) of one child process. The peak is its VmHWM,
-    read until it exits (ru_maxrss would count this process's pages at the fork)."""
-    started = time.perf_counter()
+    """(seconds, peak RSS in bytes, output) of one child process (``run_measured``: its own
+    peak, not this process's)."""
     with tempfile.TemporaryFile() as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-        peak = 0
-        while proc.poll() is None:
-            try:
-                peak = max(peak, rss(proc.pid, "VmHWM"))
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.05)
-        elapsed = time.perf_counter() - started
+        elapsed, peak, status = run_measured(command, stdout=out.fileno())
         out.seek(0)
         text = out.read().decode(errors="replace")
-    if proc.returncode:
+    if status:
         raise SystemExit(f"{' '.join(command)} failed:\n{text}")
     return elapsed, peak, text
-
-
-def rss(pid: int, field: str) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def bioscanfs(*args: object) -> List[str]:
