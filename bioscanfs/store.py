@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import mmap
@@ -39,7 +40,9 @@ import os
 import stat
 import tempfile
 import time
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 from zlib_ng.zlib_ng import crc32
@@ -57,6 +60,9 @@ _CHECK_BLOCK = 8 << 20
 #: millisecond from the page cache, a few from a disk), and the header holds one CRC per
 #: MiB (about 1,400 at 20.6 M members).
 CRC_BLOCK = 1 << 20
+#: Chunks a ColumnWriter has handed to its writing thread and not yet seen written: the
+#: caller prepares the next while the kernel copies these (each is tens of MB at most).
+_WRITES_BEHIND = 2
 #: CRC blocks a header may declare: powers of two from 64 bytes (tests) to 1 GiB.
 _CRC_BLOCK_RANGE = (6, 30)
 SUFFIXES = (".tree",)
@@ -140,6 +146,11 @@ class ColumnWriter:
     go straight into a temporary file beside it, which ``commit`` names ``path`` (whole or
     not at all); without one, into arrays in memory. A CRC-32 is kept for each ``block``
     bytes of each column, so ``load`` and ``Blocks`` can check any part of a column alone.
+
+    Chunks are written by a thread of the writer's own, up to _WRITES_BEHIND behind
+    ``write`` (which folds the CRCs at once): the caller gathers the next chunk while the
+    kernel copies the last (a 1.4 GB index takes about a second to write). So a chunk
+    must not change once handed over; ``then`` runs a function once it is written.
     """
 
     def __init__(self, path: Optional[str], layout: Dict[str, Tuple[np.dtype, int]], block: int = CRC_BLOCK) -> None:
@@ -152,6 +163,8 @@ class ColumnWriter:
         self._filled = {name: 0 for name in layout}
         self._offsets: Dict[str, int] = {}
         self._fd = -1
+        self._queued: Deque[Future] = deque()
+        self._thread: Optional[ThreadPoolExecutor] = None
         self.arrays: Dict[str, np.ndarray] = {}
         if path is None:
             self.arrays = {name: np.empty(count, dtype) for name, (dtype, count) in self.layout.items()}
@@ -176,10 +189,34 @@ class ColumnWriter:
         if self._fd < 0:
             self.arrays[name][at:at + len(chunk)] = chunk
             return
-        position = self._offsets[name] + at * dtype.itemsize
-        while len(data):
-            done = os.pwrite(self._fd, data, position)
-            data, position = data[done:], position + done
+        self._queue(functools.partial(_pwrite_all, self._fd, data, self._offsets[name] + at * dtype.itemsize))
+
+    def then(self, job: Callable[[], Any]) -> None:
+        """Run ``job`` once every chunk handed to ``write`` so far is written (at once in memory)."""
+        if self._fd < 0:
+            job()
+        else:
+            self._queue(job)
+
+    def _queue(self, job: Callable[[], Any]) -> None:
+        """Give ``job`` to the writing thread, after waiting for the oldest (raising its
+        error) while _WRITES_BEHIND are queued."""
+        while len(self._queued) >= _WRITES_BEHIND:
+            self._queued.popleft().result()
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index-writer")
+        self._queued.append(self._thread.submit(job))
+
+    def _drain(self, raising: bool = True) -> None:
+        """Wait until every job queued is done; raise the first error unless not ``raising``."""
+        while self._queued:
+            error = self._queued.popleft().exception()
+            if error is not None and raising:
+                self._drain(False)
+                raise error
+        if self._thread is not None:
+            self._thread.shutdown()
+            self._thread = None
 
     def _add_crc(self, name: str, data: memoryview) -> None:
         """Fold ``data`` into the CRCs of column ``name``, closing each full block."""
@@ -209,6 +246,7 @@ class ColumnWriter:
             crcs = {name: np.array(values, np.uint32) for name, values in self._crcs.items()}
             return dict(self.arrays, __extra__=extra, __blocks__=Blocks(self.arrays, crcs, self.block))
         try:
+            self._drain()
             layout = {name: [_dtype_to_json(dtype), [count], self._offsets[name]]
                       for name, (dtype, count) in self.layout.items()}
             _write_header(self._fd, self._end, {"key": key, "arrays": layout, "extra": extra,
@@ -223,6 +261,7 @@ class ColumnWriter:
 
     def abort(self) -> None:
         """Drop what was written (no temporary file is left behind)."""
+        self._drain(False)
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
