@@ -116,6 +116,7 @@ class Builder:
         self.warnings: List[List[str]] = []   #: per archive
         #: per archive, of its directory (``index`` reuses a tree whose archives' digests are unchanged)
         self.digests: List[Optional[str]] = []
+        self._carried: Optional[_Carried] = None
 
     def add(self, archive: Archive) -> None:
         """Add one archive, reduced by ``reduce``: its folders numbered, its rows to the spill."""
@@ -152,6 +153,20 @@ class Builder:
         self._lengths.append((ends - begins).astype(np.uint16))
         self._starts.append(self._starts[-1] + len(rows))
 
+    def carry(self, tree: Tree, dirs: np.ndarray, stale: List[int], release: Callable[[], None]) -> None:
+        """Take the folders ``dirs`` (ids) of an earlier tree as they are: their rows, names
+        and name ends are copied into the new columns by ``write``, never spilled or sorted.
+
+        For a re-index where only the archives ``stale`` changed (``index``): the caller has
+        made sure that no file of those is in these folders, in the earlier tree or now, that
+        no new folder is made in them, that the earlier tree lost none of their files, and
+        that every archive keeps its number. ``write`` checks the bytes it copies against the
+        earlier tree's CRCs, and that no row names a stale archive (CarryFailed otherwise);
+        ``release`` is called after each chunk (drops the earlier tree's pages from the RSS).
+        """
+        self._carried = _Carried(tree, np.asarray(dirs, np.int64),
+                                 [self._dirs.add(tree.dir_path(int(d))) for d in dirs], stale, release)
+
     def merge(self) -> Dict[str, Tuple[np.dtype, int]]:
         """Sort every row by (directory, name), find duplicates; the columns' layout."""
         self._spill.flush()
@@ -175,9 +190,11 @@ class Builder:
         hidden = _hide_files_that_are_dirs(self._dirs, self._bounds, self._name_at, self._keep)
         self.hidden = len(hidden)
         self.hidden_warnings = summarise(hidden, lambda rest: f"{rest:,} more files hidden by folders of the same path")
-        n_files = int(self._keep.sum())
-        name_bytes = int(sum(int(self._lens[self._order[rows]][self._keep[rows]].sum())
-                             for rows in _slices(len(self._order))))
+        carried = (self._carried.place(new_id, len(self._starts) - 1).rows, self._carried.name_bytes) \
+            if self._carried else (0, 0)
+        n_files = int(self._keep.sum()) + carried[0]
+        name_bytes = carried[1] + int(sum(int(self._lens[self._order[rows]][self._keep[rows]].sum())
+                                          for rows in _slices(len(self._order))))
         if name_bytes > NAMES_MAX:
             raise SourceError(f"{n_files:,} files: their names take {name_bytes:,} bytes, a mount holds at most "
                               f"{NAMES_MAX:,} (mount fewer archives together)")
@@ -193,22 +210,19 @@ class Builder:
         n_dirs = self._dirs.count
         counts = np.zeros(n_dirs, dtype=np.int64)
         mtime = np.full(n_dirs, np.iinfo(np.int64).min, dtype=np.int64)
+        folders = _ArchiveFolders(n_dirs, len(self._starts) - 1)
         total, name_end = 0, 0
-        for rows in _slices(len(self._order)):
-            picks = np.flatnonzero(self._keep[rows]) + rows.start
-            files = self._rows(picks)
-            dirs = self._file_dir[self._order[picks]]
+        for files, dirs, names, ends, written in self._chunks():
             counts += np.bincount(dirs, minlength=n_dirs)
             _newest(mtime, dirs, files["mtime"])
             total += _total(files["size"])
-            rows_of = self._order[picks]
-            names, ends = zipdir.gather_segments(self._blob, self._begins[rows_of], self._lens[rows_of])
+            folders.add(dirs, files["archive"])
             out.write("files", files)
             out.write("names", names)
             out.write("name_ends", ends + np.uint64(name_end))
             name_end += len(names)
-            if self._map is not None:
-                self._map.madvise(mmap.MADV_DONTNEED)  # the rows stay in the page cache, not in our RSS
+            if written:
+                out.then(written)
         dir_hi = np.cumsum(counts).astype(np.uint64)
         columns = dict({"dir_lo": dir_hi - counts.astype(np.uint64), "dir_hi": dir_hi,
                         "dir_mtime": _dir_mtimes(mtime, self._dirs.parent)},
@@ -217,7 +231,28 @@ class Builder:
             out.write(name, array)
         return {"warnings": [w for ws in self.warnings for w in ws] + self.hidden_warnings, "total_bytes": total,
                 "duplicates": int(self._same.sum()) - self._conflicts.rows, "hidden": self.hidden,
-                "archive_warnings": self.warnings, "digests": self.digests}
+                "archive_warnings": self.warnings, "digests": self.digests, ARCHIVE_FOLDERS: folders.runs()}
+
+    def _chunks(self) -> Iterator[_Chunk]:
+        """The rows in the tree's order, in chunks: the merged rows, and the carried
+        folders' rows where those folders fall."""
+        carried, at = self._carried, 0
+        for first, last in (carried.runs(self._bounds) if carried else ()):
+            until = int(self._bounds[carried.new_dirs[first]])
+            yield from self._merged(at, until)
+            yield from carried.chunks(first, last)
+            at = until
+        yield from self._merged(at, len(self._order))
+
+    def _merged(self, lo: int, hi: int) -> Iterator[_Chunk]:
+        """``_chunks`` of the sorted positions lo..hi: the kept rows, gathered from the spill."""
+        for rows in _slices(hi - lo):
+            picks = np.flatnonzero(self._keep[lo + rows.start:lo + rows.stop]) + (lo + rows.start)
+            rows_of = self._order[picks]
+            names, ends = zipdir.gather_segments(self._blob, self._begins[rows_of], self._lens[rows_of])
+            yield _Chunk(self._rows(picks), self._file_dir[rows_of], names, ends, None)
+            if self._map is not None:
+                self._map.madvise(mmap.MADV_DONTNEED)  # the rows stay in the page cache, not in our RSS
 
     def _rows(self, positions: np.ndarray) -> np.ndarray:
         """The member rows at sorted positions, archive column set."""
@@ -231,6 +266,134 @@ class Builder:
         row = int(self._order[position])
         begin = int(self._begins[row])
         return self._blob[begin:begin + int(self._lens[row])].tobytes()
+
+
+class _Chunk(NamedTuple):
+    """Rows of the tree being written, in its order (``Builder._chunks``)."""
+
+    files: np.ndarray   #: FILE_DTYPE
+    dirs: np.ndarray    #: each row's folder
+    names: np.ndarray   #: their own names, end to end
+    ends: np.ndarray    #: where each name ends in ``names``
+    written: Optional[Callable[[], None]]   #: to run once the chunk is written (it may be mapped)
+
+
+class CarryFailed(ValueError):
+    """Rows that an earlier tree was to give as they are (``Builder.carry``) are not what the
+    re-index was told: a block fails its CRC, or a row names an archive that changed or is
+    not there. The tree is then built afresh."""
+
+
+class _Carried:
+    """Folders of an earlier tree taken as they are (``Builder.carry``): where they fall in
+    the new order, and their rows, names and name ends in chunks, checked as they are read."""
+
+    def __init__(self, tree: Tree, old_dirs: np.ndarray, pre_ids: List[int], stale: List[int],
+                 release: Callable[[], None]) -> None:
+        self.tree = tree
+        self.old_dirs = old_dirs
+        self._pre = np.asarray(pre_ids, np.int64)
+        #: by archive number: whether a carried row may not name it (changed, or not there)
+        self._refused = np.ones(int(np.iinfo(FILE_DTYPE["archive"]).max) + 1, bool)
+        self._release = release
+        self._stale = stale
+        self.new_dirs = np.zeros(0, np.int64)
+        self._lo = self._hi = self.new_dirs
+        self.rows = self.name_bytes = 0
+
+    def place(self, new_id: np.ndarray, archives: int) -> "_Carried":
+        """Once the folders are numbered (``new_id``) and the archives counted: the carried
+        folders in the new order, their rows and the bytes of their names."""
+        new = new_id[self._pre]
+        by_new = np.argsort(new, kind="stable")
+        self.new_dirs, self.old_dirs = new[by_new], self.old_dirs[by_new]
+        self._lo = self.tree.dir_lo[self.old_dirs].astype(np.int64)
+        self._hi = self.tree.dir_hi[self.old_dirs].astype(np.int64)
+        self.rows = int((self._hi - self._lo).sum())
+        self.name_bytes = sum(self._names_between(lo, hi) for lo, hi in zip(self._lo.tolist(), self._hi.tolist()))
+        self._refused[:archives] = False
+        self._refused[self._stale] = True
+        return self
+
+    def runs(self, bounds: np.ndarray) -> List[Tuple[int, int]]:
+        """Runs first..last of carried folders (by place in ``new_dirs``) whose rows follow
+        each other in the earlier tree, with no merged row between them (``bounds``: each
+        folder's first sorted position among the merged rows): each is copied as one span."""
+        if not len(self.new_dirs):
+            return []
+        joined = (self._hi[:-1] == self._lo[1:]) & (bounds[self.new_dirs[1:]] == bounds[self.new_dirs[:-1]])
+        starts = np.flatnonzero(np.concatenate(([True], ~joined)))
+        return list(zip(starts.tolist(), np.append(starts[1:], len(self.new_dirs)).tolist()))
+
+    def chunks(self, first: int, last: int) -> Iterator[_Chunk]:
+        """``Builder._chunks`` of the rows of carried folders first..last (one run): straight
+        from the earlier tree's mapping, each block checked against its CRC first."""
+        tree, width = self.tree, self.tree.files.dtype.itemsize
+        lo, hi = self._lo[first:last], self._hi[first:last]
+        for rows in _slices(int(hi[-1]) - int(lo[0])):
+            a, b = int(lo[0]) + rows.start, int(lo[0]) + rows.stop
+            self._verify("files", a * width, b * width)
+            files = tree.files[a:b]
+            if self._refused[files["archive"]].any():
+                raise CarryFailed("a row of a folder taken as it is names an archive that changed or is not there")
+            start = self._name_end(a)
+            names = self._names_between(a, b)
+            self._verify("name_ends", a * 4, b * 4)
+            self._verify("names", start, start + names)
+            d0, d1 = int(np.searchsorted(hi, a, side="right")), int(np.searchsorted(lo, b, side="left"))
+            dirs = np.repeat(self.new_dirs[first + d0:first + d1], np.minimum(hi[d0:d1], b) - np.maximum(lo[d0:d1], a))
+            yield _Chunk(files, dirs, tree.names[start:start + names],
+                         tree.name_ends[a:b].astype(np.uint64) - np.uint64(start), self._release)
+
+    def _names_between(self, lo: int, hi: int) -> int:
+        """Bytes of the names of the earlier tree's rows lo..hi."""
+        count = self._name_end(hi) - self._name_end(lo)
+        if count < 0:
+            raise CarryFailed("name_ends: not in order")
+        return count
+
+    def _name_end(self, row: int) -> int:
+        """Where the names of the earlier tree's rows before ``row`` end (their CRC checked)."""
+        if row == 0:
+            return 0
+        self._verify("name_ends", (row - 1) * 4, row * 4)
+        end = int(self.tree.name_ends[row - 1])
+        if end > len(self.tree.names):
+            raise CarryFailed("name_ends: past the names")
+        return end
+
+    def _verify(self, column: str, lo: int, hi: int) -> None:
+        blocks = self.tree.blocks
+        if blocks is not None and not blocks.verify(column, lo, hi):
+            raise CarryFailed(f"a block of {column} does not match its CRC-32")
+
+
+#: The extra's entry (``Builder.write``): per archive, the folders holding its files, as
+#: runs of folder ids [first, end, first, end, ...]; None when there would be too many.
+ARCHIVE_FOLDERS = "archive_folders"
+#: Folders x archives over which ``_ArchiveFolders`` keeps nothing (a views tree's 740,000
+#: folders, or 65,536 archives): a re-index then reads the rows (``index``).
+_FOLDER_CELLS_MAX = 1 << 24
+#: Runs saved at most, in all: the header stays small.
+_FOLDER_RUNS_MAX = 1 << 16
+
+
+class _ArchiveFolders:
+    """Which archives have files in which folders, as the tree is written: saved, so that a
+    re-index finds the folders of a changed archive without reading every row."""
+
+    def __init__(self, n_dirs: int, n_archives: int) -> None:
+        self._seen = np.zeros((n_archives, n_dirs), bool) if n_dirs * n_archives <= _FOLDER_CELLS_MAX else None
+
+    def add(self, dirs: np.ndarray, archives: np.ndarray) -> None:
+        if self._seen is not None:
+            self._seen[archives.astype(np.intp), dirs] = True
+
+    def runs(self) -> Optional[List[List[int]]]:
+        if self._seen is None:
+            return None
+        out = [np.flatnonzero(np.diff(seen.astype(np.int8), prepend=0, append=0)).tolist() for seen in self._seen]
+        return out if sum(map(len, out)) <= 2 * _FOLDER_RUNS_MAX else None
 
 
 def _joined(parts: List[np.ndarray], dtype: Any) -> np.ndarray:
@@ -592,7 +755,7 @@ class ViewsBuilder:
                                                  if name.startswith("conflict")})
         for name, array in columns.items():
             out.write(name, array)
-        return dict(extra, views=self._plan.stats)
+        return dict(extra, views=self._plan.stats, **{ARCHIVE_FOLDERS: None})   # its folders are numbered anew
 
     def _pieces(self) -> Iterator[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """(file rows, their names, name ends from 0) in the new order, in chunks: runs of
