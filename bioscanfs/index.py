@@ -20,6 +20,7 @@ from typing import (
     BinaryIO,
     Callable,
     Dict,
+    Iterable,
     Iterator,
     List,
     NamedTuple,
@@ -32,11 +33,11 @@ from typing import (
 import numpy as np
 
 from . import store, views, zipdir
-from .errors import ArchiveError
+from .errors import ArchiveError, DamagedIndex
 from .layout import METADATA_CSV, METADATA_ZIP
 from .reader import Reader
 from .sources import FileSource
-from .tree import LAZY_COLUMNS, UNIT_ROWS, Tree, check, check_archive_count
+from .tree import LAZY_COLUMNS, UNIT_ROWS, Tree, check_archive_count
 
 if TYPE_CHECKING:
     from .merge import Archive, Builder
@@ -252,13 +253,16 @@ def _same_directories(sources: Sequence[FileSource], extra: Dict[str, Any]) -> b
 
 
 class _Earlier(NamedTuple):
-    """A tree built before for the same archive paths, and what can be taken from it."""
+    """A tree built before for the same archive paths, and what can be taken from it. Its
+    bulk is checked as it is read (``tree.Tree``): by units, or whole by ``verify_all``."""
 
     tree: Tree
     archive_of: Dict[str, int]      #: identity (JSON) of each unchanged archive -> its number there
     warnings: List[List[str]]       #: each archive's warnings there
     digests: List[Optional[str]]    #: each archive's directory digest there (None: built before they were kept)
-    archives: np.ndarray            #: its archive column, copied once (not scanned in the mapping per archive)
+    #: per archive, runs of the folders holding its files (merge.ARCHIVE_FOLDERS), when the
+    #: archives are numbered there as they are now; else None
+    folders: Optional[List[List[int]]]
 
 
 def _identity(src: FileSource) -> str:
@@ -269,6 +273,8 @@ def _earlier_tree(path: str, key: Any, sources: Sequence[FileSource]) -> Optiona
     """The newest tree of the same slot (archive paths and options) built before, when some
     of its archives are unchanged and it lost none of their files (see ``_lost_nothing``):
     then only the others are parsed again. None otherwise, or when it is damaged."""
+    from .merge import ARCHIVE_FOLDERS
+
     earlier = _newest_earlier(path)
     if earlier is None:
         return None
@@ -277,18 +283,15 @@ def _earlier_tree(path: str, key: Any, sources: Sequence[FileSource]) -> Optiona
     if not (len(old_key) == len(key) and old_key[:2] == key[:2]
             and old_key[3:5] == key[3:5]):   # the archives may differ, and the views' ranks
         return None
-    arrays = store.load(newest, old_key)
+    arrays = store.load(newest, old_key, lazy=LAZY_COLUMNS)
     if arrays is None:
         return None
     current = {_identity(src): src for src in sources}
     try:
         extra = arrays["__extra__"]
         identities = [json.dumps(identity) for identity in extra["identities"]]
-        # Rows of changed archives are not used: their bound is left open. Every row is
-        # checked (its CRCs by store.load): the merge reads the columns whole.
+        # Rows of changed archives are not used: their bound is left open.
         sizes = _archive_sizes(arrays, [current[i].size if i in current else 1 << 62 for i in identities])
-        check(arrays, sizes)
-        store.release_pages(arrays)
         tree = Tree(arrays, extra["kept"], sizes, persisted=True)
         if not _lost_nothing(tree, extra):
             return None
@@ -296,10 +299,24 @@ def _earlier_tree(path: str, key: Any, sources: Sequence[FileSource]) -> Optiona
         digests = extra.get("digests")
         if not (isinstance(digests, list) and len(digests) == len(identities)):
             digests = [None] * len(identities)   # built before digests were kept, or damaged
-        return _Earlier(tree, archive_of, extra["archive_warnings"], digests, np.array(tree.files["archive"])) \
-            if archive_of else None
+        numbered = extra["kept"] == [src.name for src in sources] and "links" not in arrays
+        folders = _folder_runs(extra.get(ARCHIVE_FOLDERS), len(identities), tree.n_dirs) if numbered else None
+        return _Earlier(tree, archive_of, extra["archive_warnings"], digests, folders) if archive_of else None
     except (KeyError, ValueError, IndexError, TypeError):  # BadTables is a ValueError
         return None
+
+
+def _folder_runs(runs: Any, archives: int, n_dirs: int) -> Optional[List[List[int]]]:
+    """A tree's ARCHIVE_FOLDERS when they have the right shape: one list per archive of
+    ascending folder ids [first, end, ...] below ``n_dirs``; else None. (Their content is
+    not trusted: ``merge.Builder.carry`` checks every row it takes as it is.)"""
+    if not (isinstance(runs, list) and len(runs) == archives):
+        return None
+    for edges in runs:
+        if not (isinstance(edges, list) and len(edges) % 2 == 0 and all(type(e) is int for e in edges)
+                and all(a < b for a, b in zip([-1] + edges, edges)) and (not edges or edges[-1] <= n_dirs)):
+            return None
+    return runs
 
 
 def _lost_nothing(tree: Tree, extra: Dict[str, Any]) -> bool:
@@ -320,8 +337,23 @@ def _build(sources: Sequence[FileSource], index_dir: Optional[str], path: Option
            earlier: Optional[_Earlier] = None) -> Tuple[Tree, List[FileSource]]:
     """Parse the archives (those unchanged since ``earlier`` are taken from it), merge
     them and write the tree to ``path`` (or keep it in memory); the member rows wait in
-    an unlinked spill file meanwhile (see ``merge``). ``merge`` is imported here: a
-    remount only maps a tree, and starts sooner without it."""
+    an unlinked spill file meanwhile (see ``merge``). An ``earlier`` tree found damaged
+    on the way is dropped, and every archive parsed."""
+    from .merge import CarryFailed
+
+    if earlier is not None:
+        try:
+            return _build_once(sources, index_dir, path, key, on_archive, skip_bad, allow_incomplete, earlier)
+        except (CarryFailed, DamagedIndex) as err:
+            log.warning("the index built before cannot be used (%s): every archive is parsed", err)
+    return _build_once(sources, index_dir, path, key, on_archive, skip_bad, allow_incomplete, None)
+
+
+def _build_once(sources: Sequence[FileSource], index_dir: Optional[str], path: Optional[str], key: Any,
+                on_archive: Optional[Progress], skip_bad: bool, allow_incomplete: bool,
+                earlier: Optional[_Earlier]) -> Tuple[Tree, List[FileSource]]:
+    """``_build``, raising CarryFailed or DamagedIndex when ``earlier`` is damaged. ``merge``
+    is imported here: a remount only maps a tree, and starts sooner without it."""
     from .merge import Builder
 
     spill = _Spill(index_dir)
@@ -354,6 +386,10 @@ def _save(index_dir: Optional[str], path: Optional[str], key: Any, layout: Dict[
             if writer is not None:
                 writer.abort()
             log.warning("cannot write the index to %s (%s); keeping it in memory", index_dir, err.strerror or err)
+        except BaseException:   # CarryFailed: the caller builds again
+            if writer is not None:
+                writer.abort()
+            raise
         else:
             mapped = store.load(path, key, lazy=LAZY_COLUMNS)
             if mapped is not None:
@@ -417,17 +453,24 @@ def _add_all(builder: Builder, sources: Sequence[FileSource], on_archive: Option
              skip_bad: bool, allow_incomplete: bool, earlier: Optional[_Earlier]) -> List[FileSource]:
     """Parse every archive (PARSE_AHEAD at once, in threads: the C walk releases the GIL), or
     take its rows from ``earlier``, and add it to ``builder`` in order; returns the
-    archives kept."""
+    archives kept. With ``earlier``, only its folders that a changed archive touches are
+    merged again when that can be done (``_add_carrying``); else its rows are read whole."""
     kept: List[FileSource] = []
     refused: List[ArchiveError] = []
     reuse = earlier.archive_of if earlier else {}
+    if earlier is not None:
+        carried = _add_carrying(builder, sources, on_archive, earlier)
+        if carried is not None:
+            return carried
+        earlier.tree.verify_all()   # every row is read below
+    archives = np.array(earlier.tree.files["archive"]) if earlier else None   # copied once, not scanned per archive
     if reuse:
         log.info("%d of %d archives are unchanged since the last index: only the others are parsed",
                  sum(_identity(src) in reuse for src in sources), len(sources))
     for done, (src, result) in enumerate(_parsed([s for s in sources if _identity(s) not in reuse], sources), 1):
         if result is None and earlier is not None:  # unchanged
             archive = reuse[_identity(src)]
-            rows = np.flatnonzero(earlier.archives == archive)
+            rows = np.flatnonzero(archives == archive)
             builder.add_from_tree(earlier.tree, rows, earlier.warnings[archive], earlier.digests[archive])
             store.release_pages(earlier.tree.arrays)   # its pages stay cached, out of our RSS
             kept.append(src)
@@ -452,6 +495,74 @@ def _add_all(builder: Builder, sources: Sequence[FileSource], on_archive: Option
             f"{len(refused)} archives", "cannot be used (--skip-bad mounts the rest):\n" +
             "\n".join(str(err) for err in refused))
     return kept
+
+
+def _add_carrying(builder: Builder, sources: Sequence[FileSource], on_archive: Optional[Progress],
+                  earlier: _Earlier) -> Optional[List[FileSource]]:
+    """Add the archives to ``builder`` when at most PARSE_AHEAD changed since ``earlier``, it
+    numbers the archives as they are numbered now and says which folders each one's files
+    are in: the changed ones are parsed, the rows of the others in the folders that the
+    changed ones touch (then or now) are taken from ``earlier`` to be merged again, and
+    every other folder is carried as it is (``merge.Builder.carry``). Returns the
+    archives (all kept), or None when this cannot be done (nothing is added then).
+    Raises DamagedIndex when a unit of ``earlier`` it reads is damaged."""
+    tree = earlier.tree
+    changed = [i for i, src in enumerate(sources) if _identity(src) not in earlier.archive_of]
+    if earlier.folders is None or not 0 < len(changed) <= PARSE_AHEAD:
+        return None
+    parsed = dict(zip(changed, (result for _, result in _parsed([sources[i] for i in changed], sources)
+                                if result is not None)))
+    if any(isinstance(result, ArchiveError) for result in parsed.values()):
+        return None   # handled (skipped or refused) with the rest, as in a full build
+    touched = _touched_dirs(tree, [earlier.folders[i] for i in changed], parsed.values())
+    ranges = [(int(tree.dir_lo[d]), int(tree.dir_hi[d])) for d in np.flatnonzero(touched).tolist()]
+    for lo, hi in ranges:
+        tree.rows_ready(lo, hi)
+    rows = np.concatenate([np.arange(lo, hi) for lo, hi in ranges] or [np.zeros(0, np.int64)])
+    archive_of_row = tree.files["archive"][rows]
+    log.info("%d of %d archives are unchanged since the last index: only the others are parsed",
+             len(sources) - len(changed), len(sources))
+    log.info("%d of %d folders are taken as they are, the others merged again", int((~touched).sum()), tree.n_dirs)
+    for done, src in enumerate(sources, 1):
+        i = done - 1
+        if i in parsed:
+            builder.add(parsed[i])
+            members = parsed[i].members
+        else:
+            taken = rows[archive_of_row == i]
+            builder.add_from_tree(tree, taken, earlier.warnings[i], earlier.digests[i])
+            members = len(taken)
+        if on_archive:
+            on_archive(src.name, members, done, len(sources))
+    builder.carry(tree, np.flatnonzero(~touched), changed, lambda: store.release_pages(tree.arrays))
+    return list(sources)
+
+
+def _touched_dirs(tree: Tree, old_folders: List[List[int]], parsed: Iterable[Archive]) -> np.ndarray:
+    """Which folders of ``tree`` the changed archives touch: those that held their files
+    (``old_folders``: runs of folder ids) or hold them now, the folders of their paths that
+    are there already, and every folder above any of these (a new folder may hide a file
+    of its parent; a folder's mtime is its subtree's)."""
+    touched = np.zeros(tree.n_dirs, bool)
+    touched[0] = True
+    for edges in old_folders:
+        for lo, hi in zip(edges[::2], edges[1::2]):
+            touched[lo:hi] = True
+    for archive in parsed:
+        for path in itertools.chain(archive.group_dirs, archive.explicit_dirs):
+            folder = 0
+            for part in path.split(b"/"):
+                folder = tree.find_dir(folder, part) if part else folder
+                if folder < 0:
+                    break
+                touched[folder] = True
+    parent = tree.dir_parent.astype(np.int64)
+    while True:   # as many rounds as the tree is deep
+        above = np.zeros_like(touched)
+        above[parent[touched]] = True
+        if not (above & ~touched).any():
+            return touched
+        touched |= above
 
 
 def _parsed(to_parse: Sequence[FileSource], sources: Sequence[FileSource]
