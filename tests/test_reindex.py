@@ -19,6 +19,7 @@ import pytest
 from conftest import index_files, load_script, touch, zip_members, zip_paths
 from test_index import CORRUPTIONS, assert_same_tree, assert_tree_matches_zipfile, load
 
+from bioscanfs import store
 from bioscanfs.layout import METADATA_ZIP
 from bioscanfs.views import RANKS
 
@@ -162,3 +163,115 @@ def test_touched_archives_keep_the_views_without_a_parse(tmp_path: Path, bench_s
     messages = [r.getMessage() for r in caplog.records]
     assert any(REKEYED in m for m in messages) and _unchanged_lines(caplog) == [], messages
     assert_same_tree(tree, load(zips, None, views=RANKS))
+
+
+# -- folders carried as they are: only those a changed archive touches are merged again ------
+CARRIED = "folders are taken as they are, the others merged again"
+CANNOT = "the index built before cannot be used"
+
+
+def _log(caplog: pytest.LogCaptureFixture, text: str) -> List[str]:
+    return [r.getMessage() for r in caplog.records if text in r.getMessage()]
+
+
+def _grow(archive: Path, path: str, data: bytes) -> None:
+    """One more stored member appended to an archive with zipfile (its directory rewritten)."""
+    with zipfile.ZipFile(archive, "a") as zf:
+        zf.writestr(zipfile.ZipInfo(path, (2024, 6, 1, 12, 0, 0)), data)
+
+
+def test_a_grown_archive_carries_the_other_folders(two_packages: Path, tmp_path: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """One pretrain half grown by a member in a chunk folder it shares with the other half,
+    and by one in a new folder: every folder it does not touch is copied as it was, and
+    the tree (its folders of each archive too) equals a fresh parse and zipfile's view."""
+    zips, index_dir = zip_paths(two_packages), tmp_path / "index"
+    load(zips, index_dir)
+    half = next(p for p in zips if p.name.endswith("_pretrain.01.zip"))
+    with zipfile.ZipFile(half) as zf:
+        chunk = zf.namelist()[0].rpartition("/")[0]
+    _grow(half, f"{chunk}/AAAAA0001-24.jpg", b"grown\n" * 100)
+    _grow(half, f"{chunk.rpartition('/')[0]}/new-folder/AAAAA0002-24.jpg", b"new\n")
+    with caplog.at_level(logging.INFO, logger="bioscanfs.index"):
+        tree = load(zips, index_dir)
+    carried = _log(caplog, CARRIED)
+    assert len(carried) == 1 and not carried[0].startswith("0 of"), carried
+    assert _log(caplog, CANNOT) == []
+    fresh = load(zips, None)
+    assert_same_tree(tree, fresh)
+    assert tree.extra["archive_folders"] == fresh.extra["archive_folders"]
+    assert_tree_matches_zipfile(tree, zip_members(two_packages))
+    assert_same_tree(load(zips, index_dir), tree)
+
+
+def _two_archives(folder: Path) -> List[Path]:
+    """a.zip with files in d/ and e/ (d/x is a file), b.zip with files in f/."""
+    folder.mkdir()
+    for name, members in (("a.zip", ["d/1.jpg", "d/x", "e/2.jpg"]), ("b.zip", ["f/3.jpg"])):
+        with zipfile.ZipFile(folder / name, "w") as zf:
+            for member in members:
+                zf.writestr(member, member.encode())
+    return zip_paths(folder)
+
+
+def test_a_new_folder_of_a_changed_archive_hides_a_carried_file(tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """b.zip gains d/x/4.jpg: its folder d/x hides a.zip's file d/x, in a folder b.zip had
+    no file in before. The folder is merged again, not carried: the file is hidden, with
+    the warning a fresh parse gives."""
+    zips, index_dir = _two_archives(tmp_path / "set"), tmp_path / "index"
+    load(zips, index_dir)
+    _grow(zips[1], "d/x/4.jpg", b"4")
+    with caplog.at_level(logging.INFO, logger="bioscanfs.index"):
+        tree = load(zips, index_dir)
+    assert len(_log(caplog, CARRIED)) == 1
+    fresh = load(zips, None)
+    assert any("the file is hidden" in w for w in fresh.warnings)
+    assert_same_tree(tree, fresh)
+    assert tree.extra["archive_folders"] == fresh.extra["archive_folders"]
+
+
+def test_a_carried_folder_with_damage_is_not_copied(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A flipped byte in the first file row of the earlier tree, and an archive that held no
+    file gains one in a new folder: no row is merged again, every folder is copied, and the
+    copy checks the earlier tree's CRCs, finds the damage and builds afresh."""
+    zips, index_dir = _two_archives(tmp_path / "set"), tmp_path / "index"
+    with zipfile.ZipFile(tmp_path / "set" / "c.zip", "w"):
+        pass
+    zips = zip_paths(tmp_path / "set")
+    load(zips, index_dir)
+    (earlier,) = index_files(index_dir)
+    CORRUPTIONS["flip-row-data"](index_dir / earlier, index_dir / earlier)
+    _grow(zips[2], "g/5.jpg", b"5")
+    with caplog.at_level(logging.INFO, logger="bioscanfs.index"):
+        tree = load(zips, index_dir)
+    assert _log(caplog, CANNOT) and "a block of files does not match its CRC-32" in _log(caplog, CANNOT)[0]
+    assert not [p for p in index_dir.iterdir() if p.name.startswith(".tmp-")], "a temporary file was left"
+    tree.verify_all()
+    assert_same_tree(tree, load(zips, None))
+    assert_tree_matches_zipfile(tree, zip_members(tmp_path / "set"))
+
+
+def test_folders_saved_wrong_do_not_carry_stale_rows(two_packages: Path, tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """The earlier tree's header says the changed archive held files in no folder (a header
+    damaged in a way that still parses), and the archive now holds one file in a new
+    folder: its old rows in the folders carried are found as they are copied, and the
+    tree is built afresh: no stale row is served."""
+    zips, index_dir = zip_paths(two_packages), tmp_path / "index"
+    load(zips, index_dir)
+    (earlier,) = index_files(index_dir)
+    path = str(index_dir / earlier)
+    header = store.read_header(path)
+    changed = next(i for i, p in enumerate(zips) if p.name.endswith("_pretrain.02.zip"))
+    extra = dict(header["extra"], archive_folders=[[] if i == changed else runs for i, runs in
+                                                   enumerate(header["extra"]["archive_folders"])])
+    store.rekey(path, path, header["key"], extra)
+    zips[changed].unlink()   # its files now: one, in a new folder (its old folders are not touched)
+    with zipfile.ZipFile(zips[changed], "w") as zf:
+        zf.writestr("bioscan5m/images/cropped_256/pretrain/new/AAAAA0003-24.jpg", b"3")
+    with caplog.at_level(logging.INFO, logger="bioscanfs.index"):
+        tree = load(zips, index_dir)
+    assert len(_log(caplog, CANNOT)) == 1 and "changed" in _log(caplog, CANNOT)[0]
+    assert_same_tree(tree, load(zips, None))
+    assert_tree_matches_zipfile(tree, zip_members(two_packages))
