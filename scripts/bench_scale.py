@@ -271,6 +271,7 @@ def _measure_mounts(label: str, command: list[str], mountpoint: Path, server: st
         if (phase == "page cache dropped" and not _drop_page_cache()) or (change and largest is None):
             continue
         with change(largest) if change else contextlib.nullcontext() as added:
+            os.sync()   # each phase starts with no dirty pages left by the one before (its index, the change)
             # ``python -m`` imports from its working folder first: the checkout measured.
             seconds, peak = _run_timed(command, dict(os.environ, PYTHONPATH=str(checkout)) if checkout else None,
                                        checkout)
