@@ -102,7 +102,7 @@ def _setup_logging(verbose: int, log_file: Optional[str]) -> None:
 
 
 def _open(sources, index_dir, cache_size=256 << 20, skip_bad=False, allow_incomplete=False,
-          password=None, cache_dir=None, cache_max=10 << 30, views=None) -> Collection:
+          password=None, cache_dir=None, cache_max=10 << 30, views=None, build_apart=False) -> Collection:
     """The commands' Collection. ``views`` defaults to mount's default where views can be
     built (pyarrow installed), so that ls, cat, info and verify map the index a mount made
     instead of building a second one without views; elsewhere to none, quietly."""
@@ -111,7 +111,8 @@ def _open(sources, index_dir, cache_size=256 << 20, skip_bad=False, allow_incomp
     with _Progress() as progress:
         return Collection(*sources, index_dir=index_dir or default_index_dir(), cache_size=cache_size,
                           skip_bad=skip_bad, allow_incomplete=allow_incomplete, password=password,
-                          cache_dir=cache_dir, cache_max=cache_max, on_archive=progress, views=views)
+                          cache_dir=cache_dir, cache_max=cache_max, on_archive=progress, views=views,
+                          build_apart=build_apart)
 
 
 def _open_checked(sources, index_dir, skip_bad, allow_incomplete) -> Collection:
@@ -286,8 +287,9 @@ def mount(sources, mountpoint, foreground, options, cache_size, log_file, verbos
             raise click.ClickException(
                 f"{log_file}: cannot write the log ({err.strerror}); choose one with --log FILE") from None
     password = _read_password(password_file)
+    # The daemon is forked from this process: a missing index is built in a child of it (Collection)
     collection = _open(sources, index_dir, cache_size, skip_bad, allow_incomplete, password,
-                       cache_dir and os.path.abspath(cache_dir), cache_max, views)
+                       cache_dir and os.path.abspath(cache_dir), cache_max, views, build_apart=True)
     if password is None and foreground and sys.stdin.isatty() and collection.encrypted_members():
         collection.reader.password = click.prompt(
             f"{collection.encrypted_members()} members are encrypted; password", hide_input=True,

@@ -66,19 +66,24 @@ class Collection:
     >>> c = Collection("/data/bioscan")                 # doctest: +SKIP
     >>> c.listdir("bioscan5m/images/cropped_256")       # doctest: +SKIP
     ['pretrain', 'test', ...]
+
+    With ``build_apart``, a missing index is built in a forked child process and mapped
+    here: a process that forks workers afterwards (a mount's daemon, a loader's workers)
+    does not hand them the build's heap. It forks: create the Collection before starting
+    threads of your own.
     """
 
     def __init__(self, *inputs: str, index_dir: Optional[str] = "default", cache_size: int = 256 << 20,
                  skip_bad: bool = False, allow_incomplete: bool = False,
                  password: Optional[bytes] = None, cache_dir: Optional[str] = None,
                  cache_max: int = 10 << 30, on_archive: Optional[Progress] = None,
-                 views: Sequence[str] = ()) -> None:
+                 views: Sequence[str] = (), build_apart: bool = False) -> None:
         specs, warnings = find_archives(inputs, allow_incomplete)
         for line in warnings:
             log.warning("%s", line)
         self.index_dir = default_index_dir() if index_dir == "default" else index_dir
         self.tree, self.sources = open_tree(specs, self.index_dir, skip_bad, allow_incomplete, cache_dir, cache_max,
-                                            on_archive, views)
+                                            on_archive, views, build_apart)
         kept = {src.name for src in self.sources}
         self.specs = [spec for spec in specs if spec.name in kept]
         self.warnings = warnings + self.tree.warnings
@@ -206,7 +211,8 @@ class Collection:
 
 def open_tree(specs: Sequence[ArchiveSpec], index_dir: Optional[str], skip_bad: bool = False,
               allow_incomplete: bool = False, cache_dir: Optional[str] = None, cache_max: int = 10 << 30,
-              on_archive: Optional[Progress] = None, views: Sequence[str] = ()) -> Tuple[Tree, List[FileSource]]:
+              on_archive: Optional[Progress] = None, views: Sequence[str] = (), apart: bool = False
+              ) -> Tuple[Tree, List[FileSource]]:
     """Open the archives and map their tree (building and saving what is missing): the
     one way from discovered archives to a tree, for Collection and ``bioscanfs index``.
 
@@ -217,7 +223,7 @@ def open_tree(specs: Sequence[ArchiveSpec], index_dir: Optional[str], skip_bad: 
     check_archive_count(len(specs))
     sources = open_sources([(spec.paths, spec.spanned) for spec in specs], cache_dir, cache_max, skip_bad)
     try:
-        return load_tree(sources, index_dir, on_archive, skip_bad, allow_incomplete, views)
+        return load_tree(sources, index_dir, on_archive, skip_bad, allow_incomplete, views, apart)
     except BaseException:
         for src in sources:
             src.close()

@@ -11,6 +11,7 @@ import itertools
 import json
 import logging
 import os
+import sys
 import tempfile
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +34,7 @@ from typing import (
 import numpy as np
 
 from . import store, views, zipdir
-from .errors import ArchiveError, DamagedIndex
+from .errors import ArchiveError, BioscanError, DamagedIndex, SourceError
 from .layout import METADATA_CSV, METADATA_ZIP
 from .reader import Reader
 from .sources import FileSource
@@ -86,7 +87,7 @@ def _tree_key(sources: Sequence[FileSource], skip_bad: bool, allow_incomplete: b
 
 def load_tree(sources: Sequence[FileSource], index_dir: Optional[str],
               on_archive: Optional[Progress] = None, skip_bad: bool = False, allow_incomplete: bool = False,
-              views: Sequence[str] = ()) -> Tuple[Tree, List[FileSource]]:
+              views: Sequence[str] = (), apart: bool = False) -> Tuple[Tree, List[FileSource]]:
     """Map the persisted tree of these archives, building it when missing or stale.
 
     Returns the tree and the sources it covers (a bad archive is dropped and closed when
@@ -96,6 +97,12 @@ def load_tree(sources: Sequence[FileSource], index_dir: Optional[str],
     With ``views`` (ranks) and the metadata zip among the sources, the tree also holds the
     views of those ranks, built from the image tree (the tree without views) once it is
     there. Raises UntrustedIndexError for an index folder or file another user could have written.
+
+    With ``apart`` (local archives and an index folder), a tree that has to be built is
+    built in a child process and then mapped here, as a remount maps it: a process that
+    forks a long-lived server afterwards (a mount's daemon) does not hand it the build's
+    heap, freed but not given back (200-270 MB with views, docs/scale.md). Should the
+    child not save it (a full folder), it is built here again.
     """
     check_archive_count(len(sources))
     if not any(src.name.rsplit("/", 1)[-1] == METADATA_ZIP for src in sources):
@@ -109,6 +116,12 @@ def load_tree(sources: Sequence[FileSource], index_dir: Optional[str],
     mapped = _reused(path, tree_key, sources) if path else None
     if mapped is not None:
         return mapped
+    if apart and path and os.access(index_dir, os.W_OK) and all(type(src) is FileSource for src in sources):
+        _built_apart(lambda progress: load_tree(sources, index_dir, progress, skip_bad, allow_incomplete, views),
+                     on_archive)
+        mapped = _reused(path, tree_key, sources)
+        if mapped is not None:
+            return mapped   # else not saved (a full folder): built here, kept in memory
     if not views:
         return _images(sources, index_dir, path, tree_key, on_archive, skip_bad, allow_incomplete)
     images_key = _tree_key(sources, skip_bad, allow_incomplete, ())
@@ -124,6 +137,63 @@ def load_tree(sources: Sequence[FileSource], index_dir: Optional[str],
         except OSError:
             pass
     return tree, images[1]
+
+
+#: True in the child of ``_built_apart``: a tree it cannot save is not kept in memory there
+#: (``_Unsaved``); the parent then builds it itself, and warns once.
+_MUST_SAVE = False
+
+
+class _Unsaved(Exception):
+    """A tree built in the child of ``_built_apart`` could not be saved."""
+
+
+def _built_apart(build: Callable[[Progress], Any], on_archive: Optional[Progress]) -> None:
+    """Run ``build`` in a forked child process and wait for it: the progress it reports
+    goes to ``on_archive`` here, and its error (one line) is raised here, as a SourceError."""
+    read_end, write_end = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        os._exit(_build_in_child(build, write_end))
+    os.close(write_end)
+    error = None
+    with os.fdopen(read_end, "rb") as events:
+        for line in events:
+            event = json.loads(line)
+            if "error" in event:
+                error = event["error"]
+            elif on_archive:
+                on_archive(*event["progress"])
+    status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    if error is not None or status:
+        raise SourceError(error or f"building the index ended with status {status}")
+
+
+def _build_in_child(build: Callable[[Progress], Any], write_end: int) -> int:
+    """The child of ``_built_apart``: runs ``build``, telling its progress and error as JSON
+    lines; returns the exit status."""
+    global _MUST_SAVE
+    _MUST_SAVE = True
+    with os.fdopen(write_end, "wb", buffering=0) as events:
+        def tell(**event: Any) -> None:
+            events.write(json.dumps(event).encode() + b"\n")
+        try:
+            build(lambda *progress: tell(progress=progress))
+            return 0
+        except _Unsaved:
+            return 0   # the parent finds no tree, and builds it
+        except BioscanError as err:
+            tell(error=str(err))
+            return 1
+        except BaseException as err:  # a bug or an interrupt: said in one line all the same
+            tell(error=f"building the index failed: {err!r}")
+            return 2
+        finally:
+            for handler in logging.getLogger().handlers:
+                handler.flush()
 
 
 def _images(sources: Sequence[FileSource], index_dir: Optional[str], path: Optional[str], key: Any,
@@ -385,6 +455,8 @@ def _save(index_dir: Optional[str], path: Optional[str], key: Any, layout: Dict[
         except OSError as err:
             if writer is not None:
                 writer.abort()
+            if _MUST_SAVE:
+                raise _Unsaved() from err
             log.warning("cannot write the index to %s (%s); keeping it in memory", index_dir, err.strerror or err)
         except BaseException:   # CarryFailed: the caller builds again
             if writer is not None:

@@ -11,7 +11,9 @@ Measures, in one run, views against no views on the same set:
 - the index bytes the views add, per image and per rank;
 - warm remount (``bioscanfs mount`` until it returns), interleaved, best and median;
 - walking views/species/cropped_256/train against bioscan5m/images/cropped_256/train
-  (os.walk and a stat per file; page cache, dentries and inodes dropped first, when root).
+  (os.walk and a stat per file; page cache, dentries and inodes dropped first, when root);
+- the daemon's RSS after listing a chunk folder (a stat per file), after a warm remount
+  and after a cold mount (the index built by ``bioscanfs mount`` into an empty folder).
 
     python scripts/bench_views.py DIR [--total N] [--rounds N]
 """
@@ -31,7 +33,7 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 import numpy as np
-from _benchutil import can_drop_caches, drop_caches, fusermount, run_measured
+from _benchutil import can_drop_caches, drop_caches, fusermount, rss, run_measured, server_pid
 from bench_scale import FULL_TOTAL, scale_ids, write_scale_set
 
 from bioscanfs.layout import CSV_COLUMNS, METADATA_CSV, METADATA_ZIP, SPLIT_CHUNK_CHARS
@@ -107,6 +109,14 @@ def unmount(point: Path) -> None:
             break
 
 
+def daemon_rss_after_listing(point: Path) -> int:
+    """The serving daemon's RSS after a stat of every file of one chunk folder, in bytes."""
+    with os.scandir(point / "bioscan5m/images/cropped_256/pretrain/00") as entries:
+        for entry in entries:
+            entry.stat()
+    return rss(server_pid(point, "bioscanfs"))
+
+
 def walk(root: Path) -> int:
     """Files below ``root``, each stat'ed (as an image loader's scan would)."""
     files = 0
@@ -155,6 +165,7 @@ def main() -> int:
         f"--views {v}: best {min(t):.2f} s, median {statistics.median(t):.2f} s" for v, t in remounts.items()))
     run(bioscanfs("mount", folder, point, "--index-dir", index, "--views", "all"))
     try:
+        warm_rss = daemon_rss_after_listing(point)
         walks = {}
         for name in ("bioscan5m/images/cropped_256/train", "views/species/cropped_256/train"):
             if can_drop_caches():
@@ -166,6 +177,15 @@ def main() -> int:
                   f"{files / walks[name][1]:,.0f} files/s ({'cold' if can_drop_caches() else 'warm'})", flush=True)
         rates = [files / seconds for files, seconds in walks.values()]
         print(f"views / images walk rate: {rates[1] / rates[0]:.2f}")
+    finally:
+        unmount(point)
+    cold_index = args.dir / f"index-{args.total}-cold"
+    for old in cold_index.glob("*") if cold_index.exists() else []:
+        old.unlink()
+    seconds, _, _ = run(bioscanfs("mount", folder, point, "--index-dir", cold_index, "--views", "all"))
+    try:
+        print(f"daemon RSS after listing a chunk: {daemon_rss_after_listing(point) / 1e6:.0f} MB after a cold "
+              f"mount with views ({seconds:.1f} s), {warm_rss / 1e6:.0f} MB after a warm remount", flush=True)
     finally:
         unmount(point)
     print(f"peak RSS of this script: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3:.0f} MB")

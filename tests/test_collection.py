@@ -6,17 +6,21 @@ Every expected value comes from zipfile's view of the shared generated set.
 from __future__ import annotations
 
 import io
+import json
 import random
+import shutil
 import stat
+import subprocess
+import sys
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, Iterator, Tuple
 
 import pytest
-from conftest import Member, expected_tree, largest_image, listing, zip_contents
+from conftest import MOUNT_TIMEOUT, Member, expected_tree, largest_image, listing, zip_contents
 
-from bioscanfs import Collection, NotFound
+from bioscanfs import BioscanError, Collection, NotFound
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +112,49 @@ def test_collection_from_many_threads(fake_set: Path, fake_members: Dict[str, Me
     wrong = [(path, how) for path, how, ok in results if not ok]
     assert not wrong, wrong[:10]
     assert len(results) == 3 * len(fake_members)
+
+
+_APART = """
+import json, sys
+import bioscanfs
+events = []
+try:
+    c = bioscanfs.Collection(sys.argv[1], index_dir=sys.argv[2], build_apart=True, views=(),
+                             on_archive=lambda *event: events.append(event))
+except bioscanfs.BioscanError as err:
+    print(json.dumps({"error": type(err).__name__ + ": " + str(err)}))
+else:
+    print(json.dumps({"files": len(c.tree.files), "done": [e[2] for e in events], "persisted": c.tree.persisted,
+                      "merge imported": "bioscanfs.merge" in sys.modules}))
+"""
+
+
+def _built_apart(folder: Path, index_dir: Path) -> Dict[str, object]:
+    """Collection(build_apart=True) in a fresh interpreter: what it saw."""
+    done = subprocess.run([sys.executable, "-c", _APART, str(folder), str(index_dir)], capture_output=True,
+                          text=True, timeout=MOUNT_TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_a_tree_built_apart_is_built_in_a_child_and_mapped_here(fake_set: Path, tmp_path: Path) -> None:
+    """A missing index is built in a child process (this one never imports the builder),
+    the child's progress is told here archive by archive, and the tree mapped here is
+    the one an in-process build gives; the next Collection maps it too."""
+    seen = _built_apart(fake_set, tmp_path / "index")
+    archives = len(list(fake_set.glob("*.zip")))
+    assert seen["done"] == list(range(1, archives + 1)) and seen["persisted"], seen
+    assert not seen["merge imported"], "the tree was built in this process"
+    with Collection(str(fake_set), index_dir=str(tmp_path / "other"), views=()) as here:
+        assert seen["files"] == len(here.tree.files)
+    assert _built_apart(fake_set, tmp_path / "index")["done"] == []   # mapped, not built again
+
+
+def test_an_error_of_a_build_apart_is_its_one_line(fake_set: Path, tmp_path: Path) -> None:
+    """A bad archive stops the child's build; its one line is raised here."""
+    folder = tmp_path / "set"
+    shutil.copytree(fake_set, folder)
+    (folder / "BIOSCAN_5M_cropped_256_train.zip").write_bytes(b"not a zip" * 100)
+    with pytest.raises(BioscanError) as here:
+        Collection(str(folder), index_dir=str(tmp_path / "here"), views=())
+    assert _built_apart(folder, tmp_path / "index") == {"error": f"SourceError: {here.value}"}
