@@ -190,11 +190,13 @@ class Builder:
         hidden = _hide_files_that_are_dirs(self._dirs, self._bounds, self._name_at, self._keep)
         self.hidden = len(hidden)
         self.hidden_warnings = summarise(hidden, lambda rest: f"{rest:,} more files hidden by folders of the same path")
-        carried = (self._carried.place(new_id, len(self._starts) - 1).rows, self._carried.name_bytes) \
-            if self._carried else (0, 0)
-        n_files = int(self._keep.sum()) + carried[0]
-        name_bytes = carried[1] + int(sum(int(self._lens[self._order[rows]][self._keep[rows]].sum())
-                                          for rows in _slices(len(self._order))))
+        carried_rows = carried_names = 0
+        if self._carried:
+            self._carried.place(new_id, len(self._starts) - 1)
+            carried_rows, carried_names = self._carried.rows, self._carried.name_bytes
+        n_files = int(self._keep.sum()) + carried_rows
+        name_bytes = carried_names + int(sum(int(self._lens[self._order[rows]][self._keep[rows]].sum())
+                                             for rows in _slices(len(self._order))))
         if name_bytes > NAMES_MAX:
             raise SourceError(f"{n_files:,} files: their names take {name_bytes:,} bytes, a mount holds at most "
                               f"{NAMES_MAX:,} (mount fewer archives together)")
@@ -301,7 +303,7 @@ class _Carried:
         self._lo = self._hi = self.new_dirs
         self.rows = self.name_bytes = 0
 
-    def place(self, new_id: np.ndarray, archives: int) -> "_Carried":
+    def place(self, new_id: np.ndarray, archives: int) -> None:
         """Once the folders are numbered (``new_id``) and the archives counted: the carried
         folders in the new order, their rows and the bytes of their names."""
         new = new_id[self._pre]
@@ -313,7 +315,6 @@ class _Carried:
         self.name_bytes = sum(self._names_between(lo, hi) for lo, hi in zip(self._lo.tolist(), self._hi.tolist()))
         self._refused[:archives] = False
         self._refused[self._stale] = True
-        return self
 
     def runs(self, bounds: np.ndarray) -> List[Tuple[int, int]]:
         """Runs first..last of carried folders (by place in ``new_dirs``) whose rows follow
