@@ -23,6 +23,7 @@ import click
 from . import mount_helper, store
 from .collection import Collection, open_tree
 from .errors import BioscanError, DamagedIndex
+from .forked import fork_with_pipe
 from .index import default_index_dir
 from .layout import IMGTYPES, SPLITS
 from .mounts import is_mounted, mounts_at
@@ -328,16 +329,11 @@ def _daemonize(run: Callable[[Callable[[], None]], None], verbose: int, log_file
 
     Whatever fails in the child, from redirecting its output on, reaches the parent as one
     line through the pipe (never a traceback on the terminal)."""
-    read_end, write_end = os.pipe()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
+    pid, pipe = fork_with_pipe()
     if pid == 0:
-        os.close(read_end)
-
         def ready() -> None:
-            os.write(write_end, b"ok")
-            os.close(write_end)
+            os.write(pipe, b"ok")
+            os.close(pipe)
 
         code = 1
         try:
@@ -348,15 +344,14 @@ def _daemonize(run: Callable[[Callable[[], None]], None], verbose: int, log_file
         except BaseException as err:  # reported to the parent, which shows it to the user
             log.error("mount failed: %s", err)
             try:
-                os.write(write_end, f"mount failed: {err}; see {log_file}".encode())
+                os.write(pipe, f"mount failed: {err}; see {log_file}".encode())
             except OSError:
                 pass
         os._exit(code)
-    os.close(write_end)
     waiting = select.poll()  # not select(): the pipe may be past descriptor 1023, after many archives
-    waiting.register(read_end, select.POLLIN)
-    message = os.read(read_end, 4096).decode(errors="replace") if waiting.poll(READY_TIMEOUT * 1000) else ""
-    os.close(read_end)
+    waiting.register(pipe, select.POLLIN)
+    message = os.read(pipe, 4096).decode(errors="replace") if waiting.poll(READY_TIMEOUT * 1000) else ""
+    os.close(pipe)
     if message != "ok":
         raise click.ClickException(message or f"the filesystem did not become ready; see {log_file}")
 

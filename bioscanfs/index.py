@@ -11,7 +11,6 @@ import itertools
 import json
 import logging
 import os
-import sys
 import tempfile
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +34,7 @@ import numpy as np
 
 from . import store, views, zipdir
 from .errors import ArchiveError, BioscanError, DamagedIndex, SourceError
+from .forked import fork_with_pipe
 from .layout import METADATA_CSV, METADATA_ZIP
 from .reader import Reader
 from .sources import FileSource
@@ -151,16 +151,11 @@ class _Unsaved(Exception):
 def _built_apart(build: Callable[[Progress], Any], on_archive: Optional[Progress]) -> None:
     """Run ``build`` in a forked child process and wait for it: the progress it reports
     goes to ``on_archive`` here, and its error (one line) is raised here, as a SourceError."""
-    read_end, write_end = os.pipe()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
+    pid, pipe = fork_with_pipe()
     if pid == 0:
-        os.close(read_end)
-        os._exit(_build_in_child(build, write_end))
-    os.close(write_end)
+        os._exit(_build_in_child(build, pipe))
     error = None
-    with os.fdopen(read_end, "rb") as events:
+    with os.fdopen(pipe, "rb") as events:
         for line in events:
             event = json.loads(line)
             if "error" in event:

@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple, TypeVar
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 from bioscanfs.mounts import is_mounted
 
@@ -105,12 +105,32 @@ def rss(pid: int, field: str = "VmRSS") -> int:
 _PEAK_POLL = 0.02
 
 
+def process_tree(pid: int) -> List[int]:
+    """A process and its descendants now (by the parent in each ``/proc/PID/stat``: this
+    kernel has no ``/proc/PID/task/TID/children``)."""
+    children: Dict[int, List[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue   # ended meanwhile
+            children.setdefault(int(stat.rpartition(")")[2].split()[1]), []).append(int(entry))
+    pids, at = [pid], 0
+    while at < len(pids):
+        pids += children.get(pids[at], [])
+        at += 1
+    return pids
+
+
 def run_measured(command: Sequence[str], env: Optional[dict] = None, cwd: Optional[Path] = None,
                  stdout: Optional[int] = None) -> Tuple[float, int, int]:
     """(wall seconds, peak RSS in bytes, exit status) of a command run to completion. The
-    peak is the child's own VmHWM, read by a thread until it exits: ``ru_maxrss`` of a
-    child starts from this process's peak at the fork, so it says more of the script than
-    of the command. The time ends when the child does (``wait4``), not at a poll."""
+    peak is the largest VmHWM of the command and of the processes it starts (``bioscanfs
+    mount`` builds a missing index in a child), read by a thread every _PEAK_POLL until it
+    exits: ``ru_maxrss`` of a child starts from this process's peak at the fork, so it says
+    more of the script than of the command. The time ends when the child does (``wait4``),
+    not at a poll."""
     started = time.perf_counter()
     proc = subprocess.Popen(command, env=env, cwd=cwd, stdout=stdout, stderr=subprocess.STDOUT if stdout else None)
     peak = [0]
@@ -118,10 +138,11 @@ def run_measured(command: Sequence[str], env: Optional[dict] = None, cwd: Option
 
     def watch() -> None:
         while not done.is_set():
-            try:
-                peak[0] = max(peak[0], rss(proc.pid, "VmHWM"))
-            except (OSError, ValueError):
-                pass   # exited, or between fork and exec
+            for pid in process_tree(proc.pid):
+                try:
+                    peak[0] = max(peak[0], rss(pid, "VmHWM"))
+                except (OSError, ValueError):
+                    pass   # exited, or between fork and exec
             done.wait(_PEAK_POLL)
 
     watcher = threading.Thread(target=watch, daemon=True)
