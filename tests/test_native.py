@@ -335,19 +335,27 @@ def test_cached_archives_are_read_around(fake_set: Path, tmp_path: Path, fake_me
     """With --cache-archives yes (auto's choice for archives this small), one whole read
     brings the aligned READ_AROUND span around the member into the archive's page cache,
     far more than the member, so that its neighbours are read from memory; every member's
-    bytes are still zipfile's."""
+    bytes are still zipfile's. The span is a hint to the kernel (posix_fadvise): one clean-
+    clone CI run in several showed only the member's pages, so a second member is tried."""
     sample = _whole_in_c(fake_members)
     archive = max(zip_paths(fake_set), key=lambda p: p.stat().st_size)
     size = archive.stat().st_size
-    path, member = max(((p, m) for p, m in sample.items() if m.archive == archive),
-                       key=lambda pm: min(pm[1].info.header_offset, size - pm[1].info.header_offset))
-    low = member.info.header_offset & ~(nativefs.READ_AROUND - 1)
-    window = min(low + nativefs.READ_AROUND, size) - low
-    assert window >= 4 * (member.info.compress_size + 4096), "the fixture archive is too small to tell"
+    # The two members farthest from both ends, whose spans lie wholly inside the archive.
+    candidates = sorted(((p, m) for p, m in sample.items() if m.archive == archive),
+                        key=lambda pm: -min(pm[1].info.header_offset, size - pm[1].info.header_offset))[:2]
     with mounted([fake_set], tmp_path / "native", args=["--cache-archives", "yes"], engine="native") as live:
-        _uncache([archive])
-        assert live.path(path).read_bytes() == member.read()
-        assert _resident_bytes(archive) >= window - 4096
+        resident = []
+        for path, member in candidates:   # a second try: a loaded machine may drop a hint or its pages
+            low = member.info.header_offset & ~(nativefs.READ_AROUND - 1)
+            window = min(low + nativefs.READ_AROUND, size) - low
+            assert window >= 4 * (member.info.compress_size + 4096), "the fixture archive is too small to tell"
+            _uncache([archive])
+            assert live.path(path).read_bytes() == member.read()
+            resident.append((_resident_bytes(archive), window))
+            if resident[-1][0] >= window - 4096:
+                break
+        else:
+            raise AssertionError(f"no read brought its span into the page cache: (resident, span) {resident}")
         assert {p: live.path(p).read_bytes() for p in sample} == zip_contents(sample)
 
 
