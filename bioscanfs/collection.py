@@ -218,7 +218,8 @@ def open_tree(specs: Sequence[ArchiveSpec], index_dir: Optional[str], skip_bad: 
 
     Returns the tree and the sources it covers; ``skip_bad`` leaves out, with a warning,
     archives that cannot be opened or parsed; ``views`` are the ranks of the views/
-    folder (docs/views.md). On failure every source opened is closed.
+    folder (docs/views.md); ``apart`` builds a missing tree in a child process
+    (``index.load_tree``). On failure every source opened is closed.
     """
     check_archive_count(len(specs))
     sources = open_sources([(spec.paths, spec.spanned) for spec in specs], cache_dir, cache_max, skip_bad)
