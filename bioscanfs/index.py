@@ -525,15 +525,15 @@ def _add_all(builder: Builder, sources: Sequence[FileSource], on_archive: Option
     kept: List[FileSource] = []
     refused: List[ArchiveError] = []
     reuse = earlier.archive_of if earlier else {}
+    if reuse:
+        log.info("%d of %d archives are unchanged since the last index: only the others are parsed",
+                 sum(_identity(src) in reuse for src in sources), len(sources))
     if earlier is not None:
         carried = _add_carrying(builder, sources, on_archive, earlier)
         if carried is not None:
             return carried
         earlier.tree.verify_all()   # every row is read below
     archives = np.array(earlier.tree.files["archive"]) if earlier else None   # copied once, not scanned per archive
-    if reuse:
-        log.info("%d of %d archives are unchanged since the last index: only the others are parsed",
-                 sum(_identity(src) in reuse for src in sources), len(sources))
     for done, (src, result) in enumerate(_parsed([s for s in sources if _identity(s) not in reuse], sources), 1):
         if result is None and earlier is not None:  # unchanged
             archive = reuse[_identity(src)]
@@ -587,8 +587,6 @@ def _add_carrying(builder: Builder, sources: Sequence[FileSource], on_archive: O
         tree.rows_ready(lo, hi)
     rows = np.concatenate([np.arange(lo, hi) for lo, hi in ranges] or [np.zeros(0, np.int64)])
     archive_of_row = tree.files["archive"][rows]
-    log.info("%d of %d archives are unchanged since the last index: only the others are parsed",
-             len(sources) - len(changed), len(sources))
     log.info("%d of %d folders are taken as they are, the others merged again", int((~touched).sum()), tree.n_dirs)
     for done, src in enumerate(sources, 1):
         i = done - 1

@@ -165,7 +165,8 @@ class Builder:
         ``release`` is called after each chunk (drops the earlier tree's pages from the RSS).
         """
         self._carried = _Carried(tree, np.asarray(dirs, np.int64),
-                                 [self._dirs.add(tree.dir_path(int(d))) for d in dirs], stale, release)
+                                 [self._dirs.add(tree.dir_path(int(d))) for d in dirs], stale,
+                                 len(self._starts) - 1, release)
 
     def merge(self) -> Dict[str, Tuple[np.dtype, int]]:
         """Sort every row by (directory, name), find duplicates; the columns' layout."""
@@ -192,7 +193,7 @@ class Builder:
         self.hidden_warnings = summarise(hidden, lambda rest: f"{rest:,} more files hidden by folders of the same path")
         carried_rows = carried_names = 0
         if self._carried:
-            self._carried.place(new_id, len(self._starts) - 1)
+            self._carried.place(new_id)
             carried_rows, carried_names = self._carried.rows, self._carried.name_bytes
         n_files = int(self._keep.sum()) + carried_rows
         name_bytes = carried_names + int(sum(int(self._lens[self._order[rows]][self._keep[rows]].sum())
@@ -290,22 +291,23 @@ class _Carried:
     """Folders of an earlier tree taken as they are (``Builder.carry``): where they fall in
     the new order, and their rows, names and name ends in chunks, checked as they are read."""
 
-    def __init__(self, tree: Tree, old_dirs: np.ndarray, pre_ids: List[int], stale: List[int],
+    def __init__(self, tree: Tree, old_dirs: np.ndarray, pre_ids: List[int], stale: List[int], archives: int,
                  release: Callable[[], None]) -> None:
         self.tree = tree
         self.old_dirs = old_dirs
         self._pre = np.asarray(pre_ids, np.int64)
-        #: by archive number: whether a carried row may not name it (changed, or not there)
+        #: by archive number: whether a carried row may not name it (changed, or not one of the ``archives``)
         self._refused = np.ones(int(np.iinfo(FILE_DTYPE["archive"]).max) + 1, bool)
+        self._refused[:archives] = False
+        self._refused[stale] = True
         self._release = release
-        self._stale = stale
         self.new_dirs = np.zeros(0, np.int64)
         self._lo = self._hi = self.new_dirs
         self.rows = self.name_bytes = 0
 
-    def place(self, new_id: np.ndarray, archives: int) -> None:
-        """Once the folders are numbered (``new_id``) and the archives counted: the carried
-        folders in the new order, their rows and the bytes of their names."""
+    def place(self, new_id: np.ndarray) -> None:
+        """Once the folders are numbered (``new_id``): the carried folders in the new order,
+        their rows and the bytes of their names."""
         new = new_id[self._pre]
         by_new = np.argsort(new, kind="stable")
         self.new_dirs, self.old_dirs = new[by_new], self.old_dirs[by_new]
@@ -313,8 +315,6 @@ class _Carried:
         self._hi = self.tree.dir_hi[self.old_dirs].astype(np.int64)
         self.rows = int((self._hi - self._lo).sum())
         self.name_bytes = sum(self._names_between(lo, hi) for lo, hi in zip(self._lo.tolist(), self._hi.tolist()))
-        self._refused[:archives] = False
-        self._refused[self._stale] = True
 
     def runs(self, bounds: np.ndarray) -> List[Tuple[int, int]]:
         """Runs first..last of carried folders (by place in ``new_dirs``) whose rows follow

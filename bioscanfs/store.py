@@ -208,15 +208,15 @@ class ColumnWriter:
         self._queued.append(self._thread.submit(job))
 
     def _drain(self, raising: bool = True) -> None:
-        """Wait until every job queued is done; raise the first error unless not ``raising``."""
+        """Wait until every job queued is done, then raise the first error if ``raising``."""
+        error = None
         while self._queued:
-            error = self._queued.popleft().exception()
-            if error is not None and raising:
-                self._drain(False)
-                raise error
+            error = error or self._queued.popleft().exception()
         if self._thread is not None:
             self._thread.shutdown()
             self._thread = None
+        if error is not None and raising:
+            raise error
 
     def _add_crc(self, name: str, data: memoryview) -> None:
         """Fold ``data`` into the CRCs of column ``name``, closing each full block."""
