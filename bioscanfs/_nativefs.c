@@ -107,6 +107,7 @@ typedef struct {
     Py_buffer views[N_BUFFERS];
     const member_t *files;
     uint64_t n_files;
+    uint64_t live_files;        /* rows in some directory's range (an extended tree has others) */
     const char *names;          /* the files' own names end to end, sorted within each directory */
     const uint32_t *name_ends;  /* 32-bit: at most 4 GiB of names (tree.NAMES_MAX) */
     const uint64_t *dir_lo, *dir_hi, *dir_parent, *dir_ends, *archive_sizes;
@@ -756,7 +757,7 @@ static void op_statfs(fuse_req_t req, fuse_ino_t ino)
     memset(&st, 0, sizeof st);
     st.f_bsize = st.f_frsize = s->block_size;
     st.f_blocks = (s->total_bytes + s->block_size - 1) / s->block_size;
-    st.f_files = s->n_files + s->n_dirs;
+    st.f_files = s->live_files + s->n_dirs;
     st.f_namemax = NAME_MAX_BYTES;
     fuse_reply_statfs(req, &st);
 }
@@ -850,19 +851,52 @@ static const char *check_names(const char *blob, uint64_t blob_len, const void *
     return NULL;
 }
 
+static int by_start(const void *a, const void *b)
+{
+    uint64_t x = ((const uint64_t *)a)[0], y = ((const uint64_t *)b)[0];
+    return (x > y) - (x < y);
+}
+
+/* No file row is in two directories' ranges (each range is inside the files already). */
+static const char *check_disjoint(const server_t *s)
+{
+    uint64_t n = 0, *ranges = malloc(2 * sizeof(uint64_t) * s->n_dirs);
+    const char *problem = NULL;
+    if (!ranges)
+        return "out of memory";
+    for (uint64_t d = 0; d < s->n_dirs; d++)
+        if (s->dir_hi[d] > s->dir_lo[d]) {
+            ranges[2 * n] = s->dir_lo[d];
+            ranges[2 * n + 1] = s->dir_hi[d];
+            n++;
+        }
+    qsort(ranges, n, 2 * sizeof(uint64_t), by_start);
+    for (uint64_t i = 1; i < n && !problem; i++)
+        if (ranges[2 * i] < ranges[2 * i - 1])
+            problem = "directory row ranges overlap";
+    free(ranges);
+    return problem;
+}
+
 /* The directory tree: breadth-first (parents before children, parents never decreasing),
- * one contiguous row range per directory, in order; fills sub_lo/sub_hi. */
+ * disjoint row ranges inside the files (rows outside every range are those an extended
+ * tree no longer uses: tree.py); fills sub_lo/sub_hi and live_files. */
 static const char *check_dirs(server_t *s)
 {
     uint64_t n = s->n_dirs;
-    if (s->dir_parent[0] != 0 || s->dir_lo[0] != 0 || s->dir_hi[n - 1] != s->n_files)
-        return "directory tables do not start at the root or do not cover the files";
+    if (s->dir_parent[0] != 0)
+        return "directory tables do not start at the root";
+    s->live_files = 0;
     for (uint64_t d = 0; d < n; d++) {
-        if (s->dir_lo[d] > s->dir_hi[d] || (d && s->dir_lo[d] != s->dir_hi[d - 1]))
-            return "directory row ranges are not contiguous";
+        if (s->dir_lo[d] > s->dir_hi[d] || s->dir_hi[d] > s->n_files)
+            return "a directory's row range is not inside the files";
+        s->live_files += s->dir_hi[d] - s->dir_lo[d];
         if (d && (s->dir_parent[d] >= d || (d > 1 && s->dir_parent[d] < s->dir_parent[d - 1])))
             return "directory parents are not in breadth-first order";
     }
+    const char *problem = check_disjoint(s);
+    if (problem)
+        return problem;
     if (!(s->sub_lo = malloc(sizeof(uint64_t) * n)) || !(s->sub_hi = malloc(sizeof(uint64_t) * n)))
         return "out of memory";
     for (uint64_t d = 0, child = 1; d < n; d++) {   /* children of d: the run whose parent is d */

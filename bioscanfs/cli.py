@@ -305,7 +305,7 @@ def mount(sources, mountpoint, foreground, options, cache_size, log_file, verbos
     fuse_options = mount_options(list(options), mount_helper.source_name(sources))
 
     def announce() -> None:
-        log.info("mounted %d files from %d archives at %s", len(collection.tree.files),
+        log.info("mounted %d files from %d archives at %s", collection.tree.n_files,
                  len(collection.sources), mountpoint)
 
     _tune_heap()
@@ -319,7 +319,7 @@ def mount(sources, mountpoint, foreground, options, cache_size, log_file, verbos
                                    on_ready=lambda: (announce(), ready())),
                verbose, log_file)
     widen_readahead(mountpoint)   # before returning, so that the mount's readahead is set when it is used
-    click.echo(f"mounted {len(collection.tree.files)} files from {len(collection.sources)} archives at {mountpoint}")
+    click.echo(f"mounted {collection.tree.n_files} files from {len(collection.sources)} archives at {mountpoint}")
     click.echo(f"log: {log_file}; unmount with: bioscanfs umount {mountpoint}")
     _leave_now()
 
@@ -469,7 +469,7 @@ def index(sources, index_dir, skip_bad, allow_incomplete, views) -> None:
     if not tree.persisted:
         raise click.ClickException(f"{folder}: the index was not kept there (not written, or not readable "
                                    "once written); every mount will build it again")
-    click.echo(f"indexed {len(tree.files)} files in {tree.n_dirs} folders from {len(kept)} archives "
+    click.echo(f"indexed {tree.n_files} files in {tree.n_dirs} folders from {len(kept)} archives "
                f"in {time.monotonic() - started:.1f} s -> {folder}")
 
 
@@ -542,7 +542,7 @@ def verify(sources, sample, jobs, index_dir, skip_bad, allow_incomplete) -> None
     from .report import verify_members
 
     with _open_checked(sources, index_dir, skip_bad, allow_incomplete) as collection:
-        total = len(collection.tree.files)
+        total = collection.tree.n_files
         with click.progressbar(length=min(sample or total, total), label="verifying", file=sys.stderr,
                                show_eta=True, show_percent=True, show_pos=True) as bar:
             bad, checked = verify_members(collection, sample, jobs, on_done=bar.update)

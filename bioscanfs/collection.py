@@ -97,7 +97,7 @@ class Collection:
 
     def encrypted_members(self) -> int:
         self.tree.verify_all()   # reads every row
-        return int(np.count_nonzero(self.tree.files["flags"] & FLAG_ENCRYPTED))
+        return int(np.count_nonzero(self.tree.files["flags"][self.tree.shown()] & FLAG_ENCRYPTED))
 
     # -- lookups -----------------------------------------------------------------------
     def node(self, path: Union[str, bytes]) -> int:

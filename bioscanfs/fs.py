@@ -91,7 +91,7 @@ class BioscanFS(mfusepy.Operations):
         total = tree.total_bytes
         return {
             "f_bsize": BLOCK_SIZE, "f_frsize": BLOCK_SIZE, "f_blocks": -(-total // BLOCK_SIZE),
-            "f_bfree": 0, "f_bavail": 0, "f_files": len(tree.files) + tree.n_dirs,
+            "f_bfree": 0, "f_bavail": 0, "f_files": tree.n_files + tree.n_dirs,
             "f_ffree": 0, "f_favail": 0, "f_namemax": NAME_MAX,
         }
 

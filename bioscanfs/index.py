@@ -38,14 +38,14 @@ from .forked import fork_with_pipe
 from .layout import METADATA_CSV, METADATA_ZIP
 from .reader import Reader
 from .sources import FileSource
-from .tree import LAZY_COLUMNS, UNIT_ROWS, Tree, check_archive_count
+from .tree import LAZY_COLUMNS, ROW_COLUMNS, UNIT_ROWS, Tree, check_archive_count
 
 if TYPE_CHECKING:
     from .merge import Archive, Builder
 
 log = logging.getLogger(__name__)
 
-INDEX_VERSION = 5
+INDEX_VERSION = 6
 #: Archives parsed and reduced for the merge (``merge.reduce``) ahead of it, in threads:
 #: each in flight holds up to ~0.45 GB (a 2.34 M-member archive's directory and member
 #: table) and sorts on every core, so two keep two cores busy and more would add memory,
@@ -123,13 +123,15 @@ def load_tree(sources: Sequence[FileSource], index_dir: Optional[str],
         if mapped is not None:
             return mapped   # else not saved (a full folder): built here, kept in memory
     if not views:
-        return _images(sources, index_dir, path, tree_key, on_archive, skip_bad, allow_incomplete)
+        return _images(sources, index_dir, path, tree_key, on_archive, skip_bad, allow_incomplete, extend=True)
     images_key = _tree_key(sources, skip_bad, allow_incomplete, ())
     images_path = path and _tree_path(index_dir, sources, images_key, skip_bad, allow_incomplete)
     images = _reused(images_path, images_key, sources) if images_path else None
     built = images is None
     if images is None:
-        images = _images(sources, index_dir, images_path, images_key, on_archive, skip_bad, allow_incomplete)
+        # Not extended: the views are built from whole columns, and this tree is removed then.
+        images = _images(sources, index_dir, images_path, images_key, on_archive, skip_bad, allow_incomplete,
+                         extend=False)
     tree = _with_views(images[0], images[1], views, index_dir, path, tree_key)
     if built and images_path and tree is not images[0]:
         try:   # the views' tree holds all of it; an earlier tree for re-indexing is found among those
@@ -192,9 +194,11 @@ def _build_in_child(build: Callable[[Progress], Any], write_end: int) -> int:
 
 
 def _images(sources: Sequence[FileSource], index_dir: Optional[str], path: Optional[str], key: Any,
-            on_archive: Optional[Progress], skip_bad: bool, allow_incomplete: bool) -> Tuple[Tree, List[FileSource]]:
+            on_archive: Optional[Progress], skip_bad: bool, allow_incomplete: bool,
+            extend: bool) -> Tuple[Tree, List[FileSource]]:
+    """The image tree, built (from an earlier one where it can: ``extend`` it or not)."""
     return _build(sources, index_dir, path, key, on_archive, skip_bad, allow_incomplete,
-                  _earlier_tree(path, key, sources) if path else None)
+                  _earlier_tree(path, key, sources, extend) if path else None)
 
 
 def _archive_sizes(arrays: Dict[str, Any], sizes: Sequence[int]) -> List[int]:
@@ -275,9 +279,9 @@ def _rekeyed(path: str, key: Any, sources: Sequence[FileSource]) -> Optional[Tup
     """The newest earlier tree of this slot saved again at ``path`` under ``key``, when it
     was built from these very archives with the same options, every archive was kept, and
     each whose identity (size, mtime, inode) changed since has the same directory digest:
-    touched, copied back or downloaded again. It is checked whole first (as a re-index
-    checks the tree it takes rows from: a damaged one is not copied), then its columns and
-    CRCs are copied as they are; no archive is parsed. Where it cannot be saved (a shared
+    touched, copied back or downloaded again. Its header is saved again under the new key,
+    naming the same column files with the same CRCs (its bulk is checked on first use, as
+    it would have been there); no archive is parsed. Where it cannot be saved (a shared
     read-only index), the earlier file is mapped as it is. None otherwise."""
     earlier = _newest_earlier(path)
     if earlier is None:
@@ -291,7 +295,7 @@ def _rekeyed(path: str, key: Any, sources: Sequence[FileSource]) -> Optional[Tup
             return None
     except (KeyError, IndexError, TypeError, ValueError, ArchiveError, OSError):
         return None
-    if store.load(old_path, old_key) is None:
+    if store.load(old_path, old_key, lazy=LAZY_COLUMNS) is None:
         return None
     log.info("archives touched or copied again since the last index, with the same directories: "
              "it is used again, nothing is parsed")
@@ -328,16 +332,19 @@ class _Earlier(NamedTuple):
     #: per archive, runs of the folders holding its files (merge.ARCHIVE_FOLDERS), when the
     #: archives are numbered there as they are now; else None
     folders: Optional[List[List[int]]]
+    sizes: List[int]                #: each archive's size there
+    extend: bool                    #: whether a re-index may extend it (``_extending``)
 
 
 def _identity(src: FileSource) -> str:
     return json.dumps(src.identity)
 
 
-def _earlier_tree(path: str, key: Any, sources: Sequence[FileSource]) -> Optional[_Earlier]:
+def _earlier_tree(path: str, key: Any, sources: Sequence[FileSource], extend: bool) -> Optional[_Earlier]:
     """The newest tree of the same slot (archive paths and options) built before, when some
     of its archives are unchanged and it lost none of their files (see ``_lost_nothing``):
-    then only the others are parsed again. None otherwise, or when it is damaged."""
+    then only the others are parsed again, and it may be extended when ``extend``. None
+    otherwise, or when it is damaged."""
     from .merge import ARCHIVE_FOLDERS
 
     earlier = _newest_earlier(path)
@@ -366,7 +373,9 @@ def _earlier_tree(path: str, key: Any, sources: Sequence[FileSource]) -> Optiona
             digests = [None] * len(identities)   # built before digests were kept, or damaged
         numbered = extra["kept"] == [src.name for src in sources] and "links" not in arrays
         folders = _folder_runs(extra.get(ARCHIVE_FOLDERS), len(identities), tree.n_dirs) if numbered else None
-        return _Earlier(tree, archive_of, extra["archive_warnings"], digests, folders) if archive_of else None
+        sizes = [sum(int(piece[1]) for piece in identity) for identity in extra["identities"]]
+        return _Earlier(tree, archive_of, extra["archive_warnings"], digests, folders, sizes,
+                        extend) if archive_of else None
     except (KeyError, ValueError, IndexError, TypeError):  # BadTables is a ValueError
         return None
 
@@ -431,25 +440,34 @@ def _build_once(sources: Sequence[FileSource], index_dir: Optional[str], path: O
                       "unit_rows": UNIT_ROWS}
         names = extra_kept["kept"]
         return _save(index_dir, path, key, layout, lambda out: dict(builder.write(out), **extra_kept), names,
-                     [s.size for s in kept]), kept
+                     [s.size for s in kept], builder.extension), kept
     finally:
         spill.close()
+        if builder.extension is not None:
+            builder.extension.close()   # its locks, when the build failed before the writer had it
 
 
 def _save(index_dir: Optional[str], path: Optional[str], key: Any, layout: Dict[str, Any],
-          write: Callable[[Any], Dict[str, Any]], archives: List[str], sizes: List[int]) -> Tree:
+          write: Callable[[Any], Dict[str, Any]], archives: List[str], sizes: List[int],
+          extension: Any = None) -> Tree:
     """The tree that ``write`` streams into a ``store.ColumnWriter`` of ``layout`` (and
-    returns the extras of), saved at ``path`` and mapped back, or kept in memory when it
-    cannot be saved there (with a warning) or there is no index folder. ``sizes``: of
-    every archive its rows name."""
+    returns the extras of), saved at ``path`` (its ROW_COLUMNS in files of their own, or
+    appended to those of ``extension``) and mapped back, or kept in memory when it cannot
+    be saved there (with a warning) or there is no index folder. ``sizes``: of every
+    archive its rows name. An extension that cannot be saved raises CarryFailed: the
+    caller builds the tree whole."""
+    from .merge import CarryFailed
+
     if path:
         writer = None
         try:
-            writer = store.ColumnWriter(path, layout)
+            writer = store.ColumnWriter(path, layout, apart=ROW_COLUMNS, extension=extension)
             writer.commit(key, write(writer))
         except OSError as err:
             if writer is not None:
                 writer.abort()
+            if extension is not None:
+                raise CarryFailed(f"it cannot be extended ({err.strerror or err})") from err
             if _MUST_SAVE:
                 raise _Unsaved() from err
             log.warning("cannot write the index to %s (%s); keeping it in memory", index_dir, err.strerror or err)
@@ -533,7 +551,8 @@ def _add_all(builder: Builder, sources: Sequence[FileSource], on_archive: Option
         if carried is not None:
             return carried
         earlier.tree.verify_all()   # every row is read below
-    archives = np.array(earlier.tree.files["archive"]) if earlier else None   # copied once, not scanned per archive
+    # Copied once, not scanned per archive; rows that no folder shows name no archive.
+    archives = np.where(earlier.tree.shown(), earlier.tree.files["archive"], -1) if earlier else None
     for done, (src, result) in enumerate(_parsed([s for s in sources if _identity(s) not in reuse], sources), 1):
         if result is None and earlier is not None:  # unchanged
             archive = reuse[_identity(src)]
@@ -587,7 +606,10 @@ def _add_carrying(builder: Builder, sources: Sequence[FileSource], on_archive: O
         tree.rows_ready(lo, hi)
     rows = np.concatenate([np.arange(lo, hi) for lo, hi in ranges] or [np.zeros(0, np.int64)])
     archive_of_row = tree.files["archive"][rows]
-    log.info("%d of %d folders are taken as they are, the others merged again", int((~touched).sum()), tree.n_dirs)
+    shown_after = tree.n_files - int(np.isin(archive_of_row, changed).sum()) + sum(p.members for p in parsed.values())
+    extending = _extending(earlier, sources, changed, rows, shown_after)
+    log.info("%d of %d folders are taken as they are, the others merged again%s", int((~touched).sum()),
+             tree.n_dirs, " and appended to the index" if extending else "")
     for done, src in enumerate(sources, 1):
         i = done - 1
         if i in parsed:
@@ -599,8 +621,35 @@ def _add_carrying(builder: Builder, sources: Sequence[FileSource], on_archive: O
             members = len(taken)
         if on_archive:
             on_archive(src.name, members, done, len(sources))
-    builder.carry(tree, np.flatnonzero(~touched), changed, lambda: store.release_pages(tree.arrays))
+    builder.carry(tree, np.flatnonzero(~touched), changed, lambda: store.release_pages(tree.arrays), extending)
     return list(sources)
+
+
+#: An extended tree's rows that no folder shows (the earlier rows of the folders merged
+#: again) stay at most this share of the rows it shows; past it, the tree is written whole.
+#: So the index is at most 1.5 times as large as one built whole (docs/scale.md).
+UNUSED_ROWS_MAX = 0.5
+
+
+def _extending(earlier: _Earlier, sources: Sequence[FileSource], changed: List[int], merged: np.ndarray,
+               shown_after: int) -> Optional[Any]:
+    """A ``merge.Extending`` of ``earlier`` for a re-index that merges its rows ``merged``
+    again, to show about ``shown_after`` files, or None when the tree is to be written whole:
+    ``earlier`` may not be extended or is not saved in column files, another build holds
+    them, a changed archive shrank (the rows left unused must stay inside their archive,
+    as every row is checked), or too many rows would be left unused."""
+    from .merge import Extending, sum_sizes
+
+    tree = earlier.tree
+    if not earlier.extend or tree.blocks is None or earlier.folders is None or \
+            any(sources[i].size < earlier.sizes[i] for i in changed):
+        return None
+    unused = len(tree.files) - tree.n_files + len(merged)
+    if unused > UNUSED_ROWS_MAX * shown_after:
+        return None
+    carried_bytes = tree.total_bytes - sum_sizes(tree.files["size"][merged])
+    extension = store.extension(tree.blocks, ROW_COLUMNS) if carried_bytes >= 0 else None
+    return Extending(extension, carried_bytes, earlier.folders) if extension else None
 
 
 def _touched_dirs(tree: Tree, old_folders: List[List[int]], parsed: Iterable[Archive]) -> np.ndarray:

@@ -153,9 +153,13 @@ class Builder:
         self._lengths.append((ends - begins).astype(np.uint16))
         self._starts.append(self._starts[-1] + len(rows))
 
-    def carry(self, tree: Tree, dirs: np.ndarray, stale: List[int], release: Callable[[], None]) -> None:
+    def carry(self, tree: Tree, dirs: np.ndarray, stale: List[int], release: Callable[[], None],
+              extending: Optional["Extending"] = None) -> None:
         """Take the folders ``dirs`` (ids) of an earlier tree as they are: their rows, names
-        and name ends are copied into the new columns by ``write``, never spilled or sorted.
+        and name ends are copied into the new columns by ``write``, never spilled or sorted;
+        or, ``extending`` that tree, not written at all: the new tree's row columns are the
+        earlier tree's with the merged rows appended (``store.Extension``), and the carried
+        folders keep their row ranges there.
 
         For a re-index where only the archives ``stale`` changed (``index``): the caller has
         made sure that no file of those is in these folders, in the earlier tree or now, that
@@ -166,7 +170,12 @@ class Builder:
         """
         self._carried = _Carried(tree, np.asarray(dirs, np.int64),
                                  [self._dirs.add(tree.dir_path(int(d))) for d in dirs], stale,
-                                 len(self._starts) - 1, release)
+                                 len(self._starts) - 1, release, extending)
+
+    @property
+    def extension(self) -> Any:
+        """The ``store.Extension`` that ``write``'s writer must be given, or None."""
+        return self._carried.extending.extension if self._carried and self._carried.extending else None
 
     def merge(self) -> Dict[str, Tuple[np.dtype, int]]:
         """Sort every row by (directory, name), find duplicates; the columns' layout."""
@@ -191,13 +200,15 @@ class Builder:
         hidden = _hide_files_that_are_dirs(self._dirs, self._bounds, self._name_at, self._keep)
         self.hidden = len(hidden)
         self.hidden_warnings = summarise(hidden, lambda rest: f"{rest:,} more files hidden by folders of the same path")
-        carried_rows = carried_names = 0
+        before_rows = before_names = 0
         if self._carried:
             self._carried.place(new_id)
-            carried_rows, carried_names = self._carried.rows, self._carried.name_bytes
-        n_files = int(self._keep.sum()) + carried_rows
-        name_bytes = carried_names + int(sum(int(self._lens[self._order[rows]][self._keep[rows]].sum())
-                                             for rows in _slices(len(self._order))))
+            before_rows, before_names = self._carried.rows_before, self._carried.names_before
+        n_files = int(self._keep.sum()) + before_rows
+        name_bytes = before_names + int(sum(int(self._lens[self._order[rows]][self._keep[rows]].sum())
+                                            for rows in _slices(len(self._order))))
+        if name_bytes > NAMES_MAX and self.extension is not None:
+            raise CarryFailed("the names of the tree extended would be over what a tree holds")
         if name_bytes > NAMES_MAX:
             raise SourceError(f"{n_files:,} files: their names take {name_bytes:,} bytes, a mount holds at most "
                               f"{NAMES_MAX:,} (mount fewer archives together)")
@@ -214,11 +225,13 @@ class Builder:
         counts = np.zeros(n_dirs, dtype=np.int64)
         mtime = np.full(n_dirs, np.iinfo(np.int64).min, dtype=np.int64)
         folders = _ArchiveFolders(n_dirs, len(self._starts) - 1)
-        total, name_end = 0, 0
+        extending = self._carried.extending if self._carried else None
+        first_row, name_end = (self._carried.rows_before, self._carried.names_before) if extending else (0, 0)
+        total = 0
         for files, dirs, names, ends, written in self._chunks():
             counts += np.bincount(dirs, minlength=n_dirs)
             _newest(mtime, dirs, files["mtime"])
-            total += _total(files["size"])
+            total += sum_sizes(files["size"])
             folders.add(dirs, files["archive"])
             out.write("files", files)
             out.write("names", names)
@@ -226,9 +239,11 @@ class Builder:
             name_end += len(names)
             if written:
                 out.then(written)
-        dir_hi = np.cumsum(counts).astype(np.uint64)
-        columns = dict({"dir_lo": dir_hi - counts.astype(np.uint64), "dir_hi": dir_hi,
-                        "dir_mtime": _dir_mtimes(mtime, self._dirs.parent)},
+        dir_hi = (first_row + np.cumsum(counts)).astype(np.uint64)
+        dir_lo = dir_hi - counts.astype(np.uint64)
+        if extending:
+            total += self._carried.keep_ranges(dir_lo, dir_hi, mtime, folders)
+        columns = dict({"dir_lo": dir_lo, "dir_hi": dir_hi, "dir_mtime": _dir_mtimes(mtime, self._dirs.parent)},
                        **self._dirs.arrays(), **self._conflicts.arrays())
         for name, array in columns.items():
             out.write(name, array)
@@ -240,7 +255,7 @@ class Builder:
         """The rows in the tree's order, in chunks: the merged rows, and the carried
         folders' rows where those folders fall."""
         carried, at = self._carried, 0
-        for first, last in (carried.runs(self._bounds) if carried else ()):
+        for first, last in (carried.runs(self._bounds) if carried and not carried.extending else ()):
             until = int(self._bounds[carried.new_dirs[first]])
             yield from self._merged(at, until)
             yield from carried.chunks(first, last)
@@ -287,13 +302,24 @@ class CarryFailed(ValueError):
     not there. The tree is then built afresh."""
 
 
+class Extending(NamedTuple):
+    """What ``Builder.carry`` needs to extend an earlier tree rather than copy from it."""
+
+    extension: Any               #: ``store.Extension`` of the earlier tree's row columns (tree.ROW_COLUMNS)
+    carried_bytes: int           #: the sizes of the files in the carried folders, summed
+    folders: List[List[int]]     #: the earlier tree's ARCHIVE_FOLDERS (runs of folder ids per archive)
+
+
 class _Carried:
     """Folders of an earlier tree taken as they are (``Builder.carry``): where they fall in
-    the new order, and their rows, names and name ends in chunks, checked as they are read."""
+    the new order, and their rows, names and name ends in chunks, checked as they are read;
+    or, when ``extending``, their row ranges in the earlier tree's columns, which the new
+    tree extends."""
 
     def __init__(self, tree: Tree, old_dirs: np.ndarray, pre_ids: List[int], stale: List[int], archives: int,
-                 release: Callable[[], None]) -> None:
+                 release: Callable[[], None], extending: Optional[Extending] = None) -> None:
         self.tree = tree
+        self.extending = extending
         self.old_dirs = old_dirs
         self._pre = np.asarray(pre_ids, np.int64)
         #: by archive number: whether a carried row may not name it (changed, or not one of the ``archives``)
@@ -303,18 +329,38 @@ class _Carried:
         self._release = release
         self.new_dirs = np.zeros(0, np.int64)
         self._lo = self._hi = self.new_dirs
-        self.rows = self.name_bytes = 0
+        #: rows and bytes of names in the new columns before the merged ones: the carried
+        #: folders' (copied), or all of the earlier tree's (extended)
+        self.rows_before = self.names_before = 0
 
     def place(self, new_id: np.ndarray) -> None:
         """Once the folders are numbered (``new_id``): the carried folders in the new order,
-        their rows and the bytes of their names."""
+        and the rows and bytes of names before the merged ones."""
         new = new_id[self._pre]
         by_new = np.argsort(new, kind="stable")
         self.new_dirs, self.old_dirs = new[by_new], self.old_dirs[by_new]
         self._lo = self.tree.dir_lo[self.old_dirs].astype(np.int64)
         self._hi = self.tree.dir_hi[self.old_dirs].astype(np.int64)
-        self.rows = int((self._hi - self._lo).sum())
-        self.name_bytes = sum(self._names_between(lo, hi) for lo, hi in zip(self._lo.tolist(), self._hi.tolist()))
+        if self.extending:
+            self.rows_before, self.names_before = len(self.tree.files), len(self.tree.names)
+            return
+        self.rows_before = int((self._hi - self._lo).sum())
+        self.names_before = sum(self._names_between(lo, hi) for lo, hi in zip(self._lo.tolist(), self._hi.tolist()))
+
+    def keep_ranges(self, dir_lo: np.ndarray, dir_hi: np.ndarray, mtime: np.ndarray,
+                    folders: "_ArchiveFolders") -> int:
+        """Extending: the carried folders' row ranges, mtimes (their subtrees are carried
+        whole) and archives' folders as in the earlier tree; returns their files' bytes."""
+        dir_lo[self.new_dirs], dir_hi[self.new_dirs] = self._lo, self._hi
+        mtime[self.new_dirs] = self.tree.dir_mtime[self.old_dirs]
+        new_of = np.full(self.tree.n_dirs, -1, np.int64)
+        new_of[self.old_dirs] = self.new_dirs
+        for archive, edges in enumerate(self.extending.folders):
+            held = new_of[np.concatenate([np.arange(a, b) for a, b in zip(edges[::2], edges[1::2])] or [[]])
+                          .astype(np.int64)]
+            held = held[held >= 0]
+            folders.add(held, np.full(len(held), archive))
+        return self.extending.carried_bytes
 
     def runs(self, bounds: np.ndarray) -> List[Tuple[int, int]]:
         """Runs first..last of carried folders (by place in ``new_dirs``) whose rows follow
@@ -622,7 +668,7 @@ def _dir_mtimes(mtime: np.ndarray, parent: List[int]) -> np.ndarray:
     return mtime
 
 
-def _total(sizes: np.ndarray) -> int:
+def sum_sizes(sizes: np.ndarray) -> int:
     """The exact sum of unsigned 64-bit sizes (numpy's would wrap): high and low halves
     summed apart, each far from overflowing."""
     return (int((sizes >> np.uint64(32)).sum()) << 32) + int((sizes & np.uint64(0xFFFFFFFF)).sum())

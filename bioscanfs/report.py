@@ -35,8 +35,8 @@ def describe(collection: Collection) -> Dict[str, Any]:
     files = tree.files
     lo, hi = tree.dir_lo.astype(np.int64), tree.dir_hi.astype(np.int64)
     # The archives' members only: the views' classes.txt files (rows of the in-memory zip
-    # numbered after the archives) are not in any archive.
-    real = files["archive"] < len(collection.sources)
+    # numbered after the archives) are not in any archive; nor are the rows no folder shows.
+    real = (files["archive"] < len(collection.sources)) & tree.shown()
     cumulative = np.concatenate(([0], np.cumsum(np.where(real, files["size"], 0), dtype=np.int64)))
     counted = np.concatenate(([0], np.cumsum(real, dtype=np.int64)))
     packages: Dict[str, Dict[str, Any]] = {}
@@ -49,8 +49,10 @@ def describe(collection: Collection) -> Dict[str, Any]:
         split_entry = entry["splits"].setdefault(split or "-", {"members": 0, "bytes": 0})
         split_entry["members"] += count
         split_entry["bytes"] += int(cumulative[hi[dir_id]] - cumulative[lo[dir_id]])
-    per_archive = np.bincount(files["archive"], minlength=len(collection.sources))
-    pairs, pair_counts = np.unique(files["archive"].astype(np.int64) * 65536 + files["method"], return_counts=True)
+    shown = tree.shown()
+    archive = files["archive"][shown]
+    per_archive = np.bincount(archive, minlength=len(collection.sources))
+    pairs, pair_counts = np.unique(archive.astype(np.int64) * 65536 + files["method"][shown], return_counts=True)
     for archive_id, spec in enumerate(collection.specs):
         methods = {METHOD_NAMES.get(int(p % 65536), f"method {int(p % 65536)}"): int(n)
                    for p, n in zip(pairs, pair_counts) if p // 65536 == archive_id}
@@ -100,7 +102,7 @@ def verify_members(collection: Collection, sample: Optional[int], jobs: int,
     """
     tree = collection.tree
     # Members of the archives: not the views' classes.txt rows, which no archive holds.
-    rows = np.flatnonzero(tree.files["archive"] < len(collection.sources)).tolist()
+    rows = np.flatnonzero((tree.files["archive"] < len(collection.sources)) & tree.shown()).tolist()
     if sample is not None and sample < len(rows):
         rows = sorted(random.sample(rows, sample))
     bad: List[str] = []

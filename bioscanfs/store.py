@@ -3,9 +3,9 @@
 Owns the on-disk container of the index, the files' names, which folders and files are
 trusted, and when old files go; knows nothing of what the arrays mean.
 
-- **Whole or absent.** A file is only used when its magic, header and key match, every
-  array lies inside it and the CRC-32 of each CRC_BLOCK bytes of each array is the one
-  saved; anything else (short, flipped bits, foreign, older version, another archive)
+- **Whole or absent.** A file is only used when its magic, header (under a CRC-32 of
+  its own) and key match, every array lies inside it and the CRC-32 of each CRC_BLOCK
+  bytes of each array is the one saved; anything else (short, flipped bits, foreign, older version, another archive)
   reads as absent, so the caller rebuilds. Columns the caller names ``lazy`` are checked
   block by block on first use instead (``Blocks``): a mount then reads only the index
   pages its requests need, and one that finds a bad block removes the file (``discard``).
@@ -18,12 +18,17 @@ trusted, and when old files go; knows nothing of what the arrays mean.
   others, except a folder with the sticky bit (others may add files there, not replace ours).
 - **Named by slot and key**, ``SLOT-KEY.suffix``: the slot is what a file is for (an
   archive's paths), the key the state it was built from (sizes, mtimes, index version).
+- **Columns apart.** The columns a caller names ``apart`` live in files of their own
+  (``SLOT-TOKEN.NAME.col``), which the tree file's header names. A later tree may extend
+  them (``Extension``): it appends to them and names the same files, so a re-index writes
+  only what it adds, and the bytes an earlier tree maps never change under it.
 - **Tidied.** ``tidy`` removes this user's files that no mount will use again:
   temporaries older than GRACE (left by a killed build), files of a slot in use whose key
   is superseded once they are older than GRACE, and any index file unused for UNUSED.
-  Files in use are touched once a day, so their mtime says when they were last used. The
-  grace spares a mount that is writing or about to map a file; one that has mapped it
-  keeps its mapping after the unlink (Linux).
+  Files in use are touched once a day, so their mtime says when they were last used. A
+  column file goes once no tree file names it, after GRACE. The grace spares a mount
+  that is writing or about to map a file; one that has mapped it keeps its mapping after
+  the unlink (Linux).
 
 Not supported: ACLs and extended permissions are not inspected; the checks read owner
 and mode bits only.
@@ -32,26 +37,28 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import functools
 import hashlib
 import json
 import mmap
 import os
+import secrets
 import stat
 import tempfile
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Deque, Dict, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 import numpy as np
 from zlib_ng.zlib_ng import crc32
 
 from .errors import UntrustedIndexError
 
-MAGIC = b"BSFSIDX\x05"
+MAGIC = b"BSFSIDX\x06"
 _ALIGN = 64
-#: The columns start here, after MAGIC, the header's offset and its length; the header follows them.
+#: The columns start here, after MAGIC, the header's offset, its length and its CRC-32; the header follows them.
 _DATA_START = 64
 _MAX_HEADER = 1 << 24
 _CHECK_BLOCK = 8 << 20
@@ -66,6 +73,8 @@ _WRITES_BEHIND = 2
 #: CRC blocks a header may declare: powers of two from 64 bytes (tests) to 1 GiB.
 _CRC_BLOCK_RANGE = (6, 30)
 SUFFIXES = (".tree",)
+#: Suffix of a column saved in a file of its own (``ColumnWriter``'s ``apart``).
+COLUMN_SUFFIX = ".col"
 #: Suffixes of files that older versions wrote and this one never reads: removed after GRACE.
 RETIRED_SUFFIXES = (".members",)
 _TEMP_PREFIX = ".tmp-"
@@ -146,6 +155,9 @@ class ColumnWriter:
     go straight into a temporary file beside it, which ``commit`` names ``path`` (whole or
     not at all); without one, into arrays in memory. A CRC-32 is kept for each ``block``
     bytes of each column, so ``load`` and ``Blocks`` can check any part of a column alone.
+    The columns named in ``apart`` go to files of their own (see the module's docstring),
+    or are appended to those of an earlier tree (``extension``: they are then filled from
+    its length on, and ``abort`` cuts them back).
 
     Chunks are written by a thread of the writer's own, up to _WRITES_BEHIND behind
     ``write`` (which folds the CRCs at once): the caller gathers the next chunk while the
@@ -153,28 +165,58 @@ class ColumnWriter:
     must not change once handed over; ``then`` runs a function once it is written.
     """
 
-    def __init__(self, path: Optional[str], layout: Dict[str, Tuple[np.dtype, int]], block: int = CRC_BLOCK) -> None:
+    def __init__(self, path: Optional[str], layout: Dict[str, Tuple[np.dtype, int]], block: int = CRC_BLOCK,
+                 apart: Iterable[str] = (), extension: Optional["Extension"] = None) -> None:
         self.path = path
         self.layout = {name: (np.dtype(dtype), int(count)) for name, (dtype, count) in layout.items()}
-        self.block = block
+        self.block = extension.block if extension else block
         self._crcs: Dict[str, List[int]] = {name: [] for name in layout}
         self._crc = {name: 0 for name in layout}       # of the block being filled
         self._in_block = {name: 0 for name in layout}  # its bytes so far
         self._filled = {name: 0 for name in layout}
         self._offsets: Dict[str, int] = {}
         self._fd = -1
+        self._tmp: Optional[str] = None
+        self._fds: Dict[str, int] = {}                 # the file each column is written to
+        self._made: List[Tuple[str, str]] = []         # (temporary, final name) of each new column file
+        self._files: Dict[str, str] = {}               # the final file of each column apart
+        self._extension = extension
         self._queued: Deque[Future] = deque()
         self._thread: Optional[ThreadPoolExecutor] = None
         self.arrays: Dict[str, np.ndarray] = {}
         if path is None:
             self.arrays = {name: np.empty(count, dtype) for name, (dtype, count) in self.layout.items()}
             return
+        apart = set(apart) & set(self.layout)
         offset = _DATA_START
         for name, (dtype, count) in self.layout.items():
-            self._offsets[name] = offset = -(-offset // _ALIGN) * _ALIGN
-            offset += dtype.itemsize * count
+            if name not in apart:
+                self._offsets[name] = offset = -(-offset // _ALIGN) * _ALIGN
+                offset += dtype.itemsize * count
         self._end = offset
-        self._fd, self._tmp = _temporary_beside(path)
+        try:
+            self._fd, self._tmp = _temporary_beside(path)
+            for name in sorted(apart):
+                self._offsets[name] = 0
+                if extension is not None and name in extension.columns:
+                    self._fds[name] = self._continue(name, extension.columns[name])
+                    self._files[name] = extension.columns[name].path
+                else:
+                    self._fds[name], tmp = _temporary_beside(path)
+                    self._files[name] = column_path(path, name)
+                    self._made.append((tmp, self._files[name]))
+        except BaseException:
+            self.abort()
+            raise
+
+    def _continue(self, name: str, column: "_Continued") -> int:
+        """Fill column ``name`` on from the end of an earlier tree's file of it."""
+        if column.count > self.layout[name][1]:
+            raise ValueError(f"{name}: {column.count:,} elements there already, {self.layout[name][1]:,} declared")
+        self._filled[name] = column.count
+        self._crcs[name] = list(column.crcs)
+        self._crc[name], self._in_block[name] = column.crc, column.in_block
+        return column.fd
 
     def write(self, name: str, chunk: np.ndarray) -> None:
         """Append ``chunk`` to column ``name``."""
@@ -186,14 +228,15 @@ class ColumnWriter:
         self._filled[name] = at + len(chunk)
         data = memoryview(chunk.view(np.uint8)).cast("B")
         self._add_crc(name, data)
-        if self._fd < 0:
+        if self.path is None:
             self.arrays[name][at:at + len(chunk)] = chunk
             return
-        self._queue(functools.partial(_pwrite_all, self._fd, data, self._offsets[name] + at * dtype.itemsize))
+        fd = self._fds.get(name, self._fd)
+        self._queue(functools.partial(_pwrite_all, fd, data, self._offsets[name] + at * dtype.itemsize))
 
     def then(self, job: Callable[[], Any]) -> None:
         """Run ``job`` once every chunk handed to ``write`` so far is written (at once in memory)."""
-        if self._fd < 0:
+        if self.path is None:
             job()
         else:
             self._queue(job)
@@ -231,9 +274,9 @@ class ColumnWriter:
 
     def commit(self, key: Any, extra: Any = None) -> Dict[str, Any]:
         """Finish: every column must be full. Returns the arrays, ``"__extra__"`` and
-        ``"__blocks__"`` (their CRCs) when in memory; with a path, writes the header after
-        the columns and renames the file into place ({} is returned: ``load`` maps it).
-        Raises OSError as ``save`` does."""
+        ``"__blocks__"`` (their CRCs) when in memory; with a path, names the column files,
+        writes the header after the columns and renames the file into place ({} is
+        returned: ``load`` maps it). Raises OSError as ``save`` does."""
         short = [name for name, (_, count) in self.layout.items() if self._filled[name] != count]
         if short:
             self.abort()
@@ -242,13 +285,18 @@ class ColumnWriter:
             if part:
                 self._crcs[name].append(self._crc[name])
                 self._crc[name], self._in_block[name] = 0, 0
-        if self._fd < 0:
+        if self.path is None:
             crcs = {name: np.array(values, np.uint32) for name, values in self._crcs.items()}
             return dict(self.arrays, __extra__=extra, __blocks__=Blocks(self.arrays, crcs, self.block))
         try:
             self._drain()
-            layout = {name: [_dtype_to_json(dtype), [count], self._offsets[name]]
-                      for name, (dtype, count) in self.layout.items()}
+            for at, (tmp, final) in enumerate(self._made):
+                os.replace(tmp, final)
+                self._made[at] = (final, final)   # removed by abort from now on
+            layout = {name: [_dtype_to_json(dtype), [count], self._offsets[name]] for name, (dtype, count)
+                      in self.layout.items()}
+            for name, file in self._files.items():
+                layout[name].append(os.path.basename(file))
             _write_header(self._fd, self._end, {"key": key, "arrays": layout, "extra": extra,
                                                 "crc_block": self.block, "crc32": self._crcs}, str(self.path))
             os.close(self._fd)
@@ -257,19 +305,111 @@ class ColumnWriter:
         except BaseException:
             self.abort()
             raise
+        self._close_columns()
         return {}
 
     def abort(self) -> None:
-        """Drop what was written (no temporary file is left behind)."""
+        """Drop what was written (no temporary or new column file is left behind, and a
+        column file that was extended is cut back to what it held)."""
         self._drain(False)
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        if self.path is not None:
-            try:
-                os.unlink(self._tmp)
-            except OSError:
-                pass
+        for path in [self._tmp] + [made for made, _ in self._made]:
+            if path is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+        self._made = []
+        if self._extension is not None:
+            self._extension.cut_back()
+        self._close_columns()
+
+    def _close_columns(self) -> None:
+        for name, fd in self._fds.items():
+            if self._extension is None or name not in self._extension.columns:
+                os.close(fd)
+        self._fds = {}
+        if self._extension is not None:
+            self._extension.close()
+
+
+def column_path(path: str, name: str) -> str:
+    """A new file for column ``name`` of the tree file ``path``: of its slot, never used before."""
+    folder, base = os.path.split(path)
+    return os.path.join(folder, f"{_slot_of(base)[0]}-{secrets.token_hex(8)}.{name}{COLUMN_SUFFIX}")
+
+
+class _Continued(NamedTuple):
+    """An earlier tree's column file, locked, that a ColumnWriter appends to."""
+
+    path: str
+    fd: int
+    size: int           #: bytes the earlier tree has in it (the file holds nothing after them)
+    count: int          #: elements in those bytes
+    crcs: List[int]     #: their full blocks' CRCs
+    crc: int            #: the CRC of the last, partial block so far
+    in_block: int       #: its bytes
+
+
+class Extension:
+    """Column files of a saved tree that a new tree may extend (``extension``): each is
+    locked (flock) until ``close``, so that no other build appends to it meanwhile."""
+
+    def __init__(self, columns: Dict[str, _Continued], block: int) -> None:
+        self.columns = columns
+        self.block = block
+
+    def cut_back(self) -> None:
+        """Cut each file back to what the earlier tree holds (a build that failed)."""
+        for column in self.columns.values():
+            with contextlib.suppress(OSError):
+                os.ftruncate(column.fd, column.size)
+
+    def close(self) -> None:
+        for column in self.columns.values():
+            with contextlib.suppress(OSError):
+                os.close(column.fd)
+        self.columns = {}
+
+
+def extension(blocks: "Blocks", names: Sequence[str]) -> Optional[Extension]:
+    """The column files ``names`` of the tree that ``blocks`` were loaded from, opened to be
+    extended; None when one cannot be: it is not a column file of its own, another build
+    holds it, something was appended to it since (an extension of another state), or the
+    bytes of its last, partial CRC block do not match their CRC."""
+    columns: Dict[str, _Continued] = {}
+    try:
+        for name in names:
+            columns[name] = _continued(blocks, name)
+    except (OSError, ValueError):
+        Extension(columns, blocks.block).close()
+        return None
+    return Extension(columns, blocks.block)
+
+
+def _continued(blocks: "Blocks", name: str) -> _Continued:
+    """One column file of ``extension``, locked; ValueError or OSError when it cannot be extended."""
+    path, offset, identity = blocks.sources[name]
+    if not path.endswith(COLUMN_SUFFIX) or offset:
+        raise ValueError(f"{name}: not in a column file of its own")
+    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        _refuse_untrusted(path, st)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        nbytes, block = len(blocks.bytes_of(name)), blocks.block
+        crcs = [int(c) for c in blocks.crcs[name]]
+        full, partial = divmod(nbytes, block)
+        if (st.st_dev, st.st_ino) != identity or st.st_size != nbytes or len(crcs) != full + bool(partial):
+            raise ValueError(f"{name}: its file changed since it was loaded")
+        crc = crc32(os.pread(fd, partial, full * block)) if partial else 0
+        if partial and crc != crcs[-1]:
+            raise ValueError(f"{name}: its last block does not match its CRC-32")
+        itemsize = blocks.itemsizes[name]
+        return _Continued(path, fd, nbytes, nbytes // itemsize, crcs[:full], crc, partial)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _temporary_beside(path: str) -> Tuple[int, str]:
@@ -292,7 +432,8 @@ def _write_header(fd: int, end: int, header: Dict[str, Any], path: str) -> None:
     if len(data) > _MAX_HEADER:
         raise OSError(errno.EFBIG, f"its header of {len(data):,} bytes is over the {_MAX_HEADER:,} "
                                    "that a mount reads back", path)
-    os.pwrite(fd, MAGIC + end.to_bytes(8, "little") + len(data).to_bytes(8, "little"), 0)
+    os.pwrite(fd, MAGIC + end.to_bytes(8, "little") + len(data).to_bytes(8, "little")
+              + crc32(data).to_bytes(4, "little"), 0)
     _pwrite_all(fd, data, end)
     os.ftruncate(fd, end + len(data))
 
@@ -404,8 +545,9 @@ def _header(data: Any, size: int) -> Tuple[Optional[Dict[str, Any]], int]:
         return None, 0
     header_at = int.from_bytes(data[len(MAGIC):len(MAGIC) + 8], "little")
     header_len = int.from_bytes(data[len(MAGIC) + 8:len(MAGIC) + 16], "little")
-    if header_len > _MAX_HEADER or header_at + header_len != size or header_at < _DATA_START:
-        return None, 0
+    if header_len > _MAX_HEADER or header_at + header_len != size or header_at < _DATA_START or \
+            crc32(data[header_at:size]) != int.from_bytes(data[len(MAGIC) + 16:len(MAGIC) + 20], "little"):
+        return None, 0   # the CRC: a flipped byte in the header (its extra included) is found too
     header = json.loads(data[header_at:size])
     return (header, header_at) if isinstance(header, dict) else (None, 0)
 
@@ -421,7 +563,8 @@ def read_header(path: str) -> Optional[Dict[str, Any]]:
 
 
 def load(path: str, key: Any, lazy: Iterable[str] = ()) -> Optional[Dict[str, Any]]:
-    """Map a saved file; None unless it is whole and was saved under exactly ``key``.
+    """Map a saved file (and the column files it names); None unless it is whole and was
+    saved under exactly ``key``.
 
     Returns the arrays (read-only views of the mapping), ``"__extra__"`` and ``"__blocks__"``
     (a ``Blocks``). Every column is checked against its CRCs here except those named in
@@ -433,6 +576,7 @@ def load(path: str, key: Any, lazy: Iterable[str] = ()) -> Optional[Dict[str, An
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # NONBLOCK: a FIFO cannot hang us
     except OSError:
         return None
+    files = _Mapped(os.path.dirname(path))
     try:
         st = os.fstat(fd)
         _refuse_untrusted(path, st)
@@ -448,25 +592,62 @@ def load(path: str, key: Any, lazy: Iterable[str] = ()) -> Optional[Dict[str, An
             return None
         out: Dict[str, Any] = {"__extra__": header.get("extra")}
         crcs: Dict[str, np.ndarray] = {}
+        sources: Dict[str, Tuple[str, int, Tuple[int, int]]] = {}
         lazy = set(lazy)
-        for name, (spec, shape, offset) in header["arrays"].items():
+        for name, (spec, shape, offset, *apart) in header["arrays"].items():
             dtype = _dtype_from_json(spec)
             count = int(np.prod(shape)) if shape else 1
             nbytes = count * dtype.itemsize
-            if offset < _DATA_START or count < 0 or offset + nbytes > header_at:
+            where = files.open(apart[0]) if apart else (path, fd, mapped, (st.st_dev, st.st_ino), header_at,
+                                                         _DATA_START)
+            file, file_fd, data, identity, end, start = where
+            if len(apart) > 1 or offset < start or count < 0 or offset + nbytes > end:
                 return None
             crcs[name] = sums = _crc_list(header["crc32"][name], nbytes, block)
-            if sums is None or (name not in lazy and _file_crcs(fd, offset, nbytes, block) != sums.tolist()):
+            if sums is None or (name not in lazy and _file_crcs(file_fd, offset, nbytes, block) != sums.tolist()):
                 return None
-            out[name] = np.frombuffer(mapped, dtype=dtype, count=count, offset=offset).reshape(shape)
+            out[name] = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
+            sources[name] = (file, offset, identity)
         arrays = {name: out[name] for name in crcs}
         out["__blocks__"] = Blocks(arrays, crcs, block, checked=set(crcs) - lazy, path=path,
-                                   identity=(st.st_dev, st.st_ino))
+                                   sources=dict(sources, __tree__=(path, 0, (st.st_dev, st.st_ino))))
         return out
     except (OSError, ValueError, TypeError, KeyError, json.JSONDecodeError, UnicodeDecodeError):
         return None
     finally:
         os.close(fd)
+        files.close()
+
+
+class _Mapped:
+    """The column files that one tree file names, each opened, checked and mapped once."""
+
+    def __init__(self, folder: str) -> None:
+        self._folder = folder
+        self._open: Dict[str, Tuple[str, int, Any, Tuple[int, int], int, int]] = {}
+
+    def open(self, name: Any) -> Tuple[str, int, Any, Tuple[int, int], int, int]:
+        """(path, descriptor, its bytes, its (device, inode), its size, 0) of the column file
+        ``name`` (a name in the tree's folder: nothing else is opened); raises ValueError or
+        OSError when it is not a regular file, UntrustedIndexError as ``load`` does."""
+        if name not in self._open:
+            if not (isinstance(name, str) and name.endswith(COLUMN_SUFFIX) and os.path.basename(name) == name
+                    and not name.startswith(".")):
+                raise ValueError(f"{name!r}: not a column file's name")
+            path = os.path.join(self._folder, name)
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+            self._open[name] = (path, fd, b"", (0, 0), 0, 0)   # closed by ``close`` from here on
+            st = os.fstat(fd)
+            _refuse_untrusted(path, st)
+            if not stat.S_ISREG(st.st_mode):
+                raise ValueError(f"{name}: not a regular file")
+            data = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if st.st_size else b""
+            self._open[name] = (path, fd, data, (st.st_dev, st.st_ino), st.st_size, 0)
+        return self._open[name]
+
+    def close(self) -> None:
+        for _, fd, *_ in self._open.values():
+            os.close(fd)
 
 
 _UNKNOWN, _GOOD, _BAD = 0, 1, 2
@@ -485,11 +666,14 @@ class Blocks:
 
     def __init__(self, arrays: Dict[str, np.ndarray], crcs: Dict[str, np.ndarray], block: int,
                  checked: Iterable[str] = (), path: Optional[str] = None,
-                 identity: Optional[Tuple[int, int]] = None) -> None:
+                 sources: Optional[Dict[str, Tuple[str, int, Tuple[int, int]]]] = None) -> None:
         self.block = block
         self.crcs = crcs
-        self.path = path            #: the file the arrays are mapped from (None: in memory)
-        self._identity = identity   # its (device, inode) when mapped
+        self.path = path            #: the tree file the arrays are mapped from (None: in memory)
+        #: when mapped: each array's (file, offset in it, the file's (device, inode)); the
+        #: tree file itself under "__tree__"
+        self.sources = sources or {}
+        self.itemsizes = {name: array.dtype.itemsize for name, array in arrays.items()}
         self._bytes = {name: array.reshape(-1).view(np.uint8) for name, array in arrays.items()}
         self._states = {name: np.full(len(sums), _GOOD if name in set(checked) else _UNKNOWN, np.uint8)
                         for name, sums in crcs.items()}
@@ -516,18 +700,21 @@ class Blocks:
                 return False
         return True
 
+    def bytes_of(self, name: str) -> np.ndarray:
+        """Array ``name`` as bytes."""
+        return self._bytes[name]
+
     def discard(self) -> None:
-        """Remove the file these blocks were mapped from, if it is still that file (a mount
-        may have rebuilt it since): the next mount builds the index again. This mount
-        keeps its mapping (Linux)."""
-        if self.path is None:
-            return
-        try:
-            st = os.stat(self.path)
-            if (st.st_dev, st.st_ino) == self._identity:
-                os.unlink(self.path)
-        except OSError:
-            pass
+        """Remove the files these blocks were mapped from (the tree file and its column
+        files), each if it is still that file (a mount may have rebuilt it since): the next
+        mount builds the index again. This mount keeps its mapping (Linux)."""
+        for path, _, identity in {source[0]: source for source in self.sources.values()}.values():
+            try:
+                st = os.stat(path)
+                if (st.st_dev, st.st_ino) == identity:
+                    os.unlink(path)
+            except OSError:
+                pass
 
 
 # -- tidying -------------------------------------------------------------------------------------
@@ -545,19 +732,48 @@ def tidy(folder: str, in_use: Sequence[str], now: Optional[float] = None) -> Non
         entries = list(os.scandir(folder))
     except OSError:
         return
+    columns = [entry for entry in entries if entry.name.endswith(COLUMN_SUFFIX)]
     for entry in entries:
-        try:
-            st = entry.stat(follow_symlinks=False)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
-                continue
-            age = now - st.st_mtime
+        if entry.name.endswith(COLUMN_SUFFIX):
+            continue
+        st = _ours(entry)
+        if st is None:
+            continue
+        age = now - st.st_mtime
+        with contextlib.suppress(OSError):
             if entry.name in keep:
                 if age > _TOUCH_AFTER:
                     os.utime(entry.path)
             elif _expired(entry.name, age, slots):
                 os.unlink(entry.path)
-        except OSError:
-            continue
+    named = _named_columns(folder) if columns else set()   # once the trees that go are gone
+    for entry in columns:
+        st = _ours(entry)
+        if st is not None and entry.name not in named and now - st.st_mtime > GRACE:
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+
+
+def _ours(entry: os.DirEntry) -> Optional[os.stat_result]:
+    """The stat of a regular file of this user's, or None."""
+    try:
+        st = entry.stat(follow_symlinks=False)
+    except OSError:
+        return None
+    return st if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() else None
+
+
+def _named_columns(folder: str) -> Set[str]:
+    """The column files that the tree files in ``folder`` name (whoever wrote them)."""
+    named: Set[str] = set()
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder):
+            header = read_header(entry.path) if entry.name.endswith(SUFFIXES) else None
+            arrays = header.get("arrays") if header else None
+            if isinstance(arrays, dict):
+                named.update(spec[3] for spec in arrays.values()
+                             if isinstance(spec, list) and len(spec) == 4 and isinstance(spec[3], str))
+    return named
 
 
 def _expired(name: str, age: float, slots: Set[Tuple[str, str]]) -> bool:

@@ -5,8 +5,12 @@ saved (``index``, ``store``) or served (``fs``, ``nativefs``). No Python object 
 
 Layout (all numpy; ``index`` saves them and maps them back on the next mount):
 
-- ``files``: one FILE_DTYPE row per file, grouped by directory (in directory order) and
-  sorted by name (bytes) inside each directory;
+- ``files``: one FILE_DTYPE row per file, each directory's rows one range
+  ``dir_lo``..``dir_hi`` sorted by name (bytes); a tree built whole has them in directory
+  order, one range after the other. A tree extended by a re-index (``index``) has the rows
+  of the folders it merged again after the others, and their earlier rows are still
+  there, in no range: nothing reads them, but they are checked as the rest (``n_files``
+  counts the files shown);
 - ``names``/``name_ends``: the files' own names end to end, parallel to ``files``
   (32-bit ends: at most NAMES_MAX bytes of names in all, 4 bytes a file less); a
   lookup is a binary search inside the directory's row range ``dir_lo``..``dir_hi``;
@@ -69,6 +73,10 @@ ARRAY_TYPES = {
 #: The arrays of a tree with views: all of them or none.
 VIEW_TYPES = {"links": np.dtype("<u4"), "link_lo": np.dtype("<u8"), "link_hi": np.dtype("<u8"),
               "views_zip": np.dtype(np.uint8)}
+#: The columns with one element per file row (and the names those end in): saved in files
+#: of their own (``store``), so that a re-index can extend them where it merges only some
+#: folders again (``index``) and write only the rows it adds.
+ROW_COLUMNS = ("files", "names", "name_ends")
 #: Links are 32-bit rows: a tree with views holds fewer files than this.
 LINKED_FILES_MAX = 1 << 32
 #: The columns checked unit by unit on first use (see the module's docstring); the store
@@ -118,9 +126,7 @@ def check_tables(arrays: Dict[str, Any], archive_sizes: Sequence[int]) -> int:
     parent = arrays["dir_parent"]
     if parent[0] != 0 or (parent[1:] >= np.arange(1, n_dirs, dtype=np.uint64)).any() or (np.diff(parent[1:]) < 0).any():
         raise BadTables("dir_parent: not breadth-first order")
-    lo, hi = arrays["dir_lo"], arrays["dir_hi"]
-    if lo[0] != 0 or (lo > hi).any() or (lo[1:] != hi[:-1]).any() or hi[-1] != len(files):
-        raise BadTables("dir_lo/dir_hi: not one contiguous row range per directory")
+    _check_row_ranges(arrays["dir_lo"], arrays["dir_hi"], len(files))
     for ends, blob in (("conflict_path_ends", "conflict_paths"), ("conflict_archive_ends", "conflict_archives")):
         if (np.diff(arrays[ends].astype(np.int64), prepend=0) < 0).any() or \
                 (int(arrays[ends][-1]) if len(arrays[ends]) else 0) != len(arrays[blob]):
@@ -133,6 +139,16 @@ def check_tables(arrays: Dict[str, Any], archive_sizes: Sequence[int]) -> int:
     if type(unit_rows) is not int or not 0 < unit_rows <= _UNIT_ROWS_MAX or unit_rows & (unit_rows - 1):
         raise BadTables("unit_rows: not a power of two up to 2^24")
     return unit_rows
+
+
+def _check_row_ranges(lo: np.ndarray, hi: np.ndarray, n_files: int) -> None:
+    """Each directory's rows are a range inside the files, and no row is in two ranges."""
+    if (lo > hi).any() or (hi > np.uint64(n_files)).any():
+        raise BadTables("dir_lo/dir_hi: a row range is not inside the files")
+    used = np.flatnonzero(hi > lo)
+    by_start = used[np.argsort(lo[used], kind="stable")]
+    if (lo[by_start[1:]] < hi[by_start[:-1]]).any():
+        raise BadTables("dir_lo/dir_hi: row ranges overlap")
 
 
 def check(arrays: Dict[str, Any], archive_sizes: Sequence[int]) -> None:
@@ -320,6 +336,9 @@ class Tree:
         self.total_bytes: int = int(extra.get("total_bytes", 0))
         self.duplicates: int = int(extra.get("duplicates", 0))  #: same path and content, repeated
         self.n_dirs = len(self.dir_lo)
+        #: files shown (rows in a directory's range; ``files`` may hold more: the module's docstring)
+        self.n_files = int((self.dir_hi - self.dir_lo).sum())
+        self._by_start: Optional[np.ndarray] = None   # directories with files, by first row (``path_of``)
         self.dir_names: np.ndarray = arrays["dir_names"]
         self.dir_ends: np.ndarray = arrays["dir_ends"]
         ids = np.arange(self.n_dirs, dtype=np.uint64)
@@ -511,8 +530,23 @@ class Tree:
         self.rows_ready(row, row + 1)
         return zipdir.Member._make(self.files[row].item())
 
+    def shown(self) -> np.ndarray:
+        """Which rows of ``files`` are in a directory's range (all but those an extended
+        tree no longer uses), for code that reads whole columns."""
+        if self.n_files == len(self.files):   # disjoint ranges inside the files (check_tables): all of them
+            return np.ones(len(self.files), bool)
+        edges = np.zeros(len(self.files) + 1, np.int8)
+        np.add.at(edges, self.dir_lo.astype(np.intp), 1)
+        np.add.at(edges, self.dir_hi.astype(np.intp), -1)
+        return np.cumsum(edges[:-1]) > 0
+
     def path_of(self, row: int) -> bytes:
-        dir_id = int(np.searchsorted(self.dir_hi, row, side="right"))
+        """The path of a file row that is in a directory's range."""
+        if self._by_start is None:
+            used = np.flatnonzero(self.dir_hi > self.dir_lo)
+            self._by_start = used[np.argsort(self.dir_lo[used], kind="stable")]
+        at = int(np.searchsorted(self.dir_lo[self._by_start], row, side="right")) - 1
+        dir_id = int(self._by_start[at])
         head = self.dir_path(dir_id)
         return head + b"/" + self.name(row) if head else self.name(row)
 

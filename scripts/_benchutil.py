@@ -164,6 +164,15 @@ def run_measured(command: Sequence[str], env: Optional[dict] = None, cwd: Option
 
 # ---------------------------------------------------------------- caches and machine
 
+def tree_bytes(path: Path) -> int:
+    """Bytes of an index's tree file and of the column files its header names."""
+    from bioscanfs import store
+
+    header = store.read_header(str(path)) or {}
+    named = {spec[3] for spec in header.get("arrays", {}).values() if len(spec) == 4}
+    return path.stat().st_size + sum((path.parent / name).stat().st_size for name in named)
+
+
 def can_drop_caches() -> bool:
     """Only root may write drop_caches, and some containers refuse even root."""
     return os.geteuid() == 0 and os.access("/proc/sys/vm/drop_caches", os.W_OK)

@@ -284,7 +284,7 @@ def _measure_mounts(label: str, command: list[str], mountpoint: Path, server: st
                "server_rss_after_listing": resident, "chunk_listing_seconds": listing, "chunk_entries": entries}
         if phase == "cold mount" and index_dir is not None:
             row["index_bytes_per_member"] = sum(p.stat().st_size for p in index_dir.iterdir()
-                                                if p.is_file() and p.suffix in (".tree", ".members")) / members
+                                                if p.is_file() and p.suffix in (".tree", ".col", ".members")) / members
         rows.append(row)
     return rows
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 import numpy as np
-from _benchutil import can_drop_caches, drop_caches, fusermount, rss, run_measured, server_pid
+from _benchutil import can_drop_caches, drop_caches, fusermount, rss, run_measured, server_pid, tree_bytes
 from bench_scale import FULL_TOTAL, scale_ids, write_scale_set
 
 from bioscanfs.layout import CSV_COLUMNS, METADATA_CSV, METADATA_ZIP, SPLIT_CHUNK_CHARS
@@ -145,13 +145,14 @@ def main() -> int:
         old.unlink()
     seconds, peak, _ = run(bioscanfs("index", folder, "--index-dir", index, "--views", "none"))
     images_file = max(index.glob("*.tree"), key=lambda p: p.stat().st_mtime)
+    images_bytes = tree_bytes(images_file)
     print(f"image tree (--views none): {seconds:.1f} s, peak RSS {peak / 1e6:.0f} MB, "
-          f"{images_file.stat().st_size:,} bytes", flush=True)
+          f"{images_bytes:,} bytes", flush=True)
     seconds, peak, _ = run(bioscanfs("index", folder, "--index-dir", index, "--views", "all"))
-    views_file = max(index.glob("*.tree"), key=lambda p: p.stat().st_mtime)
-    added = views_file.stat().st_size - images_file.stat().st_size
+    views_bytes = tree_bytes(max(index.glob("*.tree"), key=lambda p: p.stat().st_mtime))
+    added = views_bytes - images_bytes
     print(f"views of 6 ranks from the mapped image tree: {seconds:.1f} s, peak RSS {peak / 1e6:.0f} MB; "
-          f"index {views_file.stat().st_size:,} bytes, +{added:,}: {added / args.total:.1f} bytes per image, "
+          f"index {views_bytes:,} bytes, +{added:,}: {added / args.total:.1f} bytes per image, "
           f"{added / args.total / 6:.1f} per image and rank", flush=True)
     point = args.dir / "mnt"
     point.mkdir(exist_ok=True)

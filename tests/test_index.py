@@ -13,7 +13,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Callable, Dict, List, Optional, Sequence, Set
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import pytest
@@ -56,11 +56,26 @@ def load(zips: Sequence[Path], index_dir: Optional[Path], views: Sequence[str] =
     return tree
 
 
+def shown_arrays(tree: Tree) -> Dict[str, np.ndarray]:
+    """A tree's arrays as a tree built whole holds them: the rows of each folder's range,
+    folder after folder (an extended tree's rows that no folder shows are left out)."""
+    lo, hi = tree.dir_lo.astype(np.int64), tree.dir_hi.astype(np.int64)
+    rows = np.concatenate([np.arange(a, b) for a, b in zip(lo.tolist(), hi.tolist())] + [np.zeros(0, np.int64)])
+    ends = tree.name_ends[rows].astype(np.int64)
+    begins = np.where(rows > 0, tree.name_ends[np.maximum(rows - 1, 0)].astype(np.int64), 0)
+    names = np.concatenate([tree.names[b:e] for b, e in zip(begins.tolist(), ends.tolist())] + [np.zeros(0, np.uint8)])
+    dir_hi = np.cumsum(hi - lo).astype(np.uint64)
+    return dict(tree.arrays, files=tree.files[rows], names=names, name_ends=np.cumsum(ends - begins).astype(np.uint32),
+                dir_lo=dir_hi - (hi - lo).astype(np.uint64), dir_hi=dir_hi)
+
+
 def assert_same_tree(got: Tree, want: Tree) -> None:
-    """Every array and every piece of metadata of two trees is equal."""
-    for name, a in got.arrays.items():
-        b = want.arrays[name]
+    """Every array (as ``shown_arrays``) and every piece of metadata of two trees is equal."""
+    got_arrays, want_arrays = shown_arrays(got), shown_arrays(want)
+    for name, a in got_arrays.items():
+        b = want_arrays[name]
         assert a.dtype == b.dtype and np.array_equal(a, b), name
+    assert got.n_files == want.n_files
     assert got.archives == want.archives
     assert (got.conflicts, got.warnings, got.total_bytes) == (want.conflicts, want.warnings, want.total_bytes)
 
@@ -152,11 +167,19 @@ def test_truncated_archive_is_not_served_from_its_index(small_set: Path, tmp_pat
 
 
 # -- corrupt index files --------------------------------------------------------------------------
-def _array_offset(path: Path, array: str) -> int:
-    """Where a named array's bytes start in an index file (the store's JSON header says)."""
+def array_place(path: Path, array: str) -> Tuple[Path, int]:
+    """The file and offset where a named array's bytes start: in the index file, or in
+    the column file that its header names (the store's JSON header says)."""
     header = store.read_header(str(path))
     assert header is not None, path
-    return int(header["arrays"][array][2])
+    entry = header["arrays"][array]
+    return (path.parent / entry[3] if len(entry) == 4 else path), int(entry[2])
+
+
+def flip_in(path: Path, array: str, at: int, mask: int = 0x40) -> None:
+    """Flip a bit ``at`` bytes into a named array of an index file."""
+    file, offset = array_place(path, array)
+    _flip(file, offset + at, mask)
 
 
 def _flip(path: Path, at: int, mask: int = 0x40) -> None:
@@ -177,9 +200,9 @@ CORRUPTIONS: Dict[str, Corruption] = {
     "garbage": lambda p, other: p.write_bytes(np.random.default_rng(1).bytes(p.stat().st_size)),
     "foreign": lambda p, other: shutil.copyfile(other, p),
     # A flipped bit in the row data: the size of the first member.
-    "flip-row-data": lambda p, other: _flip(p, _array_offset(p, "files") + 16),
+    "flip-row-data": lambda p, other: flip_in(p, "files", 16),
     # A flipped bit in the first directory name ('bioscan5m' -> 'bioscan5m' with one letter changed).
-    "flip-dir-names": lambda p, other: _flip(p, _array_offset(p, "dir_names"), 0x01),
+    "flip-dir-names": lambda p, other: flip_in(p, "dir_names", 0, 0x01),
 }
 #: Damage in the bulk is found when its unit is first read (tree.py), not at load: the
 #: file is then removed, and the next load builds it again.

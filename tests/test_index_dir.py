@@ -169,13 +169,15 @@ def test_sticky_shared_folder_is_accepted(mount: MountFactory, small_set: Path, 
     assert_one_whole_index(folder, 2)
 
 
+@pytest.mark.parametrize("kind", ["*.tree", "*.files.col"])
 @pytest.mark.parametrize("make_unsafe", UNSAFE)
 def test_index_file_others_could_write_is_refused(small_set: Path, tmp_path: Path, mountpoint: Path,
-                                                  make_unsafe) -> None:
-    """A file the mount would read that another user could have written: one line naming it."""
+                                                  make_unsafe, kind: str) -> None:
+    """A file the mount would read (the tree or one of its column files) that another user
+    could have written: one line naming it."""
     folder = tmp_path / "index"
     assert run_cli("index", small_set, "--index-dir", folder).returncode == 0
-    target = sorted(folder.glob("*.tree"))[0]
+    target = sorted(folder.glob(kind))[0]
     make_unsafe(target)
     done = run_cli("mount", small_set, mountpoint, "-f", "--index-dir", folder)
     assert_one_error_line(done, str(target))
@@ -421,6 +423,10 @@ def test_superseded_and_leftover_files_are_removed_after_the_grace(small_set: Pa
     age(folder / "bioscanfs.log", 31 * DAY)
     shutil.copy(other_tree, folder / "00000000000000bb-0123456789abcdef.members")  # as version 4 wrote
     age(folder / "00000000000000bb-0123456789abcdef.members", 2 * HOUR)
+    # Column files that no tree names: a killed build's (old) and a live build's (fresh).
+    (folder / "0123456789abcdef-00000000000000aa.files.col").write_bytes(b"\0" * 64)
+    age(folder / "0123456789abcdef-00000000000000aa.files.col", 2 * HOUR)
+    (folder / "0123456789abcdef-00000000000000bb.files.col").write_bytes(b"\0" * 64)
 
     touch(zips[1])
     assert run_cli("index", small_set, "--index-dir", folder).returncode == 0
@@ -434,6 +440,10 @@ def test_superseded_and_leftover_files_are_removed_after_the_grace(small_set: Pa
     assert len(ours) == 1 and sum(name.endswith(".tree") for name in ours) == 1, sorted(ours)
     for name in ours:
         assert_whole(folder / name)
+    named = {spec[3] for tree in folder.glob("*.tree") for spec in store.read_header(str(tree))["arrays"].values()
+             if len(spec) == 4}
+    assert len(named) % 3 == 0 and (folder / "0123456789abcdef-00000000000000bb.files.col").exists()
+    assert {p.name for p in folder.glob("*.col")} == named | {"0123456789abcdef-00000000000000bb.files.col"}
 
 
 def test_files_in_use_are_kept_and_marked_used(small_set: Path, tmp_path: Path) -> None:

@@ -7,20 +7,24 @@ tree both engines serve from; test_index.py and test_index_dir.py mount it.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import shutil
 import zipfile
 from pathlib import Path
 from types import ModuleType
-from typing import List
+from typing import Iterator, List
 
 import pytest
-from conftest import index_files, load_script, touch, zip_members, zip_paths
-from test_index import CORRUPTIONS, assert_same_tree, assert_tree_matches_zipfile, load
+from conftest import MountFactory, assert_serves_members, index_files, load_script, touch, zip_members, zip_paths
+from test_index import CORRUPTIONS, assert_same_tree, assert_tree_matches_zipfile, flip_in, load
 
 from bioscanfs import store
+from bioscanfs.errors import DamagedIndex
 from bioscanfs.layout import METADATA_ZIP
+from bioscanfs.tree import FILE_DTYPE
 from bioscanfs.views import RANKS
 
 UNCHANGED = "archives are unchanged since the last index"
@@ -131,15 +135,22 @@ def test_a_directory_changed_in_place_is_parsed(two_packages: Path, tmp_path: Pa
 
 
 @pytest.mark.parametrize("corruption", ["flip-row-data", "flip-header-json"])
-def test_a_damaged_tree_is_not_saved_again(two_packages: Path, tmp_path: Path, corruption: str) -> None:
-    """An earlier tree with damage in its bulk or its header is not taken for the touched
-    archives: the tree is built again, whole."""
+def test_a_damaged_tree_taken_again_is_found(two_packages: Path, tmp_path: Path, corruption: str) -> None:
+    """An earlier tree with damage in its header is not taken for the touched archives: the
+    tree is built again, whole. Damage in its bulk is taken with it, under the same CRCs,
+    and found on first use, as in the tree it came from: the files go, and the next load
+    builds the tree again."""
     zips, index_dir = zip_paths(two_packages), tmp_path / "index"
     load(zips, index_dir)
     (earlier,) = index_files(index_dir)
     CORRUPTIONS[corruption](index_dir / earlier, index_dir / earlier)
     touch(zips[0])
     tree = load(zips, index_dir)
+    if corruption == "flip-row-data":
+        with pytest.raises(DamagedIndex):
+            tree.verify_all()
+        assert not Path(tree.where).exists() and not list(index_dir.glob("*.col"))
+        tree = load(zips, index_dir)
     tree.verify_all()
     assert_same_tree(tree, load(zips, None))
     assert_tree_matches_zipfile(tree, zip_members(two_packages))
@@ -168,6 +179,17 @@ def test_touched_archives_keep_the_views_without_a_parse(tmp_path: Path, bench_s
 # -- folders carried as they are: only those a changed archive touches are merged again ------
 CARRIED = "folders are taken as they are, the others merged again"
 CANNOT = "the index built before cannot be used"
+EXTENDED = "and appended to the index"
+
+
+@contextlib.contextmanager
+def _held(index_dir: Path, held: bool = True) -> Iterator[None]:
+    """The index's column files locked as another build extending them holds them."""
+    with contextlib.ExitStack() as stack:
+        for path in index_dir.glob("*.col") if held else ():
+            f = stack.enter_context(open(path, "rb"))
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        yield
 
 
 def _log(caplog: pytest.LogCaptureFixture, text: str) -> List[str]:
@@ -231,10 +253,15 @@ def test_a_new_folder_of_a_changed_archive_hides_a_carried_file(tmp_path: Path,
     assert tree.extra["archive_folders"] == fresh.extra["archive_folders"]
 
 
-def test_a_carried_folder_with_damage_is_not_copied(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("held", [True, False])
+def test_a_carried_folder_with_damage_is_not_copied(held: bool, tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
     """A flipped byte in the first file row of the earlier tree, and an archive that held no
-    file gains one in a new folder: no row is merged again, every folder is copied, and the
-    copy checks the earlier tree's CRCs, finds the damage and builds afresh."""
+    file gains one in a new folder: no row is merged again, every folder is carried. The
+    tree is not extended: another build holds its column files (``held``), or the damage
+    is in the last CRC block of its column, which an extension checks as it appends to
+    it. So the folders are copied, the copy checks the CRCs, finds the damage and builds
+    afresh."""
     zips, index_dir = _two_archives(tmp_path / "set"), tmp_path / "index"
     with zipfile.ZipFile(tmp_path / "set" / "c.zip", "w"):
         pass
@@ -243,13 +270,38 @@ def test_a_carried_folder_with_damage_is_not_copied(tmp_path: Path, caplog: pyte
     (earlier,) = index_files(index_dir)
     CORRUPTIONS["flip-row-data"](index_dir / earlier, index_dir / earlier)
     _grow(zips[2], "g/5.jpg", b"5")
-    with caplog.at_level(logging.INFO, logger="bioscanfs.index"):
+    with caplog.at_level(logging.INFO, logger="bioscanfs.index"), _held(index_dir, held):
         tree = load(zips, index_dir)
+    assert not _log(caplog, CARRIED)[0].endswith(EXTENDED)
     assert _log(caplog, CANNOT) and "a block of files does not match its CRC-32" in _log(caplog, CANNOT)[0]
     assert not [p for p in index_dir.iterdir() if p.name.startswith(".tmp-")], "a temporary file was left"
     tree.verify_all()
     assert_same_tree(tree, load(zips, None))
     assert_tree_matches_zipfile(tree, zip_members(tmp_path / "set"))
+
+
+def test_damage_that_an_extension_carries_is_found_on_first_use(tmp_path: Path, bench_scale: ModuleType,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """A flipped byte in the middle file row of a 200,000-file tree (a pretrain chunk
+    folder's, in a full CRC block and a unit of rows that the re-index does not read),
+    which a grown archive (train) extends: the extended tree names the same bytes under
+    the same CRC, so the damage is found when first read, as in the tree it came from.
+    The files go, and the next load builds the tree afresh."""
+    bench_scale.write_scale_set(tmp_path / "set", total=200_000, seed=0, packages=1)
+    zips, index_dir = zip_paths(tmp_path / "set"), tmp_path / "index"
+    rows = load(zips, index_dir).n_files
+    (earlier,) = index_files(index_dir)
+    flip_in(index_dir / earlier, "files", rows // 2 * FILE_DTYPE.itemsize + 16)
+    _grow(next(p for p in zips if "_train" in p.name), "bioscan5m/images/cropped_256/train/x/5.jpg", b"5")
+    with caplog.at_level(logging.INFO, logger="bioscanfs.index"):
+        tree = load(zips, index_dir)
+    assert _log(caplog, CARRIED)[0].endswith(EXTENDED) and not _log(caplog, CANNOT)
+    with pytest.raises(DamagedIndex, match="does not match its CRC-32"):
+        tree.verify_all()
+    assert not Path(tree.where).exists() and not list(index_dir.glob("*.col"))
+    tree = load(zips, index_dir)
+    tree.verify_all()
+    assert_same_tree(tree, load(zips, None))
 
 
 def test_folders_saved_wrong_do_not_carry_stale_rows(two_packages: Path, tmp_path: Path,
@@ -275,3 +327,30 @@ def test_folders_saved_wrong_do_not_carry_stale_rows(two_packages: Path, tmp_pat
     assert len(_log(caplog, CANNOT)) == 1 and "changed" in _log(caplog, CANNOT)[0]
     assert_same_tree(tree, load(zips, None))
     assert_tree_matches_zipfile(tree, zip_members(two_packages))
+
+
+def test_an_extended_tree_is_served_right_and_the_one_before_too(tmp_path: Path, bench_scale: ModuleType,
+                                                                  mount: MountFactory) -> None:
+    """A pretrain half grown by a member in a chunk folder it shares and by one in a new
+    folder: the next mount extends the tree (the same column files, appended to; rows
+    left that no folder shows) and serves every member as zipfile reads it. A mount of
+    the tree before, live all along, still serves what it served: the bytes it maps did
+    not change under it."""
+    folder = tmp_path / "set"
+    bench_scale.write_scale_set(folder, total=3_000, seed=0, packages=2)
+    zips, index_dir = zip_paths(folder), tmp_path / "index"
+    before = zip_members(folder)
+    old = mount(folder, index_dir=index_dir)
+    columns = {p.name: p.stat().st_size for p in index_dir.glob("*.col")}
+    half = next(p for p in zips if p.name.endswith("_pretrain.01.zip"))
+    with zipfile.ZipFile(half) as zf:
+        chunk = zf.namelist()[0].rpartition("/")[0]
+    _grow(half, f"{chunk}/AAAAA0001-24.jpg", b"grown\n" * 100)
+    _grow(half, f"{chunk.rpartition('/')[0]}/new-folder/AAAAA0002-24.jpg", b"new\n")
+    live = mount(folder, index_dir=index_dir)
+    grown = {p.name: p.stat().st_size for p in index_dir.glob("*.col")}
+    assert grown.keys() == columns.keys() and all(grown[name] > columns[name] for name in columns)
+    tree = load(zips, index_dir)
+    assert tree.n_files == len(before) + 2 < len(tree.files)
+    assert_serves_members(live, zip_members(folder))
+    assert_serves_members(old, before)
