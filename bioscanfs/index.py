@@ -127,6 +127,8 @@ def load_tree(sources: Sequence[FileSource], index_dir: Optional[str],
     images_key = _tree_key(sources, skip_bad, allow_incomplete, ())
     images_path = path and _tree_path(index_dir, sources, images_key, skip_bad, allow_incomplete)
     images = _reused(images_path, images_key, sources) if images_path else None
+    if images is not None and images[0].n_files != len(images[0].files):
+        images = None   # extended by a mount without views: the views are built from whole columns
     built = images is None
     if images is None:
         # Not extended: the views are built from whole columns, and this tree is removed then.
@@ -431,8 +433,8 @@ def _build_once(sources: Sequence[FileSource], index_dir: Optional[str], path: O
     from .merge import Builder
 
     spill = _Spill(index_dir)
+    builder = Builder(spill)
     try:
-        builder = Builder(spill)
         kept = _add_all(builder, sources, on_archive, skip_bad, allow_incomplete, earlier)
         del earlier
         layout = builder.merge()

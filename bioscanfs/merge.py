@@ -139,13 +139,16 @@ class Builder:
         self.warnings.append(list(warnings))
         self.digests.append(digest)
         self._spill.write(np.take(tree.files.view(_RECORD), rows).view(np.uint8).data)
-        # Rows ascend and each folder's rows are a range: its count of ``rows`` is a
-        # difference of two binary searches (the tree's whole columns are not read again
-        # for each archive: that cost 0.5 s an archive at 20.6 M members).
-        counts = np.diff(np.searchsorted(rows, tree.dir_hi.astype(np.int64)), prepend=0)
-        new_dir = np.zeros(tree.n_dirs, dtype=np.uint32)
+        # Rows ascend and each folder's rows are a range (disjoint; not in folder order in
+        # an extended tree): taken in the order of their first rows, a folder's count of
+        # ``rows`` is a difference of two binary searches (the tree's whole columns are not
+        # read again for each archive: that cost 0.5 s an archive at 20.6 M members).
+        folders = tree.dirs_by_first_row()
+        counts = (np.searchsorted(rows, tree.dir_hi[folders].astype(np.int64))
+                  - np.searchsorted(rows, tree.dir_lo[folders].astype(np.int64)))
+        new_dir = np.zeros(len(folders), dtype=np.uint32)
         used = np.flatnonzero(counts)
-        new_dir[used] = [self._dirs.add(tree.dir_path(int(d))) for d in used.tolist()]
+        new_dir[used] = [self._dirs.add(tree.dir_path(int(d))) for d in folders[used].tolist()]
         self._dir_of.append(np.repeat(new_dir, counts))
         ends = tree.name_ends[rows].astype(np.int64)
         begins = np.where(rows > 0, tree.name_ends[np.maximum(rows - 1, 0)].astype(np.int64), 0)

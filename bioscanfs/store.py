@@ -440,10 +440,11 @@ def _write_header(fd: int, end: int, header: Dict[str, Any], path: str) -> None:
 
 def rekey(old: str, path: str, key: Any, extra: Any) -> None:
     """Save the file ``old`` again at ``path`` under ``key`` and ``extra``: its columns and
-    their CRCs as they are (copied in the kernel), so ``load`` checks them there as it
-    would have here. For a file whose columns are still right for a new key (the caller
-    says when). Whole or not at all; raises OSError as ``save`` does (EINVAL when ``old``
-    is not an index file), UntrustedIndexError as ``load`` does."""
+    their CRCs as they are (those in the file copied in the kernel, its column files named
+    again), so ``load`` checks them there as it would have here. For a file whose columns
+    are still right for a new key (the caller says when). Whole or not at all; raises
+    OSError as ``save`` does (EINVAL when ``old`` is not an index file),
+    UntrustedIndexError as ``load`` does."""
     src = os.open(old, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         st = os.fstat(src)
@@ -556,10 +557,15 @@ def read_header(path: str) -> Optional[Dict[str, Any]]:
     """The JSON header of an index file (its key, each array's [dtype, shape, offset in the
     file], extra, CRCs), or None; for inspection: ``load`` is what checks a file."""
     try:
-        with open(path, "rb") as f:
-            return _header_of(f.fileno(), os.fstat(f.fileno()))[0]
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # NONBLOCK: a FIFO cannot hang us
     except OSError:
         return None
+    try:
+        return _header_of(fd, os.fstat(fd))[0]
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def load(path: str, key: Any, lazy: Iterable[str] = ()) -> Optional[Dict[str, Any]]:

@@ -530,23 +530,29 @@ class Tree:
         self.rows_ready(row, row + 1)
         return zipdir.Member._make(self.files[row].item())
 
+    def dirs_by_first_row(self) -> np.ndarray:
+        """The directories that hold files, in the order of their rows in ``files`` (which is
+        directory order unless the tree was extended)."""
+        if self._by_start is None:
+            used = np.flatnonzero(self.dir_hi > self.dir_lo)
+            self._by_start = used[np.argsort(self.dir_lo[used], kind="stable")]
+        return self._by_start
+
     def shown(self) -> np.ndarray:
         """Which rows of ``files`` are in a directory's range (all but those an extended
         tree no longer uses), for code that reads whole columns."""
         if self.n_files == len(self.files):   # disjoint ranges inside the files (check_tables): all of them
             return np.ones(len(self.files), bool)
-        edges = np.zeros(len(self.files) + 1, np.int8)
-        np.add.at(edges, self.dir_lo.astype(np.intp), 1)
-        np.add.at(edges, self.dir_hi.astype(np.intp), -1)
+        folders = self.dirs_by_first_row()
+        edges = np.zeros(len(self.files) + 1, np.int64)
+        edges[self.dir_lo[folders].astype(np.intp)] += 1
+        edges[self.dir_hi[folders].astype(np.intp)] -= 1   # a range may end where the next starts
         return np.cumsum(edges[:-1]) > 0
 
     def path_of(self, row: int) -> bytes:
         """The path of a file row that is in a directory's range."""
-        if self._by_start is None:
-            used = np.flatnonzero(self.dir_hi > self.dir_lo)
-            self._by_start = used[np.argsort(self.dir_lo[used], kind="stable")]
-        at = int(np.searchsorted(self.dir_lo[self._by_start], row, side="right")) - 1
-        dir_id = int(self._by_start[at])
+        folders = self.dirs_by_first_row()
+        dir_id = int(folders[int(np.searchsorted(self.dir_lo[folders], row, side="right")) - 1])
         head = self.dir_path(dir_id)
         return head + b"/" + self.name(row) if head else self.name(row)
 

@@ -354,3 +354,80 @@ def test_an_extended_tree_is_served_right_and_the_one_before_too(tmp_path: Path,
     assert tree.n_files == len(before) + 2 < len(tree.files)
     assert_serves_members(live, zip_members(folder))
     assert_serves_members(old, before)
+
+
+def test_extensions_follow_each_other_until_half_the_rows_shown_are_unused(tmp_path: Path, bench_scale: ModuleType,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """Four imgtypes: a grown pretrain half merges that imgtype's chunk folders again (both
+    halves, about a fifth of the rows), appended to the tree. Its other half grown next
+    extends the tree extended (its folders' rows no longer in folder order); a third
+    growth, in another imgtype, would leave more unused rows than half the rows shown, so
+    the tree is written whole again. Each tree equals a fresh parse."""
+    folder = tmp_path / "set"
+    bench_scale.write_scale_set(folder, total=20_000, seed=0, packages=4)
+    zips, index_dir = zip_paths(folder), tmp_path / "index"
+    load(zips, index_dir)
+    halves = [p for p in zips if "_pretrain.0" in p.name]
+    extended = []
+    for i, half in enumerate([halves[0], halves[1], halves[2]]):
+        with zipfile.ZipFile(half) as zf:
+            chunk = zf.namelist()[-1].rpartition("/")[0]
+        _grow(half, f"{chunk}/AAAAA000{i}-24.jpg", b"grown\n" * (i + 1))
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="bioscanfs.index"):
+            tree = load(zips, index_dir)
+        assert len(_log(caplog, CARRIED)) == 1 and not _log(caplog, CANNOT)
+        extended.append(_log(caplog, CARRIED)[0].endswith(EXTENDED))
+        fresh = load(zips, None)
+        assert_same_tree(tree, fresh)
+        assert tree.extra["archive_folders"] == fresh.extra["archive_folders"]
+        assert_same_tree(load(zips, index_dir), fresh)
+    assert extended == [True, True, False]
+    assert tree.n_files == len(tree.files)
+    assert_tree_matches_zipfile(tree, zip_members(folder))
+
+
+@pytest.mark.no_c
+def test_views_are_built_from_a_tree_written_whole(tmp_path: Path, bench_scale: ModuleType) -> None:
+    """A mount without views extended the image tree (a train zip grown); the next, with
+    views, builds the image tree whole again (the views are built from whole columns),
+    and its views tree equals a fresh build's."""
+    folder = tmp_path / "set"
+    bench_scale.write_scale_set(folder, total=20_000, seed=0, packages=4)
+    load_script("bench_views").write_csv(folder / METADATA_ZIP, bench_scale.scale_ids(20_000, 0))
+    zips, index_dir = zip_paths(folder), tmp_path / "index"
+    load(zips, index_dir)
+    train = next(p for p in zips if p.name.endswith("_train.zip"))
+    _grow(train, "bioscan5m/images/cropped_256/train/AAAAA0009-24.jpg", b"9")
+    images = load(zips, index_dir)
+    assert images.n_files < len(images.files)
+    tree = load(zips, index_dir, views=RANKS)
+    assert tree.find_dir(0, b"views") > 0
+    assert_same_tree(tree, load(zips, None, views=RANKS))
+
+
+def test_rows_taken_from_an_extended_tree_keep_their_folders(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """b.zip grown in d/: the extended tree has d's rows after e's. Three archives changed
+    next (more than are parsed ahead: every row of the unchanged a.zip, in d and in e, is
+    taken from the extended tree): each row keeps its folder, and the tree equals a fresh
+    parse."""
+    folder = tmp_path / "set"
+    folder.mkdir()
+    for name, members in (("a.zip", ["d/1.jpg", "e/2.jpg"]), ("b.zip", ["d/3.jpg"]), ("c.zip", ["f/4.jpg"]),
+                          ("g.zip", ["h/5.jpg"])):
+        with zipfile.ZipFile(folder / name, "w") as zf:
+            for member in members:
+                zf.writestr(member, member.encode())
+    zips, index_dir = zip_paths(folder), tmp_path / "index"
+    load(zips, index_dir)
+    _grow(zips[1], "d/6.jpg", b"6")
+    with caplog.at_level(logging.INFO, logger="bioscanfs.index"):
+        extended = load(zips, index_dir)
+    assert _log(caplog, CARRIED)[0].endswith(EXTENDED)
+    d, e = extended.find_dir(0, b"d"), extended.find_dir(0, b"e")
+    assert extended.dir_lo[d] > extended.dir_lo[e]
+    for zip_path, member in ((zips[1], "d/7.jpg"), (zips[2], "f/8.jpg"), (zips[3], "h/9.jpg")):
+        _grow(zip_path, member, member.encode())
+    tree = load(zips, index_dir)
+    assert_same_tree(tree, load(zips, None))
+    assert_tree_matches_zipfile(tree, zip_members(folder))
