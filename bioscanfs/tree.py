@@ -110,8 +110,8 @@ def check_tables(arrays: Dict[str, Any], archive_sizes: Sequence[int]) -> int:
     per unit (see the module's docstring for what is checked when).
 
     Up front: element types, lengths against each other, directory names (1..255 bytes,
-    no '/' or NUL), the directory tree (parents before children, a contiguous row range
-    per directory, covering the files), and the conflict lists. Order within a directory
+    no '/' or NUL), the directory tree (parents before children, a row range per
+    directory inside the files, no row in two), and the conflict lists. Order within a directory
     is never checked: a wrong order only makes lookups miss.
     """
     for name, dtype in ARRAY_TYPES.items():
@@ -224,8 +224,9 @@ def _count(arrays: Dict[str, Any], kind: UnitKind) -> int:
 
 
 def _check_links(arrays: Dict[str, Any]) -> None:
-    """With views: the link runs tile ``links`` in directory order (as the row ranges tile
-    ``files``). Order is not checked; the links themselves are a kind of unit (UNIT_KINDS)."""
+    """With views: the link runs tile ``links`` in directory order (as the row ranges of a
+    tree built whole tile ``files``; a views tree is never extended). Order is not
+    checked; the links themselves are a kind of unit (UNIT_KINDS)."""
     present = [name for name in VIEW_TYPES if name in arrays]
     if not present:
         return
