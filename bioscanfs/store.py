@@ -5,8 +5,8 @@ trusted, and when old files go; knows nothing of what the arrays mean.
 
 - **Whole or absent.** A file is only used when its magic, header (under a CRC-32 of
   its own) and key match, every array lies inside it and the CRC-32 of each CRC_BLOCK
-  bytes of each array is the one saved; anything else (short, flipped bits, foreign, older version, another archive)
-  reads as absent, so the caller rebuilds. Columns the caller names ``lazy`` are checked
+  bytes of each array is the one saved; anything else (short, flipped bits, foreign,
+  older version, another archive) reads as absent, so the caller rebuilds. Columns the caller names ``lazy`` are checked
   block by block on first use instead (``Blocks``): a mount then reads only the index
   pages its requests need, and one that finds a bad block removes the file (``discard``).
   Files are written to a temporary name and renamed, so mounts that build the same
@@ -604,16 +604,15 @@ def load(path: str, key: Any, lazy: Iterable[str] = ()) -> Optional[Dict[str, An
             dtype = _dtype_from_json(spec)
             count = int(np.prod(shape)) if shape else 1
             nbytes = count * dtype.itemsize
-            where = files.open(apart[0]) if apart else (path, fd, mapped, (st.st_dev, st.st_ino), header_at,
-                                                         _DATA_START)
-            file, file_fd, data, identity, end, start = where
-            if len(apart) > 1 or offset < start or count < 0 or offset + nbytes > end:
+            where = files.open(apart[0]) if apart else _Opened(path, fd, mapped, (st.st_dev, st.st_ino),
+                                                                _DATA_START, header_at)
+            if len(apart) > 1 or offset < where.start or count < 0 or offset + nbytes > where.end:
                 return None
             crcs[name] = sums = _crc_list(header["crc32"][name], nbytes, block)
-            if sums is None or (name not in lazy and _file_crcs(file_fd, offset, nbytes, block) != sums.tolist()):
+            if sums is None or (name not in lazy and _file_crcs(where.fd, offset, nbytes, block) != sums.tolist()):
                 return None
-            out[name] = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
-            sources[name] = (file, offset, identity)
+            out[name] = np.frombuffer(where.data, dtype=dtype, count=count, offset=offset).reshape(shape)
+            sources[name] = (where.path, offset, where.identity)
         arrays = {name: out[name] for name in crcs}
         out["__blocks__"] = Blocks(arrays, crcs, block, checked=set(crcs) - lazy, path=path,
                                    sources=dict(sources, __tree__=(path, 0, (st.st_dev, st.st_ino))))
@@ -625,35 +624,46 @@ def load(path: str, key: Any, lazy: Iterable[str] = ()) -> Optional[Dict[str, An
         files.close()
 
 
+class _Opened(NamedTuple):
+    """A file that ``load`` maps arrays from, and the bytes of it they may lie in."""
+
+    path: str
+    fd: int
+    data: Any                   #: its mapping
+    identity: Tuple[int, int]   #: (device, inode)
+    start: int
+    end: int
+
+
 class _Mapped:
     """The column files that one tree file names, each opened, checked and mapped once."""
 
     def __init__(self, folder: str) -> None:
         self._folder = folder
-        self._open: Dict[str, Tuple[str, int, Any, Tuple[int, int], int, int]] = {}
+        self._open: Dict[str, _Opened] = {}
 
-    def open(self, name: Any) -> Tuple[str, int, Any, Tuple[int, int], int, int]:
-        """(path, descriptor, its bytes, its (device, inode), its size, 0) of the column file
-        ``name`` (a name in the tree's folder: nothing else is opened); raises ValueError or
-        OSError when it is not a regular file, UntrustedIndexError as ``load`` does."""
+    def open(self, name: Any) -> _Opened:
+        """The column file ``name`` (a name in the tree's folder: nothing else is opened);
+        raises ValueError or OSError when it is not a regular file, UntrustedIndexError
+        as ``load`` does."""
         if name not in self._open:
             if not (isinstance(name, str) and name.endswith(COLUMN_SUFFIX) and os.path.basename(name) == name
                     and not name.startswith(".")):
                 raise ValueError(f"{name!r}: not a column file's name")
             path = os.path.join(self._folder, name)
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
-            self._open[name] = (path, fd, b"", (0, 0), 0, 0)   # closed by ``close`` from here on
+            self._open[name] = _Opened(path, fd, b"", (0, 0), 0, 0)   # closed by ``close`` from here on
             st = os.fstat(fd)
             _refuse_untrusted(path, st)
             if not stat.S_ISREG(st.st_mode):
                 raise ValueError(f"{name}: not a regular file")
             data = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if st.st_size else b""
-            self._open[name] = (path, fd, data, (st.st_dev, st.st_ino), st.st_size, 0)
+            self._open[name] = _Opened(path, fd, data, (st.st_dev, st.st_ino), 0, st.st_size)
         return self._open[name]
 
     def close(self) -> None:
-        for _, fd, *_ in self._open.values():
-            os.close(fd)
+        for opened in self._open.values():
+            os.close(opened.fd)
 
 
 _UNKNOWN, _GOOD, _BAD = 0, 1, 2

@@ -145,10 +145,15 @@ def _check_row_ranges(lo: np.ndarray, hi: np.ndarray, n_files: int) -> None:
     """Each directory's rows are a range inside the files, and no row is in two ranges."""
     if (lo > hi).any() or (hi > np.uint64(n_files)).any():
         raise BadTables("dir_lo/dir_hi: a row range is not inside the files")
-    used = np.flatnonzero(hi > lo)
-    by_start = used[np.argsort(lo[used], kind="stable")]
+    by_start = _by_first_row(lo, hi)
     if (lo[by_start[1:]] < hi[by_start[:-1]]).any():
         raise BadTables("dir_lo/dir_hi: row ranges overlap")
+
+
+def _by_first_row(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """The directories that hold rows, by their first row."""
+    used = np.flatnonzero(hi > lo)
+    return used[np.argsort(lo[used], kind="stable")]
 
 
 def check(arrays: Dict[str, Any], archive_sizes: Sequence[int]) -> None:
@@ -339,7 +344,7 @@ class Tree:
         self.n_dirs = len(self.dir_lo)
         #: files shown (rows in a directory's range; ``files`` may hold more: the module's docstring)
         self.n_files = int((self.dir_hi - self.dir_lo).sum())
-        self._by_start: Optional[np.ndarray] = None   # directories with files, by first row (``path_of``)
+        self._by_start: Optional[np.ndarray] = None   # ``dirs_by_first_row``, once asked
         self.dir_names: np.ndarray = arrays["dir_names"]
         self.dir_ends: np.ndarray = arrays["dir_ends"]
         ids = np.arange(self.n_dirs, dtype=np.uint64)
@@ -535,8 +540,7 @@ class Tree:
         """The directories that hold files, in the order of their rows in ``files`` (which is
         directory order unless the tree was extended)."""
         if self._by_start is None:
-            used = np.flatnonzero(self.dir_hi > self.dir_lo)
-            self._by_start = used[np.argsort(self.dir_lo[used], kind="stable")]
+            self._by_start = _by_first_row(self.dir_lo, self.dir_hi)
         return self._by_start
 
     def shown(self) -> np.ndarray:
