@@ -21,9 +21,10 @@ import pytest
 from conftest import MountFactory, assert_serves_members, index_files, load_script, touch, zip_members, zip_paths
 from test_index import CORRUPTIONS, assert_same_tree, assert_tree_matches_zipfile, flip_in, load
 
-from bioscanfs import store
+from bioscanfs import Collection, store
 from bioscanfs.errors import DamagedIndex
 from bioscanfs.layout import METADATA_ZIP
+from bioscanfs.report import describe, verify_members
 from bioscanfs.tree import FILE_DTYPE
 from bioscanfs.views import RANKS
 
@@ -431,3 +432,17 @@ def test_rows_taken_from_an_extended_tree_keep_their_folders(tmp_path: Path, cap
     tree = load(zips, index_dir)
     assert_same_tree(tree, load(zips, None))
     assert_tree_matches_zipfile(tree, zip_members(folder))
+
+
+def test_reports_of_an_extended_tree_count_the_files_shown(two_packages: Path, tmp_path: Path) -> None:
+    """``info`` and ``verify`` read whole columns: on an extended tree they count and check
+    the files shown, not the rows left unshown, each archive's as a fresh parse does."""
+    zips, index_dir = zip_paths(two_packages), tmp_path / "index"
+    load(zips, index_dir)
+    half = next(p for p in zips if p.name.endswith("_pretrain.01.zip"))
+    _grow(half, "bioscan5m/images/cropped_256/pretrain/new-folder/AAAAA0002-24.jpg", b"new\n")
+    with Collection(str(two_packages), index_dir=str(index_dir)) as extended, Collection(str(two_packages), index_dir=None) as fresh:
+        assert extended.tree.n_files < len(extended.tree.files)
+        assert describe(extended) == describe(fresh)
+        assert verify_members(extended, None, 2, lambda done: None) == ([], len(zip_members(two_packages)))
+        assert extended.encrypted_members() == 0
