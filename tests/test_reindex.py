@@ -441,7 +441,8 @@ def test_reports_of_an_extended_tree_count_the_files_shown(two_packages: Path, t
     load(zips, index_dir)
     half = next(p for p in zips if p.name.endswith("_pretrain.01.zip"))
     _grow(half, "bioscan5m/images/cropped_256/pretrain/new-folder/AAAAA0002-24.jpg", b"new\n")
-    with Collection(str(two_packages), index_dir=str(index_dir)) as extended, Collection(str(two_packages), index_dir=None) as fresh:
+    with Collection(str(two_packages), index_dir=str(index_dir)) as extended, \
+            Collection(str(two_packages), index_dir=None) as fresh:
         assert extended.tree.n_files < len(extended.tree.files)
         assert describe(extended) == describe(fresh)
         assert verify_members(extended, None, 2, lambda done: None) == ([], len(zip_members(two_packages)))
