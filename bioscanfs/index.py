@@ -136,10 +136,8 @@ def load_tree(sources: Sequence[FileSource], index_dir: Optional[str],
                          extend=False)
     tree = _with_views(images[0], images[1], views, index_dir, path, tree_key)
     if built and images_path and tree is not images[0]:
-        try:   # the views' tree holds all of it; an earlier tree for re-indexing is found among those
-            os.unlink(images_path)
-        except OSError:
-            pass
+        # The views' tree holds all of it; an earlier tree for re-indexing is found among those.
+        store.remove(images_path)
     return tree, images[1]
 
 

@@ -784,12 +784,30 @@ def _named_columns(folder: str) -> Set[str]:
     named: Set[str] = set()
     with contextlib.suppress(OSError):
         for entry in os.scandir(folder):
-            header = read_header(entry.path) if entry.name.endswith(SUFFIXES) else None
-            arrays = header.get("arrays") if header else None
-            if isinstance(arrays, dict):
-                named.update(spec[3] for spec in arrays.values()
-                             if isinstance(spec, list) and len(spec) == 4 and isinstance(spec[3], str))
+            if entry.name.endswith(SUFFIXES):
+                named |= _columns_of(entry.path)
     return named
+
+
+def _columns_of(path: str) -> Set[str]:
+    """The column files that the tree file ``path`` names."""
+    arrays = (read_header(path) or {}).get("arrays")
+    if not isinstance(arrays, dict):
+        return set()
+    return {spec[3] for spec in arrays.values()
+            if isinstance(spec, list) and len(spec) == 4 and isinstance(spec[3], str)}
+
+
+def remove(path: str) -> None:
+    """Remove a tree file that no mount will use again, and at once the column files that
+    no other tree file names (best effort): they need not wait for ``tidy``."""
+    own = _columns_of(path)
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+    folder = os.path.dirname(path)
+    for name in own - _named_columns(folder):
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(folder, name))
 
 
 def _expired(name: str, age: float, slots: Set[Tuple[str, str]]) -> bool:

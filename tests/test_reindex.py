@@ -25,7 +25,7 @@ from bioscanfs import Collection, store
 from bioscanfs.errors import DamagedIndex
 from bioscanfs.layout import METADATA_ZIP
 from bioscanfs.report import describe, verify_members
-from bioscanfs.tree import FILE_DTYPE
+from bioscanfs.tree import FILE_DTYPE, ROW_COLUMNS
 from bioscanfs.views import RANKS
 
 UNCHANGED = "archives are unchanged since the last index"
@@ -168,6 +168,8 @@ def test_touched_archives_keep_the_views_without_a_parse(tmp_path: Path, bench_s
     zips, index_dir = zip_paths(folder), tmp_path / "index"
     built = load(zips, index_dir, views=RANKS)
     assert built.find_dir(0, b"views") > 0
+    # The image tree the views were built from is gone, and its column files with it.
+    assert len(index_files(index_dir)) == 1 and len(list(index_dir.glob("*.col"))) == len(ROW_COLUMNS)
     touch(folder / METADATA_ZIP)
     touch(zips[0])
     with caplog.at_level(logging.INFO, logger="bioscanfs"):
