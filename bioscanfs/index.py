@@ -383,7 +383,8 @@ def _earlier_tree(path: str, key: Any, sources: Sequence[FileSource], extend: bo
 def _folder_runs(runs: Any, archives: int, n_dirs: int) -> Optional[List[List[int]]]:
     """A tree's ARCHIVE_FOLDERS when they have the right shape: one list per archive of
     ascending folder ids [first, end, ...] below ``n_dirs``; else None. (Their content is
-    not trusted: ``merge.Builder.carry`` checks every row it takes as it is.)"""
+    guarded against accidents by the header's CRC; a folder copied is also checked row by
+    row by ``merge.Builder.carry``, a tree extended relies on them: docs/scale.md.)"""
     if not (isinstance(runs, list) and len(runs) == archives):
         return None
     for edges in runs:
@@ -657,11 +658,12 @@ def _touched_dirs(tree: Tree, old_folders: List[List[int]], parsed: Iterable[Arc
     (``old_folders``: runs of folder ids) or hold them now, the folders of their paths that
     are there already, and every folder above any of these (a new folder may hide a file
     of its parent; a folder's mtime is its subtree's)."""
+    from .merge import folders_of
+
     touched = np.zeros(tree.n_dirs, bool)
     touched[0] = True
     for edges in old_folders:
-        for lo, hi in zip(edges[::2], edges[1::2]):
-            touched[lo:hi] = True
+        touched |= folders_of(edges, tree.n_dirs)
     for archive in parsed:
         for path in itertools.chain(archive.group_dirs, archive.explicit_dirs):
             folder = 0

@@ -359,8 +359,7 @@ class _Carried:
         new_of = np.full(self.tree.n_dirs, -1, np.int64)
         new_of[self.old_dirs] = self.new_dirs
         for archive, edges in enumerate(self.extending.folders):
-            held = new_of[np.concatenate([np.arange(a, b) for a, b in zip(edges[::2], edges[1::2])] or [[]])
-                          .astype(np.int64)]
+            held = new_of[folders_of(edges, self.tree.n_dirs)]
             held = held[held >= 0]
             folders.add(held, np.full(len(held), archive))
         return self.extending.carried_bytes
@@ -444,6 +443,14 @@ class _ArchiveFolders:
             return None
         out = [np.flatnonzero(np.diff(seen.astype(np.int8), prepend=0, append=0)).tolist() for seen in self._seen]
         return out if sum(map(len, out)) <= 2 * _FOLDER_RUNS_MAX else None
+
+
+def folders_of(edges: List[int], n_dirs: int) -> np.ndarray:
+    """Which of ``n_dirs`` folders one archive's ARCHIVE_FOLDERS runs [first, end, ...] hold."""
+    held = np.zeros(n_dirs, bool)
+    for lo, hi in zip(edges[::2], edges[1::2]):
+        held[lo:hi] = True
+    return held
 
 
 def _joined(parts: List[np.ndarray], dtype: Any) -> np.ndarray:

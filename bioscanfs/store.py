@@ -211,9 +211,10 @@ class ColumnWriter:
 
     def _continue(self, name: str, column: "_Continued") -> int:
         """Fill column ``name`` on from the end of an earlier tree's file of it."""
-        if column.count > self.layout[name][1]:
-            raise ValueError(f"{name}: {column.count:,} elements there already, {self.layout[name][1]:,} declared")
-        self._filled[name] = column.count
+        dtype, count = self.layout[name]
+        if column.size % dtype.itemsize or column.size // dtype.itemsize > count:
+            raise ValueError(f"{name}: {column.size:,} bytes there already, {count:,} elements declared")
+        self._filled[name] = column.size // dtype.itemsize
         self._crcs[name] = list(column.crcs)
         self._crc[name], self._in_block[name] = column.crc, column.in_block
         return column.fd
@@ -345,7 +346,6 @@ class _Continued(NamedTuple):
     path: str
     fd: int
     size: int           #: bytes the earlier tree has in it (the file holds nothing after them)
-    count: int          #: elements in those bytes
     crcs: List[int]     #: their full blocks' CRCs
     crc: int            #: the CRC of the last, partial block so far
     in_block: int       #: its bytes
@@ -405,8 +405,7 @@ def _continued(blocks: "Blocks", name: str) -> _Continued:
         crc = crc32(os.pread(fd, partial, full * block)) if partial else 0
         if partial and crc != crcs[-1]:
             raise ValueError(f"{name}: its last block does not match its CRC-32")
-        itemsize = blocks.itemsizes[name]
-        return _Continued(path, fd, nbytes, nbytes // itemsize, crcs[:full], crc, partial)
+        return _Continued(path, fd, nbytes, crcs[:full], crc, partial)
     except BaseException:
         os.close(fd)
         raise
@@ -689,7 +688,6 @@ class Blocks:
         #: when mapped: each array's (file, offset in it, the file's (device, inode)); the
         #: tree file itself under "__tree__"
         self.sources = sources or {}
-        self.itemsizes = {name: array.dtype.itemsize for name, array in arrays.items()}
         self._bytes = {name: array.reshape(-1).view(np.uint8) for name, array in arrays.items()}
         self._states = {name: np.full(len(sums), _GOOD if name in set(checked) else _UNKNOWN, np.uint8)
                         for name, sums in crcs.items()}

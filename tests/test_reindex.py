@@ -309,10 +309,11 @@ def test_damage_that_an_extension_carries_is_found_on_first_use(tmp_path: Path, 
 
 def test_folders_saved_wrong_do_not_carry_stale_rows(two_packages: Path, tmp_path: Path,
                                                      caplog: pytest.LogCaptureFixture) -> None:
-    """The earlier tree's header says the changed archive held files in no folder (a header
-    damaged in a way that still parses), and the archive now holds one file in a new
-    folder: its old rows in the folders carried are found as they are copied, and the
-    tree is built afresh: no stale row is served."""
+    """The earlier tree's header says the changed archive held files in no folder (written
+    so under a valid header CRC: accidental damage is found by that CRC), and the archive
+    now holds one file in a new folder. It shrank, so the tree is copied, not extended:
+    its old rows in the folders carried are found as they are copied, and the tree is
+    built afresh: no stale row is served."""
     zips, index_dir = zip_paths(two_packages), tmp_path / "index"
     load(zips, index_dir)
     (earlier,) = index_files(index_dir)
